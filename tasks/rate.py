@@ -526,6 +526,14 @@ def rate(
     return pd.concat(tables, ignore_index=True)[RATING_COLUMNS]
 
 
+def bradley_terry(winners: np.ndarray, losers: np.ndarray, n_items: int, ridge: float = 1e-4) -> np.ndarray:
+    """Plain Bradley-Terry log-strengths (nats, mean 0) from integer (winner, loser) arrays, like choix's input."""
+    winners, losers = np.asarray(winners, dtype=np.int64), np.asarray(losers, dtype=np.int64)
+    w = np.bincount(winners * n_items + losers, minlength=n_items * n_items).reshape(1, n_items, n_items)
+    theta, _, _ = _fit(w.astype(float), np.zeros_like(w, dtype=float), "bt", ridge)
+    return theta[0] - theta[0].mean()
+
+
 def win_matrix(judgments: pd.DataFrame, scope: str | None = None) -> pd.DataFrame:
     """Row contender's win rate against the column contender (ties as half; NaN where never compared)."""
     df = _usable(judgments)
