@@ -1,0 +1,143 @@
+"""Re-rate existing judgments without touching any model: python -m flows.rank --judgments PATH... --out DIR."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from tasks.errors import UserError
+from tasks.rate import RatingConfig, rate
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one `error:` line and exit 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Command-line options."""
+    p = _Parser(prog="python -m flows.rank", description=__doc__)
+    p.add_argument("--judgments", nargs="+", required=True, metavar="PATH", help="Parquet files or folders of them")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for ratings.parquet")
+    p.add_argument("--anchor", default=None, help="contender pinned at --anchor-rating (default: the mean is pinned)")
+    p.add_argument("--anchor-rating", type=float, default=1000.0, help="rating of the anchor (default 1000)")
+    p.add_argument("--ties", choices=["davidson", "rao-kupper", "half"], default="davidson", help="tie model")
+    p.add_argument("--ci", choices=["bootstrap", "fisher"], default="bootstrap", help="interval method")
+    p.add_argument("--rounds", type=int, default=200, help="bootstrap rounds (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    return p
+
+
+def _files(paths: list[str]) -> list[Path]:
+    """Expand folders to their *.parquet files (recursively); every path must exist."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            inside = sorted(path.rglob("*.parquet"))
+            if not inside:
+                raise UserError(f"{raw}: folder holds no *.parquet files")
+            found.extend(inside)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UserError(f"{raw}: no such file or folder")
+    return found
+
+
+def _read(files: list[Path]) -> pd.DataFrame:
+    """Read and concatenate the judgment files, naming the file that is not Parquet."""
+    frames = []
+    for f in files:
+        try:
+            frames.append(pd.read_parquet(f))
+        except Exception as exc:  # pyarrow raises several types for a non-Parquet file
+            raise UserError(f"{f}: not a readable Parquet file ({type(exc).__name__})") from exc
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
+def _kinds(judgments: pd.DataFrame) -> dict[str, str]:
+    """Contender -> kind from kind_a/kind_b columns when present (otherwise every contender is a candidate)."""
+    kinds: dict[str, str] = {}
+    for side in ("a", "b"):
+        col = f"kind_{side}"
+        if col in judgments.columns:
+            pairs = judgments[[f"contender_{side}", col]].dropna().drop_duplicates()
+            for c, k in zip(pairs.iloc[:, 0].astype(str), pairs.iloc[:, 1].astype(str)):
+                # A specific kind (reference, merge, baseline) wins over the default 'candidate'.
+                if kinds.get(c, "candidate") == "candidate":
+                    kinds[c] = k
+    return kinds
+
+
+def _write_atomic(table: pd.DataFrame, out_dir: Path) -> Path:
+    """Write DIR/ratings.parquet through a temp file in the same folder and a rename: never a half file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "ratings.parquet"
+    fd, tmp = tempfile.mkstemp(prefix=".ratings.", suffix=".parquet.tmp", dir=out_dir)
+    os.close(fd)
+    try:
+        table.to_parquet(tmp, index=False)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def format_table(ratings: pd.DataFrame, scope: str = "overall", confidence: float = 0.95) -> str:
+    """Plain-text ranking of one scope: rank, contender, kind, rating, CI, n, win rate, separation."""
+    rows = ratings[ratings["scope"] == scope].sort_values("rank")
+    pct = f"{confidence:.0%} CI"
+    lines = [("#", "contender", "kind", "rating", pct, "n", "win rate", "")]
+    for r in rows.itertuples(index=False):
+        sep = "" if getattr(r, "separated_from_next", True) or r.rank == len(rows) else "~ next"
+        lines.append(
+            (
+                str(r.rank), str(r.contender), str(r.kind), f"{r.rating:.0f}",
+                f"[{r.ci_low:.0f}, {r.ci_high:.0f}]", str(r.n_comparisons), f"{r.win_rate:.1%}", sep,
+            )
+        )
+    widths = [max(len(line[c]) for line in lines) for c in range(len(lines[0]))]
+    right = {0, 3, 5, 6}
+    text = [
+        "  ".join(cell.rjust(w) if c in right else cell.ljust(w) for c, (cell, w) in enumerate(zip(line, widths))).rstrip()
+        for line in lines
+    ]
+    return "\n".join(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rate the judgments, write DIR/ratings.parquet, print the overall ranking and the output path."""
+    try:
+        args = _parser().parse_args(argv)
+        cfg = RatingConfig(
+            anchor=args.anchor, anchor_rating=args.anchor_rating, ties=args.ties, ci=args.ci,
+            bootstrap_rounds=max(2, args.rounds), seed=args.seed,
+        )
+        judgments = _read(_files(args.judgments))
+        ratings = rate(judgments, _kinds(judgments), cfg)
+        target = _write_atomic(ratings, Path(args.out))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(format_table(ratings, confidence=cfg.confidence))
+    unseparated = ratings[(ratings["scope"] == "overall") & (ratings["rank"] == 1)]
+    if len(unseparated) and not bool(unseparated["separated_from_next"].iloc[0]):
+        print(f"note: the top contender is not separated from the second at {cfg.confidence:.0%}")
+    print(target)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
