@@ -101,7 +101,7 @@ def _usable(judgments: pd.DataFrame) -> pd.DataFrame:
     df = judgments
     if "error" in df.columns:
         err = df["error"]
-        failed = err.notna().to_numpy()
+        failed = err.notna().to_numpy().copy()
         if failed.any():
             failed[failed] = err[failed].astype(str).str.len().to_numpy() > 0
             df = df.loc[~failed]

@@ -1,0 +1,118 @@
+"""Adaptive comparison planning: warm-up, no repeats, stopping rules, all-pairs, budgets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.plan import PLAN_COLUMNS, BudgetConfig, plan_round
+
+EXAMPLES = {"x": [f"x{i}" for i in range(30)], "y": [f"y{i}" for i in range(10)]}
+
+
+def judge(plan: pd.DataFrame, strength: dict[str, float], rng: np.random.Generator) -> pd.DataFrame:
+    """Simulated judge: Bradley-Terry outcomes from the true log-strengths."""
+    d = plan.contender_a.map(strength).to_numpy() - plan.contender_b.map(strength).to_numpy()
+    win = np.where(rng.random(len(plan)) < 1 / (1 + np.exp(-d)), "a", "b")
+    return plan.assign(order="ab", winner=win, strength=1, error=None, cost_usd=0.01)
+
+
+def slots(df: pd.DataFrame) -> pd.Series:
+    """One key per (dataset, example, unordered pair)."""
+    lo = np.minimum(df.contender_a.astype(str), df.contender_b.astype(str))
+    hi = np.maximum(df.contender_a.astype(str), df.contender_b.astype(str))
+    return df.dataset.astype(str) + "|" + df.example_id.astype(str) + "|" + lo + "|" + hi
+
+
+def run(strength: dict[str, float], cfg: BudgetConfig, seed: int = 0, max_rounds: int = 200):
+    """Plan and judge rounds until a stop reason; returns all judgments, the planned rounds and the reason."""
+    rng = np.random.default_rng(seed)
+    done = pd.DataFrame(columns=PLAN_COLUMNS + ["winner", "strength", "error"])
+    rounds = []
+    for _ in range(max_rounds):
+        plan, reason = plan_round(list(strength), EXAMPLES, done, cfg, rng)
+        if reason is not None:
+            assert len(plan) == 0
+            return done, rounds, reason
+        assert len(plan) > 0
+        assert list(plan.columns) == PLAN_COLUMNS
+        rounds.append(plan)
+        new = judge(plan, strength, rng)
+        done = new if len(done) == 0 else pd.concat([done, new], ignore_index=True)
+    raise AssertionError("planning never stopped")
+
+
+def test_warmup_covers_every_pair_then_focuses_on_the_leader():
+    strength = {"a": 2.0, "b": 1.0, "c": 0.0, "d": -1.0}
+    cfg = BudgetConfig(warmup_per_pair=3, round_size=20)
+    done, rounds, _ = run(strength, cfg)
+    first = rounds[0]
+    pairs = first.groupby(["contender_a", "contender_b"]).size()
+    assert len(pairs) == 6 and (pairs == 3).all()
+    later = pd.concat(rounds[1:]) if len(rounds) > 1 else first.iloc[:0]
+    if len(later):
+        # After the warm-up every comparison involves the leader or a challenger still overlapping it.
+        assert (later.contender_a.isin(["a", "b"]) | later.contender_b.isin(["a", "b"])).all()
+
+
+def test_never_repeats_a_judged_slot():
+    strength = {"a": 0.3, "b": 0.2, "c": 0.1, "ref": 0.0}
+    done, rounds, reason = run(strength, BudgetConfig(warmup_per_pair=2, round_size=25), seed=1)
+    keys = slots(pd.concat(rounds))
+    assert keys.is_unique
+    assert len(done) == len(keys)
+    assert reason
+
+
+def test_stops_when_the_top_contender_is_separated():
+    strength = {"best": 3.0, "b": 0.0, "c": -0.5, "d": -1.0}
+    done, _, reason = run(strength, BudgetConfig(warmup_per_pair=2, round_size=30), seed=2)
+    assert reason.startswith("top contender separated at 95%") and "best" in reason
+    assert len(done) < 6 * 40  # far fewer than every pair on every example
+
+
+def test_all_pairs_plans_everything_unjudged_once():
+    strength = {"a": 0.0, "b": 0.0, "c": 0.0}
+    rng = np.random.default_rng(3)
+    cfg = BudgetConfig(strategy="all-pairs")
+    partial = plan_round(list(strength), EXAMPLES, pd.DataFrame(columns=PLAN_COLUMNS), cfg, rng)[0].head(10)
+    done = judge(partial, strength, rng)
+    plan, reason = plan_round(list(strength), EXAMPLES, done, cfg, rng)
+    assert reason is None
+    assert len(plan) == 3 * 40 - 10
+    assert not slots(plan).isin(slots(done)).any() and slots(plan).is_unique
+    everything = pd.concat([done, judge(plan, strength, rng)], ignore_index=True)
+    last, reason = plan_round(list(strength), EXAMPLES, everything, cfg, rng)
+    assert len(last) == 0 and reason == "all pairs judged"
+
+
+def test_comparison_and_dollar_budgets_stop_planning():
+    strength = {"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0}
+    cfg = BudgetConfig(warmup_per_pair=2, round_size=50, max_comparisons=40)
+    done, rounds, reason = run(strength, cfg, seed=4)
+    assert len(done) == 40 and reason.startswith("comparison budget spent")
+    rng = np.random.default_rng(5)
+    plan, reason = plan_round(list(strength), EXAMPLES, done, BudgetConfig(max_usd=1.0), rng, spent_usd=1.0)
+    assert len(plan) == 0 and reason.startswith("dollar budget spent")
+    # $0.01 a judgment so far and $0.05 left: at most 5 more judgments.
+    plan, reason = plan_round(list(strength), EXAMPLES, done, BudgetConfig(max_usd=1.0), rng, spent_usd=0.95)
+    assert reason is None and 0 < len(plan) <= 5
+
+
+def test_failed_judgments_are_not_replanned():
+    strength = {"a": 0.0, "b": 0.0}
+    rng = np.random.default_rng(6)
+    cfg = BudgetConfig(strategy="all-pairs")
+    first, _ = plan_round(list(strength), EXAMPLES, pd.DataFrame(columns=PLAN_COLUMNS), cfg, rng)
+    failed = judge(first.head(5), strength, rng).assign(error="rate limited", winner="tie")
+    plan, _ = plan_round(list(strength), EXAMPLES, failed, cfg, rng)
+    assert len(plan) == 40 - 5
+
+
+def test_budget_config_is_strict():
+    with pytest.raises(Exception):
+        BudgetConfig(rounds=3)  # type: ignore[call-arg]
+    with pytest.raises(Exception):
+        BudgetConfig(strategy="random")  # type: ignore[arg-type]
+    assert all(f.description for f in BudgetConfig.model_fields.values())
