@@ -257,13 +257,15 @@ def _grad_hess(theta: np.ndarray, tau: np.ndarray, w: np.ndarray, t: np.ndarray,
 
 
 def _solve(neg_hess: np.ndarray, grad: np.ndarray) -> np.ndarray:
-    """Newton directions (-H)^-1 g for a batch; one Cholesky solve when there is a single system."""
-    if neg_hess.shape[0] == 1:
-        try:
-            return scipy.linalg.solve(neg_hess[0], grad[0], assume_a="pos", check_finite=False)[None]
-        except (np.linalg.LinAlgError, ValueError):
-            pass
-    return np.linalg.solve(neg_hess, grad[..., None])[..., 0]
+    """Newton directions (-H)^-1 g for a batch, by Cholesky (-H is positive definite: concave ll plus ridge).
+
+    scipy's batched Cholesky solve is used rather than np.linalg.solve, whose batched LU took seconds instead of
+    milliseconds for 100 systems of 100x100 on this 2-core machine whenever the other core was busy.
+    """
+    try:
+        return scipy.linalg.solve(neg_hess, grad[..., None], assume_a="pos", check_finite=False)[..., 0]
+    except (np.linalg.LinAlgError, ValueError):
+        return (np.linalg.pinv(neg_hess) @ grad[..., None])[..., 0]  # only if a replicate degenerates
 
 
 def _tau_bounds(model: str) -> tuple[float, float]:
@@ -491,7 +493,7 @@ def _fit_scopes(p: _Judged, scopes: list[_Scope], weighted: np.ndarray, cfg: Rat
         if cfg.ci == "fisher":
             # Covariance of theta: the theta block of the inverse of the negative Hessian (tau profiled out).
             k = len(s.members)
-            s.cov = np.linalg.inv(-hess[0])[:k, :k]
+            s.cov = scipy.linalg.cho_solve(scipy.linalg.cho_factor(-hess[0]), np.eye(len(hess[0])))[:k, :k]
     if cfg.ci != "bootstrap":
         return
     rng = np.random.default_rng(cfg.seed)
