@@ -27,7 +27,7 @@ class BudgetConfig(BaseModel):
     strategy: Literal["adaptive", "all-pairs"] = Field(
         "adaptive", description="'adaptive': warm-up, then leader vs overlapping challengers; 'all-pairs': everything."
     )
-    warmup_per_pair: int = Field(4, ge=0, description="Examples judged for every pair in the uniform warm-up round.")
+    warmup_per_pair: int = Field(4, ge=0, description="Examples judged for every pair in the uniform warm-up, planned as one round of its own.")
     round_size: int = Field(200, ge=1, description="Comparisons planned per adaptive round after the warm-up.")
     max_comparisons: int | None = Field(None, ge=1, description="Stop once this many judgments exist (None: no cap).")
     max_usd: float | None = Field(None, ge=0.0, description="Stop once the judge has cost this many dollars (None: no cap).")

@@ -304,7 +304,6 @@ def _fit(
     lo, hi = _tau_bounds(model)
     ll = _loglik(theta, tau, w, t, model, ridge)
     active = np.ones(nb, dtype=bool)
-    hess = None
     for _ in range(max_iter):
         grad, hess = _grad_hess(theta[active], tau[active], w[active], t[active], model, ridge)
         step = _solve(-hess, grad)
