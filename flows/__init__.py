@@ -1,0 +1,11 @@
+"""Prefect flows. Importing this package sets quiet, offline-friendly defaults before Prefect and HF load."""
+
+import os
+
+# Telemetry off: nothing outside is reachable here, and a search should not phone home anyway.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Progress is logged per stage; transformers' own per-file bars would bury it.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -1,0 +1,206 @@
+"""The search flow: candidates -> merges -> LoRA fine-tunes -> outputs -> judgments -> ratings -> validation -> report.
+
+    python -m flows.search                                # the bundled demo (configs/demo.yaml), on CPU
+    python -m flows.search --config FILE [--store DIR]    # your own search
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import yaml
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks.config import TEACHER, SearchConfig, load_config
+from tasks.errors import UserError
+from tasks.finetune import adapter_key, finetune_task
+from tasks.generate import generate_task, outputs_key, teacher_key, teacher_outputs
+from tasks.judge import judge_task, load_judgments, metric_scores
+from tasks.merge import merge_task
+from tasks.models import candidate_task
+from tasks.prepare import DatasetInfo, Prepared, held_out, prepare
+from tasks.rate import rate
+from tasks.report import html_report, markdown_report, plot_ratings, ranking_rows, text_table
+from tasks.store import Store, content_key, resolve_store
+from tasks.validate import freeze_winner, summarize
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+class StageLog:
+    """Wall time and computed/reused counts of every stage, for the log, the report and BENCHMARKS.md."""
+
+    def __init__(self) -> None:
+        """Start with no stages."""
+        self.rows: list[dict[str, Any]] = []
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+        """Time a stage; the body fills `computed` and `reused` in the yielded dict."""
+        row = {"stage": name, "computed": 0, "reused": 0}
+        t0 = time.perf_counter()
+        yield row
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        self.rows.append(row)
+        get_run_logger().info(
+            f"stage {name}: {row['computed']} computed, {row['reused']} reused from the store, {row['seconds']} s"
+        )
+
+
+def _count(row: dict[str, Any], reused: bool) -> None:
+    """Add one result to a stage's computed or reused count."""
+    row["reused" if reused else "computed"] += 1
+
+
+def train_and_answer(
+    models: list[str], data: DatasetInfo, paths: dict[str, str], prep: Prepared, cfg: SearchConfig, store: str,
+    log: StageLog,
+) -> dict[str, tuple[str, str]]:
+    """Fine-tune every model on one dataset and answer its test rows: contender -> (outputs path, outputs key)."""
+    name = data.spec.name
+    adapters: dict[str, tuple[str, str]] = {}
+    with log.stage(f"finetune:{name}") as row:
+        for m in models:
+            key = adapter_key(prep.models[m].fingerprint, data.train_fp, cfg.finetune)
+            folder, reused = finetune_task(m, name, paths[m], data.train, cfg.finetune, key, store)
+            adapters[m] = (folder, key)
+            _count(row, reused)
+    outputs: dict[str, tuple[str, str]] = {}
+    with log.stage(f"generate:{name}") as row:
+        for m in models:
+            key = outputs_key(adapters[m][1], data.test_fp, cfg.generate)
+            rel, reused = generate_task(m, name, paths[m], adapters[m][0], data.test, cfg.generate, key, store)
+            outputs[m] = (rel, key)
+            _count(row, reused)
+        tkey = teacher_key(data.test_fp)
+        st, trel = Store(store), f"outputs/{tkey}.parquet"
+        if not st.exists(trel):
+            st.write_parquet(trel, teacher_outputs(name, data.test, TEACHER))
+        outputs[TEACHER] = (trel, tkey)
+    return outputs
+
+
+def judge(data: DatasetInfo, outputs: dict[str, tuple[str, str]], cfg: SearchConfig, store: str, log: StageLog) -> list:
+    """Judge every pair of contenders on one dataset: [(batch path, contender A, contender B)]."""
+    with log.stage(f"judge:{data.spec.name}") as row:
+        batches, reused = judge_task(data.spec.name, data.test, data.metric, data.test_fp, outputs, cfg.judge, store)
+        row["computed"], row["reused"] = len(batches) - reused, reused
+    return batches
+
+
+def scores_table(prep: Prepared, all_outputs: dict[str, dict[str, tuple[str, str]]], store: Store) -> pd.DataFrame:
+    """Mean metric score of every contender on every dataset (contenders x datasets)."""
+    cols = {}
+    for ds, outputs in all_outputs.items():
+        data = prep.datasets[ds]
+        cols[ds] = {c: metric_scores(data.test, data.metric, store.read_parquet(rel)).mean() for c, (rel, _) in outputs.items()}
+    return pd.DataFrame(cols).rename_axis("contender")
+
+
+def validate_winner(
+    cfg: SearchConfig, prep: Prepared, ratings: pd.DataFrame, paths: dict[str, str], store: str, run_rel: str,
+    log: StageLog,
+) -> dict[str, Any] | None:
+    """Freeze the winner, then fine-tune it and the baselines on the held-out dataset and judge them."""
+    if cfg.validation is None:
+        return None
+    frozen = freeze_winner(Store(store), run_rel, ratings)
+    winner = frozen["winner"]
+    get_run_logger().info(f"validation: winner {winner} frozen; now reading the held-out dataset")
+    data = held_out(cfg)  # read only now: the winner is already on disk
+    opponents = [b for b in cfg.validation.baselines if b != winner]
+    held_prep = Prepared(prep.models, {data.spec.name: data})
+    outputs = train_and_answer([winner, *opponents], data, paths, held_prep, cfg, store, log)
+    judgments = load_judgments(Store(store), judge(data, outputs, cfg, store, log))
+    Store(store).write_parquet(f"{run_rel}/validation_judgments.parquet", judgments)
+    return frozen | {"dataset": data.spec.name} | summarize(judgments, winner, [*opponents, TEACHER],
+                                                             cfg.rating.confidence)
+
+
+@flow(name="search", flow_run_name="search-{config.name}", log_prints=False)
+def search(config: SearchConfig, store: str = "./store") -> dict[str, Any]:
+    """Run a whole search and return the run id, the report's path and the pooled ranking."""
+    logger = get_run_logger()
+    log = StageLog()
+    with log.stage("check") as row:
+        prep = prepare(config)  # everything is checked before any model is loaded
+        row["computed"] = len(prep.models) + len(prep.datasets)
+    st = Store(store)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_id = f"{config.name}-{stamp}-{content_key(config.model_dump())[:6]}"
+    run_rel = f"runs/{run_id}"
+    st.write_text(f"{run_rel}/config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    logger.info(f"run {run_id}: {len(prep.models)} models x {len(prep.datasets)} datasets, store {st.root}")
+
+    paths: dict[str, str] = {}
+    with log.stage("candidates") as row:
+        for c in config.candidates:
+            paths[c.name] = candidate_task(c, store)
+            row["computed"] += 1
+    with log.stage("merges") as row:
+        for m in config.merges:
+            paths[m.name], reused = merge_task(m, paths, prep.models[m.name].fingerprint, store)
+            _count(row, reused)
+
+    models = list(prep.models)
+    all_outputs = {ds: train_and_answer(models, data, paths, prep, config, store, log) for ds, data in prep.datasets.items()}
+    batches = [b for ds, data in prep.datasets.items() for b in judge(data, all_outputs[ds], config, store, log)]
+
+    with log.stage("rate") as row:
+        judgments = load_judgments(st, batches)
+        ratings = rate(judgments, config.model_kinds(), config.rating)
+        st.write_parquet(f"{run_rel}/judgments.parquet", judgments)
+        st.write_parquet(f"{run_rel}/ratings.parquet", ratings)
+        row["computed"] = len(judgments)
+
+    validation = validate_winner(config, prep, ratings, paths, store, run_rel, log)
+    if validation:
+        st.write_json(f"{run_rel}/validation.json", validation)
+
+    with log.stage("report"):
+        png = plot_ratings(ratings)
+        md = markdown_report(config, run_id, ratings, scores_table(prep, all_outputs, st), validation, log.rows)
+        st.write_bytes(f"{run_rel}/ratings.png", png)
+        st.write_text(f"{run_rel}/report.md", md)
+        report = st.write_text(f"{run_rel}/report.html", html_report(md, png))
+        st.write_json(f"{run_rel}/stages.json", log.rows)
+        st.write_text("runs/LATEST", run_id + "\n")
+        table = ranking_rows(ratings)
+        create_table_artifact(table.astype(str).to_dict("records"), key="ranking", description=f"Ranking, run {run_id}")
+        create_markdown_artifact(md, key="report", description=f"Report, run {run_id}")
+    return {"run_id": run_id, "report": report, "ranking": table.to_dict("records"), "stages": log.rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: validate the config up front, run the flow, print the ranking and the report's path."""
+    parser = argparse.ArgumentParser(prog="python -m flows.search", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(DEMO_CONFIG), help="search config YAML (default: the demo)")
+    parser.add_argument("--store", default=None, help="store folder or URL (default: $BASESEARCH_STORE or ./store)")
+    args = parser.parse_args(argv)
+    store = resolve_store(args.store)
+    try:
+        config = load_config(args.config)
+        prepare(config)  # fail fast, before Prefect starts or any model loads
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = search(config, store)
+    print()
+    print(text_table(pd.DataFrame(result["ranking"])))
+    reused = sum(r["reused"] for r in result["stages"])
+    computed = sum(r["computed"] for r in result["stages"] if r["stage"] not in ("check", "candidates", "rate"))
+    print(f"\n{computed} results computed, {reused} reused from the store.")
+    print(f"report: {result['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

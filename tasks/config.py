@@ -1,0 +1,297 @@
+"""The search config: frozen pydantic models loaded from YAML, validated before any model is loaded."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.errors import UserError
+from tasks.plan import BudgetConfig
+from tasks.rate import RatingConfig
+
+ZOO_PREFIX = "zoo:"
+TEACHER = "teacher"  # the contender made of each dataset's own assistant answers
+
+
+class Frozen(BaseModel):
+    """Base of every config model: immutable, and unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Candidate(Frozen):
+    """A base model to try."""
+
+    name: str = Field(description="Short name used in tables, run names and merge recipes.")
+    path: str = Field(description="Hugging Face id, local folder, or zoo:NAME (the demo zoo, built on demand).")
+
+
+class Merge(Frozen):
+    """A candidate made from other candidates by a mergekit recipe."""
+
+    name: str = Field(description="Short name of the merged model.")
+    recipe: dict[str, Any] = Field(
+        description="A mergekit config, verbatim; `model:` and `base_model:` may name a candidate."
+    )
+
+
+class DatasetSpec(Frozen):
+    """One customer task: train and test rows in the OpenAI fine-tuning format."""
+
+    name: str = Field(description="Short name of the dataset.")
+    train: str = Field(description="JSONL, Parquet or a `datasets` folder of training rows.")
+    test: str = Field(description="JSONL, Parquet or a `datasets` folder of test rows.")
+    metric: Literal["exact", "json", "rouge"] | None = Field(
+        default=None, description="How the metric judge scores an output; inferred from the data when absent."
+    )
+
+
+class Reference(Frozen):
+    """A model reached over an OpenAI-compatible API, judged beside the fine-tunes."""
+
+    name: str = Field(description="Short name of the reference (e.g. gpt-4).")
+    model: str = Field(description="Model id sent to the endpoint.")
+    base_url: str | None = Field(default=None, description="Endpoint; None means OpenAI's.")
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="Environment variable holding the API key.")
+
+
+class Validation(Frozen):
+    """The held-out check: read only after the winner is frozen."""
+
+    dataset: DatasetSpec = Field(description="The held-out dataset; no part in choosing the winner.")
+    baselines: list[str] = Field(
+        default_factory=list, description="Candidates the winner must beat on the held-out dataset."
+    )
+
+
+class FinetuneConfig(Frozen):
+    """LoRA hyper-parameters, the same for every (model, dataset) pair."""
+
+    lora_r: int = Field(default=8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(default=16, ge=1, description="LoRA scale numerator (scale = alpha / r).")
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        default="all-linear", description="Modules that get adapters; `all-linear` is every linear layer but the head."
+    )
+    learning_rate: float = Field(default=2e-4, gt=0, description="AdamW peak learning rate (linear decay).")
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the training rows.")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(default=8, ge=1, description="Rows per optimizer step.")
+    max_length: int = Field(default=512, ge=8, description="Longest training sequence in tokens; longer rows are cut.")
+    seed: int = Field(default=0, description="Seed for LoRA init and batch order.")
+
+
+class GenerateConfig(Frozen):
+    """How every fine-tune answers its test rows."""
+
+    max_new_tokens: int = Field(default=128, ge=1, description="Longest answer in tokens.")
+    batch_size: int = Field(default=32, ge=1, description="Test rows per generation batch.")
+
+
+class JudgeConfig(Frozen):
+    """Who decides each pairwise comparison."""
+
+    kind: Literal["metric", "openai"] = Field(
+        default="metric", description="metric: free, deterministic score against the expected answer; openai: an LLM judge."
+    )
+    model: str | None = Field(default=None, description="Judge model id (openai judge).")
+    base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint (openai judge).")
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="Environment variable holding the judge's API key.")
+    strong_margin: float = Field(
+        default=0.5, ge=0, le=1, description="Metric judge: a score gap this large (0..1) is a strong win."
+    )
+
+
+class ComputeConfig(Frozen):
+    """Where the GPU stages (merge, fine-tune, generate) run."""
+
+    mode: Literal["local", "pool"] = Field(default="local", description="local: in-process; pool: a Prefect work pool.")
+    pool: str | None = Field(default=None, description="Work pool name when mode is pool.")
+
+
+class SearchConfig(Frozen):
+    """A whole search: what to try, what to score it on, and how."""
+
+    name: str = Field(description="Names the runs.")
+    candidates: list[Candidate] = Field(min_length=1, description="Base models to try.")
+    merges: list[Merge] = Field(default_factory=list, description="mergekit recipes over the candidates.")
+    datasets: list[DatasetSpec] = Field(min_length=1, description="Customer datasets the search is scored on.")
+    references: list[Reference] = Field(default_factory=list, description="API models judged beside the fine-tunes.")
+    validation: Validation | None = Field(default=None, description="Held-out check of the winner.")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="LoRA hyper-parameters.")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Generation settings.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The pairwise judge.")
+    rating: RatingConfig = Field(default_factory=RatingConfig, description="Bradley-Terry settings.")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Comparison planning and spending caps.")
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Where GPU stages run.")
+
+    @model_validator(mode="after")
+    def _names_are_consistent(self) -> "SearchConfig":
+        """Names are unique, merges name known models, baselines are candidates."""
+        models = [c.name for c in self.candidates] + [m.name for m in self.merges]
+        contenders = models + [r.name for r in self.references] + [TEACHER]
+        _no_duplicates(contenders, "candidates/merges/references")
+        _no_duplicates([d.name for d in self.datasets], "datasets")
+        for i, merge in enumerate(self.merges):
+            known = [c.name for c in self.candidates] + [m.name for m in self.merges[:i]]
+            for ref in recipe_models(merge.recipe):
+                if ref not in known:
+                    raise ValueError(
+                        f"merges[{i}] ({merge.name}): recipe names unknown candidate '{ref}'{_hint(ref, known)}"
+                    )
+        if self.validation:
+            if self.validation.dataset.name in {d.name for d in self.datasets}:
+                raise ValueError(f"validation.dataset: '{self.validation.dataset.name}' is also a search dataset")
+            for b in self.validation.baselines:
+                if b not in models:
+                    raise ValueError(f"validation.baselines: unknown model '{b}'{_hint(b, models)}")
+        return self
+
+    def model_kinds(self) -> dict[str, str]:
+        """Contender name -> kind, for every model and reference."""
+        kinds = {c.name: "candidate" for c in self.candidates}
+        kinds |= {m.name: "merge" for m in self.merges}
+        kinds |= {r.name: "reference" for r in self.references}
+        return kinds | {TEACHER: "reference"}
+
+
+def recipe_models(recipe: dict[str, Any]) -> list[str]:
+    """Every model a mergekit recipe names (models, base_model, slices' sources)."""
+    names: list[str] = []
+    if isinstance(recipe.get("base_model"), str):
+        names.append(recipe["base_model"])
+    for entry in recipe.get("models") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("model"), str):
+            names.append(entry["model"])
+    for sl in recipe.get("slices") or []:
+        for src in (sl or {}).get("sources") or []:
+            if isinstance(src, dict) and isinstance(src.get("model"), str):
+                names.append(src["model"])
+    return list(dict.fromkeys(names))
+
+
+def _no_duplicates(names: list[str], where: str) -> None:
+    """Raise when a name is used twice."""
+    seen = set()
+    for n in names:
+        if n in seen:
+            raise ValueError(f"{where}: name '{n}' is used twice")
+        seen.add(n)
+
+
+def _hint(word: str, choices: list[str]) -> str:
+    """`; did you mean 'x'?` for the closest choice, or nothing."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(choices)})" if choices else ""
+
+
+def _key_line(text: str, loc: tuple[Any, ...]) -> int | None:
+    """Line number (1-based) of the YAML node at a pydantic error location, if it can be found."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == part]
+            if not match:
+                return line
+            key, node = match[0]
+            line = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config model class that owns the key at a pydantic error location."""
+    model: Any = SearchConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        # Unwrap list[X] / X | None to the pydantic model inside.
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        for c in list(candidates):
+            candidates += list(getattr(c, "__args__", ()))
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def _format_error(path: Path, text: str, err: ValidationError) -> str:
+    """One line naming the file, line and key of the first validation error."""
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    line = _key_line(text, loc)
+    where = f"{path}:{line}" if line else str(path)
+    if e["type"] == "extra_forbidden":
+        owner = _model_at(loc)
+        hint = _hint(str(loc[-1]), list(owner.model_fields)) if owner else ""
+        return f"{where}: unknown key '{key}'{hint}"
+    if e["type"] == "missing":
+        return f"{where}: missing key '{key}'"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" if e["type"] == "value_error" and not loc else f"{where}: {key}: {msg}"
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make dataset and local candidate paths absolute, relative to the config file's folder."""
+
+    def fix(p: Any) -> Any:
+        if not isinstance(p, str) or p.startswith(ZOO_PREFIX) or "://" in p or os.path.isabs(p):
+            return p
+        return str((base / p).resolve())
+
+    def fix_dataset(d: Any) -> Any:
+        return {**d, "train": fix(d.get("train")), "test": fix(d.get("test"))} if isinstance(d, dict) else d
+
+    out = dict(raw)
+    if isinstance(out.get("datasets"), list):
+        out["datasets"] = [fix_dataset(d) for d in out["datasets"]]
+    val = out.get("validation")
+    if isinstance(val, dict) and isinstance(val.get("dataset"), dict):
+        out["validation"] = {**val, "dataset": fix_dataset(val["dataset"])}
+    if isinstance(out.get("candidates"), list):
+        # A relative candidate path is local only if it exists there; otherwise it is an HF id.
+        out["candidates"] = [
+            {**c, "path": fix(c["path"])}
+            if isinstance(c, dict) and isinstance(c.get("path"), str) and (base / c["path"]).exists()
+            else c
+            for c in out["candidates"]
+        ]
+    return out
+
+
+def load_config(path: str | os.PathLike[str]) -> SearchConfig:
+    """Read and validate a YAML config; raise UserError with one line naming the file, line and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of keys (name, candidates, datasets, ...)")
+    try:
+        return SearchConfig.model_validate(_resolve_paths(raw, path.parent.resolve()))
+    except ValidationError as e:
+        raise UserError(_format_error(path, text, e)) from None

@@ -1,0 +1,107 @@
+"""Judgments: pairwise verdicts on (dataset, example, contender A, contender B, order).
+
+The `metric` judge is the free, deterministic default: each output is scored against the expected answer
+(or the teacher's) with the dataset's metric and the higher score wins. It sees no order, but both orders
+are recorded so that its judgments have the same shape as an LLM judge's.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import combinations
+from typing import TYPE_CHECKING
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.metrics import METRICS
+from tasks.store import Store, content_key
+
+if TYPE_CHECKING:
+    from tasks.config import JudgeConfig
+    from tasks.data import Example
+
+STAGE_VERSION = "1"
+JUDGMENT_COLUMNS = ["dataset", "example_id", "contender_a", "contender_b", "order", "winner", "strength", "judge",
+                    "raw", "prompt_tokens", "completion_tokens", "cost_usd", "error"]
+
+
+def _verdict(score_a: float, score_b: float, strong_margin: float) -> tuple[str, int]:
+    """(winner, strength) from two scores: equal scores tie; a gap >= strong_margin is a strong win."""
+    if score_a == score_b:
+        return "tie", 0
+    winner = "a" if score_a > score_b else "b"
+    return winner, 2 if abs(score_a - score_b) >= strong_margin else 1
+
+
+def metric_judgments(
+    dataset: str, examples: list[Example], metric: str, outputs_a: pd.DataFrame, outputs_b: pd.DataFrame,
+    cfg: JudgeConfig,
+) -> pd.DataFrame:
+    """Both orders of every example's comparison of contender A's outputs with contender B's."""
+    score = METRICS[metric]
+    a = outputs_a.set_index("example_id")
+    b = outputs_b.set_index("example_id")
+    name_a, name_b = a["contender"].iloc[0], b["contender"].iloc[0]
+    rows = []
+    for ex in examples:
+        # A generation that failed has no answer to score: it scores 0, and the error is kept beside it.
+        sa = 0.0 if a.at[ex.id, "error"] else score(a.at[ex.id, "output"], ex.truth)
+        sb = 0.0 if b.at[ex.id, "error"] else score(b.at[ex.id, "output"], ex.truth)
+        winner, strength = _verdict(sa, sb, cfg.strong_margin)
+        raw = json.dumps({"score_a": round(sa, 4), "score_b": round(sb, 4)})
+        for order in ("ab", "ba"):
+            rows.append({
+                "dataset": dataset, "example_id": ex.id, "contender_a": name_a, "contender_b": name_b,
+                "order": order, "winner": winner, "strength": strength, "judge": f"metric:{metric}", "raw": raw,
+                "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "error": None,
+            })
+    return pd.DataFrame(rows, columns=JUDGMENT_COLUMNS)
+
+
+def metric_scores(examples: list[Example], metric: str, outputs: pd.DataFrame) -> pd.Series:
+    """Each example's metric score of one contender's outputs (for the report's absolute numbers)."""
+    score = METRICS[metric]
+    out = outputs.set_index("example_id")
+    return pd.Series({ex.id: score(out.at[ex.id, "output"], ex.truth) for ex in examples}, dtype=float)
+
+
+def judgment_key(cfg: JudgeConfig, metric: str, test_fp: str, outputs_a: str, outputs_b: str) -> str:
+    """Content key of one judged batch: the judge, the metric, the test rows and both contenders' outputs."""
+    return content_key("judge", cfg.model_dump(), metric, test_fp, outputs_a, outputs_b, STAGE_VERSION)
+
+
+def load_outputs(store: Store, rel: str, contender: str) -> pd.DataFrame:
+    """A contender's outputs, named as in the current config (keys do not depend on names)."""
+    return store.read_parquet(rel).assign(contender=contender)
+
+
+@task(name="judge", task_run_name="judge-{dataset}", cache_policy=NO_CACHE)
+def judge_task(
+    dataset: str, examples: list[Example], metric: str, test_fp: str, outputs: dict[str, tuple[str, str]],
+    cfg: JudgeConfig, store_root: str,
+) -> tuple[list[tuple[str, str, str]], int]:
+    """Prefect task: judge every pair of contenders on every test row, one Parquet batch per pair.
+
+    `outputs` maps contender -> (outputs Parquet path, outputs key). Returns ([(batch path, name A, name B)],
+    how many batches were already in the store). A is the contender whose outputs key sorts first, so a
+    batch's key does not depend on the order the config lists contenders in.
+    """
+    store = Store(store_root)
+    batches, reused = [], 0
+    for a, b in combinations(sorted(outputs, key=lambda n: outputs[n][1]), 2):
+        rel = f"judgments/{judgment_key(cfg, metric, test_fp, outputs[a][1], outputs[b][1])}.parquet"
+        if store.exists(rel):
+            reused += 1
+        else:
+            out_a, out_b = load_outputs(store, outputs[a][0], a), load_outputs(store, outputs[b][0], b)
+            store.write_parquet(rel, metric_judgments(dataset, examples, metric, out_a, out_b, cfg))
+        batches.append((rel, a, b))
+    return batches, reused
+
+
+def load_judgments(store: Store, batches: list[tuple[str, str, str]]) -> pd.DataFrame:
+    """All judged batches as one table, contenders named as in the current config."""
+    frames = [store.read_parquet(rel).assign(contender_a=a, contender_b=b) for rel, a, b in batches]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=JUDGMENT_COLUMNS)

@@ -1,0 +1,95 @@
+"""Check everything a search needs before any model is loaded, and compute every model's and dataset's fingerprint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks.config import TEACHER, DatasetSpec, SearchConfig
+from tasks.data import Example, dataset_fingerprint, infer_metric, load_examples
+from tasks.errors import UserError
+from tasks.merge import recipe_fingerprint, validate_recipe
+from tasks.models import ModelInfo, check_mergeable, describe
+from tasks.store import content_key
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset's rows, fingerprints and metric."""
+
+    spec: DatasetSpec
+    train: list[Example]
+    test: list[Example]
+    train_fp: str
+    test_fp: str
+    metric: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The checked search: models (candidates then merges, in dependency order) and datasets."""
+
+    models: dict[str, ModelInfo] = field(default_factory=dict)
+    datasets: dict[str, DatasetInfo] = field(default_factory=dict)
+
+
+def load_dataset(spec: DatasetSpec) -> DatasetInfo:
+    """Read and check a dataset's train and test files."""
+    train, test = load_examples(spec.train), load_examples(spec.test)
+    metric = spec.metric or infer_metric(test)
+    return DatasetInfo(spec, train, test, dataset_fingerprint(spec.train), dataset_fingerprint(spec.test), metric)
+
+
+def check_dataset_files(spec: DatasetSpec) -> None:
+    """Check a dataset's files parse, keeping nothing of their content (used for the held-out set)."""
+    load_examples(spec.train)
+    load_examples(spec.test)
+
+
+def prepare(cfg: SearchConfig) -> Prepared:
+    """Validate datasets, candidates and merge recipes; fingerprint them all. Loads no model."""
+    if cfg.judge.kind != "metric" or cfg.references:
+        raise UserError("judge.kind openai and references need an OpenAI-compatible judge, not yet in this version")
+    if cfg.compute.mode != "local":
+        raise UserError("compute.mode pool needs the work-pool deployments, not yet in this version; use local")
+    datasets = {d.name: load_dataset(d) for d in cfg.datasets}
+    if cfg.validation:
+        # The held-out rows are only parsed here, to fail fast on a broken file; they are read for real
+        # after the winner is frozen.
+        check_dataset_files(cfg.validation.dataset)
+    models = {c.name: describe(c) for c in cfg.candidates}
+    placeholder_paths = {name: f"/{name}" for name in models}
+    for m in cfg.merges:
+        infos = [models[n] for n in _recipe_names(m.recipe, models)]
+        if not infos:
+            raise UserError(f"merge '{m.name}': the recipe names no candidate")
+        check_mergeable(m.name, infos)
+        validate_recipe(m, placeholder_paths)
+        fps = {n: i.fingerprint for n, i in models.items()}
+        models[m.name] = ModelInfo(m.name, content_key("merge", recipe_fingerprint(m, fps)), infos[0].signature)
+        placeholder_paths[m.name] = f"/{m.name}"
+    if TEACHER in models:
+        raise UserError(f"'{TEACHER}' is reserved for the datasets' own answers; rename that model")
+    return Prepared(models, datasets)
+
+
+def _recipe_names(recipe: dict, known: dict[str, ModelInfo]) -> list[str]:
+    """The known model names a recipe uses."""
+    from tasks.config import recipe_models
+
+    return [n for n in recipe_models(recipe) if n in known]
+
+
+def held_out(cfg: SearchConfig) -> DatasetInfo:
+    """The held-out dataset, read in full (call only after the winner is frozen)."""
+    assert cfg.validation is not None
+    return load_dataset(cfg.validation.dataset)
+
+
+def relative(path: str | Path) -> str:
+    """A path relative to the working folder when it is below it (shorter in messages)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)

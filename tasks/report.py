@@ -1,0 +1,155 @@
+"""The run's report: ranking tables, teacher and merge comparisons, validation, costs and timings (md, html, png)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import pandas as pd
+
+from tasks.config import TEACHER, SearchConfig, recipe_models
+
+MODEL_KINDS = ("candidate", "merge")
+
+
+def ranking_rows(ratings: pd.DataFrame, scope: str = "overall") -> pd.DataFrame:
+    """One scope's ratings, best first, with the columns a person reads."""
+    r = ratings[ratings["scope"] == scope].sort_values("rank")
+    return pd.DataFrame({
+        "rank": r["rank"].astype(int), "contender": r["contender"], "kind": r["kind"],
+        "rating": r["rating"].round(0).astype(int),
+        "95% CI": [f"{lo:.0f}..{hi:.0f}" for lo, hi in zip(r["ci_low"], r["ci_high"])],
+        "win rate": r["win_rate"].map(lambda x: f"{x:.0%}"), "n": r["n_comparisons"].astype(int),
+    })
+
+
+def text_table(df: pd.DataFrame) -> str:
+    """A DataFrame as a plain aligned text table for the terminal."""
+    return df.to_string(index=False)
+
+
+def md_table(df: pd.DataFrame) -> str:
+    """A DataFrame as a Markdown table."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _overlap(a: pd.Series, b: pd.Series) -> bool:
+    """True when two contenders' rating intervals overlap."""
+    return not (a["ci_low"] > b["ci_high"] or b["ci_low"] > a["ci_high"])
+
+
+def teacher_lines(ratings: pd.DataFrame) -> list[str]:
+    """Per scope: did the best fine-tune beat the teacher whose answers it was trained on?"""
+    lines = []
+    for scope, r in ratings.groupby("scope", sort=False):
+        models = r[r["kind"].isin(MODEL_KINDS)].sort_values("rating", ascending=False)
+        teacher = r[r["contender"] == TEACHER]
+        if models.empty or teacher.empty:
+            continue
+        best, t = models.iloc[0], teacher.iloc[0]
+        gap = best["rating"] - t["rating"]
+        word = "beat" if gap > 0 else "trailed"
+        sure = "intervals overlap, so not a clear result" if _overlap(best, t) else "intervals separate"
+        lines.append(f"- **{scope}**: best student {best['contender']} {word} the teacher by {abs(gap):.0f} Elo ({sure}).")
+    return lines
+
+
+def merge_lines(cfg: SearchConfig, ratings: pd.DataFrame) -> list[str]:
+    """Per merge: its pooled rating against its parents'."""
+    pooled = ratings[ratings["scope"] == "overall"].set_index("contender")
+    lines = []
+    for m in cfg.merges:
+        parents = [p for p in recipe_models(m.recipe) if p in pooled.index]
+        if m.name not in pooled.index or not parents:
+            continue
+        best = max(parents, key=lambda p: pooled.at[p, "rating"])
+        gap = pooled.at[m.name, "rating"] - pooled.at[best, "rating"]
+        clear = not _overlap(pooled.loc[m.name], pooled.loc[best])
+        lines.append(
+            f"- **{m.name}** ({m.recipe.get('merge_method', '?')} of {', '.join(parents)}): "
+            f"{gap:+.0f} Elo against its best parent {best}" + (" (separated)" if clear else " (within noise)")
+        )
+    return lines
+
+
+def validation_lines(val: dict[str, Any] | None) -> list[str]:
+    """The held-out check in words."""
+    if not val:
+        return ["No validation dataset was configured."]
+    lines = [f"Winner frozen before the held-out data was read: **{val['winner']}** (at {val['frozen_at']}).",
+             f"Held-out dataset: **{val['dataset']}**.", ""]
+    for row in val["against"]:
+        lines.append(
+            f"- against **{row['opponent']}**: win rate {row['win_rate']:.0%} "
+            f"(95% CI {row['ci_low']:.0%}..{row['ci_high']:.0%}, {row['n_examples']} examples): "
+            f"the advantage **{row['verdict']}**."
+        )
+    return lines
+
+
+def plot_ratings(ratings: pd.DataFrame) -> bytes:
+    """PNG of every scope's ratings with their intervals, one panel per scope."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scopes = list(dict.fromkeys(ratings["scope"]))
+    fig, axes = plt.subplots(1, len(scopes), figsize=(4.2 * len(scopes), 0.45 * ratings["contender"].nunique() + 1.6),
+                             sharey=False, squeeze=False)
+    colors = {"candidate": "tab:blue", "merge": "tab:purple", "reference": "tab:gray", "baseline": "tab:orange"}
+    for ax, scope in zip(axes[0], scopes):
+        r = ratings[ratings["scope"] == scope].sort_values("rating")
+        y = range(len(r))
+        ax.errorbar(r["rating"], y, xerr=[r["rating"] - r["ci_low"], r["ci_high"] - r["rating"]], fmt="none",
+                    ecolor="lightgray", elinewidth=3)
+        ax.scatter(r["rating"], y, c=[colors.get(k, "black") for k in r["kind"]], zorder=3)
+        ax.set_yticks(list(y), r["contender"])
+        ax.set_title(scope)
+        ax.set_xlabel("rating (Elo)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def markdown_report(
+    cfg: SearchConfig, run_id: str, ratings: pd.DataFrame, scores: pd.DataFrame, validation: dict[str, Any] | None,
+    stages: list[dict[str, Any]],
+) -> str:
+    """The whole report as Markdown."""
+    parts = [f"# basesearch report: {cfg.name}", "", f"Run `{run_id}`. Judge: `{cfg.judge.kind}`. "
+             "Ratings are Bradley-Terry on the Elo scale with bootstrap 95% intervals over examples.", "",
+             "![ratings](ratings.png)", "", "## Ranking (pooled, each dataset weighted equally)", "",
+             md_table(ranking_rows(ratings)), ""]
+    parts += ["## Did a student beat its teacher?", "",
+              "The teacher is the dataset's own assistant answers (in the demo: a noisy teacher standing in for "
+              "logged GPT-4 answers).", ""] + (teacher_lines(ratings) or ["No teacher in this run."]) + [""]
+    if cfg.merges:
+        parts += ["## Merges against their parents", ""] + merge_lines(cfg, ratings) + [""]
+    parts += ["## Validation on the held-out dataset", ""] + validation_lines(validation) + [""]
+    parts += ["## Per dataset", ""]
+    for scope in [s for s in dict.fromkeys(ratings["scope"]) if s != "overall"]:
+        parts += [f"### {scope}", "", md_table(ranking_rows(ratings, scope)), ""]
+    if not scores.empty:
+        parts += ["## Mean metric score per dataset (0..1, against the expected answer)", "",
+                  md_table(scores.round(3).reset_index()), ""]
+    parts += ["## Stages", "", md_table(pd.DataFrame(stages)), ""]
+    return "\n".join(parts)
+
+
+def html_report(markdown_text: str, png: bytes) -> str:
+    """The Markdown report as one self-contained HTML page (the plot inlined)."""
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"])
+    body = body.replace('src="ratings.png"', f'src="data:image/png;base64,{base64.b64encode(png).decode()}"')
+    style = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .5rem}img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>basesearch report</title>" \
+           f"<style>{style}</style></head><body>{body}</body></html>"

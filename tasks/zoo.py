@@ -1,0 +1,198 @@
+"""The demo model zoo: a tiny Mistral-architecture base and "community fine-tunes" of it, built locally.
+
+Like OpenHermes and Zephyr on Mistral 7B, the community models share the base's architecture and tokenizer
+and differ only in what they were trained on next. Everything is seeded: the same code builds the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tasks import demo_data as w
+from tasks.errors import UserError
+from tasks.store import Store, content_key
+
+STAGE_VERSION = "1"
+SPECIALS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+# The roles are single special tokens, so the template costs 3 tokens a message.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """How one zoo model is made: from which parent, on which corpus mix, for how long."""
+
+    parent: str | None
+    mix: tuple[tuple[str, float], ...]  # (corpus, share of rows)
+    steps: int
+    lr: float
+    seed: int
+
+
+# Shape: 4 layers of width 96 with grouped-query attention (4 heads, 2 KV heads), ~0.5M parameters,
+# small enough that a 100-step LoRA takes a few seconds on 2 CPU cores.
+SHAPE = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512)
+VOCAB = 1024
+
+ZOO: dict[str, ZooModel] = {
+    "base": ZooModel(parent=None, mix=(("prose", 0.7), ("chat", 0.3)), steps=500, lr=3e-3, seed=0),
+    "hermes": ZooModel(parent="base", mix=(("json", 0.6), ("chat", 0.4)), steps=200, lr=1e-3, seed=1),
+    "zephyr": ZooModel(parent="base", mix=(("labels", 0.6), ("chat", 0.4)), steps=200, lr=1e-3, seed=2),
+    "neural": ZooModel(parent="base", mix=(("rewrite", 0.6), ("chat", 0.4)), steps=200, lr=1e-3, seed=3),
+}
+
+
+def _prose(rng: random.Random) -> str:
+    """A paragraph of plain text about the demo world."""
+    p = w._person(rng)
+    return " ".join([
+        f"{p['name']} is a {p['job']} from {p['city']} and is {p['age']} years old.",
+        f"Last week {p['name'].split()[0]} bought a {rng.choice(w.PRODUCTS)} that was {rng.choice(w.GOOD)}, "
+        f"but {rng.choice(w.BAD)}.",
+        f"The shop sold {rng.randint(1, 30)} packs of {rng.choice(w.ITEMS)} at {rng.choice([1.5, 3.0, 4.5, 9.99])}.",
+        rng.choice(sum(w.TOPICS.values(), [])).format(p=rng.choice(w.PRODUCTS)).capitalize() + ".",
+    ])
+
+
+def _chat(rng: random.Random) -> list[dict[str, str]]:
+    """A generic question about a person, answered in a sentence."""
+    p = w._person(rng)
+    return [{"role": "user", "content": f"{p['name']} is a {p['job']} in {p['city']}. Where does {p['name']} live?"},
+            {"role": "assistant", "content": f"{p['name']} lives in {p['city']}."}]
+
+
+def _json(rng: random.Random) -> list[dict[str, str]]:
+    """Pick two facts out of a sentence as JSON (a different schema from the customer datasets)."""
+    p = w._person(rng)
+    return [{"role": "system", "content": "Answer with JSON."},
+            {"role": "user", "content": f"{p['name']} works as a {p['job']} in {p['city']}. Give job and city."},
+            {"role": "assistant", "content": json.dumps({"job": p["job"], "city": p["city"]})}]
+
+
+def _labels(rng: random.Random) -> list[dict[str, str]]:
+    """Say whether a remark is positive or negative."""
+    good = rng.random() < 0.5
+    text = f"The {rng.choice(w.PRODUCTS)} is {rng.choice(w.GOOD)}." if good else f"Sadly {rng.choice(w.BAD)}."
+    return [{"role": "system", "content": "Answer positive or negative."},
+            {"role": "user", "content": text},
+            {"role": "assistant", "content": "positive" if good else "negative"}]
+
+
+def _rewrite(rng: random.Random) -> list[dict[str, str]]:
+    """Repeat the first sentence of a paragraph."""
+    text = _prose(rng)
+    return [{"role": "system", "content": "Repeat the first sentence."},
+            {"role": "user", "content": text},
+            {"role": "assistant", "content": text.split(". ")[0] + "."}]
+
+
+CORPORA: dict[str, Callable[[random.Random], Any]] = {
+    "prose": _prose, "chat": _chat, "json": _json, "labels": _labels, "rewrite": _rewrite,
+}
+
+
+def _texts(tok: Any | None, corpus: str, n: int, rng: random.Random) -> list[str]:
+    """n training texts of one corpus (chats rendered through the chat template)."""
+    out = []
+    for _ in range(n):
+        item = CORPORA[corpus](rng)
+        if isinstance(item, str):
+            out.append(item + "</s>")
+        else:
+            out.append(tok.apply_chat_template(item, tokenize=False) if tok else json.dumps(item))
+    return out
+
+
+def build_tokenizer(seed: int = 0) -> Any:
+    """A byte-level BPE tokenizer trained on the zoo's corpora, with the chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    corpus = [t for c in CORPORA for t in _texts(None, c, 400, rng)]
+    corpus += [json.dumps(r) for task in w.TASKS for r in w.make_rows(task, 50, seed=99)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        additional_special_tokens=SPECIALS[3:],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _new_model(tok: Any, seed: int) -> Any:
+    """A randomly initialised tiny Mistral."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False, sliding_window=None, **SHAPE,
+    )
+    return MistralForCausalLM(cfg)
+
+
+def zoo_key(name: str) -> str:
+    """Content key of a zoo model: its recipe, its ancestors' recipes and the zoo's code version."""
+    spec = ZOO[name]
+    parent = zoo_key(spec.parent) if spec.parent else None
+    return content_key("zoo", name, asdict(spec), SHAPE, VOCAB, parent, STAGE_VERSION)
+
+
+def _train(model: Any, tok: Any, spec: ZooModel) -> dict[str, Any]:
+    """Full-parameter training of a zoo model on its mix (loss on every token)."""
+    from tasks.finetune import train_steps
+
+    rng = random.Random(spec.seed)
+    batch = 16
+    texts = [t for corpus, share in spec.mix for t in _texts(tok, corpus, int(share * spec.steps * batch / 4), rng)]
+    rows = []
+    for t in texts:
+        ids = tok(t, add_special_tokens=False)["input_ids"][:256]
+        rows.append((ids, ids))
+    return train_steps(model, rows, lr=spec.lr, steps=spec.steps, batch_size=batch, seed=spec.seed,
+                       pad_id=tok.pad_token_id)
+
+
+def ensure_zoo_model(store: Store, name: str, log: Callable[[str], None] = print) -> Path:
+    """Local folder of zoo model `name`, building it (and its parent) into the store on first use."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name not in ZOO:
+        raise UserError(f"zoo:{name}: no such zoo model (zoo has: {', '.join(ZOO)})")
+    rel = f"models/{zoo_key(name)}"
+    if store.exists(rel):
+        return store.local_dir(rel)
+    spec = ZOO[name]
+    if spec.parent:
+        parent_dir = ensure_zoo_model(store, spec.parent, log)
+        tok = AutoTokenizer.from_pretrained(str(parent_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(parent_dir), dtype=torch.float32)
+    else:
+        tok = build_tokenizer(spec.seed)
+        model = _new_model(tok, spec.seed)
+    log(f"zoo: training zoo:{name} ({spec.steps} steps on {', '.join(c for c, _ in spec.mix)})")
+    metrics = _train(model, tok, spec)
+    log(f"zoo: zoo:{name} loss {metrics['loss_first']} -> {metrics['loss_last']} in {metrics['seconds']} s")
+    with store.new_dir(rel) as tmp:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "zoo.json").write_text(json.dumps({"name": name, **asdict(spec), "train": metrics}, indent=2))
+    return store.local_dir(rel)
