@@ -21,10 +21,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.config import TEACHER, SearchConfig, load_config
 from tasks.errors import UserError
-from tasks.finetune import adapter_key, finetune_task
-from tasks.generate import generate_task, outputs_key, teacher_key, teacher_outputs
+from tasks.compute import FinetuneJob, GenerateJob, finetune_all, generate_all, merge_models
+from tasks.finetune import adapter_key
+from tasks.generate import outputs_key, teacher_key, teacher_outputs
 from tasks.judge import judge_task, load_judgments, metric_scores
-from tasks.merge import merge_task
 from tasks.models import candidate_task
 from tasks.prepare import DatasetInfo, Prepared, held_out, prepare
 from tasks.rate import rate
@@ -66,19 +66,24 @@ def train_and_answer(
 ) -> dict[str, tuple[str, str]]:
     """Fine-tune every model on one dataset and answer its test rows: contender -> (outputs path, outputs key)."""
     name = data.spec.name
-    adapters: dict[str, tuple[str, str]] = {}
     with log.stage(f"finetune:{name}") as row:
-        for m in models:
-            key = adapter_key(prep.models[m].fingerprint, data.train_fp, cfg.finetune)
-            folder, reused = finetune_task(m, name, paths[m], data.train, cfg.finetune, key, store)
-            adapters[m] = (folder, key)
+        ft_jobs = [
+            FinetuneJob(m, name, paths[m], data.spec.train, cfg.finetune,
+                        adapter_key(prep.models[m].fingerprint, data.train_fp, cfg.finetune))
+            for m in models
+        ]
+        adapters = finetune_all(ft_jobs, cfg.compute, store)
+        for _, reused in adapters:
             _count(row, reused)
-    outputs: dict[str, tuple[str, str]] = {}
     with log.stage(f"generate:{name}") as row:
-        for m in models:
-            key = outputs_key(adapters[m][1], data.test_fp, cfg.generate)
-            rel, reused = generate_task(m, name, paths[m], adapters[m][0], data.test, cfg.generate, key, store)
-            outputs[m] = (rel, key)
+        gen_jobs = [
+            GenerateJob(m, name, paths[m], folder, data.spec.test, cfg.generate,
+                        outputs_key(job.key, data.test_fp, cfg.generate))
+            for m, job, (folder, _) in zip(models, ft_jobs, adapters)
+        ]
+        results = generate_all(gen_jobs, cfg.compute, store)
+        outputs = {job.model: (rel, job.key) for job, (rel, _) in zip(gen_jobs, results)}
+        for _, reused in results:
             _count(row, reused)
         tkey = teacher_key(data.test_fp)
         st, trel = Store(store), f"outputs/{tkey}.parquet"
@@ -147,7 +152,7 @@ def search(config: SearchConfig, store: str = "./store") -> dict[str, Any]:
             row["computed"] += 1
     with log.stage("merges") as row:
         for m in config.merges:
-            paths[m.name], reused = merge_task(m, paths, prep.models[m.name].fingerprint, store)
+            paths[m.name], reused = merge_models(m, paths, prep.models[m.name].fingerprint, config.compute, store)
             _count(row, reused)
 
     models = list(prep.models)
@@ -179,6 +184,16 @@ def search(config: SearchConfig, store: str = "./store") -> dict[str, Any]:
     return {"run_id": run_id, "report": report, "ranking": table.to_dict("records"), "stages": log.rows}
 
 
+def stop_temporary_server() -> None:
+    """Stop Prefect's temporary local server now rather than at exit, so its goodbye line is not printed last."""
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+    except ImportError:  # a Prefect without it: the server stops at exit as usual
+        return
+    for server in list(SubprocessASGIServer._instances.values()):
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: validate the config up front, run the flow, print the ranking and the report's path."""
     parser = argparse.ArgumentParser(prog="python -m flows.search", description=__doc__.splitlines()[0])
@@ -193,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = search(config, store)
+    stop_temporary_server()
     print()
     print(text_table(pd.DataFrame(result["ranking"])))
     reused = sum(r["reused"] for r in result["stages"])

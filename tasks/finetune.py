@@ -169,14 +169,16 @@ def adapter_key(model_fp: str, train_fp: str, cfg: FinetuneConfig) -> str:
 
 @task(name="finetune", task_run_name="finetune-{model}-{dataset}", cache_policy=NO_CACHE)
 def finetune_task(
-    model: str, dataset: str, model_dir: str, train: list[Example], cfg: FinetuneConfig, key: str, store_root: str
+    model: str, dataset: str, model_dir: str, train_path: str, cfg: FinetuneConfig, key: str, store_root: str
 ) -> tuple[str, bool]:
-    """Prefect task: (local adapter folder, whether it was already in the store)."""
+    """Prefect task: (local adapter folder, whether it was already in the store). Arguments are JSON-able."""
+    from tasks.data import load_examples
+
     store, rel = Store(store_root), f"adapters/{key}"
     if store.exists(rel):
         return str(store.local_dir(rel)), True
     with store.new_dir(rel) as tmp:
-        m = finetune(model_dir, train, cfg, tmp)
+        m = finetune(model_dir, load_examples(train_path), cfg, tmp)
     get_run_logger().info(
         f"finetune {model} on {dataset}: loss {m['loss_first']} -> {m['loss_last']}, {m['steps']} steps, "
         f"{m['tokens_per_s']:.0f} tokens/s"

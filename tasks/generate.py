@@ -84,12 +84,14 @@ def teacher_key(test_fp: str) -> str:
 
 @task(name="generate", task_run_name="generate-{model}-{dataset}", cache_policy=NO_CACHE)
 def generate_task(
-    model: str, dataset: str, model_dir: str, adapter_dir: str, test: list[Example], cfg: GenerateConfig, key: str,
+    model: str, dataset: str, model_dir: str, adapter_dir: str, test_path: str, cfg: GenerateConfig, key: str,
     store_root: str,
 ) -> tuple[str, bool]:
-    """Prefect task: (store path of the outputs Parquet, whether it was already there)."""
+    """Prefect task: (store path of the outputs Parquet, whether it was already there). Arguments are JSON-able."""
+    from tasks.data import load_examples
+
     store, rel = Store(store_root), f"outputs/{key}.parquet"
     if store.exists(rel):
         return rel, True
-    store.write_parquet(rel, generate(model_dir, adapter_dir, dataset, test, model, cfg))
+    store.write_parquet(rel, generate(model_dir, adapter_dir, dataset, load_examples(test_path), model, cfg))
     return rel, False

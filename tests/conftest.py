@@ -1,0 +1,95 @@
+"""Shared fixtures: an offline, quiet environment and tiny models and datasets built on the fly (no downloads)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Set before Prefect or Hugging Face is imported anywhere in the test session.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from tasks.demo_data import make_rows  # noqa: E402
+
+TINY_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+
+
+def make_tiny_model(folder: Path, seed: int, tokenizer=None, **shape) -> Path:
+    """Save a randomly initialised tiny Mistral with the zoo's tokenizer (or the one given) in `folder`."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tasks.zoo import build_tokenizer
+
+    tok = tokenizer or build_tokenizer()
+    torch.manual_seed(seed)
+    cfg = MistralConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id, tie_word_embeddings=False, sliding_window=None,
+                        **(TINY_SHAPE | shape))
+    MistralForCausalLM(cfg).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Write rows as JSONL."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny random Mistral models sharing one tokenizer: {'alpha': dir, 'beta': dir}."""
+    from tasks.zoo import build_tokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    tok = build_tokenizer()
+    return {name: make_tiny_model(root / name, seed, tok) for seed, name in enumerate(["alpha", "beta"])}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Small demo datasets: name -> (train.jsonl, test.jsonl), 16 train and 6 test rows each."""
+    root = tmp_path_factory.mktemp("data")
+    out = {}
+    for task in ("extraction", "classification", "orders"):
+        out[task] = (write_jsonl(root / f"{task}_train.jsonl", make_rows(task, 16, 1)),
+                     write_jsonl(root / f"{task}_test.jsonl", make_rows(task, 6, 2)))
+    return out
+
+
+def mini_config_dict(tiny_models: dict[str, Path], tiny_data: dict[str, tuple[Path, Path]]) -> dict:
+    """A miniature search: two models, one merge, two datasets, a held-out one; a few training steps."""
+    ds = lambda name: {"name": name, "train": str(tiny_data[name][0]), "test": str(tiny_data[name][1])}  # noqa: E731
+    return {
+        "name": "mini",
+        "candidates": [{"name": n, "path": str(p)} for n, p in tiny_models.items()],
+        "merges": [{"name": "alpha-beta", "recipe": {"merge_method": "slerp", "base_model": "alpha",
+                                                      "models": [{"model": "alpha"}, {"model": "beta"}],
+                                                      "parameters": {"t": 0.5}, "dtype": "float32"}}],
+        "datasets": [ds("extraction"), ds("classification")],
+        "validation": {"dataset": ds("orders"), "baselines": ["alpha"]},
+        "finetune": {"max_steps": 3, "batch_size": 4, "learning_rate": 0.003, "max_length": 128},
+        "generate": {"max_new_tokens": 8, "batch_size": 8},
+        "rating": {"bootstrap_rounds": 50},
+        "budget": {"strategy": "all-pairs"},
+    }
+
+
+@pytest.fixture()
+def mini_config(tmp_path, tiny_models, tiny_data) -> Path:
+    """Path of a miniature search config YAML in a fresh folder."""
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(mini_config_dict(tiny_models, tiny_data), sort_keys=False))
+    return path

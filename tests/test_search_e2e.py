@@ -1,0 +1,55 @@
+"""End to end: a miniature search through the real Prefect flow, then a re-run that reuses everything."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from flows.search import main
+from tasks.store import Store
+
+OUTPUT_COLUMNS = {"dataset", "example_id", "contender", "output", "prompt_tokens", "completion_tokens", "latency_s", "error"}
+JUDGMENT_COLUMNS = {"dataset", "example_id", "contender_a", "contender_b", "order", "winner", "strength", "judge", "raw",
+                    "prompt_tokens", "completion_tokens", "cost_usd", "error"}
+RATING_COLUMNS = {"scope", "contender", "kind", "rating", "ci_low", "ci_high", "n_comparisons", "win_rate", "rank"}
+
+
+def test_mini_search_runs_and_reruns_from_store(mini_config, tmp_path, capsys):
+    store_dir = tmp_path / "store"
+    assert main(["--config", str(mini_config), "--store", str(store_dir)]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines[-1].startswith("report: ") and lines[-1].endswith("report.html")
+    assert "alpha-beta" in out and "teacher" in out
+
+    store = Store(str(store_dir))
+    run = store.read_text("runs/LATEST").strip()
+    for name in ("config.yaml", "ratings.parquet", "judgments.parquet", "validation.json", "report.md",
+                 "report.html", "ratings.png", "frozen_winner.json"):
+        assert store.exists(f"runs/{run}/{name}"), name
+    ratings = store.read_parquet(f"runs/{run}/ratings.parquet")
+    assert RATING_COLUMNS <= set(ratings.columns)
+    assert set(ratings["scope"]) == {"overall", "extraction", "classification"}
+    assert set(ratings.loc[ratings.scope == "overall", "contender"]) == {"alpha", "beta", "alpha-beta", "teacher"}
+    judgments = store.read_parquet(f"runs/{run}/judgments.parquet")
+    assert JUDGMENT_COLUMNS <= set(judgments.columns)
+    assert set(judgments["order"]) == {"ab", "ba"}
+    # 4 contenders -> 6 pairs, x 6 test rows x 2 orders, x 2 datasets
+    assert len(judgments) == 6 * 6 * 2 * 2
+    outputs = pd.concat(pd.read_parquet(p) for p in (store_dir / "outputs").glob("*.parquet"))
+    assert OUTPUT_COLUMNS <= set(outputs.columns)
+    validation = store.read_json(f"runs/{run}/validation.json")
+    assert validation["winner"] in {"alpha", "beta", "alpha-beta"}
+    # models x datasets, plus the winner and the baseline (one model when the baseline won) on the held-out set
+    assert len(list((store_dir / "adapters").iterdir())) == 3 * 2 + len({validation["winner"], "alpha"})
+    assert len(list((store_dir / "models").glob("*/mergekit_config.yml"))) == 1
+    assert {r["opponent"] for r in validation["against"]} >= {"teacher"}
+    assert "Validation on the held-out dataset" in store.read_text(f"runs/{run}/report.md")
+
+    # Second run: nothing trained, generated or judged again.
+    assert main(["--config", str(mini_config), "--store", str(store_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "0 results computed" in out
+    run2 = store.read_text("runs/LATEST").strip()
+    stages = store.read_json(f"runs/{run2}/stages.json")
+    assert all(s["computed"] == 0 for s in stages if s["stage"].split(":")[0] in ("merges", "finetune", "generate", "judge"))
+    pd.testing.assert_frame_equal(store.read_parquet(f"runs/{run2}/ratings.parquet"), ratings)
