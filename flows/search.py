@@ -187,9 +187,11 @@ def search(config: SearchConfig, store: str = "./store") -> dict[str, Any]:
 def stop_temporary_server() -> None:
     """Stop Prefect's temporary local server now rather than at exit, so its goodbye line is not printed last."""
     try:
+        from prefect.logging.handlers import APILogHandler
         from prefect.server.api.server import SubprocessASGIServer
-    except ImportError:  # a Prefect without it: the server stops at exit as usual
+    except ImportError:  # a Prefect without them: the server stops at exit as usual
         return
+    APILogHandler().flush()  # send queued log lines while the server is still there to take them
     for server in list(SubprocessASGIServer._instances.values()):
         server.stop()
 
