@@ -24,7 +24,8 @@ from tasks.errors import UserError
 from tasks.compute import FinetuneJob, GenerateJob, finetune_all, generate_all, merge_models
 from tasks.finetune import adapter_key
 from tasks.generate import outputs_key, teacher_key, teacher_outputs
-from tasks.judge import judge_task, load_judgments, metric_scores
+from tasks.judge import judge_task, load_judgments, metric_scores, run_openai_judge
+from tasks.references import reference_outputs
 from tasks.models import candidate_task
 from tasks.prepare import DatasetInfo, Prepared, held_out, prepare
 from tasks.rate import rate
@@ -90,15 +91,58 @@ def train_and_answer(
         if not st.exists(trel):
             st.write_parquet(trel, teacher_outputs(name, data.test, TEACHER))
         outputs[TEACHER] = (trel, tkey)
+    if cfg.references:
+        with log.stage(f"references:{name}") as row:  # API models answer the same test rows, cached the same way
+            row["requests"], row["cost_usd"] = 0, 0.0
+            for ref in cfg.references:
+                outputs[ref.name], reused, requests, spent = reference_outputs(
+                    ref, name, data.test, data.test_fp, cfg.prices, store)
+                _count(row, reused)
+                row["requests"] += requests
+                row["cost_usd"] = round(row["cost_usd"] + spent, 6)
     return outputs
 
 
 def judge(data: DatasetInfo, outputs: dict[str, tuple[str, str]], cfg: SearchConfig, store: str, log: StageLog) -> list:
-    """Judge every pair of contenders on one dataset: [(batch path, contender A, contender B)]."""
+    """Judge every pair of contenders on one dataset: metric batches [(path, A, B)] or the LLM judge's [table]."""
     with log.stage(f"judge:{data.spec.name}") as row:
+        if cfg.judge.kind == "openai":  # e.g. the held-out dataset: every pair, whatever budget.strategy says
+            run = run_openai_judge({data.spec.name: data.test}, {data.spec.name: outputs}, cfg, store,
+                                   all_pairs=True, spent_usd=_judge_spent(log))
+            _judge_row(row, run)
+            return [run.judgments]
         batches, reused = judge_task(data.spec.name, data.test, data.metric, data.test_fp, outputs, cfg.judge, store)
         row["computed"], row["reused"] = len(batches) - reused, reused
     return batches
+
+
+def judge_search(
+    datasets: dict[str, DatasetInfo], all_outputs: dict[str, dict[str, tuple[str, str]]], cfg: SearchConfig,
+    store: str, log: StageLog,
+) -> list:
+    """Judge the search: the metric judge every pair per dataset (it is free); the LLM judge in rounds over all."""
+    if cfg.judge.kind != "openai":
+        return [b for ds, data in datasets.items() for b in judge(data, all_outputs[ds], cfg, store, log)]
+    with log.stage(f"judge:{cfg.budget.strategy}") as row:
+        run = run_openai_judge({ds: d.test for ds, d in datasets.items()}, all_outputs, cfg, store,
+                               spent_usd=_judge_spent(log))
+        _judge_row(row, run)
+    return [run.judgments]
+
+
+def _judge_spent(log: StageLog) -> float:
+    """Dollars the LLM judge has cost so far in this run (counted against budget.max_usd)."""
+    return sum(float(r.get("judge_usd_total") or 0.0) for r in log.rows if r["stage"].startswith("judge:"))
+
+
+def _judge_row(row: dict[str, Any], run: Any) -> None:
+    """Fill a judge stage's row (stages.json and the report) and log why judging stopped."""
+    row["computed"], row["reused"] = run.new, run.reused + run.free
+    row.update(run.stats())
+    logger = get_run_logger()
+    logger.info(f"judge: {run.requests} requests, ${run.new_cost_usd:.4f} spent; stopped: {run.stop_reason}")
+    if run.stop_reason.startswith("dollar budget"):
+        logger.warning(f"judge: budget.max_usd reached, judging stopped early: {run.stop_reason}")
 
 
 def scores_table(prep: Prepared, all_outputs: dict[str, dict[str, tuple[str, str]]], store: Store) -> pd.DataFrame:
@@ -157,7 +201,7 @@ def search(config: SearchConfig, store: str = "./store") -> dict[str, Any]:
 
     models = list(prep.models)
     all_outputs = {ds: train_and_answer(models, data, paths, prep, config, store, log) for ds, data in prep.datasets.items()}
-    batches = [b for ds, data in prep.datasets.items() for b in judge(data, all_outputs[ds], config, store, log)]
+    batches = judge_search(prep.datasets, all_outputs, config, store, log)
 
     with log.stage("rate") as row:
         judgments = load_judgments(st, batches)

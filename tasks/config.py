@@ -58,6 +58,22 @@ class Reference(Frozen):
     model: str = Field(description="Model id sent to the endpoint.")
     base_url: str | None = Field(default=None, description="Endpoint; None means OpenAI's.")
     api_key_env: str = Field(default="OPENAI_API_KEY", description="Environment variable holding the API key.")
+    api_key_secret: str | None = Field(
+        default=None, description="Prefect Secret block holding the key, used when the environment variable is unset."
+    )
+    max_tokens: int = Field(default=1024, ge=1, description="Longest answer in tokens (temperature is always 0).")
+    concurrency: int = Field(default=16, ge=1, description="Requests in flight at once.")
+    rpm: int | None = Field(default=None, ge=1, description="Requests-per-minute limit of the endpoint (None: none).")
+    tpm: int | None = Field(default=None, ge=1, description="Tokens-per-minute limit of the endpoint (None: none).")
+    max_retries: int = Field(default=6, ge=0, description="Retries of a 429, 5xx, timeout or dropped connection.")
+    timeout_s: float = Field(default=120.0, gt=0, description="Seconds before one request is abandoned (and retried).")
+
+
+class ModelPrice(Frozen):
+    """What an API model costs, in US dollars per million tokens."""
+
+    input: float = Field(ge=0, description="USD per 1M prompt (input) tokens, e.g. 30 for gpt-4-0613.")
+    output: float = Field(ge=0, description="USD per 1M completion (output) tokens, e.g. 60 for gpt-4-0613.")
 
 
 class Validation(Frozen):
@@ -84,6 +100,14 @@ class FinetuneConfig(Frozen):
     batch_size: int = Field(default=8, ge=1, description="Rows per optimizer step.")
     max_length: int = Field(default=512, ge=8, description="Longest training sequence in tokens; longer rows are cut.")
     seed: int = Field(default=0, description="Seed for LoRA init and batch order.")
+    packing: bool = Field(
+        default=True,
+        description="Put each step's rows end to end in one padding-free sequence (attention kept inside each row); "
+        "false: right-padded, length-grouped batches.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass: less memory, ~30% more compute."
+    )
 
 
 class GenerateConfig(Frozen):
@@ -102,8 +126,35 @@ class JudgeConfig(Frozen):
     model: str | None = Field(default=None, description="Judge model id (openai judge).")
     base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint (openai judge).")
     api_key_env: str = Field(default="OPENAI_API_KEY", description="Environment variable holding the judge's API key.")
+    api_key_secret: str | None = Field(
+        default=None, description="Prefect Secret block holding the judge's key, used when the environment variable is unset."
+    )
     strong_margin: float = Field(
         default=0.5, ge=0, le=1, description="Metric judge: a score gap this large (0..1) is a strong win."
+    )
+    both_orders: bool = Field(
+        default=True, description="openai judge: show every pair both ways; false shows one random order (half the cost)."
+    )
+    reference: Literal["expected", "expected-or-teacher", "none"] = Field(
+        default="expected",
+        description="openai judge: the reference answer shown beside the outputs: a row's `expected` only, `expected` "
+        "else the teacher's answer (favours the teacher), or none.",
+    )
+    structured: bool = Field(
+        default=True, description="openai judge: ask for the JSON verdict through response_format json_schema "
+        "(false for endpoints that reject it; the fallback parser reads the verdict either way).",
+    )
+    concurrency: int = Field(default=64, ge=1, description="openai judge: requests in flight at once.")
+    rpm: int | None = Field(default=None, ge=1, description="openai judge: requests-per-minute limit (None: none).")
+    tpm: int | None = Field(default=None, ge=1, description="openai judge: tokens-per-minute limit (None: none).")
+    max_retries: int = Field(
+        default=6, ge=0, description="openai judge: retries of a 429, 5xx, timeout or dropped connection (backoff "
+        "honours Retry-After)."
+    )
+    timeout_s: float = Field(default=120.0, gt=0, description="openai judge: seconds before a request is abandoned.")
+    max_tokens: int = Field(default=256, ge=16, description="openai judge: longest verdict reply in tokens.")
+    batch_size: int = Field(
+        default=2000, ge=1, description="openai judge: most requests per Prefect task (one Parquet batch each)."
     )
 
 
@@ -129,6 +180,9 @@ class SearchConfig(Frozen):
     rating: RatingConfig = Field(default_factory=RatingConfig, description="Bradley-Terry settings.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Comparison planning and spending caps.")
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Where GPU stages run.")
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=dict, description="API model id -> USD per 1M input/output tokens, for the judge and references."
+    )
 
     @model_validator(mode="after")
     def _names_are_consistent(self) -> "SearchConfig":

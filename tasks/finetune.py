@@ -19,13 +19,112 @@ if TYPE_CHECKING:
     from tasks.config import FinetuneConfig
     from tasks.data import Example
 
-STAGE_VERSION = "1"  # bump when a change alters what a fine-tune computes
+STAGE_VERSION = "2"  # bump when a change alters what a fine-tune computes (2: packed, shuffled batches)
 IGNORE = -100  # label id that torch's cross-entropy skips
+# Micro-batch token budget when nothing limits it (CPU): a whole optimizer step in one forward pass.
+UNLIMITED_TOKENS = 1 << 30
 
 
 def device() -> torch.device:
     """CUDA when there is a GPU, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def attn_implementation() -> str:
+    """flash_attention_2 on CUDA when the flash-attn package is importable, else PyTorch's SDPA (CPU too)."""
+    import importlib.util
+
+    if device().type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+PACKED_ATTENTION = "basesearch_packed_sdpa"  # attention implementation name registered below
+
+
+def packed_sdpa_attention(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
+    dropout: float = 0.0, scaling: float | None = None, cu_seq_lens_q: torch.Tensor | None = None, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Variable-length causal attention over packed rows: one SDPA call (is_causal, no mask) per row.
+
+    A block-diagonal mask over the whole packed sequence would make SDPA compute (and on GPU, pick a slower
+    kernel for) every row against every other and then throw it away: cost grows with the square of the pack's
+    length. Attending row by row costs what the rows cost alone, with the flash kernels. `cu_seq_lens_q` holds
+    the rows' boundaries (0, end of row 1, end of row 2, ..., total), on the CPU.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        raise ValueError("packed attention needs one packed row and cu_seq_lens_q")
+    bounds = cu_seq_lens_q.tolist()
+    outs = [
+        sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, dropout=dropout,
+                               scaling=scaling, is_causal=True)[0]
+        for s, e in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(outs, dim=1), None
+
+
+def _register_packed_attention() -> None:
+    """Make PACKED_ATTENTION a transformers attention implementation (with no mask function: none is built)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+
+
+def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """LoRA linear as one matmul with W + scale * B @ A (the same function as peft's three-matmul forward)."""
+    name = self.active_adapters[0]
+    w = torch.addmm(self.base_layer.weight, self.lora_B[name].weight, self.lora_A[name].weight,
+                    alpha=self.scaling[name])
+    return torch.nn.functional.linear(x, w.to(x.dtype) if not torch.is_autocast_enabled() else w, self.base_layer.bias)
+
+
+def fuse_small_loras(model: torch.nn.Module) -> list[Any]:
+    """Switch LoRA layers whose factored form is slow to the fused W + s*B@A form; return the layers switched.
+
+    Per token, peft's factored path costs ~6*r*(in+out) FLOPs over training (three thin matmuls forward, more
+    backward), the fused path 2*in*out for the dense weight gradient, in full-size matmuls. Thin matmuls run far
+    below peak, so the fused form is chosen up to twice the factored FLOPs: it pays on narrow models (the demo
+    zoo: ~15% faster steps on CPU) and never on 7B-class widths (r=16 of 4096: the factored form is 40x cheaper).
+    Only plain LoRA layers qualify (one active adapter, no dropout, no DoRA, nn.Linear base). Loss and gradients
+    are the same up to float rounding; undo with unfuse_loras.
+    """
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        return []
+    done = []
+    for mod in model.modules():
+        if not isinstance(mod, LoraLinear) or len(mod.active_adapters) != 1 or mod.merged:
+            continue
+        name = mod.active_adapters[0]
+        base = mod.base_layer
+        if (name not in mod.lora_A or not isinstance(base, torch.nn.Linear) or mod.fan_in_fan_out
+                or not isinstance(mod.lora_dropout[name], torch.nn.Identity) or mod.use_dora.get(name)):
+            continue
+        r, fan_in, fan_out = mod.r[name], base.in_features, base.out_features
+        if 2 * fan_in * fan_out <= 2 * 6 * r * (fan_in + fan_out):
+            mod.forward = _fused_lora_forward.__get__(mod)
+            done.append(mod)
+    return done
+
+
+def unfuse_loras(layers: list[Any]) -> None:
+    """Give the layers fuse_small_loras switched their peft forward back."""
+    for mod in layers:
+        del mod.forward
+
+
+def peak_memory_mb(dev: torch.device) -> dict[str, float]:
+    """Peak memory so far: the process's resident set (whole life of the process), and CUDA's allocator peak."""
+    import resource
+
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
+    if dev.type == "cuda":
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+    return out
 
 
 def prompt_text(tokenizer: Any, prompt: list[dict[str, str]]) -> str:
@@ -61,8 +160,23 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.
     return batches
 
 
+def shuffled_batches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
+    """One epoch of plain random batches (packing leaves no padding, so nothing is gained by grouping lengths).
+
+    Popped from the end, like length_grouped_batches' list.
+    """
+    order = list(range(n))
+    rng.shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)][::-1]
+
+
+def _targets(labels: list[int]) -> list[int]:
+    """What each position must predict: the next token's label; the last position predicts nothing."""
+    return list(labels[1:]) + [IGNORE]
+
+
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch of (ids, labels) into tensors with an attention mask."""
+    """Right-pad a batch of (ids, labels) into tensors with an attention mask (labels unshifted, HF style)."""
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -70,6 +184,87 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, t
     for i, (x, y) in enumerate(rows):
         ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def pack(rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """Padding-free batch: all rows end to end in one sequence, positions restarting at 0 for each row.
+
+    transformers reads the position resets as sequence boundaries and keeps attention inside each row
+    (a block-diagonal causal mask with SDPA, variable-length kernels with flash attention), so each row is
+    computed exactly as if alone. `targets` holds each position's next-token label, IGNORE at each row's end,
+    so no row learns to predict the next row's first token.
+    """
+    ids = torch.tensor([t for x, _ in rows for t in x], dtype=torch.long)[None]
+    pos = torch.tensor([p for x, _ in rows for p in range(len(x))], dtype=torch.long)[None]
+    tgt = torch.tensor([t for _, y in rows for t in _targets(y)], dtype=torch.long)[None]
+    bounds = torch.tensor([0] + [len(x) for x, _ in rows]).cumsum(0)  # stays on the CPU (see packed_sdpa_attention)
+    return {"input_ids": ids, "position_ids": pos, "targets": tgt, "cu_seq_lens_q": bounds}
+
+
+def pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch with an attention mask; `targets` as in pack (IGNORE on padding)."""
+    b = collate(rows, pad_id)
+    tgt = torch.full_like(b["labels"], IGNORE)
+    tgt[:, :-1] = b["labels"][:, 1:]
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "targets": tgt}
+
+
+def micro_batches(rows: list[tuple[list[int], list[int]]], budget: int, packing: bool) -> list[list[int]]:
+    """Split one optimizer step's rows into micro-batches of at most `budget` tokens (padding counted).
+
+    A row longer than the budget goes alone. Gradients are accumulated over the micro-batches, so the step
+    computes the same as one big batch.
+    """
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i, (ids, _) in enumerate(rows):
+        cost = (sum(len(rows[j][0]) for j in cur) + len(ids)) if packing else \
+            (len(cur) + 1) * max([len(ids)] + [len(rows[j][0]) for j in cur])
+        if cur and cost > budget:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    return out + ([cur] if cur else [])
+
+
+def batch_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy of a (packed or padded) batch on its target tokens.
+
+    Logits are computed only at the positions that have a target (`logits_to_keep`): on assistant-only data
+    most positions are prompt, and the head's matmul and the float32 logits there would be wasted.
+    """
+    tgt = batch["targets"]
+    keep = (tgt != IGNORE).any(0).nonzero().squeeze(1)  # positions with a target in any row
+    kwargs = {k: v for k, v in batch.items() if k != "targets"}
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if inner.config._attn_implementation != PACKED_ATTENTION:
+        kwargs.pop("cu_seq_lens_q", None)  # flash attention / SDPA read the rows from position_ids instead
+    logits = model(**kwargs, use_cache=False, logits_to_keep=keep).logits
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), tgt[:, keep].flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+def auto_token_budget(model: torch.nn.Module, dev: torch.device, checkpointing: bool) -> int:
+    """Largest micro-batch (tokens) expected to fit in free GPU memory; unlimited on CPU.
+
+    Estimate of activation memory per token in bf16 for a decoder: ~(16 * hidden + 6 * intermediate) values
+    per layer without checkpointing, ~(2 * hidden) per layer plus one layer's full set with it; 60% of free
+    memory is used. An out-of-memory error halves the budget and redoes the step (train_steps), so the
+    estimate only needs to be about right.
+    """
+    if dev.type != "cuda":
+        return UNLIMITED_TOKENS
+    cfg = getattr(model, "config", None)
+    hidden = getattr(cfg, "hidden_size", 4096)
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    layers = getattr(cfg, "num_hidden_layers", 32)
+    vocab = getattr(cfg, "vocab_size", 32000)
+    per_layer = 16 * hidden + 6 * inter
+    acts = 2 * hidden * layers + per_layer if checkpointing else per_layer * layers
+    per_token = 2 * acts + 8 * vocab  # bf16 activations; float32 logits and their gradient
+    free, _ = torch.cuda.mem_get_info(dev)
+    return max(256, int(0.6 * free / per_token))
 
 
 def train_steps(
@@ -81,59 +276,124 @@ def train_steps(
     batch_size: int,
     seed: int,
     pad_id: int,
+    packing: bool = True,
+    gradient_checkpointing: bool = False,
+    max_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """Train `model` for `steps` AdamW steps (linear warm-up 10%, then linear decay) and return metrics."""
+    """Train `model` for `steps` AdamW steps (linear warm-up 10%, then linear decay) and return metrics.
+
+    Each step takes `batch_size` rows; the loss is the mean over the step's target tokens (labels that are
+    not IGNORE, next-token shifted). With `packing` the rows go end to end in one padding-free sequence per
+    micro-batch; without it they are right-padded, length-grouped batches. `max_tokens` caps a micro-batch
+    (default: what fits in GPU memory, unlimited on CPU). CUDA runs in bf16 autocast; CPU in float32.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    attn = inner.config._attn_implementation
+    window = getattr(inner.config, "sliding_window", None)
+    if packing and attn == "sdpa" and (window is None or max(len(x) for x, _ in rows) <= window):
+        _register_packed_attention()
+        inner.set_attn_implementation(PACKED_ATTENTION)
+    fused = fuse_small_loras(model)
+    try:
+        return _train_steps(model, rows, lr=lr, steps=steps, batch_size=batch_size, seed=seed, pad_id=pad_id,
+                            packing=packing, gradient_checkpointing=gradient_checkpointing, max_tokens=max_tokens)
+    finally:
+        unfuse_loras(fused)
+        if inner.config._attn_implementation != attn:
+            inner.set_attn_implementation(attn)
+
+
+def _train_steps(
+    model: torch.nn.Module, rows: list[tuple[list[int], list[int]]], *, lr: float, steps: int, batch_size: int,
+    seed: int, pad_id: int, packing: bool, gradient_checkpointing: bool, max_tokens: int | None,
+) -> dict[str, Any]:
+    """train_steps' loop, once the attention implementation is chosen."""
     dev = next(model.parameters()).device
     # Tiny gradients drift into subnormal floats, which x86 CPUs process ~100x slower; flush them to zero.
     torch.set_flush_denormal(True)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    if gradient_checkpointing:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
     )
+    budget = max_tokens or auto_token_budget(model, dev, gradient_checkpointing)
     rng = random.Random(seed)
     lengths = [len(ids) for ids, _ in rows]
     batches: list[list[int]] = []
-    losses, tokens, t0 = [], 0, time.perf_counter()
+    losses, tokens, padded, t0 = [], 0, 0, time.perf_counter()
     model.train()
     # bf16 autocast on GPU halves memory traffic; CPU stays in fp32 (same code path, exact arithmetic).
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     for _ in range(steps):
         if not batches:
-            batches = length_grouped_batches(lengths, batch_size, rng)
-        batch = {k: v.to(dev) for k, v in collate([rows[i] for i in batches.pop()], pad_id).items()}
-        with autocast:
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+            batches = shuffled_batches(len(rows), batch_size, rng) if packing else \
+                length_grouped_batches(lengths, batch_size, rng)
+        step_rows = [rows[i] for i in batches.pop()]
+        n_targets = sum(sum(t != IGNORE for t in _targets(y)) for _, y in step_rows)
+        while True:
+            try:
+                step_loss, step_padded = 0.0, 0
+                for mb in micro_batches(step_rows, budget, packing):
+                    sub = [step_rows[i] for i in mb]
+                    batch = {k: v if k == "cu_seq_lens_q" else v.to(dev, non_blocking=True)
+                             for k, v in (pack(sub) if packing else pad(sub, pad_id)).items()}
+                    with autocast:
+                        loss = batch_loss_sum(model, batch) / max(1, n_targets)
+                    loss.backward()
+                    step_loss += loss.detach()
+                    step_padded += batch["input_ids"].numel()
+                break
+            except torch.cuda.OutOfMemoryError:
+                if budget <= 64:
+                    raise
+                opt.zero_grad(set_to_none=True)
+                batch = loss = None  # noqa: F841 (free the failed micro-batch before retrying)
+                torch.cuda.empty_cache()
+                budget = min(budget, sum(len(x) for x, _ in step_rows)) // 2
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        tokens += int(batch["attention_mask"].sum())
+        losses.append(float(step_loss))
+        tokens += sum(len(x) for x, _ in step_rows)
+        padded += step_padded
     seconds = time.perf_counter() - t0
+    if gradient_checkpointing:
+        inner.gradient_checkpointing_disable()
     k = max(1, len(losses) // 10)  # report the mean of the first and last 10% of steps: single steps are noisy
     return {
         "steps": steps,
         "tokens": tokens,
+        "padded_tokens": padded,
         "seconds": round(seconds, 3),
         "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
         "loss_first": round(sum(losses[:k]) / k, 4),
         "loss_last": round(sum(losses[-k:]) / k, 4),
         "device": dev.type,
+        "packing": packing,
+        "gradient_checkpointing": gradient_checkpointing,
+        "micro_batch_tokens": None if budget >= UNLIMITED_TOKENS else budget,
+        **peak_memory_mb(dev),
     }
 
 
 def load_base(model_dir: str | Path) -> tuple[Any, Any]:
-    """(model, tokenizer) from a Hugging Face folder, on the training device."""
+    """(model, tokenizer) from a Hugging Face folder, on the training device (bf16 on CUDA, fp32 on CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     dtype = torch.bfloat16 if device().type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device())
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=dtype, attn_implementation=attn_implementation()
+    ).to(device())
     return model, tok
 
 
@@ -154,7 +414,8 @@ def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, o
     rows = [encode(tok, ex, cfg.max_length) for ex in train]
     steps = cfg.max_steps or math.ceil(cfg.epochs * len(rows) / cfg.batch_size)
     metrics = train_steps(
-        model, rows, lr=cfg.learning_rate, steps=steps, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=tok.pad_token_id
+        model, rows, lr=cfg.learning_rate, steps=steps, batch_size=cfg.batch_size, seed=cfg.seed,
+        pad_id=tok.pad_token_id, packing=cfg.packing, gradient_checkpointing=cfg.gradient_checkpointing,
     )
     metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.save_pretrained(str(out_dir))
@@ -181,6 +442,7 @@ def finetune_task(
         m = finetune(model_dir, load_examples(train_path), cfg, tmp)
     get_run_logger().info(
         f"finetune {model} on {dataset}: loss {m['loss_first']} -> {m['loss_last']}, {m['steps']} steps, "
-        f"{m['tokens_per_s']:.0f} tokens/s"
+        f"{m['tokens_per_s']:.0f} tokens/s, peak memory {m['peak_rss_mb']:.0f} MB resident"
+        + (f", {m['peak_gpu_mb']:.0f} MB GPU" if "peak_gpu_mb" in m else "")
     )
     return str(store.local_dir(rel)), False

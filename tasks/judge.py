@@ -19,8 +19,9 @@ from tasks.metrics import METRICS
 from tasks.store import Store, content_key
 
 if TYPE_CHECKING:
-    from tasks.config import JudgeConfig
+    from tasks.config import JudgeConfig, SearchConfig
     from tasks.data import Example
+    from tasks.llm_judge import JudgeRun as LLMRun
 
 STAGE_VERSION = "1"
 JUDGMENT_COLUMNS = ["dataset", "example_id", "contender_a", "contender_b", "order", "winner", "strength", "judge",
@@ -68,8 +69,12 @@ def metric_scores(examples: list[Example], metric: str, outputs: pd.DataFrame) -
 
 
 def judgment_key(cfg: JudgeConfig, metric: str, test_fp: str, outputs_a: str, outputs_b: str) -> str:
-    """Content key of one judged batch: the judge, the metric, the test rows and both contenders' outputs."""
-    return content_key("judge", cfg.model_dump(), metric, test_fp, outputs_a, outputs_b, STAGE_VERSION)
+    """Content key of one metric-judged batch: the metric judge's settings, the test rows and both outputs.
+
+    Only the settings the metric judge reads are in it, so adding an LLM-judge setting re-judges nothing.
+    """
+    settings = {"kind": cfg.kind, "strong_margin": cfg.strong_margin}
+    return content_key("judge", settings, metric, test_fp, outputs_a, outputs_b, STAGE_VERSION)
 
 
 def load_outputs(store: Store, rel: str, contender: str) -> pd.DataFrame:
@@ -101,7 +106,37 @@ def judge_task(
     return batches, reused
 
 
-def load_judgments(store: Store, batches: list[tuple[str, str, str]]) -> pd.DataFrame:
-    """All judged batches as one table, contenders named as in the current config."""
-    frames = [store.read_parquet(rel).assign(contender_a=a, contender_b=b) for rel, a, b in batches]
+def load_judgments(store: Store, batches: list[tuple[str, str, str] | pd.DataFrame]) -> pd.DataFrame:
+    """All judged batches as one table, contenders named as in the current config.
+
+    A batch is a metric batch (Parquet path, contender A, contender B) or the LLM judge's table of the
+    judgments a run uses (already named; see run_openai_judge).
+    """
+    # The LLM judge's `winner` stays object dtype: an empty slice of a pandas-3 `str` column keeps `str` through
+    # .map(), which tasks/validate.per_example_score cannot subtract from (its contenders all sit in one order).
+    frames = [b.astype({"winner": object}) if isinstance(b, pd.DataFrame)
+              else store.read_parquet(b[0]).assign(contender_a=b[1], contender_b=b[2]) for b in batches]
+    frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=JUDGMENT_COLUMNS)
+
+
+def run_openai_judge(
+    datasets: dict[str, list[Example]], outputs: dict[str, dict[str, tuple[str, str]]], cfg: SearchConfig,
+    store_root: str, all_pairs: bool = False, spent_usd: float = 0.0,
+) -> LLMRun:
+    """The LLM judge over every dataset at once: adaptive rounds (or all pairs) pooled across datasets.
+
+    `outputs` maps dataset -> contender -> (outputs Parquet path, outputs key), as for judge_task; `spent_usd`
+    is what earlier judging in the same run cost, counted against budget.max_usd.
+    """
+    from tasks.llm_judge import Contest, run_llm_judge
+
+    store = Store(store_root)
+    contest = Contest(
+        examples=datasets,
+        outputs={ds: {c: load_outputs(store, rel, c).set_index("example_id") for c, (rel, _) in outs.items()}
+                 for ds, outs in outputs.items()},
+    )
+    budget = cfg.budget.model_copy(update={"strategy": "all-pairs"}) if all_pairs else cfg.budget
+    price = cfg.prices.get(str(cfg.judge.model))
+    return run_llm_judge(contest, cfg.judge, budget, price, store_root, seed=cfg.rating.seed, spent_before=spent_usd)

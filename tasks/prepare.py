@@ -48,8 +48,7 @@ def check_dataset_files(spec: DatasetSpec) -> None:
 
 def prepare(cfg: SearchConfig) -> Prepared:
     """Validate datasets, candidates and merge recipes; fingerprint them all. Loads no model."""
-    if cfg.judge.kind != "metric" or cfg.references:
-        raise UserError("judge.kind openai and references need an OpenAI-compatible judge, not yet in this version")
+    check_api_models(cfg)
     if cfg.compute.mode != "local":
         raise UserError("compute.mode pool needs the work-pool deployments, not yet in this version; use local")
     datasets = {d.name: load_dataset(d) for d in cfg.datasets}
@@ -71,6 +70,21 @@ def prepare(cfg: SearchConfig) -> Prepared:
     if TEACHER in models:
         raise UserError(f"'{TEACHER}' is reserved for the datasets' own answers; rename that model")
     return Prepared(models, datasets)
+
+
+def check_api_models(cfg: SearchConfig) -> None:
+    """The LLM judge and the references: settings make sense, keys are there, endpoints answer (one free call each)."""
+    from tasks.llm_judge import endpoint_of, preflight
+
+    if cfg.judge.kind == "openai":
+        if not cfg.judge.model:
+            raise UserError("judge.model: the openai judge needs a model id (e.g. gpt-4o)")
+        if cfg.budget.max_usd is not None and cfg.judge.model not in cfg.prices:
+            raise UserError(f"budget.max_usd needs the judge's price: add prices.{cfg.judge.model}: "
+                            "{input: USD per 1M tokens, output: USD per 1M tokens}")
+        preflight(endpoint_of(cfg.judge), "judge")
+    for i, ref in enumerate(cfg.references):
+        preflight(endpoint_of(ref), f"references[{i}] ({ref.name})")
 
 
 def _recipe_names(recipe: dict, known: dict[str, ModelInfo]) -> list[str]:
