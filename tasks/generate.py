@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pandas as pd
 import torch
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.finetune import load_base, prompt_text
+from tasks.finetune import device, load_base, peak_memory_mb, prompt_text
 from tasks.store import Store, content_key
 
 if TYPE_CHECKING:
@@ -19,6 +21,10 @@ if TYPE_CHECKING:
     from tasks.data import Example
 
 STAGE_VERSION = "1"
+# Base models kept loaded between generate calls, by resolved folder: every fine-tune of one base answers its
+# test rows on the same loaded weights (adapters merged in, then the weights restored bit for bit).
+_BASES: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+CACHE_SHARE = 0.4  # at most this share of the device's memory (CPU: RAM) holds cached base models
 OUTPUT_COLUMNS = ["dataset", "example_id", "contender", "output", "prompt_tokens", "completion_tokens",
                   "latency_s", "error"]
 
@@ -32,18 +38,97 @@ def teacher_outputs(dataset: str, examples: list[Example], contender: str) -> pd
     })[OUTPUT_COLUMNS]
 
 
-@torch.inference_mode()
+def _param_bytes(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _cache_budget() -> int:
+    """Bytes the base-model cache may hold on the current device."""
+    if device().type == "cuda":
+        return int(CACHE_SHARE * torch.cuda.get_device_properties(device()).total_memory)
+    import os
+
+    return int(CACHE_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def cached_base(model_dir: str | Path) -> tuple[Any, Any]:
+    """(model, tokenizer) of a base model, loaded once and reused while the cache's memory budget allows."""
+    key = str(Path(model_dir).resolve())
+    if key in _BASES:
+        _BASES.move_to_end(key)
+        return _BASES[key]
+    model, tok = load_base(model_dir)
+    model.eval()
+    size, budget = _param_bytes(model), _cache_budget()
+    while _BASES and sum(_param_bytes(m) for m, _ in _BASES.values()) + size > budget:
+        _BASES.popitem(last=False)  # least recently used goes first
+    if size <= budget:
+        _BASES[key] = (model, tok)
+    return model, tok
+
+
+def clear_base_cache() -> None:
+    """Drop every cached base model (and the GPU memory it held)."""
+    _BASES.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def merged_adapter(model: Any, adapter_dir: str | Path) -> Iterator[Any]:
+    """`model` with the LoRA adapter folded into its weights; on exit the original weights come back exactly.
+
+    Folding makes each decoding step one matmul per layer, not three. The weights the merge changes are copied
+    first (on the same device when there is room, else on the CPU) and copied back afterwards, so the cached base
+    is bit-for-bit the loaded one for the next adapter (subtracting the update again would not be exact).
+    """
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    if getattr(peft_model.peft_config["default"], "modules_to_save", None):
+        raise ValueError("adapters with modules_to_save are not supported by the base-model cache")
+    layers = {n: m.get_base_layer() for n, m in peft_model.base_model.model.named_modules()
+              if isinstance(m, BaseTunerLayer)}
+    need = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers.values())
+    room = device().type != "cuda" or torch.cuda.mem_get_info()[0] > 2 * need
+    saved = {n: layer.weight.detach().to("cpu" if not room else layer.weight.device, copy=True)
+             for n, layer in layers.items()}
+    merged = peft_model.merge_and_unload()
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if hasattr(merged, attr) and attr not in type(merged).__dict__:
+            try:
+                delattr(merged, attr)
+            except AttributeError:
+                pass
+    try:
+        yield merged
+    finally:
+        modules = dict(merged.named_modules())
+        with torch.no_grad():
+            for n, w in saved.items():
+                modules[n].weight.copy_(w)
+
+
 def generate(
     model_dir: str | Path, adapter_dir: str | Path, dataset: str, examples: list[Example], contender: str,
     cfg: GenerateConfig,
 ) -> pd.DataFrame:
     """Greedy answers of base + LoRA adapter on `examples`, in length-sorted, left-padded batches."""
-    from peft import PeftModel
+    base, tok = cached_base(model_dir)
+    try:
+        with merged_adapter(base, adapter_dir) as model:
+            return _generate(model, tok, dataset, examples, contender, cfg)
+    except BaseException:
+        _BASES.pop(str(Path(model_dir).resolve()), None)  # a failed merge may have left the weights changed
+        raise
 
-    model, tok = load_base(model_dir)
-    # Folding the adapter into the weights makes each decoding step one matmul per layer, not three.
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    model.eval()
+
+def _generate(model: Any, tok: Any, dataset: str, examples: list[Example], contender: str, cfg: GenerateConfig,
+              ) -> pd.DataFrame:
+    """generate's batches on a loaded, adapter-merged model."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     tok.padding_side = "left"  # left padding: every row's last prompt token sits at the same position
     prompts = [prompt_text(tok, e.prompt) for e in examples]
     encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -54,10 +139,11 @@ def generate(
         idx = order[start : start + cfg.batch_size]
         batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(dev)
         t0 = time.perf_counter()
-        out = model.generate(
-            **batch, max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
+        with torch.inference_mode():
+            out = model.generate(
+                **batch, max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, use_cache=True,
+            )
         latency = (time.perf_counter() - t0) / len(idx)  # batch time shared evenly: s per example
         new = out[:, batch["input_ids"].shape[1] :]
         for row, i in enumerate(idx):
@@ -66,10 +152,12 @@ def generate(
                 ids = ids[: ids.index(tok.eos_token_id)]
             rows[i] = {"output": tok.decode(ids, skip_special_tokens=True).strip(),
                        "prompt_tokens": len(encoded[i]), "completion_tokens": len(ids), "latency_s": latency}
-    return pd.DataFrame([
+    df = pd.DataFrame([
         {"dataset": dataset, "example_id": e.id, "contender": contender, **rows[i], "error": None}
         for i, e in enumerate(examples)
     ])[OUTPUT_COLUMNS]
+    df.attrs["peak_memory"] = peak_memory_mb(dev)  # not a column: the outputs schema stays as DESIGN.md has it
+    return df
 
 
 def outputs_key(adapter: str, test_fp: str, cfg: GenerateConfig) -> str:
@@ -93,5 +181,11 @@ def generate_task(
     store, rel = Store(store_root), f"outputs/{key}.parquet"
     if store.exists(rel):
         return rel, True
-    store.write_parquet(rel, generate(model_dir, adapter_dir, dataset, load_examples(test_path), model, cfg))
+    df = generate(model_dir, adapter_dir, dataset, load_examples(test_path), model, cfg)
+    store.write_parquet(rel, df)
+    mem = df.attrs.get("peak_memory", {})
+    get_run_logger().info(
+        f"generate {model} on {dataset}: {int(df['completion_tokens'].sum())} tokens, peak memory "
+        + ", ".join(f"{k.removeprefix('peak_').removesuffix('_mb')} {v:.0f} MB" for k, v in mem.items())
+    )
     return rel, False
