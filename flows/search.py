@@ -174,9 +174,28 @@ def validate_winner(
                                                              cfg.rating.confidence)
 
 
-@flow(name="search", flow_run_name="search-{config.name}", log_prints=False)
-def search(config: SearchConfig, store: str = "./store") -> dict[str, Any]:
-    """Run a whole search and return the run id, the report's path and the pooled ranking."""
+def search_run_name() -> str:
+    """search-<config name>, whether the config came as a typed form or as a path to a YAML file."""
+    from prefect.runtime import flow_run
+
+    cfg = flow_run.parameters.get("config")
+    if isinstance(cfg, (str, Path)):
+        try:
+            cfg = load_config(cfg)
+        except UserError:
+            return f"search-{Path(cfg).stem}"  # the run itself reports the error
+    name = cfg.get("name") if isinstance(cfg, dict) else getattr(cfg, "name", None)
+    return f"search-{name or 'unnamed'}"
+
+
+@flow(name="search", flow_run_name=search_run_name, log_prints=False)
+def search(config: SearchConfig | str, store: str = "./store") -> dict[str, Any]:
+    """Run a whole search and return the run id, the report's path and the pooled ranking.
+
+    `config` is the search config itself (a typed form in the Prefect UI) or the path of its YAML file.
+    """
+    if isinstance(config, str):
+        config = load_config(config)  # relative paths inside it are relative to the file, as on the command line
     logger = get_run_logger()
     log = StageLog()
     with log.stage("check") as row:

@@ -1,21 +1,40 @@
 """Where the GPU stages run: each takes a batch of jobs and returns their results in order.
 
 `compute.mode: local` runs every job in this process, one after another (a single GPU or CPU gains nothing
-from running two trainings at once). The jobs' arguments are JSON-able, so that a work pool can take them
-as deployment parameters with identical code and results.
+from running two trainings at once). `compute.mode: pool` sends every job whose result is not in the store
+yet to a Prefect work pool as one run of a stage deployment (flows/stages.py), all at once, and waits for
+them through the API. The jobs' arguments are JSON-able, so a stage run gets exactly the arguments the local
+call would: identical code, identical results. The store must be shared with the workers (one folder
+mounted at the same path everywhere), since results travel through it, not through Prefect.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
+from uuid import UUID
 
+from tasks.errors import UserError
 from tasks.finetune import finetune_task
 from tasks.generate import generate_task
 from tasks.merge import merge_task
+from tasks.store import Store
 
 if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import FlowRun
+
     from tasks.config import ComputeConfig, FinetuneConfig, GenerateConfig, Merge
+
+STAGE_FLOWS = ("merge", "finetune", "generate")  # flow names in flows/stages.py, deployed by deployments/prefect.yaml
+DEPLOY_HINT = "apply the deployments: python deployments/apply.py"
+API_TIMEOUT_S = 10.0  # one API call; a server that takes longer is treated as unreachable
+POLL_S = float(os.environ.get("BASESEARCH_POLL_SECONDS", "2"))  # how often waiting runs are polled
+# How long runs may wait in the queue while the pool has no worker online before the search gives up;
+# a worker that restarts within this time loses nothing.
+NO_WORKER_GRACE_S = float(os.environ.get("BASESEARCH_NO_WORKER_GRACE_SECONDS", "120"))
 
 
 @dataclass(frozen=True)
@@ -43,16 +62,239 @@ class GenerateJob:
     key: str
 
 
+@dataclass(frozen=True)
+class StageCall:
+    """One stage run to send to the pool: its flow, parameters, readable name, and result in the store."""
+
+    flow: str
+    name: str
+    parameters: dict[str, Any]
+    result_rel: str
+    key: str
+
+
 def merge_models(merge: Merge, paths: dict[str, str], key: str, compute: ComputeConfig, store: str) -> tuple[str, bool]:
     """(merged model folder, reused?) for one merge."""
-    return merge_task(merge, paths, key, store)
+    if compute.mode == "local":
+        return merge_task(merge, paths, key, store)
+    call = StageCall("merge", f"merge-{merge.name}", {"merge": merge.model_dump(mode="json"), "paths": paths,
+                                                      "key": key, "store_root": store}, f"models/{key}", key)
+    ((rel, reused),) = run_in_pool([call], compute, store)
+    return str(Store(store).local_dir(rel)), reused
 
 
 def finetune_all(jobs: list[FinetuneJob], compute: ComputeConfig, store: str) -> list[tuple[str, bool]]:
     """(adapter folder, reused?) for every job, in order."""
-    return [finetune_task(**vars(j), store_root=store) for j in jobs]
+    if compute.mode == "local":
+        return _local(jobs, finetune_task, store, "finetune")
+    calls = [StageCall("finetune", f"finetune-{j.model}-{j.dataset}", _params(j, store), f"adapters/{j.key}", j.key)
+             for j in jobs]
+    st = Store(store)
+    return [(str(st.local_dir(rel)), reused) for rel, reused in run_in_pool(calls, compute, store)]
 
 
 def generate_all(jobs: list[GenerateJob], compute: ComputeConfig, store: str) -> list[tuple[str, bool]]:
     """(outputs Parquet path, reused?) for every job, in order."""
-    return [generate_task(**vars(j), store_root=store) for j in jobs]
+    if compute.mode == "local":
+        return _local(jobs, generate_task, store, "generate")
+    calls = [StageCall("generate", f"generate-{j.model}-{j.dataset}", _params(j, store), f"outputs/{j.key}.parquet",
+                       j.key) for j in jobs]
+    return run_in_pool(calls, compute, store)
+
+
+def _params(job: FinetuneJob | GenerateJob, store: str) -> dict[str, Any]:
+    """A job as deployment parameters: its fields (configs as plain dicts) and the store."""
+    out = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in vars(job).items()}
+    return out | {"store_root": store}
+
+
+def _local(jobs: list[Any], task: Callable[..., tuple[str, bool]], store: str, stage: str) -> list[tuple[str, bool]]:
+    """Run jobs one after another in this process, with a progress artifact while it takes a while."""
+    progress = Progress(_label(stage, [j.dataset for j in jobs]), len(jobs))
+    results = []
+    for job in jobs:
+        results.append(task(**vars(job), store_root=store))
+        progress.done(1)
+    return results
+
+
+def _label(stage: str, datasets: list[str]) -> str:
+    """`finetune on extraction, classification`: what a batch of jobs does, for its progress artifact."""
+    return f"{stage} on {', '.join(dict.fromkeys(datasets))}" if datasets else stage
+
+
+class Progress:
+    """A Prefect progress artifact for one batch of stage jobs (shown on the flow run's page in the UI)."""
+
+    def __init__(self, label: str, total: int) -> None:
+        """Create the artifact at 0% (only inside a flow run, and only for batches worth watching)."""
+        self.label, self.total, self.finished, self.id = label, total, 0, None
+        if total < 2:
+            return
+        from prefect.artifacts import create_progress_artifact
+        from prefect.context import FlowRunContext
+
+        if FlowRunContext.get() is None:
+            return
+        try:
+            self.id = create_progress_artifact(0.0, description=f"{label}: 0/{total} done")
+        except Exception:  # noqa: BLE001 - progress is a nicety; never fail a stage for it
+            self.id = None
+
+    def done(self, n: int) -> None:
+        """Count `n` more finished jobs."""
+        self.finished += n
+        if self.id is None or n == 0:
+            return
+        from prefect.artifacts import update_progress_artifact
+
+        try:
+            update_progress_artifact(self.id, 100.0 * self.finished / self.total,
+                                     description=f"{self.label}: {self.finished}/{self.total} done")
+        except Exception:  # noqa: BLE001 - see above
+            pass
+
+
+# ---------------------------------------------------------------------------------------------- pool mode
+
+
+def _client() -> SyncPrefectClient:
+    """A synchronous Prefect client whose calls give up after API_TIMEOUT_S."""
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True, httpx_settings={"timeout": API_TIMEOUT_S})
+
+
+def api_url() -> str | None:
+    """The Prefect server this process talks to (None: Prefect would start a temporary one)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
+def check_server() -> str:
+    """The API URL, after one quick health check; UserError when there is none or it does not answer."""
+    import httpx
+    from prefect.settings import PREFECT_API_AUTH_STRING
+
+    url = api_url()
+    if not url:
+        raise UserError("compute.mode pool needs a Prefect server, and PREFECT_API_URL is not set; "
+                        "hint: prefect server start, then prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    auth = PREFECT_API_AUTH_STRING.value()
+    try:
+        # A bare httpx call: the Prefect client retries connection errors for minutes, this answers in seconds.
+        r = httpx.get(f"{url.rstrip('/')}/health", timeout=5.0,
+                      auth=tuple(auth.split(":", 1)) if auth and ":" in auth else None)
+    except httpx.HTTPError as e:
+        raise UserError(f"cannot reach the Prefect server at {url} ({type(e).__name__}); "
+                        "hint: start it (prefect server start) or fix PREFECT_API_URL") from None
+    if r.status_code == 401:
+        raise UserError(f"the Prefect server at {url} refused the credentials (401); "
+                        "hint: set PREFECT_API_AUTH_STRING to the server's user:password")
+    if r.status_code != 200:
+        raise UserError(f"the Prefect server at {url} answered {r.status_code} to a health check; "
+                        "hint: check PREFECT_API_URL (it ends in /api)")
+    return url
+
+
+def stage_deployment(client: SyncPrefectClient, flow: str, pool: str) -> UUID:
+    """The id of the deployment of stage flow `flow` on work pool `pool`; UserError when there is none."""
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, WorkPoolFilter, WorkPoolFilterName
+
+    found = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
+                                    work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])), limit=1)
+    if not found:
+        raise UserError(f"no deployment of the '{flow}' stage flow on work pool '{pool}' (compute.pool); hint: "
+                        f"{DEPLOY_HINT}, with the stage deployments' work pool set to '{pool}'")
+    return found[0].id
+
+
+def workers_online(client: SyncPrefectClient, pool: str) -> int:
+    """How many workers of `pool` have sent a heartbeat recently."""
+    from prefect.client.schemas.objects import WorkerStatus
+
+    return sum(w.status == WorkerStatus.ONLINE for w in client.read_workers_for_work_pool(pool))
+
+
+def check_pool(compute: ComputeConfig, merges: bool = True) -> None:
+    """Check, in seconds, that pool mode can run: server up, pool there with a worker, stage deployments there."""
+    if not compute.pool:
+        raise UserError("compute.pool: name the work pool (e.g. pool: gpu) when compute.mode is pool")
+    url = check_server()
+    from prefect.exceptions import ObjectNotFound
+
+    with _client() as client:
+        try:
+            client.read_work_pool(compute.pool)
+        except ObjectNotFound:
+            raise UserError(f"work pool '{compute.pool}' (compute.pool) does not exist on {url}; "
+                            f"hint: {DEPLOY_HINT} (it creates the pools), then "
+                            f"prefect worker start --pool {compute.pool}") from None
+        for flow in STAGE_FLOWS if merges else STAGE_FLOWS[1:]:
+            stage_deployment(client, flow, compute.pool)
+        if not workers_online(client, compute.pool):
+            raise UserError(f"work pool '{compute.pool}' has no worker online, so no stage would ever start; "
+                            f"hint: prefect worker start --pool {compute.pool}")
+
+
+def run_in_pool(calls: list[StageCall], compute: ComputeConfig, store: str) -> list[tuple[str, bool]]:
+    """(store path, reused?) for every call: results already in the store are reused, the rest run in the pool."""
+    st = Store(store)
+    todo = [c for c in calls if not st.exists(c.result_rel)]
+    if todo:
+        assert compute.pool, "check_pool ran first"
+        progress = Progress(_label(todo[0].flow, [c.parameters.get("dataset", "") for c in todo if "dataset" in c.parameters]),
+                            len(todo))
+        with _client() as client:
+            runs = {c.key: _submit(client, c, compute.pool) for c in todo}
+            _wait(client, runs, todo, compute.pool, progress)
+        failed = [c.name for c in todo if not st.exists(c.result_rel)]
+        if failed:
+            raise RuntimeError(f"{', '.join(failed)}: the stage run completed but its result is not in the store "
+                               f"{st.root}; the workers must share the store (same folder at the same path, or a URL)")
+    return [(c.result_rel, c not in todo) for c in calls]
+
+
+def _submit(client: SyncPrefectClient, call: StageCall, pool: str) -> FlowRun:
+    """Create the stage run, or find the one a killed search already created for the same result."""
+    from prefect.deployments import run_deployment
+
+    deployment = stage_deployment(client, call.flow, pool)
+    # The idempotency key is the result's content key: a search started again after a crash waits on the
+    # run it had already sent instead of sending a duplicate. A run that failed is sent again under a new key.
+    run = run_deployment(deployment, parameters=call.parameters, flow_run_name=call.name, timeout=0,
+                         idempotency_key=f"{call.flow}-{call.key}")
+    if run.state and run.state.is_final() and not run.state.is_completed():
+        run = run_deployment(deployment, parameters=call.parameters, flow_run_name=call.name, timeout=0,
+                             idempotency_key=f"{call.flow}-{call.key}-{time.time_ns()}")
+    return run
+
+
+def _wait(client: SyncPrefectClient, runs: dict[str, FlowRun], calls: list[StageCall], pool: str,
+          progress: Progress) -> None:
+    """Poll the runs until all are final; raise on a failed run or when the pool has had no worker too long."""
+    pending = dict(runs)
+    by_key = {c.key: c for c in calls}
+    failures: list[str] = []
+    unattended_since: float | None = None
+    while pending:
+        time.sleep(POLL_S)
+        states = {key: client.read_flow_run(run.id).state for key, run in pending.items()}
+        finished = [key for key, state in states.items() if state is not None and state.is_final()]
+        for key in finished:
+            del pending[key]
+            if not states[key].is_completed():
+                failures.append(f"{by_key[key].name} ({states[key].name}: {(states[key].message or '').strip()[:200]})")
+        progress.done(len(finished))
+        # Only runs still waiting for a worker matter here; a run already executing has its own worker.
+        queued = [k for k in pending if states[k] is not None and (states[k].is_scheduled() or states[k].is_pending())]
+        if queued and not workers_online(client, pool):
+            unattended_since = unattended_since or time.monotonic()
+            if time.monotonic() - unattended_since > NO_WORKER_GRACE_S:
+                raise UserError(f"work pool '{pool}' has had no worker online for {NO_WORKER_GRACE_S:.0f} s while "
+                                f"{len(queued)} stage run(s) wait; hint: prefect worker start --pool {pool}")
+        else:
+            unattended_since = None
+    if failures:
+        raise RuntimeError(f"stage run(s) failed on pool '{pool}': {'; '.join(failures)}")

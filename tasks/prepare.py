@@ -49,8 +49,10 @@ def check_dataset_files(spec: DatasetSpec) -> None:
 def prepare(cfg: SearchConfig) -> Prepared:
     """Validate datasets, candidates and merge recipes; fingerprint them all. Loads no model."""
     check_api_models(cfg)
-    if cfg.compute.mode != "local":
-        raise UserError("compute.mode pool needs the work-pool deployments, not yet in this version; use local")
+    if cfg.compute.mode == "pool":
+        from tasks.compute import check_pool  # imported here: it pulls in Prefect's client
+
+        check_pool(cfg.compute, merges=bool(cfg.merges))  # server, pool, worker, stage deployments: seconds, no hang
     datasets = {d.name: load_dataset(d) for d in cfg.datasets}
     if cfg.validation:
         # The held-out rows are only parsed here, to fail fast on a broken file; they are read for real

@@ -1,0 +1,82 @@
+"""Apply basesearch's deployments with one command: create the missing work pools, then `prefect deploy --all`.
+
+    python deployments/apply.py                      # process pools (laptop, or a worker on a GPU box)
+    python deployments/apply.py --gpu-pool-type kubernetes   # the GPU pool runs each stage as a Kubernetes job
+                                                     # with infra/k8s-gpu-job-template.json (needs prefect-kubernetes)
+
+Run it where the workers will find the code (deployments record this folder; see infra/README.md).
+PREFECT_API_URL (and PREFECT_API_AUTH_STRING when the server has one) say which server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository root: entrypoints are relative to it
+PREFECT_FILE = Path("deployments/prefect.yaml")
+K8S_TEMPLATE = Path("infra/k8s-gpu-job-template.json")
+
+
+def work_pools(prefect_file: Path) -> dict[str, str]:
+    """Pool name -> role ('cpu' or 'gpu', the key under definitions.work_pools) in a prefect.yaml."""
+    spec = yaml.safe_load((ROOT / prefect_file).read_text())
+    return {pool["name"]: role for role, pool in spec["definitions"]["work_pools"].items()}
+
+
+def prefect(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the prefect CLI (of this Python) in the repository root, capturing its output."""
+    cmd = [sys.executable, "-m", "prefect", *args]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=os.environ | {"PREFECT_CLI_PROMPT": "false"})
+    if check and out.returncode != 0:
+        tail = (out.stdout + out.stderr).strip().splitlines()[-15:]
+        raise SystemExit(f"error: `prefect {' '.join(args)}` failed:\n" + "\n".join(tail))
+    return out
+
+
+def ensure_pool(name: str, pool_type: str, template: Path | None) -> bool:
+    """Create work pool `name` unless it exists; True when it was created."""
+    if prefect("work-pool", "inspect", name, check=False).returncode == 0:
+        return False
+    args = ["work-pool", "create", name, "--type", pool_type]
+    if template:
+        args += ["--base-job-template", str(template)]
+    prefect(*args)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Create missing pools, deploy everything in deployments/prefect.yaml, print what was applied."""
+    parser = argparse.ArgumentParser(prog="python deployments/apply.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-pool-type", default="process", help="worker type of the search's pool (default process)")
+    parser.add_argument("--gpu-pool-type", default="process", choices=["process", "kubernetes", "docker"],
+                        help="worker type of the GPU stages' pool (default process)")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from tasks.compute import check_server
+    from tasks.errors import UserError
+
+    try:
+        url = check_server()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, role in work_pools(PREFECT_FILE).items():
+        gpu_k8s = role == "gpu" and args.gpu_pool_type == "kubernetes"
+        kind = args.gpu_pool_type if role == "gpu" else args.cpu_pool_type
+        if ensure_pool(name, kind, K8S_TEMPLATE if gpu_k8s else None):
+            print(f"created work pool '{name}' ({kind})")
+    prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE))
+    count = len(yaml.safe_load((ROOT / PREFECT_FILE).read_text())["deployments"])
+    print(f"applied {count} deployments from {PREFECT_FILE} to {url}")
+    print("start the workers:  " + "   ".join(f"prefect worker start --pool {p}" for p in work_pools(PREFECT_FILE)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""The GPU stages as their own flows, deployed to a work pool and called with `run_deployment` in pool mode.
+
+Each wraps the very task that `compute.mode: local` calls in-process, with the same JSON-able arguments, so
+a pool run computes exactly what a local run would and leaves it in the same place in the shared store.
+Run names read like the work: merge-<merge>, finetune-<model>-<dataset>, generate-<model>-<dataset>.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.config import FinetuneConfig, GenerateConfig, Merge
+from tasks.finetune import finetune_task
+from tasks.generate import generate_task
+from tasks.merge import merge_task
+
+
+@flow(name="merge", flow_run_name="merge-{merge.name}")
+def merge_flow(merge: Merge, paths: dict[str, str], key: str, store_root: str) -> tuple[str, bool]:
+    """Merge candidates with a mergekit recipe into store/models/<key>: (folder, already there?)."""
+    return merge_task(merge, paths, key, store_root)
+
+
+@flow(name="finetune", flow_run_name="finetune-{model}-{dataset}")
+def finetune_flow(
+    model: str, dataset: str, model_dir: str, train_path: str, cfg: FinetuneConfig, key: str, store_root: str
+) -> tuple[str, bool]:
+    """LoRA fine-tune one model on one dataset into store/adapters/<key>: (folder, already there?)."""
+    return finetune_task(model, dataset, model_dir, train_path, cfg, key, store_root)
+
+
+@flow(name="generate", flow_run_name="generate-{model}-{dataset}")
+def generate_flow(
+    model: str, dataset: str, model_dir: str, adapter_dir: str, test_path: str, cfg: GenerateConfig, key: str,
+    store_root: str,
+) -> tuple[str, bool]:
+    """One fine-tune answers one test file into store/outputs/<key>.parquet: (path, already there?)."""
+    return generate_task(model, dataset, model_dir, adapter_dir, test_path, cfg, key, store_root)

@@ -1,0 +1,136 @@
+"""On a real Prefect server: deploy deployments/prefect.yaml, trigger the search deployment with compute.mode pool,
+and get the same results as a local run; a pool with no worker, a missing deployment or an unreachable server
+each give one clear line, fast.
+
+One server and two process workers (pools `cpu` and `gpu`, as named in deployments/prefect.yaml) serve the
+whole module; every process is stopped at the end, with whatever it started.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import mini_config_dict
+from tests.prefect_server import ROOT, free_port, prefect_env, start_server, start_worker, stop, wait_worker_online
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A server, a worker per pool, the deployments applied: {'api_url', 'env', 'home'}."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    procs: list[subprocess.Popen] = []
+    try:
+        server, api_url = start_server(home)
+        procs.append(server)
+        env = prefect_env(home, api_url)
+        # The worker creates its pool; three GPU-stage runs at once covers the miniature search's widest stage.
+        procs += [start_worker("cpu", env, home / "worker-cpu.log", limit=1),
+                  start_worker("gpu", env, home / "worker-gpu.log", limit=3)]
+        for pool in ("cpu", "gpu"):
+            wait_worker_online(api_url, pool)
+        out = subprocess.run([sys.executable, "deployments/apply.py"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=180)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "applied 5 deployments" in out.stdout
+        yield {"api_url": api_url, "env": env, "home": home}
+    finally:
+        for p in reversed(procs):
+            stop(p)
+
+
+def small_config(tiny_models, tiny_data, **compute) -> dict:
+    """The miniature search cut to one dataset and no held-out check (the pool run costs ~10 s per stage run)."""
+    cfg = mini_config_dict(tiny_models, tiny_data)
+    cfg["datasets"] = cfg["datasets"][:1]
+    cfg.pop("validation")
+    return cfg | ({"compute": compute} if compute else {})
+
+
+def test_pool_run_from_the_search_deployment_matches_local(stack, tiny_models, tiny_data, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.search import search
+    from tasks.config import SearchConfig
+    from tasks.store import Store
+
+    with temporary_settings({PREFECT_API_URL: stack["api_url"]}):
+        # The same config twice: through the search deployment with GPU stages on the pool, and meanwhile
+        # in this process with compute.mode local.
+        t0 = time.monotonic()
+        run = run_deployment("search/ui", timeout=0, parameters={
+            "config": small_config(tiny_models, tiny_data, mode="pool", pool="gpu"), "store": str(tmp_path / "pool")})
+        local = search(SearchConfig.model_validate(small_config(tiny_models, tiny_data)), str(tmp_path / "local"))
+        with get_client(sync_client=True) as client:
+            while not (run := client.read_flow_run(run.id)).state.is_final():
+                assert time.monotonic() - t0 < 240, f"search run still {run.state.name} after 240 s"
+                time.sleep(1)
+            assert run.state.is_completed(), run.state.message
+            runs = {r.name: r for r in client.read_flow_runs()}
+            progress = [a for a in client.read_artifacts() if a.type == "progress"]
+
+    # Readable run names, every stage run a child of the search run and finished.
+    assert run.name == "search-mini"
+    stages = {"merge-alpha-beta", *(f"{s}-{m}-extraction" for s in ("finetune", "generate")
+                                    for m in ("alpha", "beta", "alpha-beta"))}
+    assert stages <= set(runs)
+    for name in stages:
+        assert runs[name].state.is_completed() and runs[name].parent_task_run_id is not None, name
+    assert progress and all(a.data == 100.0 for a in progress if a.flow_run_id == run.id)
+
+    # Same results: outputs under the same content keys with the same text, and the same ratings.
+    pool_store, local_store = Store(str(tmp_path / "pool")), Store(str(tmp_path / "local"))
+    local_outputs = sorted(p.name for p in (tmp_path / "local" / "outputs").iterdir())
+    assert sorted(p.name for p in (tmp_path / "pool" / "outputs").iterdir()) == local_outputs
+    for name in local_outputs:
+        cols = ["example_id", "contender", "output", "completion_tokens"]
+        pd.testing.assert_frame_equal(pool_store.read_parquet(f"outputs/{name}")[cols],
+                                      local_store.read_parquet(f"outputs/{name}")[cols])
+    pool_run = pool_store.read_text("runs/LATEST").strip()
+    pd.testing.assert_frame_equal(pool_store.read_parquet(f"runs/{pool_run}/ratings.parquet"),
+                                  local_store.read_parquet(f"runs/{local['run_id']}/ratings.parquet"))
+    stage_rows = {r["stage"]: r for r in pool_store.read_json(f"runs/{pool_run}/stages.json")}
+    assert stage_rows["finetune:extraction"]["computed"] == 3 and stage_rows["merges"]["computed"] == 1
+
+
+def test_pool_problems_give_one_line_and_a_hint(stack, tiny_models, tiny_data, tmp_path, capsys):
+    from flows.search import main
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: stack["api_url"]}), get_client(sync_client=True) as client:
+        # `idle`: a pool with the stage deployments but no worker; `bare`: a pool with nothing deployed to it.
+        for name in ("idle", "bare"):
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+        for flow in ("merge", "finetune", "generate"):
+            d = client.read_deployment_by_name(f"{flow}/gpu")
+            client.create_deployment(flow_id=d.flow_id, name="idle", work_pool_name="idle", entrypoint=d.entrypoint,
+                                     path=d.path, pull_steps=d.pull_steps)
+    cases = {
+        "idle": "work pool 'idle' has no worker online",
+        "bare": "no deployment of the 'merge' stage flow on work pool 'bare'",
+        "nopool": "work pool 'nopool' (compute.pool) does not exist",
+    }
+    down = f"http://127.0.0.1:{free_port()}/api"
+    for pool, url, expected in [*((p, stack["api_url"], e) for p, e in cases.items()),
+                                ("idle", down, f"cannot reach the Prefect server at {down}"),
+                                ("idle", None, "compute.mode pool needs a Prefect server, and PREFECT_API_URL is not set")]:
+        cfg = tmp_path / f"{pool}.yaml"
+        cfg.write_text(yaml.safe_dump(small_config(tiny_models, tiny_data, mode="pool", pool=pool)))
+        t0 = time.monotonic()
+        with temporary_settings({PREFECT_API_URL: url}):
+            assert main(["--config", str(cfg), "--store", str(tmp_path / "store")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {expected}") and "hint: " in err, err
+        assert len(err.strip().splitlines()) == 1 and time.monotonic() - t0 < 20, err

@@ -1,0 +1,95 @@
+"""kill -9 a search in the middle of judging, start it again: it completes, no judgment is lost or duplicated,
+no finished fine-tune is retrained, and no Parquet file is left truncated.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import mini_config_dict
+from tests.prefect_server import ROOT, prefect_env, start, stop
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+# The search, with every judged batch's write slowed down: judging then lasts long enough to be killed in.
+SLOW_JUDGING = '''
+import sys, time
+from tasks.store import Store
+write = Store.write_parquet
+def slow(self, rel, df):
+    if rel.startswith("judgments/"):
+        time.sleep(1.0)
+    return write(self, rel, df)
+Store.write_parquet = slow
+from flows.search import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """name -> (inode, mtime in ns) of every finished entry in a store folder (temp entries left out)."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir() if not p.name.startswith(".tmp")}
+
+
+def wait_for(cond, proc: subprocess.Popen, log: Path, timeout_s: float = 150) -> None:
+    """Poll until cond() holds; fail with the process's log if it exits first or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert proc.poll() is None, f"search ended before the kill:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()[-3000:]}"
+        time.sleep(0.05)
+
+
+def test_killed_in_judging_resumes_without_loss_or_rework(tiny_models, tiny_data, tmp_path):
+    cfg = mini_config_dict(tiny_models, tiny_data)
+    cfg["datasets"] = cfg["datasets"][:1]  # 3 models + teacher: 6 judged batches
+    cfg.pop("validation")
+    config = tmp_path / "mini.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    store = tmp_path / "store"
+    home = tmp_path / "prefect"
+    home.mkdir()
+    env = prefect_env(home, None)  # no server: each run starts Prefect's temporary one, as the CLI does
+    args = ["--config", str(config), "--store", str(store)]
+
+    log = tmp_path / "killed.log"
+    proc = start([sys.executable, "-c", SLOW_JUDGING, *args], env, log)
+    try:
+        judged = lambda: len(list((store / "judgments").glob("*.parquet"))) if (store / "judgments").is_dir() else 0  # noqa: E731
+        wait_for(lambda: judged() >= 2, proc, log)
+    finally:
+        stop(proc, signal.SIGKILL)  # kill -9, the search and the temporary server it started
+    assert proc.returncode == -signal.SIGKILL
+    before = {"adapters": snapshot(store / "adapters"), "outputs": snapshot(store / "outputs"),
+              "judgments": snapshot(store / "judgments")}
+    assert len(before["adapters"]) == 3 and 2 <= len(before["judgments"]) < 6
+    assert not (store / "runs" / "LATEST").exists()
+
+    out = subprocess.run([sys.executable, "-m", "flows.search", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+
+    run = (store / "runs" / "LATEST").read_text().strip()
+    stages = {s["stage"]: s for s in yaml.safe_load((store / "runs" / run / "stages.json").read_text())}
+    # Nothing finished before the kill is computed again: no fine-tune, no generation, no judged batch.
+    assert stages["finetune:extraction"] == stages["finetune:extraction"] | {"computed": 0, "reused": 3}
+    assert stages["generate:extraction"]["computed"] == 0
+    assert stages["judge:extraction"]["computed"] == 6 - len(before["judgments"])
+    for folder, entries in before.items():
+        after = snapshot(store / folder)
+        assert {k: after[k] for k in entries} == entries, f"{folder}: a finished result was rewritten"
+    # Every judgment once: 6 pairs x 6 examples x 2 orders.
+    judgments = pq.read_table(store / "runs" / run / "judgments.parquet").to_pandas()
+    assert len(judgments) == 72
+    assert not judgments.duplicated(["dataset", "example_id", "contender_a", "contender_b", "order"]).any()
+    # No Parquet file anywhere in the store is truncated.
+    for path in store.rglob("*.parquet"):
+        pq.read_table(path)
