@@ -35,6 +35,8 @@ def _check_row(row: Any, where: str, line: int) -> Example:
     msgs = row.get("messages")
     if isinstance(msgs, str):  # Parquet files sometimes hold messages as a JSON string
         msgs = json.loads(msgs)
+    if hasattr(msgs, "tolist"):  # Parquet hands back a numpy array of dicts
+        msgs = msgs.tolist()
     if not isinstance(msgs, (list, tuple)) or not msgs:
         raise UserError(f"{where}:{line}: 'messages' must be a non-empty list")
     msgs = [dict(m) if not isinstance(m, dict) else m for m in msgs]

@@ -18,7 +18,7 @@ from tasks import demo_data as w
 from tasks.errors import UserError
 from tasks.store import Store, content_key
 
-STAGE_VERSION = "1"
+STAGE_VERSION = "2"
 SPECIALS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 # The roles are single special tokens, so the template costs 3 tokens a message.
 CHAT_TEMPLATE = (
@@ -45,7 +45,7 @@ SHAPE = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_att
 VOCAB = 1024
 
 ZOO: dict[str, ZooModel] = {
-    "base": ZooModel(parent=None, mix=(("prose", 0.7), ("chat", 0.3)), steps=500, lr=3e-3, seed=0),
+    "base": ZooModel(parent=None, mix=(("prose", 0.45), ("records", 0.3), ("chat", 0.25)), steps=500, lr=3e-3, seed=0),
     "hermes": ZooModel(parent="base", mix=(("json", 0.6), ("chat", 0.4)), steps=200, lr=1e-3, seed=1),
     "zephyr": ZooModel(parent="base", mix=(("labels", 0.6), ("chat", 0.4)), steps=200, lr=1e-3, seed=2),
     "neural": ZooModel(parent="base", mix=(("rewrite", 0.6), ("chat", 0.4)), steps=200, lr=1e-3, seed=3),
@@ -61,6 +61,25 @@ def _prose(rng: random.Random) -> str:
         f"but {rng.choice(w.BAD)}.",
         f"The shop sold {rng.randint(1, 30)} packs of {rng.choice(w.ITEMS)} at {rng.choice([1.5, 3.0, 4.5, 9.99])}.",
         rng.choice(sum(w.TOPICS.values(), [])).format(p=rng.choice(w.PRODUCTS)).capitalize() + ".",
+    ])
+
+
+def _records(rng: random.Random) -> str:
+    """Semi-structured text (JSON records, tagged tickets, rated reviews): the web's share of structure.
+
+    A pretrained base has seen every word and format its users will ask about; without this, the output
+    head of a model this small never learns the rarer tokens and no LoRA can reach them.
+    """
+    p = w._person(rng)
+    fields = {"name": p["name"], "age": p["age"], "city": p["city"], "job": p["job"],
+              "product": rng.choice(w.PRODUCTS), "stars": rng.randint(1, 5), "topic": rng.choice(sorted(w.TOPICS)),
+              "item": rng.choice(w.ITEMS), "count": rng.randint(1, 30)}
+    keys = rng.sample(sorted(fields), rng.randint(2, 4))
+    topic = rng.choice(sorted(w.TOPICS))
+    return rng.choice([
+        json.dumps({k: fields[k] for k in keys}),
+        f"Ticket tagged {topic}: " + rng.choice(w.TOPICS[topic]).format(p=fields["product"]) + ".",
+        f"Review of the {fields['product']}: {rng.choice(w.GOOD)} but {rng.choice(w.BAD)}; {fields['stars']} stars.",
     ])
 
 
@@ -97,7 +116,7 @@ def _rewrite(rng: random.Random) -> list[dict[str, str]]:
 
 
 CORPORA: dict[str, Callable[[random.Random], Any]] = {
-    "prose": _prose, "chat": _chat, "json": _json, "labels": _labels, "rewrite": _rewrite,
+    "prose": _prose, "records": _records, "chat": _chat, "json": _json, "labels": _labels, "rewrite": _rewrite,
 }
 
 
