@@ -90,10 +90,11 @@ def rows_for(n_packs: int, seq: int, per_pack: int, vocab: int, seed: int) -> li
     return out
 
 
-def run(model, rows, *, steps: int, packs: int, per_pack: int, seq: int, checkpointing: bool, dev) -> dict:
-    """train_steps over `steps` steps of `packs` packed sequences; returns its metrics."""
+def run(model, rows, *, steps: int, packs: int, per_pack: int, micro: int | None, checkpointing: bool) -> dict:
+    """train_steps over `steps` steps of `packs` packed sequences (micro-batches of `micro` tokens; None: what
+    train_steps finds fits in memory); returns its metrics."""
     return train_steps(model, rows, lr=1e-4, steps=steps, batch_size=packs * per_pack, seed=0, pad_id=0,
-                       packing=True, gradient_checkpointing=checkpointing, max_tokens=seq)
+                       packing=True, gradient_checkpointing=checkpointing, max_tokens=micro)
 
 
 def main() -> None:
@@ -106,6 +107,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 8; small 2)")
     ap.add_argument("--checkpointing", choices=["off", "on", "both"], default="both",
                     help="gradient checkpointing in the timed runs (both: one run each)")
+    ap.add_argument("--micro-tokens", default="auto",
+                    help="comma-separated micro-batch sizes in tokens to time, `auto` = what train_steps picks to fit "
+                    "memory (several packed sequences in one forward pass, attention still per example)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s of a card not in the table")
     a = ap.parse_args()
     small = a.cpu_small or not torch.cuda.is_available()
@@ -128,15 +132,18 @@ def main() -> None:
     model_per_token = 4 * n_base + 6 * n_lora
     results = []
     modes = {"off": [False], "on": [True], "both": [False, True]}[a.checkpointing]
-    for ckpt in modes:
+    micros = [None if x == "auto" else int(x) for x in a.micro_tokens.split(",")]
+    for ckpt, micro in [(c, mt) for c in modes for mt in micros]:
         rows = rows_for(a.packs * (warmup + steps), seq, a.per_pack, shape["vocab_size"], seed=int(ckpt))
-        run(model, rows, steps=warmup, packs=a.packs, per_pack=a.per_pack, seq=seq, checkpointing=ckpt, dev=dev)
+        run(model, rows, steps=warmup, packs=a.packs, per_pack=a.per_pack, micro=micro, checkpointing=ckpt)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        m = run(model, rows, steps=steps, packs=a.packs, per_pack=a.per_pack, seq=seq, checkpointing=ckpt, dev=dev)
+            torch.cuda.empty_cache()
+        m = run(model, rows, steps=steps, packs=a.packs, per_pack=a.per_pack, micro=micro, checkpointing=ckpt)
         tps = m["tokens"] / m["seconds"]
         results.append({
             "gradient checkpointing": "on" if ckpt else "off",
+            "micro-batch tokens": f"{m['micro_batch_tokens'] or 'all'}" + (" (auto)" if micro is None else ""),
             "tokens/s": f"{tps:,.0f}",
             "model TFLOP/s": f"{tps * model_per_token / 1e12:,.1f}",
             "MFU (4N+6N_lora)": f"{tps * model_per_token / peak:.1%}" if peak else "n/a",
