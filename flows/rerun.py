@@ -115,7 +115,7 @@ def rerun_name() -> str:
 
 @flow(name="search-rerun", flow_run_name=rerun_name, log_prints=False)
 def search_rerun(
-    config: str, candidates: str | None = None, store: str = "./store", hub: HubQuery | None = None
+    config: str, candidates: str | None = None, store: str | None = None, hub: HubQuery | None = None
 ) -> dict[str, Any]:
     """Re-read a saved search's config and candidate list, and run the search: only new candidates are computed."""
     from flows.search import search

@@ -189,13 +189,15 @@ def search_run_name() -> str:
 
 
 @flow(name="search", flow_run_name=search_run_name, log_prints=False)
-def search(config: SearchConfig | str, store: str = "./store") -> dict[str, Any]:
+def search(config: SearchConfig | str, store: str | None = None) -> dict[str, Any]:
     """Run a whole search and return the run id, the report's path and the pooled ranking.
 
-    `config` is the search config itself (a typed form in the Prefect UI) or the path of its YAML file.
+    `config` is the search config itself (a typed form in the Prefect UI) or the path of its YAML file;
+    `store` defaults to $BASESEARCH_STORE, else ./store.
     """
     if isinstance(config, str):
         config = load_config(config)  # relative paths inside it are relative to the file, as on the command line
+    store = resolve_store(store)  # none given (e.g. from the UI): $BASESEARCH_STORE of the worker, else ./store
     logger = get_run_logger()
     log = StageLog()
     with log.stage("check") as row:

@@ -173,28 +173,32 @@ def api_url() -> str | None:
 
 
 def check_server() -> str:
-    """The API URL, after one quick health check; UserError when there is none or it does not answer."""
+    """The API URL, after two quick calls (health, then an authenticated one); UserError when it is not usable."""
+    import base64
+
     import httpx
-    from prefect.settings import PREFECT_API_AUTH_STRING
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY
 
     url = api_url()
     if not url:
         raise UserError("compute.mode pool needs a Prefect server, and PREFECT_API_URL is not set; "
                         "hint: prefect server start, then prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api")
-    auth = PREFECT_API_AUTH_STRING.value()
+    auth, key = PREFECT_API_AUTH_STRING.value(), PREFECT_API_KEY.value()
+    headers = ({"Authorization": f"Basic {base64.b64encode(auth.encode()).decode()}"} if auth
+               else {"Authorization": f"Bearer {key}"} if key else {})
     try:
-        # A bare httpx call: the Prefect client retries connection errors for minutes, this answers in seconds.
-        r = httpx.get(f"{url.rstrip('/')}/health", timeout=5.0,
-                      auth=tuple(auth.split(":", 1)) if auth and ":" in auth else None)
+        # Bare httpx calls: the Prefect client retries connection errors for minutes, these answer in seconds.
+        health = httpx.get(f"{url.rstrip('/')}/health", timeout=5.0, headers=headers)
+        version = httpx.get(f"{url.rstrip('/')}/admin/version", timeout=5.0, headers=headers)
     except httpx.HTTPError as e:
         raise UserError(f"cannot reach the Prefect server at {url} ({type(e).__name__}); "
                         "hint: start it (prefect server start) or fix PREFECT_API_URL") from None
-    if r.status_code == 401:
-        raise UserError(f"the Prefect server at {url} refused the credentials (401); "
-                        "hint: set PREFECT_API_AUTH_STRING to the server's user:password")
-    if r.status_code != 200:
-        raise UserError(f"the Prefect server at {url} answered {r.status_code} to a health check; "
+    if health.status_code != 200:
+        raise UserError(f"the Prefect server at {url} answered {health.status_code} to a health check; "
                         "hint: check PREFECT_API_URL (it ends in /api)")
+    if version.status_code in (401, 403):
+        raise UserError(f"the Prefect server at {url} refused this client ({version.status_code}); "
+                        "hint: set PREFECT_API_AUTH_STRING to the server's user:password")
     return url
 
 
