@@ -1,0 +1,41 @@
+"""Every bench's small mode runs and prints its table (machine and command included)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "machine:" in out.stdout and "command: python" in out.stdout and "|---" in out.stdout
+    return out.stdout
+
+
+def test_finetune_throughput_quick():
+    out = run("bench/finetune_throughput.py", "--quick")
+    assert "ours (packed)" in out and "Trainer + peft" in out
+
+
+def test_generate_throughput_quick():
+    out = run("bench/generate_throughput.py", "--quick")
+    assert "identical outputs: True" in out and "one at a time" in out
+
+
+def test_gpu_finetune_cpu_small():
+    out = run("bench/gpu_finetune.py", "--cpu-small", "--checkpointing", "off", "--steps", "1")
+    assert "MFU = tokens/s * (4N + 6N_lora) / peak" in out and "| off" in out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux")
+def test_merge_memory_quick():
+    out = run("bench/merge_memory.py", "--quick")
+    assert "peak RSS" in out and "n/a (tiny shape)" in out
