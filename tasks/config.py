@@ -154,7 +154,8 @@ class JudgeConfig(Frozen):
     timeout_s: float = Field(default=120.0, gt=0, description="openai judge: seconds before a request is abandoned.")
     max_tokens: int = Field(default=256, ge=16, description="openai judge: longest verdict reply in tokens.")
     batch_size: int = Field(
-        default=2000, ge=1, description="openai judge: most requests per Prefect task (one Parquet batch each)."
+        default=5000, ge=1, description="openai judge: most comparisons per Prefect task; its judgments are written "
+        "to the store every 500 as they come, so a killed run loses at most that many."
     )
 
 

@@ -183,7 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet: no access log."""
 
     def _send(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        """Write a JSON response."""
+        """Write a JSON response (statuses are counted for the API routes, not the control ones)."""
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -192,8 +192,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
-        with self.owner.lock:
-            self.owner._stats.status[status] += 1
+        if self.path.startswith("/v1/"):
+            with self.owner.lock:
+                self.owner._stats.status[status] += 1
 
     def _error(self, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
         """An OpenAI-style error body."""
