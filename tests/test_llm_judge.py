@@ -335,3 +335,18 @@ def test_search_with_wrong_key_fails_at_once_with_one_line(server, tmp_path, tin
     assert len(err) == 1 and "401" in err[0] and "sk-wrong-key" not in err[0]
     assert time.perf_counter() - t0 < 10
     assert server.stats()["chat"] == 0  # nothing was judged or generated
+
+
+def test_key_from_a_prefect_secret_block(monkeypatch):
+    from prefect.blocks.system import Secret
+
+    from tasks.llm_judge import resolve_api_key
+
+    monkeypatch.delenv(ENV, raising=False)
+    Secret(value="sk-from-block-77").save("basesearch-test-judge-key", overwrite=True)  # not KEY: see the leak test
+    assert resolve_api_key(ENV, "basesearch-test-judge-key", "judge") == "sk-from-block-77"
+    monkeypatch.setenv(ENV, "sk-env-first")
+    assert resolve_api_key(ENV, "basesearch-test-judge-key", "judge") == "sk-env-first"
+    monkeypatch.delenv(ENV)
+    with pytest.raises(UserError, match="no-such-block"):
+        resolve_api_key(ENV, "no-such-block", "judge")
