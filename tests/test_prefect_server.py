@@ -134,3 +134,32 @@ def test_pool_problems_give_one_line_and_a_hint(stack, tiny_models, tiny_data, t
         err = capsys.readouterr().err
         assert err.startswith(f"error: {expected}") and "hint: " in err, err
         assert len(err.strip().splitlines()) == 1 and time.monotonic() - t0 < 20, err
+
+
+def test_server_that_refuses_the_credentials_is_named():
+    """A server with an auth string, a client without it: one line saying so (health stays open, as Prefect's)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.compute import check_server
+    from tasks.errors import UserError
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(200 if self.path.endswith("/health") else 401)
+            self.end_headers()
+            self.wfile.write(b"true")
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{server.server_port}/api"}):
+            with pytest.raises(UserError, match=r"refused this client \(401\); hint: set PREFECT_API_AUTH_STRING"):
+                check_server()
+    finally:
+        server.shutdown()

@@ -93,3 +93,47 @@ def test_killed_in_judging_resumes_without_loss_or_rework(tiny_models, tiny_data
     # No Parquet file anywhere in the store is truncated.
     for path in store.rglob("*.parquet"):
         pq.read_table(path)
+
+    # A user appends a candidate to the saved search's list: the re-run computes that candidate's work only.
+    from tests.conftest import make_tiny_model
+    from flows.rerun import search_rerun
+    from tasks.zoo import build_tokenizer
+
+    gamma = make_tiny_model(tmp_path / "gamma", seed=7, tokenizer=build_tokenizer())
+    listing = tmp_path / "candidates.yaml"
+    listing.write_text(f"- {{name: alpha, path: {tiny_models['alpha']}}}  # already in the config: ignored\n"
+                       f"- {{name: gamma, path: {gamma}}}\n")
+    from flows.search import stop_temporary_server
+
+    result = search_rerun(str(config), str(listing), str(store))
+    stop_temporary_server()  # now, not at interpreter exit when pytest has closed the streams it logs to
+    stages = {s["stage"]: s for s in result["stages"]}
+    assert (stages["finetune:extraction"]["computed"], stages["finetune:extraction"]["reused"]) == (1, 3)
+    assert (stages["generate:extraction"]["computed"], stages["generate:extraction"]["reused"]) == (1, 3)
+    assert (stages["judge:extraction"]["computed"], stages["judge:extraction"]["reused"]) == (4, 6)  # gamma x 4
+    assert stages["merges"]["computed"] == 0
+    assert "gamma" in {r["contender"] for r in result["ranking"]}
+
+
+def test_candidate_list_files(tmp_path):
+    from flows.rerun import candidate_name, read_candidates, with_candidates
+    from tasks.config import Candidate, SearchConfig
+    from tasks.errors import UserError
+
+    (tmp_path / "local-model").mkdir()
+    listing = tmp_path / "c.yaml"
+    listing.write_text("# users append here\n- Qwen/Qwen2.5-0.5B\n- {name: mine, path: ./local-model}\n")
+    found = read_candidates(listing)
+    assert found == [Candidate(name="qwen2-5-0-5b", path="Qwen/Qwen2.5-0.5B"),
+                     Candidate(name="mine", path=str(tmp_path / "local-model"))]
+    assert candidate_name("org/Model.v1/") == "model-v1"
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    assert read_candidates(tmp_path / "empty.yaml") == []
+    (tmp_path / "bad.yaml").write_text("- {name: x}\n")
+    with pytest.raises(UserError, match=r"bad.yaml: entry 0: path: Field required"):
+        read_candidates(tmp_path / "bad.yaml")
+    cfg = SearchConfig(name="s", candidates=[Candidate(name="mine", path="zoo:base")],
+                       datasets=[{"name": "d", "train": "t.jsonl", "test": "u.jsonl"}])
+    merged = with_candidates(cfg, found, str(listing))
+    assert [c.name for c in merged.candidates] == ["mine", "qwen2-5-0-5b"]  # the config's own entry wins
+    assert merged.candidates[0].path == "zoo:base"
