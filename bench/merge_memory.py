@@ -54,6 +54,17 @@ def child_merge(a: str, b: str, out: str) -> None:
     from tasks.config import Merge
     from tasks.merge import run_merge
 
+    override = json.loads(os.environ.get("BENCH_MERGE_OPTIONS", "{}"))
+    if override:  # try mergekit options the stage does not set yet (reported as such)
+        import mergekit.options
+
+        cls = mergekit.options.MergeOptions
+        init = cls.__init__
+
+        def patched(self, **kw):
+            init(self, **(kw | override))
+
+        cls.__init__ = patched
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     merge = Merge(name="bench-slerp", recipe={"merge_method": "slerp", "base_model": "a",
                                               "models": [{"model": "a"}, {"model": "b"}],
@@ -104,7 +115,8 @@ def main() -> None:
     print(f"Merge memory: SLERP of two random bf16 Mistral-shaped models {shape} "
           f"({params / 1e9:.2f}e9 params each{'' if params else ', made earlier'}; made in {made:.0f} s) with "
           f"tasks.merge.run_merge (mergekit, lazy loading); peak RSS = the merge child's own ru_maxrss, including "
-          f"the Python/torch/mergekit imports ({m['rss_before_merge_mb']:.0f} MB before the merge began)")
+          f"the Python/torch/mergekit imports ({m['rss_before_merge_mb']:.0f} MB before the merge began)"
+          + (f"; mergekit options overridden: {os.environ['BENCH_MERGE_OPTIONS']}" if os.environ.get("BENCH_MERGE_OPTIONS") else ""))
     print(header())
     print(table([{
         "one model on disk": f"{one / 2**20:,.0f} MB", "merged on disk": f"{merged / 2**20:,.0f} MB",
