@@ -9,3 +9,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Progress is logged per stage; transformers' own per-file bars would bury it.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import warnings  # noqa: E402
+
+# peft calls a transformers method that transformers 5 deprecates; the warning is theirs to fix, not the user's.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -76,6 +76,44 @@ def merge_lines(cfg: SearchConfig, ratings: pd.DataFrame) -> list[str]:
     return lines
 
 
+def winner_line(ratings: pd.DataFrame) -> str:
+    """The pooled leader, named only with the caveat of whether it is separated from the runner-up."""
+    r = ratings[ratings["scope"] == "overall"].sort_values("rank")
+    if len(r) < 2:
+        return ""
+    top, second = r.iloc[0], r.iloc[1]
+    if "separated_from_next" in r.columns and bool(top["separated_from_next"]):
+        return f"**{top['contender']}** leads, separated from {second['contender']} at the configured confidence."
+    return (f"**{top['contender']}** leads, but is **not separated** from {second['contender']} at the configured "
+            "confidence: treat the top of the table as a tie until more judgments separate it.")
+
+
+def judge_lines(stages: list[dict[str, Any]]) -> list[str]:
+    """The judge's bill and behaviour: requests, dollars, position consistency, longer-output wins, why it stopped."""
+    lines = []
+    for row in stages:
+        if not row["stage"].startswith(("judge:", "references:")) or "requests" not in row:
+            continue
+        parts = [f"{row['requests']} requests", f"${row.get('cost_usd', 0.0):.4f}"]
+        if row.get("consistency") is not None:
+            parts.append(f"position consistency {row['consistency']:.0%} (both orders agree)")
+        if row.get("longer_won") is not None:
+            parts.append(f"longer output won {row['longer_won']:.0%} of decided judgments")
+        if row.get("stop"):
+            parts.append(f"stopped: {row['stop']}")
+        lines.append(f"- **{row['stage']}**: " + "; ".join(parts) + ".")
+    return lines
+
+
+def separation_rows(ratings: pd.DataFrame) -> list[str]:
+    """Which neighbours in the pooled ranking are separated at the configured confidence."""
+    r = ratings[ratings["scope"] == "overall"].sort_values("rank")
+    if "separated_from_next" not in r.columns:
+        return []
+    names = list(r["contender"])
+    return [f"- {a} {'>' if sep else '~'} {b}" for a, b, sep in zip(names, names[1:], r["separated_from_next"])]
+
+
 def validation_lines(val: dict[str, Any] | None) -> list[str]:
     """The held-out check in words."""
     if not val:
@@ -126,12 +164,17 @@ def markdown_report(
     parts = [f"# basesearch report: {cfg.name}", "", f"Run `{run_id}`. Judge: `{cfg.judge.kind}`. "
              "Ratings are Bradley-Terry on the Elo scale with bootstrap 95% intervals over examples.", "",
              "![ratings](ratings.png)", "", "## Ranking (pooled, each dataset weighted equally)", "",
-             md_table(ranking_rows(ratings)), ""]
+             md_table(ranking_rows(ratings)), "", winner_line(ratings), "",
+             "Neighbours in the ranking (`>` separated at the configured confidence, `~` not separated):", "",
+             *separation_rows(ratings), ""]
     parts += ["## Did a student beat its teacher?", "",
               "The teacher is the dataset's own assistant answers (in the demo: a noisy teacher standing in for "
               "logged GPT-4 answers).", ""] + (teacher_lines(ratings) or ["No teacher in this run."]) + [""]
     if cfg.merges:
         parts += ["## Merges against their parents", ""] + merge_lines(cfg, ratings) + [""]
+    judge = judge_lines(stages)
+    if judge:
+        parts += ["## Judge", ""] + judge + [""]
     parts += ["## Validation on the held-out dataset", ""] + validation_lines(validation) + [""]
     parts += ["## Per dataset", ""]
     for scope in [s for s in dict.fromkeys(ratings["scope"]) if s != "overall"]:

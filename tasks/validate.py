@@ -37,7 +37,8 @@ def per_example_score(judgments: pd.DataFrame, player: str, other: str) -> pd.Se
     ab = j[(j["contender_a"] == player) & (j["contender_b"] == other)]
     ba = j[(j["contender_a"] == other) & (j["contender_b"] == player)]
     points = {"a": 1.0, "tie": 0.5, "b": 0.0}
-    res = pd.concat([ab["winner"].map(points), ba["winner"].map(points).rsub(1.0)])
+    # astype: on an empty frame, pandas hands back text from .map(), which cannot be subtracted.
+    res = pd.concat([ab["winner"].map(points).astype(float), 1.0 - ba["winner"].map(points).astype(float)])
     keys = pd.concat([ab["example_id"], ba["example_id"]])
     return res.groupby(keys.values).mean()
 

@@ -1,0 +1,53 @@
+"""The report names the winner only with its separation caveat, and says whether validation held."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from tasks.report import judge_lines, separation_rows, teacher_lines, validation_lines, winner_line
+from tasks.validate import summarize, verdict, win_rate_ci
+
+
+def _ratings(separated: bool) -> pd.DataFrame:
+    """A pooled scope of three contenders."""
+    return pd.DataFrame({
+        "scope": "overall", "contender": ["m1", "teacher", "m2"], "kind": ["merge", "reference", "candidate"],
+        "rating": [1100.0, 1000.0, 900.0], "ci_low": [1050.0 if separated else 980.0, 1000.0, 850.0],
+        "ci_high": [1150.0, 1000.0, 950.0], "n_comparisons": 10, "win_rate": [0.7, 0.5, 0.3], "rank": [1, 2, 3],
+        "separated_from_next": [separated, True, False],
+    })
+
+
+def test_winner_named_with_caveat():
+    assert "not separated" in winner_line(_ratings(False))
+    assert "separated from teacher" in winner_line(_ratings(True)) and "not" not in winner_line(_ratings(True))
+    assert separation_rows(_ratings(True)) == ["- m1 > teacher", "- teacher > m2"]
+
+
+def test_student_against_teacher():
+    (line,) = teacher_lines(_ratings(True))
+    assert "m1 beat the teacher by 100 Elo" in line and "intervals separate" in line
+
+
+def test_validation_verdicts():
+    judgments = pd.DataFrame({
+        "dataset": "h", "example_id": [str(i) for i in range(20)], "contender_a": "w", "contender_b": "b",
+        "order": "ab", "winner": ["a"] * 18 + ["b"] * 2, "error": None,
+    })
+    result = summarize(judgments, "w", ["b"], 0.95)
+    row = result["against"][0]
+    assert row["win_rate"] == 0.9 and row["ci_low"] > 0.5 and row["verdict"] == "held"
+    assert verdict(0.55, 0.4) == "held, but not significantly" and verdict(0.4, 0.2) == "did not hold"
+    text = "\n".join(validation_lines(result | {"frozen_at": "t", "dataset": "h"}))
+    assert "win rate 90%" in text and "**held**" in text
+    # the interval is computed over examples, and narrows with more of them
+    wide = win_rate_ci(pd.Series([1.0, 0.0] * 5))
+    narrow = win_rate_ci(pd.Series([1.0, 0.0] * 500))
+    assert narrow[2] - narrow[1] < wide[2] - wide[1]
+
+
+def test_judge_lines_show_bill_and_biases():
+    rows = [{"stage": "judge:adaptive", "computed": 5, "reused": 0, "requests": 10, "cost_usd": 0.25,
+             "consistency": 0.8, "longer_won": 0.6, "stop": "all pairs judged"}]
+    (line,) = judge_lines(rows)
+    assert "10 requests" in line and "$0.2500" in line and "consistency 80%" in line and "longer output won 60%" in line
