@@ -38,8 +38,9 @@ def _error(path: Path) -> str:
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
-    prepare(cfg)
     assert cfg.candidates and cfg.datasets
+    if cfg.judge.kind == "metric" and not cfg.references:
+        prepare(cfg)  # API-judged configs make a first call to their endpoint in prepare(): no network here
 
 
 def test_unknown_key_names_line_and_nearest_key(tmp_path, tiny_models, tiny_data):
