@@ -31,7 +31,7 @@ from tasks.prepare import DatasetInfo, Prepared, held_out, prepare
 from tasks.rate import rate
 from tasks.report import html_report, markdown_report, plot_ratings, ranking_rows, text_table
 from tasks.store import Store, content_key, resolve_store
-from tasks.validate import freeze_winner, summarize
+from tasks.validate import freeze_winner, runner_up, summarize
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -165,7 +165,8 @@ def validate_winner(
     winner = frozen["winner"]
     get_run_logger().info(f"validation: winner {winner} frozen; now reading the held-out dataset")
     data = held_out(cfg)  # read only now: the winner is already on disk
-    opponents = [b for b in cfg.validation.baselines if b != winner]
+    # The winner must beat the baselines; when it is a baseline itself, it must beat the runner-up instead.
+    opponents = [b for b in cfg.validation.baselines if b != winner] or [runner_up(ratings, winner)]
     held_prep = Prepared(prep.models, {data.spec.name: data})
     outputs = train_and_answer([winner, *opponents], data, paths, held_prep, cfg, store, log)
     judgments = load_judgments(Store(store), judge(data, outputs, cfg, store, log))

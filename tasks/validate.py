@@ -19,6 +19,12 @@ def pick_winner(ratings: pd.DataFrame) -> pd.Series:
     return pooled.sort_values("rating", ascending=False).iloc[0]
 
 
+def runner_up(ratings: pd.DataFrame, winner: str) -> str:
+    """The best-rated model other than the winner in the pooled scope."""
+    pooled = ratings[(ratings["scope"] == "overall") & ratings["kind"].isin(MODEL_KINDS)]
+    return pooled[pooled["contender"] != winner].sort_values("rating", ascending=False).iloc[0]["contender"]
+
+
 def freeze_winner(store: Store, run_rel: str, ratings: pd.DataFrame) -> dict[str, Any]:
     """Write the winner into the run (frozen_winner.json) and return it; call before reading the held-out set."""
     w = pick_winner(ratings)

@@ -18,7 +18,7 @@ from tasks import demo_data as w
 from tasks.errors import UserError
 from tasks.store import Store, content_key
 
-STAGE_VERSION = "2"
+STAGE_VERSION = "3"  # 3: trained by the packed training step
 SPECIALS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 # The roles are single special tokens, so the template costs 3 tokens a message.
 CHAT_TEMPLATE = (
