@@ -163,3 +163,39 @@ def test_server_that_refuses_the_credentials_is_named():
                 check_server()
     finally:
         server.shutdown()
+
+
+def test_waiting_on_stage_runs_never_hangs(monkeypatch):
+    """Runs queued on a pool whose workers are gone end the wait with a hint; a failed stage run is named."""
+    from types import SimpleNamespace
+    from uuid import uuid4
+
+    from prefect.states import Completed, Failed, Running, Scheduled
+
+    import tasks.compute as compute
+    from tasks.errors import UserError
+
+    monkeypatch.setattr(compute, "POLL_S", 0.01)
+    monkeypatch.setattr(compute, "NO_WORKER_GRACE_S", 0.2)
+    calls = [compute.StageCall("finetune", f"finetune-{m}-d", {"dataset": "d"}, f"adapters/{m}", m) for m in "ab"]
+
+    class Client:
+        def __init__(self, states):
+            self.states = states
+
+        def read_flow_run(self, run_id):
+            return SimpleNamespace(id=run_id, state=self.states[run_id])
+
+        def read_workers_for_work_pool(self, pool):
+            return []
+
+    ids = {c.key: uuid4() for c in calls}
+    runs = {k: SimpleNamespace(id=i) for k, i in ids.items()}
+    progress = compute.Progress("finetune on d", 2)  # outside a flow run: no artifact
+    stuck = Client({ids["a"]: Scheduled(), ids["b"]: Running()})
+    with pytest.raises(UserError, match=r"work pool 'gpu' has had no worker online .* 1 stage run\(s\) wait; hint: "
+                                        r"prefect worker start --pool gpu"):
+        compute._wait(stuck, runs, calls, "gpu", progress)
+    broken = Client({ids["a"]: Completed(), ids["b"]: Failed(message="CUDA out of memory")})
+    with pytest.raises(RuntimeError, match=r"finetune-b-d \(Failed: CUDA out of memory\)"):
+        compute._wait(broken, runs, calls, "gpu", progress)
