@@ -39,8 +39,10 @@ def test_mini_search_runs_and_reruns_from_store(mini_config, tmp_path, capsys):
     assert OUTPUT_COLUMNS <= set(outputs.columns)
     validation = store.read_json(f"runs/{run}/validation.json")
     assert validation["winner"] in {"alpha", "beta", "alpha-beta"}
-    # models x datasets, plus the winner and the baseline (one model when the baseline won) on the held-out set
-    assert len(list((store_dir / "adapters").iterdir())) == 3 * 2 + len({validation["winner"], "alpha"})
+    # models x datasets, plus the winner and the baseline on the held-out set (the runner-up if the baseline won)
+    assert len(list((store_dir / "adapters").iterdir())) == 3 * 2 + 2
+    opponents = {r["opponent"] for r in validation["against"]}
+    assert len(opponents - {"teacher", validation["winner"]}) == 1 and ("alpha" in opponents) != (validation["winner"] == "alpha")
     assert len(list((store_dir / "models").glob("*/mergekit_config.yml"))) == 1
     assert {r["opponent"] for r in validation["against"]} >= {"teacher"}
     assert "Validation on the held-out dataset" in store.read_text(f"runs/{run}/report.md")
