@@ -111,12 +111,12 @@ def main() -> None:
     for f in sorted((ROOT / "configs" / "demo_data").glob("*_train.jsonl")):
         rows += [encode(tok, ex, 256) for ex in load_examples(f)]
     lengths = sorted(len(x) for x, _ in rows)
-    runs: dict[str, list[dict]] = {"ours (packed, GPU default)": [], "ours (length-grouped, CPU default)": [], "Trainer + peft": []}
+    runs: dict[str, list[dict]] = {"ours (packed)": [], "ours (padded, length-grouped)": [], "Trainer + peft": []}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(rounds):
-            runs["ours (packed, GPU default)"].append(ours(tok, shape, rows, warmup, steps, packing=True))
+            runs["ours (packed)"].append(ours(tok, shape, rows, warmup, steps, packing=True))
             runs["Trainer + peft"].append(trainer(tok, shape, rows, warmup, steps, tmp))
-            runs["ours (length-grouped, CPU default)"].append(ours(tok, shape, rows, warmup, steps, packing=False))
+            runs["ours (padded, length-grouped)"].append(ours(tok, shape, rows, warmup, steps, packing=False))
     base = statistics.median(r["tokens"] / r["seconds"] for r in runs["Trainer + peft"])
     base_cpu = statistics.median(r["tokens"] / r["cpu_seconds"] for r in runs["Trainer + peft"])
     out = []

@@ -397,11 +397,6 @@ def load_base(model_dir: str | Path) -> tuple[Any, Any]:
     return model, tok
 
 
-def resolve_packing(setting: bool | str) -> bool:
-    """`auto` packs on CUDA (no FLOPs on padding) and length-groups on CPU, where short rows pack no faster."""
-    return device().type == "cuda" if setting == "auto" else bool(setting)
-
-
 def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, out_dir: Path) -> dict[str, Any]:
     """Train a LoRA adapter of `model_dir` on `train`, save it (and train_metrics.json) in `out_dir`."""
     from peft import LoraConfig, get_peft_model
@@ -420,7 +415,7 @@ def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, o
     steps = cfg.max_steps or math.ceil(cfg.epochs * len(rows) / cfg.batch_size)
     metrics = train_steps(
         model, rows, lr=cfg.learning_rate, steps=steps, batch_size=cfg.batch_size, seed=cfg.seed,
-        pad_id=tok.pad_token_id, packing=resolve_packing(cfg.packing), gradient_checkpointing=cfg.gradient_checkpointing,
+        pad_id=tok.pad_token_id, packing=cfg.packing, gradient_checkpointing=cfg.gradient_checkpointing,
     )
     metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.save_pretrained(str(out_dir))

@@ -22,7 +22,7 @@ def run(*args: str) -> str:
 
 def test_finetune_throughput_quick():
     out = run("bench/finetune_throughput.py", "--quick")
-    assert "ours (packed, GPU default)" in out and "ours (length-grouped, CPU default)" in out and "Trainer + peft" in out
+    assert "ours (packed)" in out and "Trainer + peft" in out
 
 
 def test_generate_throughput_quick():

@@ -124,7 +124,5 @@ def test_finetune_writes_adapter_and_memory(tiny_models, tiny_data, tmp_path):
     cfg = FinetuneConfig(max_steps=3, batch_size=4, learning_rate=3e-3, max_length=128)
     m = finetune(tiny_models["alpha"], load_examples(tiny_data["orders"][0]), cfg, tmp_path)
     saved = json.loads((tmp_path / "train_metrics.json").read_text())
-    # packing "auto": packed on a GPU, length-grouped on this CPU
-    assert saved["steps"] == 3 and saved["packing"] is torch.cuda.is_available() and saved["peak_rss_mb"] > 0
-    assert m == saved
+    assert saved["steps"] == 3 and saved["packing"] is True and saved["peak_rss_mb"] > 0 and m == saved
     assert (tmp_path / "adapter_config.json").exists()
