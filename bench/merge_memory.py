@@ -1,8 +1,17 @@
 """Merge memory: two ~1B-parameter Mistral-shaped models (random bf16 weights, safetensors on disk) merged with
 the merge stage's own code (tasks.merge.run_merge, mergekit, SLERP t=0.5), in a child process whose peak resident
-memory (getrusage ru_maxrss of the child itself) and wall time are reported against one model's size on disk.
+memory and wall time are reported against one model's size on disk.
 
-python bench/merge_memory.py [--quick] [--keep DIR]
+Two peaks: ru_maxrss (VmHWM: all resident pages, including the clean file-backed pages of the memory-mapped input
+safetensors, which the kernel can drop and re-read at will) and the peak of RssAnon (anonymous memory: tensors,
+Python heap; what the merge really needs), sampled from /proc/<pid>/status every 50 ms. The inputs' page cache is
+dropped (posix_fadvise DONTNEED) before the merge, so the child reads them cold.
+
+--limit-x X runs the child in its own memory cgroup limited to X times one model's size on disk, swap off (cgroup
+v2 memory.max + memory.swap.max, else cgroup v1 memory.limit_in_bytes + memory.memsw.limit_in_bytes): the kernel
+reclaims page cache under that limit and OOM-kills the child if the merge does not fit; prints whether it completed.
+
+python bench/merge_memory.py [--quick] [--keep DIR] [--limit-x 1.5]
 """
 
 from __future__ import annotations
@@ -81,6 +90,116 @@ def run_child(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def proc_status(pid: int) -> dict[str, int]:
+    """The kB fields of /proc/<pid>/status (VmRSS, VmHWM, RssAnon, RssFile, ...), in bytes; {} once it is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, rest = line.partition(":")
+        if rest.strip().endswith(" kB"):
+            out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def drop_page_cache(folder: Path) -> None:
+    """Evict the clean page cache of a model's files (so the merge reads them cold, charged to its own cgroup)."""
+    for f in folder.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+class MemoryCgroup:
+    """A fresh memory cgroup with a hard limit and no swap (v2 if its memory controller is on, else v1)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.path, self.version = limit, None, None
+        name = f"bench-merge-{os.getpid()}"
+        v2 = Path("/sys/fs/cgroup")
+        v1 = Path("/sys/fs/cgroup/memory")
+        try:
+            if "memory" in (v2 / "cgroup.controllers").read_text().split():
+                self.path, self.version = v2 / name, 2
+        except OSError:
+            pass
+        if self.path is None and (v1 / "memory.limit_in_bytes").exists():
+            self.path, self.version = v1 / name, 1
+        if self.path is None:
+            raise OSError("no cgroup v2 memory controller at /sys/fs/cgroup, no cgroup v1 one at /sys/fs/cgroup/memory")
+        self.path.mkdir()
+        try:
+            if self.version == 2:
+                (self.path / "memory.max").write_text(str(limit))
+                (self.path / "memory.swap.max").write_text("0")
+            else:
+                (self.path / "memory.limit_in_bytes").write_text(str(limit))
+                if (self.path / "memory.memsw.limit_in_bytes").exists():
+                    (self.path / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        except OSError:
+            self.remove()
+            raise
+
+    @property
+    def knob(self) -> str:
+        return "memory.max" if self.version == 2 else "memory.limit_in_bytes (cgroup v1)"
+
+    def enter(self) -> None:
+        """Move the calling process into the cgroup (run in the child before exec)."""
+        (self.path / "cgroup.procs").write_text("0")
+
+    def peak(self) -> int | None:
+        """The cgroup's peak charge (anonymous + page cache), bytes."""
+        f = self.path / ("memory.peak" if self.version == 2 else "memory.max_usage_in_bytes")
+        try:
+            return int(f.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def oom_kills(self) -> int | None:
+        f = self.path / ("memory.events" if self.version == 2 else "memory.oom_control")
+        try:
+            for line in f.read_text().splitlines():
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return None
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def run_merge_child(a: Path, b: Path, out: Path, cgroup: MemoryCgroup | None) -> dict:
+    """Run the measured merge child, sampling its /proc status every 50 ms; its report plus the sampled peaks."""
+    proc = subprocess.Popen([sys.executable, __file__, "--merge", str(a), str(b), str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=cgroup.enter if cgroup else None)
+    peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0, "VmHWM": 0}
+    while proc.poll() is None:
+        st = proc_status(proc.pid)
+        for k in peak:
+            peak[k] = max(peak[k], st.get(k, 0))
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate()
+    rep = {"returncode": proc.returncode, "stderr": stderr}
+    if proc.returncode == 0:
+        rep |= json.loads(stdout.strip().splitlines()[-1])
+    rep |= {f"sampled_{k}": v for k, v in peak.items()}
+    return rep
+
+
 def size_on_disk(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
@@ -91,6 +210,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a tiny shape (for the test)")
     ap.add_argument("--keep", default=None, help="folder for the models (reused if already there)")
+    ap.add_argument("--limit-x", type=float, default=None,
+                    help="run the merge in a memory cgroup limited to this many times one model's size on disk")
     a = ap.parse_args()
     shape = TINY if a.quick else ONE_B
     with tempfile.TemporaryDirectory(dir=a.keep and None) as tmp:
@@ -108,21 +229,58 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(out)
-        m = run_child("--merge", str(dirs["a"]), str(dirs["b"]), str(out))
         one = size_on_disk(dirs["a"])
-        merged = size_on_disk(out)
-    ratio = m["peak_rss_mb"] * 2**20 / one
+        for d in dirs.values():
+            drop_page_cache(d)
+        cgroup, cgroup_error = None, None
+        if a.limit_x:
+            try:
+                cgroup = MemoryCgroup(int(a.limit_x * one))
+            except OSError as e:
+                cgroup_error = str(e)
+        try:
+            m = run_merge_child(dirs["a"], dirs["b"], out, cgroup)
+            cg_peak, cg_ooms = (cgroup.peak(), cgroup.oom_kills()) if cgroup else (None, None)
+        finally:
+            if cgroup:
+                cgroup.remove()
+        if m["returncode"] != 0 and not cgroup:
+            raise SystemExit(f"merge child failed ({m['returncode']}):\n{m['stderr'][-3000:]}")
+        merged = size_on_disk(out) if m["returncode"] == 0 else 0
+    mb = lambda x: f"{x / 2**20:,.0f} MB"  # noqa: E731
+    anon = m["sampled_RssAnon"]
     print(f"Merge memory: SLERP of two random bf16 Mistral-shaped models {shape} "
           f"({params / 1e9:.2f}e9 params each{'' if params else ', made earlier'}; made in {made:.0f} s) with "
-          f"tasks.merge.run_merge (mergekit, lazy loading); peak RSS = the merge child's own ru_maxrss, including "
-          f"the Python/torch/mergekit imports ({m['rss_before_merge_mb']:.0f} MB before the merge began)"
+          f"tasks.merge.run_merge (mergekit, lazy loading), inputs' page cache dropped first. "
+          f"peak RSS = the merge child's own ru_maxrss (VmHWM: anonymous + file-backed pages, so it includes the "
+          f"mmap'd input safetensors' clean page cache, which the kernel can reclaim); peak anon RSS = the largest "
+          f"RssAnon in /proc/<pid>/status sampled every 50 ms (tensors and heap: memory that cannot be reclaimed "
+          f"without swap; largest sampled RssFile {mb(m['sampled_RssFile'])}). Both include the Python/torch/mergekit "
+          f"imports" + (f" ({m['rss_before_merge_mb']:.0f} MB ru_maxrss before the merge began)" if m["returncode"] == 0 else "")
           + (f"; mergekit options overridden: {os.environ['BENCH_MERGE_OPTIONS']}" if os.environ.get("BENCH_MERGE_OPTIONS") else ""))
     print(header())
-    print(table([{
-        "one model on disk": f"{one / 2**20:,.0f} MB", "merged on disk": f"{merged / 2**20:,.0f} MB",
-        "merge wall time": f"{m['seconds']:.1f} s", "peak RSS": f"{m['peak_rss_mb']:,.0f} MB",
-        "peak / one model": f"{ratio:.2f}x", "target": "< 1.5x", "met": "n/a (tiny shape)" if a.quick else "yes" if ratio < 1.5 else "NO",
-    }], ["one model on disk", "merged on disk", "merge wall time", "peak RSS", "peak / one model", "target", "met"]))
+    if m["returncode"] == 0:
+        ratio, aratio = m["peak_rss_mb"] * 2**20 / one, anon / one
+        judge = lambda r: "n/a (tiny shape)" if a.quick else "yes" if r < 1.5 else "NO"  # noqa: E731
+        print(table([{
+            "one model on disk": mb(one), "merged on disk": mb(merged), "merge wall time": f"{m['seconds']:.1f} s",
+            "peak RSS (ru_maxrss)": f"{m['peak_rss_mb']:,.0f} MB = {ratio:.2f}x",
+            "peak anon RSS (sampled)": f"{mb(anon)} = {aratio:.2f}x", "target": "< 1.5x",
+            "met (ru_maxrss)": judge(ratio), "met (anon)": judge(aratio),
+        }], ["one model on disk", "merged on disk", "merge wall time", "peak RSS (ru_maxrss)",
+             "peak anon RSS (sampled)", "target", "met (ru_maxrss)", "met (anon)"]))
+    else:
+        print(f"merge child exited with {m['returncode']} (one model on disk {mb(one)}; largest sampled RssAnon "
+              f"{mb(anon)}, VmHWM {mb(m['sampled_VmHWM'])})")
+    if a.limit_x:
+        if cgroup is None:
+            print(f"completed under a {a.limit_x:g}x memory.max: n/a (no writable memory cgroup: {cgroup_error})")
+        else:
+            ok = m["returncode"] == 0
+            print(f"completed under a {a.limit_x:g}x memory.max: {'yes' if ok else 'no'} "
+                  f"({cgroup.knob} = {mb(cgroup.limit)}, swap 0; cgroup peak charge incl. page cache "
+                  f"{mb(cg_peak) if cg_peak is not None else 'n/a'}; OOM kills: {cg_ooms}"
+                  + ("" if ok else f"; child exit {m['returncode']}") + ")")
 
 
 if __name__ == "__main__":
