@@ -240,7 +240,8 @@ def search(config: SearchConfig | str, store: str | None = None) -> dict[str, An
 
     with log.stage("report"):
         png = plot_ratings(ratings)
-        md = markdown_report(config, run_id, ratings, scores_table(prep, all_outputs, st), validation, log.rows)
+        md = markdown_report(config, run_id, ratings, scores_table(prep, all_outputs, st), validation, log.rows,
+                             judgments)
         st.write_bytes(f"{run_rel}/ratings.png", png)
         st.write_text(f"{run_rel}/report.md", md)
         report = st.write_text(f"{run_rel}/report.html", html_report(md, png))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.config import TEACHER, DatasetSpec, SearchConfig
+from tasks.config import TEACHER, DatasetSpec, SearchConfig, recipe_models
 from tasks.data import Example, dataset_fingerprint, infer_metric, load_examples
 from tasks.errors import UserError
 from tasks.merge import recipe_fingerprint, validate_recipe
@@ -91,8 +91,6 @@ def check_api_models(cfg: SearchConfig) -> None:
 
 def _recipe_names(recipe: dict, known: dict[str, ModelInfo]) -> list[str]:
     """The known model names a recipe uses."""
-    from tasks.config import recipe_models
-
     return [n for n in recipe_models(recipe) if n in known]
 
 
@@ -100,12 +98,3 @@ def held_out(cfg: SearchConfig) -> DatasetInfo:
     """The held-out dataset, read in full (call only after the winner is frozen)."""
     assert cfg.validation is not None
     return load_dataset(cfg.validation.dataset)
-
-
-def relative(path: str | Path) -> str:
-    """A path relative to the working folder when it is below it (shorter in messages)."""
-    p = Path(path).resolve()
-    try:
-        return str(p.relative_to(Path.cwd()))
-    except ValueError:
-        return str(p)

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from tasks.config import TEACHER, SearchConfig, recipe_models
+from tasks.rate import win_matrix
 
 MODEL_KINDS = ("candidate", "merge")
 
@@ -156,9 +157,18 @@ def plot_ratings(ratings: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
+def win_rate_table(judgments: pd.DataFrame) -> str:
+    """Markdown matrix of pooled win rates: the row contender against the column contender (ties as half)."""
+    m = win_matrix(judgments)
+    if m.empty:
+        return ""
+    shown = m.apply(lambda col: col.map(lambda x: "" if pd.isna(x) else f"{x:.0%}"))
+    return md_table(shown.reset_index())
+
+
 def markdown_report(
     cfg: SearchConfig, run_id: str, ratings: pd.DataFrame, scores: pd.DataFrame, validation: dict[str, Any] | None,
-    stages: list[dict[str, Any]],
+    stages: list[dict[str, Any]], judgments: pd.DataFrame | None = None,
 ) -> str:
     """The whole report as Markdown."""
     parts = [f"# basesearch report: {cfg.name}", "", f"Run `{run_id}`. Judge: `{cfg.judge.kind}`. "
@@ -176,6 +186,8 @@ def markdown_report(
     if judge:
         parts += ["## Judge", ""] + judge + [""]
     parts += ["## Validation on the held-out dataset", ""] + validation_lines(validation) + [""]
+    if judgments is not None and len(judgments):
+        parts += ["## Win rates, all datasets pooled (row against column)", "", win_rate_table(judgments), ""]
     parts += ["## Per dataset", ""]
     for scope in [s for s in dict.fromkeys(ratings["scope"]) if s != "overall"]:
         parts += [f"### {scope}", "", md_table(ranking_rows(ratings, scope)), ""]

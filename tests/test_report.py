@@ -51,3 +51,14 @@ def test_judge_lines_show_bill_and_biases():
              "consistency": 0.8, "longer_won": 0.6, "stop": "all pairs judged"}]
     (line,) = judge_lines(rows)
     assert "10 requests" in line and "$0.2500" in line and "consistency 80%" in line and "longer output won 60%" in line
+
+
+def test_win_rate_matrix_in_report():
+    from tasks.report import win_rate_table
+
+    judgments = pd.DataFrame({
+        "dataset": "d", "example_id": ["1", "2", "3", "4"], "contender_a": "x", "contender_b": "y", "order": "ab",
+        "winner": ["a", "a", "a", "tie"], "strength": 1, "error": None,
+    })
+    table = win_rate_table(judgments)
+    assert "88%" in table and "12%" in table  # x: 3.5 of 4 against y
