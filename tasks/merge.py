@@ -61,8 +61,9 @@ def run_merge(merge: Merge, paths: dict[str, str], out_dir: Path) -> None:
 
     cfg = MergeConfiguration.model_validate(_swap_models(merge.recipe, paths))
     # lazy_unpickle + one shard writer keep memory near one tensor at a time, not whole models.
-    # 256 MiB output shards: the writer holds one shard in memory, not one 5 GB shard (bench/merge_memory.py:
-    # peak RSS of a 1B bf16 merge 6.8 GB -> 5.0 GB).
+    # 256 MiB output shards: the writer holds one shard in memory, not one 5 GB shard. With lazy loading the
+    # inputs stay memory-mapped: a 1B bf16 merge completes under a hard cgroup limit of 1.5x one model's size
+    # (bench/merge_memory.py --limit-x 1.5).
     options = MergeOptions(quiet=True, lazy_unpickle=True, copy_tokenizer=True, write_model_card=False,
                            random_seed=0, out_shard_size=256 * 2**20)
     mergekit_run(cfg, str(out_dir), options=options)
