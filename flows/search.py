@@ -161,7 +161,8 @@ def validate_winner(
     """Freeze the winner, then fine-tune it and the baselines on the held-out dataset and judge them."""
     if cfg.validation is None:
         return None
-    frozen = freeze_winner(Store(store), run_rel, ratings)
+    st = Store(store)
+    frozen = freeze_winner(st, run_rel, ratings)
     winner = frozen["winner"]
     get_run_logger().info(f"validation: winner {winner} frozen; now reading the held-out dataset")
     data = held_out(cfg)  # read only now: the winner is already on disk
@@ -169,8 +170,8 @@ def validate_winner(
     opponents = [b for b in cfg.validation.baselines if b != winner] or [runner_up(ratings, winner)]
     held_prep = Prepared(prep.models, {data.spec.name: data})
     outputs = train_and_answer([winner, *opponents], data, paths, held_prep, cfg, store, log)
-    judgments = load_judgments(Store(store), judge(data, outputs, cfg, store, log))
-    Store(store).write_parquet(f"{run_rel}/validation_judgments.parquet", judgments)
+    judgments = load_judgments(st, judge(data, outputs, cfg, store, log))
+    st.write_parquet(f"{run_rel}/validation_judgments.parquet", judgments)
     return frozen | {"dataset": data.spec.name} | summarize(judgments, winner, [*opponents, TEACHER],
                                                              cfg.rating.confidence)
 

@@ -30,6 +30,11 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def base_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (the model itself when it has none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def attn_implementation() -> str:
     """flash_attention_2 on CUDA when the flash-attn package is importable, else PyTorch's SDPA (CPU too)."""
     import importlib.util
@@ -236,8 +241,7 @@ def batch_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     tgt = batch["targets"]
     keep = (tgt != IGNORE).any(0).nonzero().squeeze(1)  # positions with a target in any row
     kwargs = {k: v for k, v in batch.items() if k != "targets"}
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if inner.config._attn_implementation != PACKED_ATTENTION:
+    if base_of(model).config._attn_implementation != PACKED_ATTENTION:
         kwargs.pop("cu_seq_lens_q", None)  # flash attention / SDPA read the rows from position_ids instead
     logits = model(**kwargs, use_cache=False, logits_to_keep=keep).logits
     return torch.nn.functional.cross_entropy(
@@ -287,7 +291,7 @@ def train_steps(
     micro-batch; without it they are right-padded, length-grouped batches. `max_tokens` caps a micro-batch
     (default: what fits in GPU memory, unlimited on CPU). CUDA runs in bf16 autocast; CPU in float32.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = base_of(model)
     attn = inner.config._attn_implementation
     window = getattr(inner.config, "sliding_window", None)
     if packing and attn == "sdpa" and (window is None or max(len(x) for x, _ in rows) <= window):
@@ -314,7 +318,7 @@ def _train_steps(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     if gradient_checkpointing:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner = base_of(model)
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)

@@ -39,6 +39,7 @@ def teacher_outputs(dataset: str, examples: list[Example], contender: str) -> pd
 
 
 def _param_bytes(model: Any) -> int:
+    """Bytes of a model's parameters."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 

@@ -10,8 +10,7 @@ import pandas as pd
 
 from tasks.config import TEACHER, SearchConfig, recipe_models
 from tasks.rate import win_matrix
-
-MODEL_KINDS = ("candidate", "merge")
+from tasks.validate import MODEL_KINDS
 
 
 def ranking_rows(ratings: pd.DataFrame, scope: str = "overall") -> pd.DataFrame:

@@ -13,16 +13,21 @@ from tasks.store import Store
 MODEL_KINDS = ("candidate", "merge")  # what can win: a base model to fine-tune, not a reference
 
 
+def pooled_models(ratings: pd.DataFrame) -> pd.DataFrame:
+    """The pooled scope's models (candidates and merges), best first."""
+    pooled = ratings[(ratings["scope"] == "overall") & ratings["kind"].isin(MODEL_KINDS)]
+    return pooled.sort_values("rating", ascending=False)
+
+
 def pick_winner(ratings: pd.DataFrame) -> pd.Series:
     """The best-rated model (candidate or merge) in the pooled scope."""
-    pooled = ratings[(ratings["scope"] == "overall") & ratings["kind"].isin(MODEL_KINDS)]
-    return pooled.sort_values("rating", ascending=False).iloc[0]
+    return pooled_models(ratings).iloc[0]
 
 
 def runner_up(ratings: pd.DataFrame, winner: str) -> str:
     """The best-rated model other than the winner in the pooled scope."""
-    pooled = ratings[(ratings["scope"] == "overall") & ratings["kind"].isin(MODEL_KINDS)]
-    return pooled[pooled["contender"] != winner].sort_values("rating", ascending=False).iloc[0]["contender"]
+    models = pooled_models(ratings)
+    return models[models["contender"] != winner].iloc[0]["contender"]
 
 
 def freeze_winner(store: Store, run_rel: str, ratings: pd.DataFrame) -> dict[str, Any]:
