@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from tasks.errors import UserError
 from tasks.rate import RatingConfig, rate
+from tasks.report import ranking_rows, text_table
+from tasks.store import Store
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,43 +77,6 @@ def _kinds(judgments: pd.DataFrame) -> dict[str, str]:
     return kinds
 
 
-def _write_atomic(table: pd.DataFrame, out_dir: Path) -> Path:
-    """Write DIR/ratings.parquet through a temp file in the same folder and a rename: never a half file."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / "ratings.parquet"
-    fd, tmp = tempfile.mkstemp(prefix=".ratings.", suffix=".parquet.tmp", dir=out_dir)
-    os.close(fd)
-    try:
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def format_table(ratings: pd.DataFrame, scope: str = "overall", confidence: float = 0.95) -> str:
-    """Plain-text ranking of one scope: rank, contender, kind, rating, CI, n, win rate, separation."""
-    rows = ratings[ratings["scope"] == scope].sort_values("rank")
-    pct = f"{confidence:.0%} CI"
-    lines = [("#", "contender", "kind", "rating", pct, "n", "win rate", "")]
-    for r in rows.itertuples(index=False):
-        sep = "" if getattr(r, "separated_from_next", True) or r.rank == len(rows) else "~ next"
-        lines.append(
-            (
-                str(r.rank), str(r.contender), str(r.kind), f"{r.rating:.0f}",
-                f"[{r.ci_low:.0f}, {r.ci_high:.0f}]", str(r.n_comparisons), f"{r.win_rate:.1%}", sep,
-            )
-        )
-    widths = [max(len(line[c]) for line in lines) for c in range(len(lines[0]))]
-    right = {0, 3, 5, 6}
-    text = [
-        "  ".join(cell.rjust(w) if c in right else cell.ljust(w) for c, (cell, w) in enumerate(zip(line, widths))).rstrip()
-        for line in lines
-    ]
-    return "\n".join(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Rate the judgments, write DIR/ratings.parquet, print the overall ranking and the output path."""
     try:
@@ -124,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         judgments = _read(_files(args.judgments))
         ratings = rate(judgments, _kinds(judgments), cfg)
-        target = _write_atomic(ratings, Path(args.out))
+        target = Store(args.out).write_parquet("ratings.parquet", ratings)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    print(format_table(ratings, confidence=cfg.confidence))
+    print(text_table(ranking_rows(ratings, confidence=cfg.confidence)))
     unseparated = ratings[(ratings["scope"] == "overall") & (ratings["rank"] == 1)]
     if len(unseparated) and not bool(unseparated["separated_from_next"].iloc[0]):
         print(f"note: the top contender is not separated from the second at {cfg.confidence:.0%}")

@@ -229,8 +229,11 @@ def search(config: SearchConfig | str, store: str | None = None) -> dict[str, An
     batches = judge_search(prep.datasets, all_outputs, config, store, log)
 
     with log.stage("rate") as row:
+        kinds = config.model_kinds()
         judgments = load_judgments(st, batches)
-        ratings = rate(judgments, config.model_kinds(), config.rating)
+        # kind_a/kind_b travel with the run's judgments, so `python -m flows.rank` re-rates them with their kinds.
+        judgments = judgments.assign(kind_a=judgments["contender_a"].map(kinds), kind_b=judgments["contender_b"].map(kinds))
+        ratings = rate(judgments, kinds, config.rating)
         st.write_parquet(f"{run_rel}/judgments.parquet", judgments)
         st.write_parquet(f"{run_rel}/ratings.parquet", ratings)
         row["computed"] = len(judgments)

@@ -13,15 +13,22 @@ from tasks.rate import win_matrix
 from tasks.validate import MODEL_KINDS
 
 
-def ranking_rows(ratings: pd.DataFrame, scope: str = "overall") -> pd.DataFrame:
-    """One scope's ratings, best first, with the columns a person reads."""
+def ranking_rows(ratings: pd.DataFrame, scope: str = "overall", confidence: float = 0.95) -> pd.DataFrame:
+    """One scope's ratings, best first, with the columns a person reads.
+
+    `vs next` is `>` where a contender is separated from the next one at the configured confidence, `~` where not.
+    """
     r = ratings[ratings["scope"] == scope].sort_values("rank")
-    return pd.DataFrame({
+    rows = pd.DataFrame({
         "rank": r["rank"].astype(int), "contender": r["contender"], "kind": r["kind"],
         "rating": r["rating"].round(0).astype(int),
-        "95% CI": [f"{lo:.0f}..{hi:.0f}" for lo, hi in zip(r["ci_low"], r["ci_high"])],
+        f"{confidence:.0%} CI": [f"{lo:.0f}..{hi:.0f}" for lo, hi in zip(r["ci_low"], r["ci_high"])],
         "win rate": r["win_rate"].map(lambda x: f"{x:.0%}"), "n": r["n_comparisons"].astype(int),
     })
+    if "separated_from_next" in r.columns:
+        marks = [">" if sep else "~" for sep in r["separated_from_next"]]
+        rows["vs next"] = marks[:-1] + [""]  # the last has no next
+    return rows
 
 
 def text_table(df: pd.DataFrame) -> str:

@@ -31,7 +31,8 @@ def test_mini_search_runs_and_reruns_from_store(mini_config, tmp_path, capsys):
     assert set(ratings["scope"]) == {"overall", "extraction", "classification"}
     assert set(ratings.loc[ratings.scope == "overall", "contender"]) == {"alpha", "beta", "alpha-beta", "teacher"}
     judgments = store.read_parquet(f"runs/{run}/judgments.parquet")
-    assert JUDGMENT_COLUMNS <= set(judgments.columns)
+    assert JUDGMENT_COLUMNS | {"kind_a", "kind_b"} <= set(judgments.columns)
+    assert set(judgments["kind_a"]) | set(judgments["kind_b"]) == {"candidate", "merge", "reference"}
     assert set(judgments["order"]) == {"ab", "ba"}
     # 4 contenders -> 6 pairs, x 6 test rows x 2 orders, x 2 datasets
     assert len(judgments) == 6 * 6 * 2 * 2
