@@ -100,10 +100,11 @@ class FinetuneConfig(Frozen):
     batch_size: int = Field(default=8, ge=1, description="Rows per optimizer step.")
     max_length: int = Field(default=512, ge=8, description="Longest training sequence in tokens; longer rows are cut.")
     seed: int = Field(default=0, description="Seed for LoRA init and batch order.")
-    packing: bool = Field(
-        default=True,
-        description="Put each step's rows end to end in one padding-free sequence (attention kept inside each row); "
-        "false: right-padded, length-grouped batches.",
+    packing: bool | Literal["auto"] = Field(
+        default="auto",
+        description="true: each step's rows end to end in one padding-free sequence (attention kept inside each "
+        "row); false: right-padded, length-grouped batches; auto: packing where flash-attention's variable-length "
+        "kernels run it in one call, length-grouped batches elsewhere (measured faster with SDPA, CPU included).",
     )
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in the backward pass: less memory, ~30% more compute."

@@ -6,8 +6,9 @@ import json
 import math
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from prefect import get_run_logger, task
@@ -55,18 +56,19 @@ def packed_sdpa_attention(
 
     A block-diagonal mask over the whole packed sequence would make SDPA compute (and on GPU, pick a slower
     kernel for) every row against every other and then throw it away: cost grows with the square of the pack's
-    length. Attending row by row costs what the rows cost alone, with the flash kernels. `cu_seq_lens_q` holds
-    the rows' boundaries (0, end of row 1, end of row 2, ..., total), on the CPU.
+    length. Attending row by row costs what the rows cost alone. The rows are cut with `split`, whose backward
+    is one concatenation; slicing each row out would cost a full-size zero-filled gradient per row and tensor
+    (measured on the demo shape: ~20% more time in attention). Laying the rows out padded for one batched call
+    measured slower still. `cu_seq_lens_q` holds the rows' boundaries (0, end of row 1, ..., total), on the CPU.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if cu_seq_lens_q is None or query.shape[0] != 1:
         raise ValueError("packed attention needs one packed row and cu_seq_lens_q")
-    bounds = cu_seq_lens_q.tolist()
+    lengths = cu_seq_lens_q.diff().tolist()
     outs = [
-        sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, dropout=dropout,
-                               scaling=scaling, is_causal=True)[0]
-        for s, e in zip(bounds[:-1], bounds[1:])
+        sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
     ]
     return torch.cat(outs, dim=1), None
 
@@ -78,12 +80,46 @@ def _register_packed_attention() -> None:
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
 
 
+class _FusedLora(torch.autograd.Function):
+    """y = x (W + s B A)^T + bias as one matmul; backward gives x, A and B their gradients, W (frozen) none."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+        """One addmm builds the merged weight (r * in * out FLOPs, no token factor), one linear applies it."""
+        merged = torch.addmm(weight, lora_b, lora_a, alpha=scale)
+        ctx.save_for_backward(x, merged, lora_a, lora_b)
+        ctx.scale = scale
+        return torch.nn.functional.linear(x, merged, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Gradients of A and B by the cheaper route for this many tokens (see the comment below)."""
+        x, merged, a, b = ctx.saved_tensors
+        s, r, (fan_out, fan_in) = ctx.scale, a.shape[0], merged.shape
+        g2, x2 = grad.reshape(-1, fan_out), x.reshape(-1, fan_in)
+        n = g2.shape[0]
+        grad_x = grad @ merged if ctx.needs_input_grad[0] else None
+        # Multiply-adds for n tokens: the dense route forms dW = g^T x (n*in*out) and projects it on A and B
+        # (2*r*in*out); the thin route never forms dW: (g B)^T x and g^T (x A^T) cost 2*n*r*(in+out). At the demo's
+        # width (96 -> 256, r=16, ~540 tokens per step) the MLP takes the thin route, attention the dense one.
+        if n * fan_in * fan_out + 2 * r * fan_in * fan_out <= 2 * n * r * (fan_in + fan_out):
+            dw = g2.t() @ x2
+            grad_a, grad_b = (b.t() @ dw).mul_(s), (dw @ a.t()).mul_(s)
+        else:
+            grad_a, grad_b = ((g2 @ b).t() @ x2).mul_(s), (g2.t() @ (x2 @ a.t())).mul_(s)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
 def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """LoRA linear as one matmul with W + scale * B @ A (the same function as peft's three-matmul forward)."""
-    name = self.active_adapters[0]
-    w = torch.addmm(self.base_layer.weight, self.lora_B[name].weight, self.lora_A[name].weight,
-                    alpha=self.scaling[name])
-    return torch.nn.functional.linear(x, w.to(x.dtype) if not torch.is_autocast_enabled() else w, self.base_layer.bias)
+    name, base, dev = self.active_adapters[0], self.base_layer, x.device.type
+    # Under autocast (CUDA bf16) run the whole layer in the autocast dtype, as autocast would run peft's matmuls.
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    bias = None if base.bias is None else base.bias.to(dtype)
+    with torch.autocast(dev, enabled=False):
+        return _FusedLora.apply(x.to(dtype), base.weight.to(dtype), bias, self.lora_A[name].weight.to(dtype),
+                                self.lora_B[name].weight.to(dtype), self.scaling[name])
 
 
 def fuse_small_loras(model: torch.nn.Module) -> list[Any]:
@@ -107,7 +143,8 @@ def fuse_small_loras(model: torch.nn.Module) -> list[Any]:
         name = mod.active_adapters[0]
         base = mod.base_layer
         if (name not in mod.lora_A or not isinstance(base, torch.nn.Linear) or mod.fan_in_fan_out
-                or not isinstance(mod.lora_dropout[name], torch.nn.Identity) or mod.use_dora.get(name)):
+                or not isinstance(mod.lora_dropout[name], torch.nn.Identity) or mod.use_dora.get(name)
+                or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
             continue
         r, fan_in, fan_out = mod.r[name], base.in_features, base.out_features
         if 2 * fan_in * fan_out <= 2 * 6 * r * (fan_in + fan_out):
@@ -207,11 +244,16 @@ def pack(rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
 
 
 def pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch with an attention mask; `targets` as in pack (IGNORE on padding)."""
+    """Right-padded batch; `targets` as in pack (IGNORE on padding).
+
+    No attention mask: with right padding and causal attention a real token only ever sees the real tokens
+    before it, so a mask changes nothing the loss reads (padding positions have no target and pass no
+    gradient back); without one, SDPA runs its plain causal kernel and transformers builds no 4-D mask.
+    """
     b = collate(rows, pad_id)
     tgt = torch.full_like(b["labels"], IGNORE)
     tgt[:, :-1] = b["labels"][:, 1:]
-    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "targets": tgt}
+    return {"input_ids": b["input_ids"], "targets": tgt}
 
 
 def micro_batches(rows: list[tuple[list[int], list[int]]], budget: int, packing: bool) -> list[list[int]]:
@@ -232,18 +274,59 @@ def micro_batches(rows: list[tuple[list[int], list[int]]], budget: int, packing:
     return out + ([cur] if cur else [])
 
 
+def last_mlp(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The position-wise MLP of the model's last decoder layer (Llama-family layout), or None.
+
+    None as well when that layer is checkpointed: its recomputation in the backward pass would run the MLP in full.
+    """
+    inner = base_of(model)
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not layers or getattr(layers[-1], "gradient_checkpointing", False):
+        return None
+    return getattr(layers[-1], "mlp", None)
+
+
+@contextmanager
+def mlp_only_at(mlp: torch.nn.Module | None, where: torch.Tensor) -> Iterator[None]:
+    """Run `mlp` only at the positions `where` (a bool mask over batch x sequence); elsewhere it outputs zeros.
+
+    Used on the last layer: only positions with a target reach the loss, so its MLP at the others (~77% of the
+    demo's positions are prompt) would be computed and thrown away. The MLP is position-wise, so the kept
+    positions get exactly what they would get from the full call.
+    """
+    if mlp is None:
+        yield
+        return
+    full = mlp.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        out[where] = full(x[where])
+        return out
+
+    mlp.forward = forward
+    try:
+        yield
+    finally:
+        del mlp.forward
+
+
 def batch_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed cross-entropy of a (packed or padded) batch on its target tokens.
 
     Logits are computed only at the positions that have a target (`logits_to_keep`): on assistant-only data
-    most positions are prompt, and the head's matmul and the float32 logits there would be wasted.
+    most positions are prompt, and the head's matmul and the float32 logits there would be wasted. For the
+    same reason the last layer's MLP runs only where a row has a target (mlp_only_at).
     """
     tgt = batch["targets"]
-    keep = (tgt != IGNORE).any(0).nonzero().squeeze(1)  # positions with a target in any row
+    where = tgt != IGNORE
+    keep = where.any(0).nonzero().squeeze(1)  # positions with a target in any row
     kwargs = {k: v for k, v in batch.items() if k != "targets"}
     if base_of(model).config._attn_implementation != PACKED_ATTENTION:
         kwargs.pop("cu_seq_lens_q", None)  # flash attention / SDPA read the rows from position_ids instead
-    logits = model(**kwargs, use_cache=False, logits_to_keep=keep).logits
+    with mlp_only_at(last_mlp(model), where):
+        logits = model(**kwargs, use_cache=False, logits_to_keep=keep).logits
     return torch.nn.functional.cross_entropy(
         logits.float().flatten(0, 1), tgt[:, keep].flatten(), ignore_index=IGNORE, reduction="sum"
     )
@@ -271,6 +354,15 @@ def auto_token_budget(model: torch.nn.Module, dev: torch.device, checkpointing: 
     return max(256, int(0.6 * free / per_token))
 
 
+def resolve_packing(packing: bool | str, attn: str) -> bool:
+    """`packing` itself, or for "auto": pack only where flash-attention's variable-length kernels read packed rows.
+
+    With SDPA a pack needs one attention call per row; on the demo's CPU bench that made packed steps ~10% slower
+    than length-grouped padded batches (1.5% padding), which SDPA runs as one causal call.
+    """
+    return attn.startswith("flash_attention") if packing == "auto" else bool(packing)
+
+
 def train_steps(
     model: torch.nn.Module,
     rows: list[tuple[list[int], list[int]]],
@@ -280,7 +372,7 @@ def train_steps(
     batch_size: int,
     seed: int,
     pad_id: int,
-    packing: bool = True,
+    packing: bool | str = "auto",
     gradient_checkpointing: bool = False,
     max_tokens: int | None = None,
 ) -> dict[str, Any]:
@@ -288,11 +380,13 @@ def train_steps(
 
     Each step takes `batch_size` rows; the loss is the mean over the step's target tokens (labels that are
     not IGNORE, next-token shifted). With `packing` the rows go end to end in one padding-free sequence per
-    micro-batch; without it they are right-padded, length-grouped batches. `max_tokens` caps a micro-batch
+    micro-batch; without it they are right-padded, length-grouped batches; "auto" picks (resolve_packing).
+    `max_tokens` caps a micro-batch
     (default: what fits in GPU memory, unlimited on CPU). CUDA runs in bf16 autocast; CPU in float32.
     """
     inner = base_of(model)
     attn = inner.config._attn_implementation
+    packing = resolve_packing(packing, attn)
     window = getattr(inner.config, "sliding_window", None)
     if packing and attn == "sdpa" and (window is None or max(len(x) for x, _ in rows) <= window):
         _register_packed_attention()
@@ -321,7 +415,9 @@ def _train_steps(
         inner = base_of(model)
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
+    # fused: one kernel per step on CPU and CUDA (CPU foreach falls back to ~10 small ops per tensor: 1.2 ms vs
+    # 0.5 ms a step for the demo's 56 LoRA tensors)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))

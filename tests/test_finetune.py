@@ -11,8 +11,8 @@ import torch
 from tasks.config import FinetuneConfig
 from tasks.data import load_examples
 from tasks.finetune import (
-    IGNORE, PACKED_ATTENTION, _register_packed_attention, batch_loss_sum, encode, finetune, fuse_small_loras, pack,
-    pad, prompt_text, train_steps, unfuse_loras,
+    IGNORE, PACKED_ATTENTION, _register_packed_attention, batch_loss_sum, encode, finetune, fuse_small_loras,
+    last_mlp, pack, pad, prompt_text, resolve_packing, train_steps, unfuse_loras,
 )
 
 
@@ -72,8 +72,11 @@ def test_packed_loss_equals_padded_loss(tiny_models, rows, tok, attn):
     model = lora_model(tiny_models["alpha"])
     n = sum(sum(t != IGNORE for t in y[1:]) for _, y in rows)
     batch = {k: v for k, v in __import__("tasks.finetune", fromlist=["collate"]).collate(rows, tok.pad_token_id).items()}
-    hf = model(**batch).loss  # transformers' own loss on the right-padded batch
-    padded = batch_loss_sum(model, pad(rows, tok.pad_token_id)) / n
+    hf = model(**batch).loss  # transformers' own loss on the right-padded, masked batch, every position computed
+    hf.backward()
+    g_hf = grads(model)
+    model.zero_grad()
+    padded = batch_loss_sum(model, pad(rows, tok.pad_token_id)) / n  # no mask, last MLP at target positions only
     padded.backward()
     g_pad = grads(model)
     model.zero_grad()
@@ -83,13 +86,30 @@ def test_packed_loss_equals_padded_loss(tiny_models, rows, tok, attn):
     packed.backward()
     g_pack = grads(model)
     assert torch.allclose(hf, padded, atol=1e-5) and torch.allclose(packed, padded, atol=1e-5)
+    assert all(torch.allclose(g_pad[k], g_hf[k], atol=1e-5, rtol=1e-4) for k in g_hf)
     assert all(torch.allclose(g_pack[k], g_pad[k], atol=1e-5, rtol=1e-4) for k in g_pad)
+
+
+def test_last_mlp_runs_only_at_targets(tiny_models, rows, tok):
+    model = lora_model(tiny_models["alpha"])
+    mlp = last_mlp(model)
+    seen = []
+    hook = mlp.down_proj.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[:-1].numel()))
+    b = pad(rows, tok.pad_token_id)
+    batch_loss_sum(model, b)
+    hook.remove()
+    assert seen == [int((b["targets"] != IGNORE).sum())] and "forward" not in vars(mlp)  # and put back after
+
+
+def test_auto_packing_follows_the_attention_kernels():
+    assert resolve_packing("auto", "flash_attention_2") is True and resolve_packing("auto", "sdpa") is False
+    assert resolve_packing(True, "sdpa") is True and resolve_packing(False, "flash_attention_2") is False
 
 
 def test_train_steps_packed_equals_padded_and_micro_batches(tiny_models, rows, tok):
     """One step on all rows: packed, padded and split into 64-token micro-batches all give the same loss/update."""
     out = {}
-    for name, kw in {"packed": {}, "padded": {"packing": False}, "micro": {"max_tokens": 64},
+    for name, kw in {"packed": {"packing": True}, "padded": {"packing": False}, "micro": {"max_tokens": 64},
                      "checkpointed": {"gradient_checkpointing": True}}.items():
         model = lora_model(tiny_models["alpha"])
         m = train_steps(model, rows, lr=1e-2, steps=1, batch_size=len(rows), seed=0, pad_id=tok.pad_token_id, **kw)
@@ -124,5 +144,5 @@ def test_finetune_writes_adapter_and_memory(tiny_models, tiny_data, tmp_path):
     cfg = FinetuneConfig(max_steps=3, batch_size=4, learning_rate=3e-3, max_length=128)
     m = finetune(tiny_models["alpha"], load_examples(tiny_data["orders"][0]), cfg, tmp_path)
     saved = json.loads((tmp_path / "train_metrics.json").read_text())
-    assert saved["steps"] == 3 and saved["packing"] is True and saved["peak_rss_mb"] > 0 and m == saved
+    assert saved["steps"] == 3 and saved["packing"] is False and saved["peak_rss_mb"] > 0 and m == saved
     assert (tmp_path / "adapter_config.json").exists()
