@@ -96,14 +96,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few steps, one round (for the test)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per run (default 40; quick 4)")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds; the median is reported (default 3)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds; the median is reported (default 5)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared machine a busy core makes OpenMP threads spin, and "
                     "2-thread timings swing 10x)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     steps = a.steps or (4 if a.quick else 40)
-    rounds = a.rounds or (1 if a.quick else 3)
+    rounds = a.rounds or (1 if a.quick else 5)
     warmup = 2 if a.quick else 5
     shape = SHAPE
     tok = build_tokenizer()

@@ -100,7 +100,7 @@ class FinetuneConfig(Frozen):
     batch_size: int = Field(default=8, ge=1, description="Rows per optimizer step.")
     max_length: int = Field(default=512, ge=8, description="Longest training sequence in tokens; longer rows are cut.")
     seed: int = Field(default=0, description="Seed for LoRA init and batch order.")
-    packing: bool | Literal["auto"] = Field(
+    packing: Literal[True, False, "auto"] = Field(
         default="auto",
         description="true: each step's rows end to end in one padding-free sequence (attention kept inside each "
         "row); false: right-padded, length-grouped batches; auto: packing where flash-attention's variable-length "

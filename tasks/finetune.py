@@ -325,7 +325,8 @@ def batch_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     kwargs = {k: v for k, v in batch.items() if k != "targets"}
     if base_of(model).config._attn_implementation != PACKED_ATTENTION:
         kwargs.pop("cu_seq_lens_q", None)  # flash attention / SDPA read the rows from position_ids instead
-    with mlp_only_at(last_mlp(model), where):
+    partial = len(keep) < tgt.shape[1] or not bool(where.all())  # all positions learned: nothing to skip
+    with mlp_only_at(last_mlp(model) if partial else None, where):
         logits = model(**kwargs, use_cache=False, logits_to_keep=keep).logits
     return torch.nn.functional.cross_entropy(
         logits.float().flatten(0, 1), tgt[:, keep].flatten(), ignore_index=IGNORE, reduction="sum"

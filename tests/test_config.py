@@ -52,6 +52,13 @@ def test_unknown_key_names_line_and_nearest_key(tmp_path, tiny_models, tiny_data
     assert "learning_rte" in (tmp_path / "search.yaml").read_text().splitlines()[line - 1]
 
 
+def test_bad_packing_value_lists_the_choices(tmp_path, tiny_models, tiny_data):
+    cfg = mini_config_dict(tiny_models, tiny_data)
+    cfg["finetune"]["packing"] = "fast"
+    msg = _error(_write(tmp_path, cfg))
+    assert "finetune.packing" in msg and "True, False or 'auto'" in msg and "\n" not in msg.strip()
+
+
 def test_unknown_top_level_key(tmp_path, tiny_models, tiny_data):
     cfg = mini_config_dict(tiny_models, tiny_data) | {"candidats": []}
     assert "did you mean 'candidates'" in _error(_write(tmp_path, cfg))
