@@ -125,10 +125,13 @@ def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
 def fuse_small_loras(model: torch.nn.Module) -> list[Any]:
     """Switch LoRA layers whose factored form is slow to the fused W + s*B@A form; return the layers switched.
 
-    Per token, peft's factored path costs ~6*r*(in+out) FLOPs over training (three thin matmuls forward, more
-    backward), the fused path 2*in*out for the dense weight gradient, in full-size matmuls. Thin matmuls run far
-    below peak, so the fused form is chosen up to twice the factored FLOPs: it pays on narrow models (the demo
-    zoo: ~15% faster steps on CPU) and never on 7B-class widths (r=16 of 4096: the factored form is 40x cheaper).
+    peft's factored path runs three matmuls forward (one full-size, two thin) and six backward, each a separate
+    autograd node; the fused path (_FusedLora) runs one full-size matmul forward and, backward, the input's
+    gradient plus the cheaper route to A's and B's. Its price is a merged in x out weight per layer, built each
+    call and kept for the backward pass: negligible on narrow models (the demo zoo: faster steps on CPU), a
+    second copy of the weights on 7B-class ones. So it is used where the merged weight is small next to the
+    factored path's thin-matmul work, 2*in*out <= 12*r*(in+out): true for the demo's 96-wide layers (r=16),
+    false at 4096 wide, where peft's path stays.
     Only plain LoRA layers qualify (one active adapter, no dropout, no DoRA, nn.Linear base). Loss and gradients
     are the same up to float rounding; undo with unfuse_loras.
     """
@@ -325,7 +328,7 @@ def batch_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     kwargs = {k: v for k, v in batch.items() if k != "targets"}
     if base_of(model).config._attn_implementation != PACKED_ATTENTION:
         kwargs.pop("cu_seq_lens_q", None)  # flash attention / SDPA read the rows from position_ids instead
-    partial = len(keep) < tgt.shape[1] or not bool(where.all())  # all positions learned: nothing to skip
+    partial = not bool(where.all())  # every position learned: nothing to skip
     with mlp_only_at(last_mlp(model) if partial else None, where):
         logits = model(**kwargs, use_cache=False, logits_to_keep=keep).logits
     return torch.nn.functional.cross_entropy(
@@ -358,7 +361,7 @@ def auto_token_budget(model: torch.nn.Module, dev: torch.device, checkpointing: 
 def resolve_packing(packing: bool | str, attn: str) -> bool:
     """`packing` itself, or for "auto": pack only where flash-attention's variable-length kernels read packed rows.
 
-    With SDPA a pack needs one attention call per row; on the demo's CPU bench that made packed steps ~10% slower
+    With SDPA a pack needs one attention call per row; on the demo's CPU bench that made packed steps ~6% slower
     than length-grouped padded batches (1.5% padding), which SDPA runs as one causal call.
     """
     return attn.startswith("flash_attention") if packing == "auto" else bool(packing)
@@ -382,8 +385,8 @@ def train_steps(
     Each step takes `batch_size` rows; the loss is the mean over the step's target tokens (labels that are
     not IGNORE, next-token shifted). With `packing` the rows go end to end in one padding-free sequence per
     micro-batch; without it they are right-padded, length-grouped batches; "auto" picks (resolve_packing).
-    `max_tokens` caps a micro-batch
-    (default: what fits in GPU memory, unlimited on CPU). CUDA runs in bf16 autocast; CPU in float32.
+    `max_tokens` caps a micro-batch (default: what fits in GPU memory, unlimited on CPU). CUDA runs in bf16
+    autocast; CPU in float32.
     """
     inner = base_of(model)
     attn = inner.config._attn_implementation
