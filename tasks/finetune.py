@@ -305,7 +305,7 @@ def mlp_only_at(mlp: torch.nn.Module | None, where: torch.Tensor) -> Iterator[No
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
-        out[where] = full(x[where])
+        out[where] = full(x[where][None])[0]  # as one (1, kept, hidden) row: MoE blocks read a 3-D shape
         return out
 
     mlp.forward = forward
