@@ -41,3 +41,28 @@ def test_merge_memory_quick():
     out = run("bench/merge_memory.py", "--quick", "--limit-x", "3000")
     assert "peak RSS (ru_maxrss)" in out and "peak anon RSS (sampled)" in out and "n/a (tiny shape)" in out
     assert "completed under a 3000x memory.max: " in out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux")
+def test_merge_memory_quick_sharded():
+    # the 7B path (models written shard by shard, an absolute GiB limit) on the tiny shape
+    out = run("bench/merge_memory.py", "--quick", "--shape", "7b", "--limit-gb", "1")
+    assert "written shard by shard" in out and "n/a (tiny shape)" in out
+    assert "completed under a 1 GiB memory.max: " in out
+
+
+def test_merge_memory_shards_load_as_mistral(tmp_path):
+    # the direct writer must produce the folder transformers itself would: same names, shapes, no missing keys
+    import importlib.util
+
+    import torch
+    from transformers import MistralForCausalLM
+
+    spec = importlib.util.spec_from_file_location("merge_memory", ROOT / "bench" / "merge_memory.py")
+    merge_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge_memory)
+    params = merge_memory.write_shards(tmp_path, merge_memory.TINY, seed=0)
+    model, info = MistralForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not any(info.values()), info
+    assert params == sum(p.numel() for p in model.parameters())
+    assert model.dtype == torch.bfloat16 and len(list(tmp_path.glob("*.safetensors"))) == 2 + 2
