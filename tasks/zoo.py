@@ -186,8 +186,10 @@ def _train(model: Any, tok: Any, spec: ZooModel) -> dict[str, Any]:
     for t in texts:
         ids = tok(t, add_special_tokens=False)["input_ids"][:256]
         rows.append((ids, ids))
+    # packing pinned: the zoo's key (zoo_key) names its recipe, and the recipe was built packed, so a store's
+    # existing zoo models stay what a fresh build makes (finetune's packing default is "auto")
     return train_steps(model, rows, lr=spec.lr, steps=spec.steps, batch_size=batch, seed=spec.seed,
-                       pad_id=tok.pad_token_id)
+                       pad_id=tok.pad_token_id, packing=True)
 
 
 def ensure_zoo_model(store: Store, name: str, log: Callable[[str], None] = print) -> Path:
