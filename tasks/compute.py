@@ -1,7 +1,8 @@
 """Where the GPU stages run: each takes a batch of jobs and returns their results in order.
 
-`compute.mode: local` runs every job in this process, one after another (a single GPU or CPU gains nothing
-from running two trainings at once). `compute.mode: pool` sends every job whose result is not in the store
+`compute.mode: local` runs every job in this process, one after another (a GPU gains little from two trainings
+at once), except that on a CPU-only machine fine-tunes run side by side in worker processes (`compute.workers`,
+tasks/workers.py: a small model's step does not speed up with threads, but two processes do twice the work). `compute.mode: pool` sends every job whose result is not in the store
 yet to a Prefect work pool as one run of a stage deployment (flows/stages.py), all at once, and waits for
 them through the API. The jobs' arguments are JSON-able, so a stage run gets exactly the arguments the local
 call would: identical code, identical results. The store must be shared with the workers (one folder
@@ -21,6 +22,7 @@ from tasks.finetune import finetune_task
 from tasks.generate import generate_task
 from tasks.merge import merge_task
 from tasks.store import Store
+from tasks.workers import local_workers, side_by_side
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -86,7 +88,7 @@ def merge_models(merge: Merge, paths: dict[str, str], key: str, compute: Compute
 def finetune_all(jobs: list[FinetuneJob], compute: ComputeConfig, store: str) -> list[tuple[str, bool]]:
     """(adapter folder, reused?) for every job, in order."""
     if compute.mode == "local":
-        return _local(jobs, finetune_task, store, "finetune")
+        return _local(jobs, finetune_task, store, "finetune", local_workers(compute))
     calls = [StageCall("finetune", f"finetune-{j.model}-{j.dataset}", _params(j, store), f"adapters/{j.key}", j.key)
              for j in jobs]
     st = Store(store)
@@ -108,13 +110,24 @@ def _params(job: FinetuneJob | GenerateJob, store: str) -> dict[str, Any]:
     return out | {"store_root": store}
 
 
-def _local(jobs: list[Any], task: Callable[..., tuple[str, bool]], store: str, stage: str) -> list[tuple[str, bool]]:
-    """Run jobs one after another in this process, with a progress artifact while it takes a while."""
+def _local(
+    jobs: list[Any], task: Callable[..., tuple[str, bool]], store: str, stage: str, workers: int = 1
+) -> list[tuple[str, bool]]:
+    """Run jobs in this process, with a progress artifact while it takes a while: one after another, or with
+    `workers` over 1 submitted together, each task handing its work to a worker process (tasks.workers)."""
     progress = Progress(_label(stage, [j.dataset for j in jobs]), len(jobs))
-    results = []
-    for job in jobs:
-        results.append(task(**vars(job), store_root=store))
-        progress.done(1)
+    if workers <= 1 or len(jobs) <= 1:
+        results = []
+        for job in jobs:
+            results.append(task(**vars(job), store_root=store))
+            progress.done(1)
+        return results
+    with side_by_side(workers):
+        futures = [task.submit(**vars(job), store_root=store) for job in jobs]
+        results = []
+        for f in futures:
+            results.append(f.result())
+            progress.done(1)
     return results
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import UserError
 from tasks.plan import BudgetConfig
@@ -165,6 +165,19 @@ class ComputeConfig(Frozen):
 
     mode: Literal["local", "pool"] = Field(default="local", description="local: in-process; pool: a Prefect work pool.")
     pool: str | None = Field(default=None, description="Work pool name when mode is pool.")
+    workers: int | Literal["auto"] = Field(
+        default="auto",
+        description="mode local: fine-tunes run at once, each in its own process with one CPU thread; auto: one "
+        "per CPU core (at most 8) on a machine without a GPU, 1 with one.",
+    )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        """A whole number of at least 1, or auto."""
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"should be a whole number of processes (1 or more) or auto, not {v!r}")
 
 
 class SearchConfig(Frozen):

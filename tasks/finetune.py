@@ -15,6 +15,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.store import Store, content_key
+from tasks.workers import in_worker
 
 if TYPE_CHECKING:
     from tasks.config import FinetuneConfig
@@ -543,7 +544,7 @@ def finetune_task(
     if store.exists(rel):
         return str(store.local_dir(rel)), True
     with store.new_dir(rel) as tmp:
-        m = finetune(model_dir, load_examples(train_path), cfg, tmp)
+        m = in_worker(finetune, model_dir, load_examples(train_path), cfg, tmp)  # a worker process if side by side
     get_run_logger().info(
         f"finetune {model} on {dataset}: loss {m['loss_first']} -> {m['loss_last']}, {m['steps']} steps, "
         f"{m['tokens_per_s']:.0f} tokens/s, peak memory {m['peak_rss_mb']:.0f} MB resident"

@@ -59,6 +59,13 @@ def test_bad_packing_value_lists_the_choices(tmp_path, tiny_models, tiny_data):
     assert "finetune.packing" in msg and "True, False or 'auto'" in msg and "\n" not in msg.strip()
 
 
+@pytest.mark.parametrize("value", [0, "many", True])
+def test_bad_workers_value(tmp_path, tiny_models, tiny_data, value):
+    cfg = mini_config_dict(tiny_models, tiny_data) | {"compute": {"workers": value}}
+    msg = _error(_write(tmp_path, cfg))
+    assert "compute.workers: should be a whole number of processes (1 or more) or auto" in msg
+
+
 def test_unknown_top_level_key(tmp_path, tiny_models, tiny_data):
     cfg = mini_config_dict(tiny_models, tiny_data) | {"candidats": []}
     assert "did you mean 'candidates'" in _error(_write(tmp_path, cfg))

@@ -1,0 +1,59 @@
+"""Local fine-tunes side by side in worker processes compute what one after another computes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from prefect import flow
+from safetensors.torch import load_file
+
+from tasks.compute import FinetuneJob, finetune_all
+from tasks.config import ComputeConfig, FinetuneConfig
+from tasks.workers import local_workers
+
+
+@pytest.fixture(autouse=True)
+def stop_server():
+    """Stop the flows' temporary Prefect server before pytest closes its output (it logs a line when stopping)."""
+    yield
+    from flows.search import stop_temporary_server
+
+    stop_temporary_server()
+
+
+@flow
+def finetune_flow(jobs: list[FinetuneJob], workers: int, store: str) -> list[tuple[str, bool]]:
+    return finetune_all(jobs, ComputeConfig(workers=workers), store)
+
+
+def spawned_workers() -> int:
+    """Live multiprocessing workers under this process (the pool's spawned children)."""
+    return sum("multiprocessing" in " ".join(p.cmdline()) for p in psutil.Process().children(recursive=True))
+
+
+def test_side_by_side_equals_one_after_another(tmp_path, tiny_models, tiny_data):
+    cfg = FinetuneConfig(max_steps=3, batch_size=4, learning_rate=3e-3, max_length=128)
+    jobs = [FinetuneJob(name, "extraction", str(path), str(tiny_data["extraction"][0]), cfg, f"k-{name}")
+            for name, path in tiny_models.items()]
+    one = finetune_flow(jobs, 1, str(tmp_path / "one"))
+    two = finetune_flow(jobs, 2, str(tmp_path / "two"))
+    assert spawned_workers() >= 2  # the second run really went to worker processes
+    for (a, reused_a), (b, reused_b) in zip(one, two):
+        assert not reused_a and not reused_b
+        ma, mb = (json.loads((Path(p) / "train_metrics.json").read_text()) for p in (a, b))
+        assert ma["loss_first"] == pytest.approx(mb["loss_first"], rel=1e-4)
+        assert ma["loss_last"] == pytest.approx(mb["loss_last"], rel=1e-4)
+        wa, wb = (load_file(str(Path(p) / "adapter_model.safetensors")) for p in (a, b))
+        assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    again = finetune_flow(jobs, 2, str(tmp_path / "two"))
+    assert again == [(p, True) for p, _ in two]  # stored: reused, nothing sent to the workers
+
+
+def test_auto_workers_follow_the_machine():
+    n = local_workers(ComputeConfig())
+    assert n == (1 if torch.cuda.is_available() else max(1, min(8, psutil.cpu_count())))
+    assert local_workers(ComputeConfig(workers=3)) == 3
