@@ -2,11 +2,12 @@
 
 `compute.mode: local` runs every job in this process, one after another (a GPU gains little from two trainings
 at once), except that on a CPU-only machine fine-tunes run side by side in worker processes (`compute.workers`,
-tasks/workers.py: a small model's step does not speed up with threads, but two processes do twice the work). `compute.mode: pool` sends every job whose result is not in the store
-yet to a Prefect work pool as one run of a stage deployment (flows/stages.py), all at once, and waits for
-them through the API. The jobs' arguments are JSON-able, so a stage run gets exactly the arguments the local
-call would: identical code, identical results. The store must be shared with the workers (one folder
-mounted at the same path everywhere), since results travel through it, not through Prefect.
+tasks/workers.py: a small model's step does not speed up with threads, but two processes do twice the work).
+`compute.mode: pool` sends every job whose result is not in the store yet to a Prefect work pool as one run
+of a stage deployment (flows/stages.py), all at once, and waits for them through the API. The jobs' arguments
+are JSON-able, so a stage run gets exactly the arguments the local call would: identical code, identical
+results. The store must be shared with the workers (one folder mounted at the same path everywhere), since
+results travel through it, not through Prefect.
 """
 
 from __future__ import annotations
