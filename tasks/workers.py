@@ -33,7 +33,9 @@ def local_workers(compute: ComputeConfig) -> int:
         return compute.workers
     import torch
 
-    return 1 if torch.cuda.is_available() else max(1, min(AUTO_MAX, os.cpu_count() or 1))
+    # the cores this process may run on (a container's cpuset), where the OS says; else all of the machine's
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 1 if torch.cuda.is_available() else max(1, min(AUTO_MAX, cores))
 
 
 def _init_worker() -> None:

@@ -55,5 +55,5 @@ def test_side_by_side_equals_one_after_another(tmp_path, tiny_models, tiny_data)
 
 def test_auto_workers_follow_the_machine():
     n = local_workers(ComputeConfig())
-    assert n == (1 if torch.cuda.is_available() else max(1, min(8, psutil.cpu_count())))
+    assert n == (1 if torch.cuda.is_available() else max(1, min(8, len(psutil.Process().cpu_affinity()))))
     assert local_workers(ComputeConfig(workers=3)) == 3
