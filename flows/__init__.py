@@ -9,6 +9,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Progress is logged per stage; transformers' own per-file bars would bury it.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# After Ctrl-C the CLI leaves at once (flows.search.exit_on_interrupt); multiprocessing's resource tracker, a
+# process of its own that reads this at its start, would then warn about the worker pool's semaphores it frees.
+os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:multiprocessing.resource_tracker")
 
 import warnings  # noqa: E402
 

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -257,6 +259,27 @@ def search(config: SearchConfig | str, store: str | None = None) -> dict[str, An
     return {"run_id": run_id, "report": report, "ranking": table.to_dict("records"), "stages": log.rows}
 
 
+def exit_on_interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C with Prefect's temporary server: say what is kept, stop the workers and the server, exit at once.
+
+    Ctrl-C interrupts the terminal's whole process group, the temporary server too; Prefect's own crash
+    handling would then retry reporting to the dead server for a minute or more before the command returned.
+    Nothing is lost by leaving at once: every finished result is already in the store (writes are atomic).
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from tasks.workers import stop_workers
+
+    print("\ninterrupted: every result finished before it is in the store; run the same command to go on",
+          file=sys.stderr, flush=True)
+    stop_workers()
+    for server in list(SubprocessASGIServer._instances.values()):  # when only this process got the signal
+        if server.server_process is not None and server.server_process.poll() is None:
+            server.server_process.terminate()
+    sys.stdout.flush()
+    os._exit(130)  # 128 + SIGINT, as shells report an interrupted command
+
+
 def stop_temporary_server() -> None:
     """Stop Prefect's temporary local server now rather than at exit, so its goodbye line is not printed last."""
     try:
@@ -282,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():  # a real server outlives Ctrl-C and takes Prefect's crash report at once
+        signal.signal(signal.SIGINT, exit_on_interrupt)
     result = search(config, store)
     stop_temporary_server()
     print()

@@ -39,11 +39,15 @@ def local_workers(compute: ComputeConfig) -> int:
 
 
 def _init_worker() -> None:
-    """Set up a worker process: one torch thread (the workers share the cores), the CLI's quiet defaults."""
+    """Set up a worker process: one torch thread (the workers share the cores), the CLI's quiet defaults, and a
+    quiet exit on Ctrl-C (the flow's process reports the interruption; a half-done fine-tune is never stored)."""
+    import signal
+
     import flows  # noqa: F401  (environment defaults and warning filters, as in the flow's process)
     import torch
 
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 
 def _pool(n: int) -> ProcessPoolExecutor:
@@ -69,3 +73,9 @@ def in_worker(fn: Callable[..., T], *args: Any) -> T:
     """fn(*args) in a worker process while side_by_side is open, else here. fn and args must pickle."""
     pool = _active
     return pool.submit(fn, *args).result() if pool is not None else fn(*args)
+
+
+def stop_workers() -> None:
+    """Terminate every worker process now (an interrupted search: a half-done fine-tune is never stored)."""
+    for proc in multiprocessing.active_children():
+        proc.terminate()
