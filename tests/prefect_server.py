@@ -129,3 +129,20 @@ def wait_worker_online(api_url: str, pool: str, timeout_s: float = 60.0) -> None
             return
         time.sleep(0.5)
     raise RuntimeError(f"no worker online on pool {pool} after {timeout_s} s")
+
+
+def slowed_search(prefix: str, seconds: float = 1.0) -> str:
+    """Source for `python -c`: the search CLI with every store Parquet write under `prefix` slowed by `seconds`,
+    so that a test can catch the search in that stage."""
+    return f"""
+import sys, time
+from tasks.store import Store
+write = Store.write_parquet
+def slow(self, rel, df):
+    if rel.startswith({prefix!r}):
+        time.sleep({seconds})
+    return write(self, rel, df)
+Store.write_parquet = slow
+from flows.search import main
+sys.exit(main(sys.argv[1:]))
+"""

@@ -14,23 +14,12 @@ import pytest
 import yaml
 
 from tests.conftest import mini_config_dict
-from tests.prefect_server import ROOT, prefect_env, start, stop
+from tests.prefect_server import ROOT, prefect_env, slowed_search, start, stop
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 # The search, with every outputs write slowed down, so that it is still running when Ctrl-C comes.
-SLOW_OUTPUTS = """
-import sys, time
-from tasks.store import Store
-write = Store.write_parquet
-def slow(self, rel, df):
-    if rel.startswith("outputs/"):
-        time.sleep(1.0)
-    return write(self, rel, df)
-Store.write_parquet = slow
-from flows.search import main
-sys.exit(main(sys.argv[1:]))
-"""
+SLOW_OUTPUTS = slowed_search("outputs/")
 
 
 def test_ctrl_c_leaves_at_once_and_keeps_finished_results(tiny_models, tiny_data, tmp_path):

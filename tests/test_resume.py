@@ -15,23 +15,12 @@ import pytest
 import yaml
 
 from tests.conftest import mini_config_dict
-from tests.prefect_server import ROOT, prefect_env, start, stop
+from tests.prefect_server import ROOT, prefect_env, slowed_search, start, stop
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 # The search, with every judged batch's write slowed down: judging then lasts long enough to be killed in.
-SLOW_JUDGING = '''
-import sys, time
-from tasks.store import Store
-write = Store.write_parquet
-def slow(self, rel, df):
-    if rel.startswith("judgments/"):
-        time.sleep(1.0)
-    return write(self, rel, df)
-Store.write_parquet = slow
-from flows.search import main
-sys.exit(main(sys.argv[1:]))
-'''
+SLOW_JUDGING = slowed_search("judgments/")
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
