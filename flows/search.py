@@ -2,14 +2,19 @@
 
     python -m flows.search                                # the bundled demo (configs/demo.yaml), on CPU
     python -m flows.search --config FILE [--store DIR]    # your own search
+
+The command line itself is flows/cli.py: run as `python -m flows.search`, this module hands over to it before
+its own heavy imports, so that --help and a config error answer in a fraction of a second.
 """
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":
+    from flows.cli import main as _main
+
+    raise SystemExit(_main())
+
 import os
-import signal
-import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -28,15 +33,13 @@ from tasks.finetune import adapter_key
 from tasks.generate import outputs_key, teacher_key, teacher_outputs
 from tasks.judge import judge_task, load_judgments, metric_scores, run_openai_judge
 from tasks.references import reference_outputs
-from tasks.models import candidate_task
+from tasks.candidates import candidate_task, zoo_task
 from tasks.prepare import DatasetInfo, Prepared, held_out, prepare
 from tasks.rate import rate
 from tasks.report import html_report, markdown_report, plot_ratings, ranking_rows, text_table
 from tasks.store import Store, content_key, resolve_store
 from tasks.validate import freeze_winner, runner_up, summarize
-
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
+from tasks.workers import local_workers
 
 class StageLog:
     """Wall time and computed/reused counts of every stage, for the log, the report and BENCHMARKS.md."""
@@ -84,7 +87,7 @@ def train_and_answer(
                         outputs_key(job.key, data.test_fp, cfg.generate))
             for m, job, (folder, _) in zip(models, ft_jobs, adapters)
         ]
-        results = generate_all(gen_jobs, cfg.compute, store)
+        results = generate_all(gen_jobs, cfg.compute, store, rows_per_job=len(data.test))
         outputs = {job.model: (rel, job.key) for job, (rel, _) in zip(gen_jobs, results)}
         for _, reused in results:
             _count(row, reused)
@@ -207,20 +210,27 @@ def search(config: SearchConfig | str, store: str | None = None) -> dict[str, An
     with log.stage("check") as row:
         prep = prepare(config)  # everything is checked before any model is loaded
         row["computed"] = len(prep.models) + len(prep.datasets)
+    for warning in prep.warnings:
+        logger.warning(warning)
     st = Store(store)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_id = f"{config.name}-{stamp}-{content_key(config.model_dump())[:6]}"
+    # pid and nanoseconds in the suffix: two runs started in the same second never share a run folder
+    run_id = f"{config.name}-{stamp}-{content_key(config.model_dump(), os.getpid(), time.time_ns())[:6]}"
     run_rel = f"runs/{run_id}"
     st.write_text(f"{run_rel}/config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     logger.info(f"run {run_id}: {len(prep.models)} models x {len(prep.datasets)} datasets, store {st.root}")
 
     paths: dict[str, str] = {}
     with log.stage("candidates") as row:
+        zoo = {c.name: c.path.removeprefix(ZOO_PREFIX) for c in config.candidates if c.path.startswith(ZOO_PREFIX)}
+        # Only a zoo model not yet in the store is built (all at once: siblings side by side); any other
+        # candidate is read where it is.
+        built = {n for n in zoo if not st.exists(f"models/{prep.models[n].fingerprint}")}
+        if built:
+            zoo_task(sorted(set(zoo.values())), store, local_workers(config.compute))
         for c in config.candidates:
-            # Only a zoo model not yet in the store is built; any other candidate is read where it is.
-            built = c.path.startswith(ZOO_PREFIX) and not st.exists(f"models/{prep.models[c.name].fingerprint}")
             paths[c.name] = candidate_task(c, store)
-            _count(row, not built)
+            _count(row, c.name not in built)
     with log.stage("merges") as row:
         for m in config.merges:
             paths[m.name], reused = merge_models(m, paths, prep.models[m.name].fingerprint, config.compute, store)
@@ -259,66 +269,12 @@ def search(config: SearchConfig | str, store: str | None = None) -> dict[str, An
     return {"run_id": run_id, "report": report, "ranking": table.to_dict("records"), "stages": log.rows}
 
 
-def exit_on_interrupt(signum: int, frame: Any) -> None:
-    """Ctrl-C with Prefect's temporary server: say what is kept, stop the workers and the server, exit at once.
-
-    Ctrl-C interrupts the terminal's whole process group, the temporary server too; Prefect's own crash
-    handling would then retry reporting to the dead server for a minute or more before the command returned.
-    Nothing is lost by leaving at once: every finished result is already in the store (writes are atomic).
-    """
-    from prefect.server.api.server import SubprocessASGIServer
-
-    from tasks.workers import stop_workers
-
-    print("\ninterrupted: every result finished before it is in the store; run the same command to go on",
-          file=sys.stderr, flush=True)
-    stop_workers()
-    for server in list(SubprocessASGIServer._instances.values()):  # when only this process got the signal
-        if server.server_process is not None and server.server_process.poll() is None:
-            server.server_process.terminate()
-    sys.stdout.flush()
-    os._exit(130)  # 128 + SIGINT, as shells report an interrupted command
-
-
-def stop_temporary_server() -> None:
-    """Stop Prefect's temporary local server now rather than at exit, so its goodbye line is not printed last."""
-    try:
-        from prefect.logging.handlers import APILogHandler
-        from prefect.server.api.server import SubprocessASGIServer
-    except ImportError:  # a Prefect without them: the server stops at exit as usual
-        return
-    APILogHandler().flush()  # send queued log lines while the server is still there to take them
-    for server in list(SubprocessASGIServer._instances.values()):
-        server.stop()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: validate the config up front, run the flow, print the ranking and the report's path."""
-    parser = argparse.ArgumentParser(prog="python -m flows.search", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(DEMO_CONFIG), help="search config YAML (default: the demo)")
-    parser.add_argument("--store", default=None, help="store folder or URL (default: $BASESEARCH_STORE or ./store)")
-    args = parser.parse_args(argv)
-    store = resolve_store(args.store)
-    try:
-        config = load_config(args.config)
-        prepare(config)  # fail fast, before Prefect starts or any model loads
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():  # a real server outlives Ctrl-C and takes Prefect's crash report at once
-        signal.signal(signal.SIGINT, exit_on_interrupt)
-    result = search(config, store)
-    stop_temporary_server()
-    print()
-    print(text_table(pd.DataFrame(result["ranking"])))
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """What the command line prints at the end: the ranking table, the counts, and the report's path last."""
     reused = sum(r["reused"] for r in result["stages"])
     computed = sum(r["computed"] for r in result["stages"] if r["stage"] not in ("check", "rate"))
-    print(f"\n{computed} results computed, {reused} reused from the store.")
-    print(f"report: {result['report']}")
-    return 0
+    return [text_table(pd.DataFrame(result["ranking"])), "",
+            f"{computed} results computed, {reused} reused from the store.", f"report: {result['report']}"]
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+from flows.cli import main, stop_temporary_server  # noqa: E402,F401  (the command line, importable from here too)

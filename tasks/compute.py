@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 from uuid import UUID
 
+from tasks import progress
 from tasks.errors import UserError
 from tasks.finetune import finetune_task
 from tasks.generate import generate_task
@@ -96,10 +97,11 @@ def finetune_all(jobs: list[FinetuneJob], compute: ComputeConfig, store: str) ->
     return [(str(st.local_dir(rel)), reused) for rel, reused in run_in_pool(calls, compute, store)]
 
 
-def generate_all(jobs: list[GenerateJob], compute: ComputeConfig, store: str) -> list[tuple[str, bool]]:
-    """(outputs Parquet path, reused?) for every job, in order."""
+def generate_all(jobs: list[GenerateJob], compute: ComputeConfig, store: str, rows_per_job: int = 0,
+                 ) -> list[tuple[str, bool]]:
+    """(outputs Parquet path, reused?) for every job, in order; `rows_per_job` (test rows) sizes the bar."""
     if compute.mode == "local":
-        return _local(jobs, generate_task, store, "generate")
+        return _local(jobs, generate_task, store, "generate", rows_per_job=rows_per_job)
     calls = [StageCall("generate", f"generate-{j.model}-{j.dataset}", _params(j, store), f"outputs/{j.key}.parquet",
                        j.key) for j in jobs]
     return run_in_pool(calls, compute, store)
@@ -112,24 +114,39 @@ def _params(job: FinetuneJob | GenerateJob, store: str) -> dict[str, Any]:
 
 
 def _local(
-    jobs: list[Any], task: Callable[..., tuple[str, bool]], store: str, stage: str, workers: int = 1
+    jobs: list[Any], task: Callable[..., tuple[str, bool]], store: str, stage: str, workers: int = 1,
+    rows_per_job: int = 0,
 ) -> list[tuple[str, bool]]:
-    """Run jobs in this process, with a progress artifact while it takes a while: one after another, or with
-    `workers` over 1 submitted together, each task handing its work to a worker process (tasks.workers)."""
-    progress = Progress(_label(stage, [j.dataset for j in jobs]), len(jobs))
-    if workers <= 1 or len(jobs) <= 1:
-        results = []
-        for job in jobs:
-            results.append(task(**vars(job), store_root=store))
-            progress.done(1)
+    """Run jobs in this process, with a progress artifact (the UI) and a bar (the terminal): one after another,
+    or with `workers` over 1 submitted together, each task handing its work to a worker process (tasks.workers).
+
+    The bar counts jobs, or with `rows_per_job` the rows the jobs tick through (generation: one tick per row).
+    """
+    label = _label(stage, [j.dataset for j in jobs])
+    artifact = Progress(label, len(jobs))
+    unit = "rows" if rows_per_job else "jobs"
+    with progress.bar(label, len(jobs) * (rows_per_job or 1), unit) as bar, progress.ticking(bar):
+        def finished(i: int, job: Any) -> None:
+            """One more job done: the artifact, and the bar up to where this job ends (a reused one ticks none)."""
+            artifact.done(1)
+            bar.advance((i + 1) * (rows_per_job or 1) - bar.done)
+            if i + 1 < len(jobs):
+                bar.describe(f"{label}: {jobs[i + 1].model}")
+
+        bar.describe(f"{label}: {jobs[0].model}" if jobs else label)
+        if workers <= 1 or len(jobs) <= 1:
+            results = []
+            for i, job in enumerate(jobs):
+                results.append(task(**vars(job), store_root=store))
+                finished(i, job)
+            return results
+        with side_by_side(workers):
+            futures = [task.submit(**vars(job), store_root=store) for job in jobs]
+            results = []
+            for i, (f, job) in enumerate(zip(futures, jobs)):
+                results.append(f.result())
+                finished(i, job)
         return results
-    with side_by_side(workers):
-        futures = [task.submit(**vars(job), store_root=store) for job in jobs]
-        results = []
-        for f in futures:
-            results.append(f.result())
-            progress.done(1)
-    return results
 
 
 def _label(stage: str, datasets: list[str]) -> str:

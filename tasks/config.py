@@ -5,47 +5,100 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import UserError
-from tasks.plan import BudgetConfig
-from tasks.rate import RatingConfig
+
+# A leaf module: only pydantic, yaml and the standard library, so that `--help` and every config error print fast.
 
 ZOO_PREFIX = "zoo:"
 TEACHER = "teacher"  # the contender made of each dataset's own assistant answers
+NAME_MAX = 64
+
+
+def name_problem(name: str) -> str | None:
+    """Why a name cannot be part of a file path or store key, or None when it can."""
+    if not name:
+        return "is empty"
+    if len(name) > NAME_MAX:
+        return f"is {len(name)} characters long"
+    bad = next((ch for ch in name if not (ch.isascii() and (ch.isalnum() or ch in "._-"))), None)
+    if bad is not None:
+        return f"contains {bad!r}"  # repr makes '/', '\\' and control characters visible
+    if not name[0].isalnum():
+        return f"starts with {name[0]!r}"
+    return "contains '..'" if ".." in name else None
+
+
+def _valid_name(name: str) -> str:
+    """The name, unchanged, or a ValueError saying what is wrong with it."""
+    why = name_problem(name)
+    if why:
+        raise ValueError(f"{name!r} {why}: names become parts of file paths and store keys, so use 1-{NAME_MAX} "
+                         "letters, digits, '-', '_' or '.', starting with a letter or digit")
+    return name
+
+
+def _valid_path(path: str) -> str:
+    """The path, unchanged, or a ValueError when it is empty or holds a control character."""
+    if not path.strip():
+        raise ValueError("is empty")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
+        raise ValueError(f"{path!r} contains a control character")
+    return path
+
+
+Name = Annotated[str, AfterValidator(_valid_name)]
+PathText = Annotated[str, AfterValidator(_valid_path)]
+
+
+def not_utf8(where: str, raw: bytes, err: UnicodeDecodeError) -> str:
+    """One line naming the line and column of the first byte that is not UTF-8 in `raw` (read from `where`)."""
+    line = raw.count(b"\n", 0, err.start) + 1
+    column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+    return f"{where}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}); save the file as UTF-8"
 
 
 class Frozen(BaseModel):
-    """Base of every config model: immutable, and unknown keys are errors."""
+    """Base of every config model: immutable, unknown keys are errors, and floats are finite (no .inf or .nan)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Candidate(Frozen):
     """A base model to try."""
 
-    name: str = Field(description="Short name used in tables, run names and merge recipes.")
-    path: str = Field(description="Hugging Face id, local folder, or zoo:NAME (the demo zoo, built on demand).")
+    name: Name = Field(description="Short name used in tables, run names, store paths and merge recipes.")
+    path: PathText = Field(description="Hugging Face id, local folder, or zoo:NAME (the demo zoo, built on demand).")
 
 
 class Merge(Frozen):
     """A candidate made from other candidates by a mergekit recipe."""
 
-    name: str = Field(description="Short name of the merged model.")
+    name: Name = Field(description="Short name of the merged model.")
     recipe: dict[str, Any] = Field(
         description="A mergekit config, verbatim; `model:` and `base_model:` may name a candidate."
     )
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe_shape(cls, recipe: dict[str, Any]) -> dict[str, Any]:
+        """The recipe has the shape mergekit reads (its full check, with mergekit, comes later in prepare)."""
+        problem = recipe_problem(recipe)
+        if problem:
+            raise ValueError(problem)
+        return recipe
 
 
 class DatasetSpec(Frozen):
     """One customer task: train and test rows in the OpenAI fine-tuning format."""
 
-    name: str = Field(description="Short name of the dataset.")
-    train: str = Field(description="JSONL, Parquet or a `datasets` folder of training rows.")
-    test: str = Field(description="JSONL, Parquet or a `datasets` folder of test rows.")
+    name: Name = Field(description="Short name of the dataset.")
+    train: PathText = Field(description="JSONL, Parquet or a `datasets` folder of training rows.")
+    test: PathText = Field(description="JSONL, Parquet or a `datasets` folder of test rows.")
     metric: Literal["exact", "json", "rouge"] | None = Field(
         default=None, description="How the metric judge scores an output; inferred from the data when absent."
     )
@@ -54,7 +107,7 @@ class DatasetSpec(Frozen):
 class Reference(Frozen):
     """A model reached over an OpenAI-compatible API, judged beside the fine-tunes."""
 
-    name: str = Field(description="Short name of the reference (e.g. gpt-4).")
+    name: Name = Field(description="Short name of the reference (e.g. gpt-4).")
     model: str = Field(description="Model id sent to the endpoint.")
     base_url: str | None = Field(default=None, description="Endpoint; None means OpenAI's.")
     api_key_env: str = Field(default="OPENAI_API_KEY", description="Environment variable holding the API key.")
@@ -180,10 +233,54 @@ class ComputeConfig(Frozen):
         raise ValueError(f"should be a whole number of processes (1 or more) or auto, not {v!r}")
 
 
+class RatingConfig(Frozen):
+    """How judgments become ratings: tie model, weights, anchor and confidence intervals."""
+
+    ties: Literal["davidson", "rao-kupper", "half"] = Field(
+        "davidson",
+        description="Tie model: Davidson (1970), Rao-Kupper (1967), or 'half' (a tie is half a win for each side).",
+    )
+    strong_weight: float = Field(
+        1.0, ge=0.0, description="Weight of a strength-2 (strong, A>>B) verdict; 2.0 counts it as two wins."
+    )
+    anchor: str | None = Field(
+        None, description="Contender pinned at anchor_rating (e.g. gpt-4); None or absent: the mean rating is pinned."
+    )
+    anchor_rating: float = Field(1000.0, description="Rating of the anchor contender, or the mean rating without one.")
+    ci: Literal["bootstrap", "fisher"] = Field(
+        "bootstrap",
+        description="Interval method: bootstrap over examples (sound, default) or inverse Fisher information (fast).",
+    )
+    bootstrap_rounds: int = Field(200, ge=2, description="Bootstrap replicates when ci is 'bootstrap'.")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Two-sided confidence of intervals and separation.")
+    seed: int = Field(0, description="Seed of the bootstrap resampling.")
+    ridge: float = Field(
+        1e-4,
+        ge=0.0,
+        description="Gaussian prior precision on log-strengths (nats^-2); keeps ratings finite when a contender "
+        "wins or loses everything. 1e-4 is a prior s.d. of 100 nats, negligible against real data.",
+    )
+
+
+class BudgetConfig(Frozen):
+    """How many comparisons to plan and when to stop judging."""
+
+    strategy: Literal["adaptive", "all-pairs"] = Field(
+        "adaptive", description="'adaptive': warm-up, then leader vs overlapping challengers; 'all-pairs': everything."
+    )
+    warmup_per_pair: int = Field(4, ge=0, description="Examples judged for every pair in the uniform warm-up, planned as one round of its own.")
+    round_size: int = Field(200, ge=1, description="Comparisons planned per adaptive round after the warm-up.")
+    max_comparisons: int | None = Field(None, ge=1, description="Stop once this many judgments exist (None: no cap).")
+    max_usd: float | None = Field(None, ge=0.0, description="Stop once the judge has cost this many dollars (None: no cap).")
+    confidence: float = Field(
+        0.95, gt=0.0, lt=1.0, description="Stop when the leader's interval at this confidence overlaps no other's."
+    )
+
+
 class SearchConfig(Frozen):
     """A whole search: what to try, what to score it on, and how."""
 
-    name: str = Field(description="Names the runs.")
+    name: Name = Field(description="Names the runs (and their folders in the store).")
     candidates: list[Candidate] = Field(min_length=1, description="Base models to try.")
     merges: list[Merge] = Field(default_factory=list, description="mergekit recipes over the candidates.")
     datasets: list[DatasetSpec] = Field(min_length=1, description="Customer datasets the search is scored on.")
@@ -203,7 +300,10 @@ class SearchConfig(Frozen):
     def _names_are_consistent(self) -> "SearchConfig":
         """Names are unique, merges name known models, baselines are candidates."""
         models = [c.name for c in self.candidates] + [m.name for m in self.merges]
-        contenders = models + [r.name for r in self.references] + [TEACHER]
+        contenders = models + [r.name for r in self.references]
+        if TEACHER in contenders:
+            raise ValueError(f"'{TEACHER}' is reserved for the datasets' own answers; rename that candidate, merge or "
+                             "reference")
         _no_duplicates(contenders, "candidates/merges/references")
         _no_duplicates([d.name for d in self.datasets], "datasets")
         for i, merge in enumerate(self.merges):
@@ -229,18 +329,45 @@ class SearchConfig(Frozen):
         return kinds | {TEACHER: "reference"}
 
 
+def _entries_problem(value: Any, where: str, key: str, example: str) -> str | None:
+    """Why `value` (at `where` in a recipe) is not a list of mappings that each have `key`, or None."""
+    if not isinstance(value, list):
+        return f"{where}: should be a list of {example} entries, not {type(value).__name__} {value!r:.40}"
+    bad = next((i for i, entry in enumerate(value) if not isinstance(entry, dict) or key not in entry), None)
+    return None if bad is None else f"{where}[{bad}]: should be a mapping like {example}, not {value[bad]!r:.40}"
+
+
+def recipe_problem(recipe: dict[str, Any]) -> str | None:
+    """What makes a mergekit recipe's shape unusable (a string where a list belongs, ...), or None."""
+    method = recipe.get("merge_method")
+    if not isinstance(method, str) or not method.strip():
+        return "merge_method: missing (a mergekit method name, e.g. slerp, ties or linear)"
+    if "modules" in recipe:  # model names are swapped for folders in models/slices only
+        return "modules: not supported here; list the inputs under `models:` or `slices:`"
+    if not isinstance(recipe.get("base_model", ""), (str, dict)):
+        return f"base_model: should be a model name, not {recipe['base_model']!r:.40}"
+    if "models" in recipe and (why := _entries_problem(recipe["models"], "models", "model", "{model: NAME}")):
+        return why
+    if "slices" in recipe and (why := _entries_problem(recipe["slices"], "slices", "sources", "{sources: [...]}")):
+        return why
+    for i, sl in enumerate(recipe.get("slices") or []):
+        example = "{model: NAME, layer_range: [0, N]}"
+        if why := _entries_problem(sl["sources"], f"slices[{i}].sources", "model", example):
+            return why
+    return None
+
+
 def recipe_models(recipe: dict[str, Any]) -> list[str]:
-    """Every model a mergekit recipe names (models, base_model, slices' sources)."""
-    names: list[str] = []
-    if isinstance(recipe.get("base_model"), str):
-        names.append(recipe["base_model"])
-    for entry in recipe.get("models") or []:
-        if isinstance(entry, dict) and isinstance(entry.get("model"), str):
-            names.append(entry["model"])
-    for sl in recipe.get("slices") or []:
-        for src in (sl or {}).get("sources") or []:
-            if isinstance(src, dict) and isinstance(src.get("model"), str):
-                names.append(src["model"])
+    """Every model a mergekit recipe names (models, base_model, slices' sources); misshapen parts are skipped."""
+
+    def listed(value: Any) -> list[Any]:
+        """The value when it is a list, else nothing (a string here is recipe_problem's to report)."""
+        return value if isinstance(value, list) else []
+
+    slices = [sl for sl in listed(recipe.get("slices")) if isinstance(sl, dict)]
+    entries = listed(recipe.get("models")) + [src for sl in slices for src in listed(sl.get("sources"))]
+    names = [recipe["base_model"]] if isinstance(recipe.get("base_model"), str) else []
+    names += [e["model"] for e in entries if isinstance(e, dict) and isinstance(e.get("model"), str)]
     return list(dict.fromkeys(names))
 
 
@@ -322,8 +449,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make dataset and local candidate paths absolute, relative to the config file's folder."""
 
     def fix(p: Any) -> Any:
-        if not isinstance(p, str) or p.startswith(ZOO_PREFIX) or "://" in p or os.path.isabs(p):
-            return p
+        if not isinstance(p, str) or p.startswith(ZOO_PREFIX) or "://" in p or os.path.isabs(p) or "\0" in p:
+            return p  # (a NUL byte is left for the field's check to name)
         return str((base / p).resolve())
 
     def fix_dataset(d: Any) -> Any:
@@ -351,7 +478,11 @@ def load_config(path: str | os.PathLike[str]) -> SearchConfig:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(not_utf8(str(path), data, e)) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:

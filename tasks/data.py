@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.config import not_utf8
 from tasks.errors import UserError
-from tasks.store import file_fingerprint
+
+# pandas, pyarrow and `datasets` are imported only where a Parquet file or a `datasets` folder is read: a dataset
+# error in JSONL prints before they would have loaded.
 
 ROLES = {"system", "user", "assistant"}
+# Without the model's tokenizer a row's tokens can only be bounded. Whole prompts average 3.5-4.5 UTF-8 bytes a
+# token with the Mistral, Llama and GPT tokenizers on English prose (code, JSON and other scripts take more
+# tokens), so bytes / 6 is a lower bound no real prompt goes below: a row refused with it is surely too long.
+MAX_BYTES_PER_TOKEN = 6
+# A row over this many times finetune.max_length is a broken row (a pasted file), not a long one: a 1 MB test
+# prompt once made generation try to allocate 176 GB.
+ABSURD_FACTOR = 8
+# Ratings' confidence intervals resample the test rows: with one row they have zero width and "separate" anyone.
+MIN_TEST_ROWS = 5
 
 
 @dataclass(frozen=True)
@@ -21,6 +33,7 @@ class Example:
     prompt: list[dict[str, str]]
     answer: str
     expected: Any = None
+    line: int = field(default=0, compare=False)  # where the row is in its file (row number for Parquet/datasets)
 
     @property
     def truth(self) -> Any:
@@ -34,7 +47,10 @@ def _check_row(row: Any, where: str, line: int) -> Example:
         raise UserError(f"{where}:{line}: expected a JSON object with 'messages'")
     msgs = row.get("messages")
     if isinstance(msgs, str):  # Parquet files sometimes hold messages as a JSON string
-        msgs = json.loads(msgs)
+        try:
+            msgs = json.loads(msgs)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}:{line}: 'messages' is text but not JSON ({e.msg})") from None
     if hasattr(msgs, "tolist"):  # Parquet hands back a numpy array of dicts
         msgs = msgs.tolist()
     if not isinstance(msgs, (list, tuple)) or not msgs:
@@ -47,6 +63,10 @@ def _check_row(row: Any, where: str, line: int) -> Example:
         raise UserError(f"{where}:{line}: no assistant message at the end (the teacher's answer)")
     if len(msgs) < 2:
         raise UserError(f"{where}:{line}: the assistant answer needs a prompt before it")
+    if not any(m["role"] == "user" for m in msgs[:-1]):
+        raise UserError(f"{where}:{line}: no user message before the assistant answer (the prompt needs a user turn)")
+    if not msgs[-1]["content"].strip():
+        raise UserError(f"{where}:{line}: the assistant answer (the last message) is empty; there is nothing to learn")
     rid = row.get("id")
     expected = row.get("expected")
     if isinstance(expected, str) and expected[:1] in "{[":
@@ -59,33 +79,81 @@ def _check_row(row: Any, where: str, line: int) -> Example:
         prompt=[{"role": m["role"], "content": m["content"]} for m in msgs[:-1]],
         answer=msgs[-1]["content"],
         expected=expected,
+        line=line,
     )
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (library errors can span many)."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _folder_rows(path: Path) -> list[tuple[int, Any]]:
+    """(row number, raw row) pairs from a Hugging Face `datasets` folder saved with save_to_disk."""
+    if (path / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        except (ValueError, KeyError, TypeError):
+            splits = ["train"]
+        raise UserError(f"{path}: a `datasets` DatasetDict with splits {', '.join(map(str, splits))}; point train "
+                        f"and test at one split's folder, e.g. {path / str(splits[0])}")
+    if not (path / "state.json").is_file():  # checked first: importing `datasets` alone costs seconds
+        raise UserError(f"{path}: a folder, but not a Hugging Face `datasets` folder (no state.json; write one with "
+                        "Dataset.save_to_disk, or give the rows as JSONL or Parquet)")
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - any load failure is the user's folder
+        raise UserError(f"{path}: not a readable Hugging Face `datasets` folder ({_first_line(e)})") from None
+    return [(i + 1, r) for i, r in enumerate(ds)]
+
+
+def _parquet_rows(path: Path) -> list[tuple[int, Any]]:
+    """(row number, raw row) pairs from a Parquet file."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+        fh.seek(0, 2)
+        size = fh.tell()
+        fh.seek(max(0, size - 4))
+        tail = fh.read(4)
+    if size < 12 or head != b"PAR1" or tail != b"PAR1":  # checked first: a text file would drown pyarrow
+        raise UserError(f"{path}: not a Parquet file (it does not start and end with the bytes PAR1); write it "
+                        "with DataFrame.to_parquet, or give the rows as JSONL")
+    import pandas as pd
+
+    try:
+        records = pd.read_parquet(path).to_dict("records")
+    except Exception as e:  # noqa: BLE001 - a damaged file is the user's
+        raise UserError(f"{path}: cannot read this Parquet file ({_first_line(e)})") from None
+    return [(i + 1, r) for i, r in enumerate(records)]
+
+
+def _jsonl_rows(path: Path) -> list[tuple[int, Any]]:
+    """(line number, raw row) pairs from a JSONL file (UTF-8)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is still UTF-8
+    except UnicodeDecodeError as e:
+        raise UserError(not_utf8(str(path), raw, e)) from None
+    rows = []
+    # Split on newlines only: JSON strings may hold U+2028 and other characters str.splitlines() breaks at.
+    for i, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((i, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{i}: broken JSON line ({e.msg})") from None
+    return rows
 
 
 def _raw_rows(path: Path) -> list[tuple[int, Any]]:
     """(line number, raw row) pairs from a JSONL file, a Parquet file or a `datasets` folder."""
     if path.is_dir():
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as e:  # noqa: BLE001 - any load failure is the user's folder
-            raise UserError(f"{path}: not a Hugging Face `datasets` folder ({e})") from None
-        return [(i + 1, r) for i, r in enumerate(ds)]
-    if path.suffix == ".parquet":
-        import pandas as pd
-
-        return [(i + 1, r) for i, r in enumerate(pd.read_parquet(path).to_dict("records"))]
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for i, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                rows.append((i, json.loads(text)))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i}: broken JSON line ({e.msg})") from None
-    return rows
+        return _folder_rows(path)
+    return _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)
 
 
 def load_examples(path: str) -> list[Example]:
@@ -103,8 +171,43 @@ def load_examples(path: str) -> list[Example]:
     return examples
 
 
+def min_tokens(text: str) -> int:
+    """A lower bound on the tokens of `text` under any common tokenizer (see MAX_BYTES_PER_TOKEN)."""
+    return -(-len(text.encode("utf-8")) // MAX_BYTES_PER_TOKEN)
+
+
+def check_lengths(examples: list[Example], path: str, max_length: int, train: bool) -> None:
+    """Refuse a training row whose prompt alone surely fills max_length, and any absurdly long row."""
+    for e in examples:
+        prompt = sum(min_tokens(m["content"]) for m in e.prompt)
+        total = prompt + min_tokens(e.answer)
+        if train and prompt >= max_length:
+            raise UserError(
+                f"{path}:{e.line}: the prompt alone is at least {prompt} tokens, but finetune.max_length is "
+                f"{max_length}: no token of the answer would be trained; raise finetune.max_length or shorten "
+                "the prompt"
+            )
+        if total > ABSURD_FACTOR * max_length:
+            raise UserError(
+                f"{path}:{e.line}: the row is at least {total} tokens, over {ABSURD_FACTOR}x finetune.max_length "
+                f"({max_length}); it looks broken (fix or drop it), or raise finetune.max_length"
+            )
+
+
+def check_test_size(examples: list[Example], path: str) -> None:
+    """Refuse a test split too small for the ratings' confidence intervals to mean anything."""
+    if len(examples) < MIN_TEST_ROWS:
+        raise UserError(
+            f"{path}: the test split has {len(examples)} row(s), fewer than {MIN_TEST_ROWS}: ratings' confidence "
+            "intervals resample the test rows, and with so few they collapse to zero width and \"separate\" "
+            "contenders on no evidence; add test rows"
+        )
+
+
 def dataset_fingerprint(path: str) -> str:
     """Content hash of a dataset file (or folder)."""
+    from tasks.store import file_fingerprint  # imported here: the store pulls in pandas and fsspec
+
     return file_fingerprint(path)
 
 

@@ -14,6 +14,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks import progress
 from tasks.store import Store, content_key
 from tasks.workers import in_worker
 
@@ -466,6 +467,7 @@ def _train_steps(
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(step_loss))
+        progress.tick()  # the terminal's bar, wherever it is drawn (nothing when none is bound)
         tokens += sum(len(x) for x, _ in step_rows)
         padded += step_padded
     seconds = time.perf_counter() - t0
@@ -541,10 +543,12 @@ def finetune_task(
     from tasks.data import load_examples
 
     store, rel = Store(store_root), f"adapters/{key}"
-    if store.exists(rel):
-        return str(store.local_dir(rel)), True
-    with store.new_dir(rel) as tmp:
-        m = in_worker(finetune, model_dir, load_examples(train_path), cfg, tmp)  # a worker process if side by side
+    with store.claim(rel) as todo:  # another run training the same adapter: wait for it, then reuse it
+        if not todo:
+            return str(store.local_dir(rel)), True
+        with store.new_dir(rel) as tmp:
+            m = in_worker(finetune, model_dir, load_examples(train_path), cfg, tmp,  # a worker process if side by side
+                          what=f"fine-tune of {model} on {dataset}")
     get_run_logger().info(
         f"finetune {model} on {dataset}: loss {m['loss_first']} -> {m['loss_last']}, {m['steps']} steps, "
         f"{m['tokens_per_s']:.0f} tokens/s, peak memory {m['peak_rss_mb']:.0f} MB resident"

@@ -13,6 +13,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks import progress
 from tasks.finetune import device, load_base, peak_memory_mb, prompt_text
 from tasks.store import Store, content_key
 
@@ -116,9 +117,11 @@ def generate(
     cfg: GenerateConfig,
 ) -> pd.DataFrame:
     """Greedy answers of base + LoRA adapter on `examples`, in length-sorted, left-padded batches."""
+    from tasks.workers import threads_for, torch_threads
+
     base, tok = cached_base(model_dir)
     try:
-        with merged_adapter(base, adapter_dir) as model:
+        with merged_adapter(base, adapter_dir) as model, torch_threads(threads_for(base.num_parameters())):
             return _generate(model, tok, dataset, examples, contender, cfg)
     except BaseException:
         _BASES.pop(str(Path(model_dir).resolve()), None)  # a failed merge may have left the weights changed
@@ -146,6 +149,7 @@ def _generate(model: Any, tok: Any, dataset: str, examples: list[Example], conte
                 pad_token_id=tok.pad_token_id, use_cache=True,
             )
         latency = (time.perf_counter() - t0) / len(idx)  # batch time shared evenly: s per example
+        progress.tick(len(idx))
         new = out[:, batch["input_ids"].shape[1] :]
         for row, i in enumerate(idx):
             ids = new[row].tolist()
@@ -180,10 +184,11 @@ def generate_task(
     from tasks.data import load_examples
 
     store, rel = Store(store_root), f"outputs/{key}.parquet"
-    if store.exists(rel):
-        return rel, True
-    df = generate(model_dir, adapter_dir, dataset, load_examples(test_path), model, cfg)
-    store.write_parquet(rel, df)
+    with store.claim(rel) as todo:  # another run generating the same outputs: wait for it, then reuse them
+        if not todo:
+            return rel, True
+        df = generate(model_dir, adapter_dir, dataset, load_examples(test_path), model, cfg)
+        store.write_parquet(rel, df)
     mem = df.attrs.get("peak_memory", {})
     get_run_logger().info(
         f"generate {model} on {dataset}: {int(df['completion_tokens'].sum())} tokens, peak memory "

@@ -15,6 +15,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.columns import JUDGMENT_COLUMNS  # shared with tasks.llm_judge, which imports nothing of this module
 from tasks.metrics import METRICS
 from tasks.store import Store, content_key
 
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
     from tasks.llm_judge import JudgeRun as LLMRun
 
 STAGE_VERSION = "1"
-JUDGMENT_COLUMNS = ["dataset", "example_id", "contender_a", "contender_b", "order", "winner", "strength", "judge",
-                    "raw", "prompt_tokens", "completion_tokens", "cost_usd", "error"]
 
 
 def _verdict(score_a: float, score_b: float, strong_margin: float) -> tuple[str, int]:
@@ -97,11 +96,12 @@ def judge_task(
     batches, reused = [], 0
     for a, b in combinations(sorted(outputs, key=lambda n: outputs[n][1]), 2):
         rel = f"judgments/{judgment_key(cfg, metric, test_fp, outputs[a][1], outputs[b][1])}.parquet"
-        if store.exists(rel):
-            reused += 1
-        else:
-            out_a, out_b = load_outputs(store, outputs[a][0], a), load_outputs(store, outputs[b][0], b)
-            store.write_parquet(rel, metric_judgments(dataset, examples, metric, out_a, out_b, cfg))
+        with store.claim(rel) as todo:  # another run judging the same pair waits, then reuses the batch
+            if not todo:
+                reused += 1
+            else:
+                out_a, out_b = load_outputs(store, outputs[a][0], a), load_outputs(store, outputs[b][0], b)
+                store.write_parquet(rel, metric_judgments(dataset, examples, metric, out_a, out_b, cfg))
         batches.append((rel, a, b))
     return batches, reused
 

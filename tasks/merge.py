@@ -35,17 +35,74 @@ def _swap_models(recipe: dict[str, Any], paths: dict[str, str]) -> dict[str, Any
     return out
 
 
+def _method_problem(cfg: Any, names: dict[str, str]) -> str | None:
+    """What mergekit's method registry finds wrong in a parsed recipe (method, inputs, required parameters), or None."""
+    import difflib
+
+    from mergekit.config import ConfigReader, InputSliceDefinition, OutputSliceDefinition
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import ParameterScope
+
+    try:
+        method = registry.get(cfg.merge_method)
+    except RuntimeError:  # mergekit's own "Unimplemented merge method", which it raises only mid-merge
+        known = sorted(m.spec.name for m in registry.registered_methods())
+        close = difflib.get_close_matches(cfg.merge_method, known, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"merge_method: mergekit has no method '{cfg.merge_method}' ({hint}it has: {', '.join(known)})"
+    spec = method.spec
+    if cfg.models:  # mergekit turns `models` into one slice per module, adding the base model when not listed
+        sources = [InputSliceDefinition(model=m.model, layer_range=(0, 1), parameters=m.parameters) for m in cfg.models]
+        if cfg.base_model and cfg.base_model not in [s.model for s in sources]:
+            sources.append(InputSliceDefinition(model=cfg.base_model, layer_range=(0, 1)))
+        groups = [("models", OutputSliceDefinition(sources=sources))]
+    else:
+        groups = [(f"slices[{i}]", sl) for i, sl in enumerate(cfg.slices or [])]
+    for where, sl in groups:
+        reader = ConfigReader(config=cfg, t=0.0, slice_out=sl)
+        inputs, base = [s.model for s in sl.sources], reader.base_model
+        try:
+            method.validate_inputs(inputs, base)
+        except ValueError as e:
+            return f"{where}: merge method '{spec.name}': {e}"
+        for p in (p for p in spec.parameters if p.required):
+            # The places mergekit's parameter resolver looks, in its order: source, slice, recipe.
+            if p.scope == ParameterScope.SHARED:
+                if not any(s and p.name in s for s in reader.parameter_sources(None)):
+                    return (f"parameters.{p.name}: merge method '{spec.name}' needs it "
+                            f"(e.g. parameters: {{{p.name}: ...}})")
+                continue
+            for m in inputs:
+                skip = m == base and p.scope == ParameterScope.NON_BASE
+                if not skip and not any(s and p.name in s for s in reader.parameter_sources(m)):
+                    name = names.get(str(m), str(m))
+                    return (f"{where}: merge method '{spec.name}' needs parameter '{p.name}' for model '{name}' "
+                            "(in its entry's parameters, or in the recipe's parameters for all)")
+    return None
+
+
 def validate_recipe(merge: Merge, paths: dict[str, str]) -> None:
-    """Raise a one-line UserError when mergekit rejects the recipe (checked before any model is loaded)."""
+    """Raise a one-line UserError when mergekit rejects the recipe: its config model, then its method registry."""
     from mergekit.config import MergeConfiguration
     from pydantic import ValidationError
 
+    from tasks.config import recipe_problem
+
+    where = f"merge '{merge.name}': recipe"
+    problem = recipe_problem(merge.recipe)  # the config checked this already; a Merge made in code may not be
+    if problem:
+        raise UserError(f"{where}.{problem}")
     try:
-        MergeConfiguration.model_validate(_swap_models(merge.recipe, paths))
+        cfg = MergeConfiguration.model_validate(_swap_models(merge.recipe, paths))
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        raise UserError(f"merge '{merge.name}': recipe.{key}: {err['msg']}") from None
+        raise UserError(f"{where}.{key}: {err['msg']}") from None
+    except (RuntimeError, ValueError, TypeError) as e:  # mergekit's validators raise RuntimeError, unwrapped
+        raise UserError(f"{where}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    problem = _method_problem(cfg, {path: name for name, path in paths.items()})
+    if problem:
+        raise UserError(f"{where}.{problem}")
 
 
 def recipe_fingerprint(merge: Merge, fingerprints: dict[str, str]) -> dict[str, Any]:
@@ -80,8 +137,9 @@ def run_merge(merge: Merge, paths: dict[str, str], out_dir: Path) -> None:
 def merge_task(merge: Merge, paths: dict[str, str], key: str, store_root: str) -> tuple[str, bool]:
     """Prefect task: (local folder of the merged model, whether it was already in the store)."""
     store, rel = Store(store_root), f"models/{key}"
-    if store.exists(rel):
-        return str(store.local_dir(rel)), True
-    with store.new_dir(rel) as tmp:
-        run_merge(merge, paths, tmp)
+    with store.claim(rel) as todo:  # another run merging the same recipe: wait for it, then reuse it
+        if not todo:
+            return str(store.local_dir(rel)), True
+        with store.new_dir(rel) as tmp:
+            run_merge(merge, paths, tmp)
     return str(store.local_dir(rel)), False

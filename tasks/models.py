@@ -1,7 +1,11 @@
 """Candidates: where each model's weights are, what determines them (fingerprint), and what shape they have.
 
-Fingerprints and signatures are read from small files (config.json, tokenizer.json, the hub's commit id),
-never from the weights, so that every candidate is checked before any model is loaded.
+Every candidate is checked before any model is loaded: its folder has a config.json, a tokenizer and weight files
+whose headers parse. Signatures are read from small files (config.json, tokenizer.json). A local folder's
+fingerprint hashes every byte of every file, once: hashes are cached by (path, size, mtime).
+
+Importing this module stays light (no Prefect, torch, transformers or pandas): the demo zoo and the store are
+imported where they are used. The candidates stage's Prefect tasks are in tasks/candidates.py.
 """
 
 from __future__ import annotations
@@ -9,21 +13,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-
-from tasks import zoo
 from tasks.config import ZOO_PREFIX, Candidate
 from tasks.errors import UserError
-from tasks.store import Store, content_key
+
+if TYPE_CHECKING:
+    from tasks.store import Store
 
 # Config fields that two models must share to be merged tensor by tensor.
 SHAPE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "vocab_size")
+# Any one of these makes a folder's tokenizer loadable by AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+MAX_SAFETENSORS_HEADER = 100 << 20  # safetensors' own reader refuses headers over 100 MB
+HASH_CACHE_MIN_BYTES = 1 << 20  # smaller files are hashed every time: cheaper than a cache entry
 
 
 @dataclass(frozen=True)
@@ -63,58 +71,173 @@ def _vocab_hash(folder: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def _hash_cache_path() -> Path:
+    """Where whole-file hashes are cached: $XDG_CACHE_HOME/basesearch/hashes.json (default ~/.cache)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "basesearch" / "hashes.json"
+
+
+def _load_hash_cache(path: Path) -> dict[str, Any]:
+    """The cache's entries; an unreadable or corrupt cache is an empty one (it only saves time)."""
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _save_hash_cache(path: Path, cache: dict[str, Any]) -> None:
+    """Write the cache atomically (temp file + rename); a cache that cannot be written is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".hashes-", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(cache, fh)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _file_sha256(path: Path, cache: dict[str, Any]) -> tuple[str, bool]:
+    """(sha256 of every byte of the file, whether the cache gained an entry); reuses a (size, mtime_ns) match."""
+    st = path.stat()
+    key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns]
+    hit = cache.get(key)
+    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
+        return hit["sha256"], False
+    with open(path, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    if st.st_size < HASH_CACHE_MIN_BYTES:
+        return digest, False
+    cache[key] = {"stamp": stamp, "sha256": digest}
+    return digest, True
+
+
 def _folder_fingerprint(folder: Path) -> str:
-    """Content key of a model folder: config, tokenizer, and each weight file's size and first/last MiB."""
-    h = hashlib.sha256()
+    """Content key of a model folder: every file's name and the hash of all of its bytes."""
+    cache_path = _hash_cache_path()
+    cache = _load_hash_cache(cache_path)
+    h, changed = hashlib.sha256(), False
     for f in sorted(folder.iterdir()):
         if not f.is_file():
             continue
-        h.update(f.name.encode())
-        size = f.stat().st_size
-        h.update(str(size).encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 2 << 20:  # large weight files: the tail too, without reading gigabytes
-                fh.seek(-(1 << 20), os.SEEK_END)
-                h.update(fh.read())
+        digest, added = _file_sha256(f, cache)
+        changed |= added
+        h.update(f"{f.name}\0{digest}\n".encode())
+    if changed:
+        _save_hash_cache(cache_path, cache)
     return h.hexdigest()[:16]
 
 
-def _signature(folder: Path) -> dict[str, Any]:
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is not one (8-byte header length, JSON header, data in bounds), or None."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"is {size} bytes, too short for a safetensors header"
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > min(MAX_SAFETENSORS_HEADER, size - 8):
+            return f"does not start with a safetensors header (header length {n} for a file of {size} bytes)"
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, ValueError):
+            return "does not hold a safetensors header (its header is not JSON)"
+    if not isinstance(header, dict):
+        return "does not hold a safetensors header (its header is not a JSON object)"
+    offsets = [t.get("data_offsets") if isinstance(t, dict) else None for k, t in header.items() if k != "__metadata__"]
+    if not all(isinstance(o, list) and len(o) == 2 and all(isinstance(x, int) for x in o) for o in offsets):
+        return "does not hold a safetensors header (a tensor has no [begin, end] data_offsets)"
+    if max((o[1] for o in offsets), default=0) > size - 8 - n:
+        return f"is cut short: its header points past the end of the file ({size} bytes)"
+    return None
+
+
+def _check_folder(name: str, folder: Path) -> None:
+    """Raise one line naming the candidate and folder unless it has a config, a tokenizer and sound weights."""
+    where = f"candidate '{name}': {folder}"
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{where} has no config.json (not a Hugging Face model folder)")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{where} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save one there with "
+                        "tokenizer.save_pretrained")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not list(folder.glob("pytorch_model*.bin")):
+        raise UserError(f"{where} has no weights (*.safetensors or pytorch_model*.bin)")
+    for f in weights:
+        problem = _safetensors_problem(f)
+        if problem:
+            raise UserError(f"candidate '{name}': {f} {problem}; download or save the model again")
+    for f in folder.glob("pytorch_model*.bin"):
+        with open(f, "rb") as fh:
+            magic = fh.read(4)
+        if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save: a zip archive, or a legacy pickle
+            raise UserError(f"candidate '{name}': {f} is not a PyTorch checkpoint; download or save the model again")
+
+
+def _signature(name: str, folder: Path) -> dict[str, Any]:
     """Shape fields and vocabulary hash of a Hugging Face model folder."""
-    cfg = _read_json(folder / "config.json")
+    try:
+        cfg = _read_json(folder / "config.json")
+    except (UnicodeDecodeError, ValueError):
+        raise UserError(f"candidate '{name}': {folder / 'config.json'} is not JSON") from None
     if not cfg:
-        raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
+        raise UserError(f"candidate '{name}': {folder} has no config.json (not a Hugging Face model folder)")
     sig = {k: cfg.get(k) for k in SHAPE_FIELDS}
     return sig | {"architectures": cfg.get("architectures"), "vocabulary": _vocab_hash(folder)}
 
 
 def _zoo_signature() -> dict[str, Any]:
     """Signature shared by every zoo model (same shape, same tokenizer), known without building one."""
+    from tasks import zoo
+
     sig = {k: zoo.SHAPE.get(k) for k in SHAPE_FIELDS}
     return sig | {"model_type": "mistral", "vocab_size": zoo.VOCAB, "architectures": ["MistralForCausalLM"],
                   "vocabulary": f"zoo-{zoo.zoo_key('base')}"}
 
 
-def describe(c: Candidate) -> ModelInfo:
-    """Fingerprint and signature of a candidate, without loading weights."""
+def inspect_candidate(c: Candidate) -> tuple[Path | None, dict[str, Any]]:
+    """(local folder, or None for a zoo model; shape signature) of a checked candidate, reading no weights."""
     if c.path.startswith(ZOO_PREFIX):
+        from tasks import zoo
+
         name = c.path.removeprefix(ZOO_PREFIX)
         if name not in zoo.ZOO:
             raise UserError(f"candidate '{c.name}': no zoo model '{name}' (zoo has: {', '.join(zoo.ZOO)})")
-        return ModelInfo(c.name, zoo.zoo_key(name), _zoo_signature())
+        return None, _zoo_signature()
     folder = Path(c.path)
     if not folder.is_dir():
         if c.path.startswith((".", "/")) or c.path.count("/") != 1:
             raise UserError(f"candidate '{c.name}': {c.path} is neither a local folder nor a Hugging Face id")
         folder = _hub_snapshot(c.path)
-        return ModelInfo(c.name, content_key("hub", c.path, folder.name), _signature(folder))
-    return ModelInfo(c.name, content_key("local", _folder_fingerprint(folder)), _signature(folder))
+    _check_folder(c.name, folder)
+    return folder, _signature(c.name, folder)
+
+
+def candidate_fingerprint(c: Candidate, folder: Path | None) -> str:
+    """Content key of a checked candidate: zoo recipe, hub commit, or the hash of all of a local folder's bytes."""
+    from tasks.store import content_key
+
+    if folder is None:
+        from tasks import zoo
+
+        return zoo.zoo_key(c.path.removeprefix(ZOO_PREFIX))
+    if not Path(c.path).is_dir():
+        return content_key("hub", c.path, folder.name)  # the snapshot folder is named by its commit
+    return content_key("local", _folder_fingerprint(folder))
+
+
+def describe(c: Candidate) -> ModelInfo:
+    """Fingerprint and signature of a candidate, without loading weights."""
+    folder, signature = inspect_candidate(c)
+    return ModelInfo(c.name, candidate_fingerprint(c, folder), signature)
 
 
 def materialize(c: Candidate, store: Store, log: Callable[[str], None] = print) -> Path:
     """A local folder with the candidate's weights (building zoo models on first use)."""
     if c.path.startswith(ZOO_PREFIX):
+        from tasks import zoo
+
         return zoo.ensure_zoo_model(store, c.path.removeprefix(ZOO_PREFIX), log)
     folder = Path(c.path)
     return folder if folder.is_dir() else _hub_snapshot(c.path)
@@ -132,9 +255,3 @@ def check_mergeable(merge_name: str, infos: list[ModelInfo]) -> None:
                 f"merge '{merge_name}': {first.name} and {other.name} have different {kind} ({what}); "
                 "mergekit can only merge models of the same shape and tokenizer"
             )
-
-
-@task(name="candidate", task_run_name="candidate-{c.name}", cache_policy=NO_CACHE)
-def candidate_task(c: Candidate, store_root: str) -> str:
-    """Prefect task: the candidate's local folder (a zoo model is built into the store on first use)."""
-    return str(materialize(c, Store(store_root), log=get_run_logger().info))

@@ -7,33 +7,16 @@ and stops when the leader is separated, the budget is spent, or nothing left cou
 
 from __future__ import annotations
 
-from typing import Literal, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.config import BudgetConfig  # defined with the rest of the config; importable from here too
 from tasks.errors import UserError
 from tasks.rate import RatingConfig, rate
 
 PLAN_COLUMNS = ["dataset", "example_id", "contender_a", "contender_b"]
-
-
-class BudgetConfig(BaseModel):
-    """How many comparisons to plan and when to stop judging."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    strategy: Literal["adaptive", "all-pairs"] = Field(
-        "adaptive", description="'adaptive': warm-up, then leader vs overlapping challengers; 'all-pairs': everything."
-    )
-    warmup_per_pair: int = Field(4, ge=0, description="Examples judged for every pair in the uniform warm-up, planned as one round of its own.")
-    round_size: int = Field(200, ge=1, description="Comparisons planned per adaptive round after the warm-up.")
-    max_comparisons: int | None = Field(None, ge=1, description="Stop once this many judgments exist (None: no cap).")
-    max_usd: float | None = Field(None, ge=0.0, description="Stop once the judge has cost this many dollars (None: no cap).")
-    confidence: float = Field(
-        0.95, gt=0.0, lt=1.0, description="Stop when the leader's interval at this confidence overlaps no other's."
-    )
 
 
 class _Universe:
@@ -115,13 +98,19 @@ class _Universe:
         return slots[open_], rank[open_]
 
 
-def _budget_left(done: pd.DataFrame, cfg: BudgetConfig, spent_usd: float) -> tuple[int | None, str | None]:
-    """Comparisons still affordable (None: unlimited) and the stop reason when none are."""
+def _budget_left(
+    done: pd.DataFrame, cfg: BudgetConfig, spent_usd: float, orders: int = 1
+) -> tuple[int | None, str | None]:
+    """Comparisons still affordable (None: unlimited) and the stop reason when none are.
+
+    Both caps count judgments (rows); each comparison planned makes `orders` of them (2 with both orders), so
+    planning never exceeds max_comparisons. `spent_usd` is this run's new spending only.
+    """
     n_done = 0 if done is None else len(done)
-    left: int | None = None
+    left: int | None = None  # judgments (rows)
     if cfg.max_comparisons is not None:
         left = cfg.max_comparisons - n_done
-        if left <= 0:
+        if left < orders:
             return 0, f"comparison budget spent ({n_done} of {cfg.max_comparisons} judgments)"
     if cfg.max_usd is not None:
         if spent_usd >= cfg.max_usd:
@@ -131,10 +120,10 @@ def _budget_left(done: pd.DataFrame, cfg: BudgetConfig, spent_usd: float) -> tup
             if per > 0:
                 # Dollars left / mean dollars per judgment so far, e.g. ($10 - $4) / $0.003 = 2,000 judgments.
                 afford = int((cfg.max_usd - spent_usd) / per)
-                if afford <= 0:
+                if afford < orders:
                     return 0, f"dollar budget spent (${spent_usd:.2f} of ${cfg.max_usd:.2f})"
                 left = afford if left is None else min(left, afford)
-    return left, None
+    return (None if left is None else left // orders), None
 
 
 def _take(slots: np.ndarray, rank: np.ndarray, size: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -167,12 +156,16 @@ def plan_round(
     cfg: BudgetConfig,
     rng: np.random.Generator,
     spent_usd: float = 0.0,
+    orders: int = 1,
 ) -> tuple[pd.DataFrame, str | None]:
-    """The next comparisons to judge and why to stop (None: go on); never repeats a judged (dataset, example, pair)."""
+    """The next comparisons to judge and why to stop (None: go on); never repeats a judged (dataset, example, pair).
+
+    `orders`: judgments each comparison makes (2 when both orders are shown), for the caps on judgments.
+    """
     uni = _Universe(contenders, examples)
     judged = uni.done_slots(done)
     empty = uni.frame(np.empty(0, dtype=np.int64))
-    left, reason = _budget_left(done, cfg, spent_usd)
+    left, reason = _budget_left(done, cfg, spent_usd, orders)
     if reason:
         return empty, reason
     all_pairs = np.arange(len(uni.pair_i))

@@ -1,16 +1,20 @@
-"""Check everything a search needs before any model is loaded, and compute every model's and dataset's fingerprint."""
+"""Check everything a search needs before any model is loaded, and compute every model's and dataset's fingerprint.
+
+Checks run cheapest first, so that common mistakes print in a fraction of a second: datasets, then candidate
+folders, then API endpoints and the work pool, then merge recipes (importing mergekit alone takes seconds).
+Fingerprints, which hash every byte of the data and of local weights, come last.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
-from tasks.config import TEACHER, DatasetSpec, SearchConfig, recipe_models
-from tasks.data import Example, dataset_fingerprint, infer_metric, load_examples
+from tasks.config import DatasetSpec, FinetuneConfig, SearchConfig, recipe_models
+from tasks.data import Example, check_lengths, check_test_size, dataset_fingerprint, infer_metric, load_examples
 from tasks.errors import UserError
-from tasks.merge import recipe_fingerprint, validate_recipe
-from tasks.models import ModelInfo, check_mergeable, describe
-from tasks.store import content_key
+from tasks.models import ModelInfo, candidate_fingerprint, check_mergeable, inspect_candidate
 
 
 @dataclass(frozen=True)
@@ -27,56 +31,106 @@ class DatasetInfo:
 
 @dataclass(frozen=True)
 class Prepared:
-    """The checked search: models (candidates then merges, in dependency order) and datasets."""
+    """The checked search: models (candidates then merges, in dependency order), datasets, and warnings to log."""
 
     models: dict[str, ModelInfo] = field(default_factory=dict)
     datasets: dict[str, DatasetInfo] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
-def load_dataset(spec: DatasetSpec) -> DatasetInfo:
-    """Read and check a dataset's train and test files."""
+def _checked_rows(spec: DatasetSpec, finetune: FinetuneConfig) -> tuple[list[Example], list[Example]]:
+    """A dataset's train and test rows, with every row, length and size check passed."""
     train, test = load_examples(spec.train), load_examples(spec.test)
+    check_lengths(train, spec.train, finetune.max_length, train=True)
+    check_lengths(test, spec.test, finetune.max_length, train=False)
+    check_test_size(test, spec.test)
+    return train, test
+
+
+def _dataset_info(spec: DatasetSpec, train: list[Example], test: list[Example]) -> DatasetInfo:
+    """Checked rows with their files' fingerprints and the metric (given, or inferred from the test rows)."""
     metric = spec.metric or infer_metric(test)
     return DatasetInfo(spec, train, test, dataset_fingerprint(spec.train), dataset_fingerprint(spec.test), metric)
 
 
-def check_dataset_files(spec: DatasetSpec) -> None:
-    """Check a dataset's files parse, keeping nothing of their content (used for the held-out set)."""
-    load_examples(spec.train)
-    load_examples(spec.test)
+def no_expected_warning(spec: DatasetSpec, test: list[Example], cfg: SearchConfig) -> list[str]:
+    """A warning when the metric judge would score test rows against the teacher's own answers."""
+    missing = sum(e.expected is None for e in test)
+    if cfg.judge.kind != "metric" or not missing:
+        return []  # an LLM judge needs no ground truth
+    return [f"dataset '{spec.name}': {missing} of {len(test)} test rows have no \"expected\", so the metric judge "
+            "scores them against the teacher's own answer: there the teacher cannot lose and the others rank by how "
+            "closely they copy it; add \"expected\" (the ground truth) or use judge.kind: openai"]
 
 
-def prepare(cfg: SearchConfig) -> Prepared:
-    """Validate datasets, candidates and merge recipes; fingerprint them all. Loads no model."""
-    check_api_models(cfg)
+def load_dataset(spec: DatasetSpec, finetune: FinetuneConfig | None = None) -> DatasetInfo:
+    """Read and check a dataset's train and test files, and fingerprint them."""
+    return _dataset_info(spec, *_checked_rows(spec, finetune or FinetuneConfig()))
+
+
+def check_dataset_files(spec: DatasetSpec, finetune: FinetuneConfig | None = None) -> None:
+    """Check a dataset's files, keeping nothing of their content (used for the held-out set)."""
+    _checked_rows(spec, finetune or FinetuneConfig())
+
+
+def prepare(cfg: SearchConfig, cheap_checks_passed: Callable[[], None] | None = None) -> Prepared:
+    """Validate datasets, candidates and merge recipes; fingerprint them all. Loads no model.
+
+    `cheap_checks_passed` is called once the datasets and candidate folders are checked, before the checks that
+    take seconds (endpoints, the work pool, mergekit): the command line starts Prefect's server there.
+    """
+    rows = {d.name: _checked_rows(d, cfg.finetune) for d in cfg.datasets}
+    warnings = [w for d in cfg.datasets for w in no_expected_warning(d, rows[d.name][1], cfg)]
+    if cfg.validation:
+        # The held-out rows are only checked here, to fail fast on a broken file; they are read for real
+        # after the winner is frozen.
+        held = cfg.validation.dataset
+        warnings += no_expected_warning(held, _checked_rows(held, cfg.finetune)[1], cfg)
+    inspected = {c.name: inspect_candidate(c) for c in cfg.candidates}  # folders and signatures; no hashing yet
+    signatures = {name: sig for name, (_, sig) in inspected.items()}
+    for m in cfg.merges:
+        names = [n for n in recipe_models(m.recipe) if n in signatures]
+        if not names:
+            raise UserError(f"merge '{m.name}': the recipe names no candidate")
+        check_mergeable(m.name, [ModelInfo(n, "", signatures[n]) for n in names])
+        signatures[m.name] = signatures[names[0]]
+    if cheap_checks_passed is not None:
+        cheap_checks_passed()
+    if cfg.judge.kind == "openai" or cfg.references:  # only then: its import of the API client costs time
+        check_api_models(cfg)
     if cfg.compute.mode == "pool":
         from tasks.compute import check_pool  # imported here: it pulls in Prefect's client
 
         check_pool(cfg.compute, merges=bool(cfg.merges))  # server, pool, worker, stage deployments: seconds, no hang
-    datasets = {d.name: load_dataset(d) for d in cfg.datasets}
-    if cfg.validation:
-        # The held-out rows are only parsed here, to fail fast on a broken file; they are read for real
-        # after the winner is frozen.
-        check_dataset_files(cfg.validation.dataset)
-    models = {c.name: describe(c) for c in cfg.candidates}
-    placeholder_paths = {name: f"/{name}" for name in models}
-    for m in cfg.merges:
-        infos = [models[n] for n in _recipe_names(m.recipe, models)]
-        if not infos:
-            raise UserError(f"merge '{m.name}': the recipe names no candidate")
-        check_mergeable(m.name, infos)
-        validate_recipe(m, placeholder_paths)
-        fps = {n: i.fingerprint for n, i in models.items()}
-        models[m.name] = ModelInfo(m.name, content_key("merge", recipe_fingerprint(m, fps)), infos[0].signature)
-        placeholder_paths[m.name] = f"/{m.name}"
-    if TEACHER in models:
-        raise UserError(f"'{TEACHER}' is reserved for the datasets' own answers; rename that model")
-    return Prepared(models, datasets)
+    if cfg.merges:
+        from tasks.merge import validate_recipe  # mergekit: seconds of imports, so after every cheaper check
+
+        placeholder_paths = {name: f"/{name}" for name in signatures}
+        for m in cfg.merges:
+            validate_recipe(m, placeholder_paths)
+    return Prepared(_fingerprinted_models(cfg, inspected, signatures),
+                    {d.name: _dataset_info(d, *rows[d.name]) for d in cfg.datasets}, warnings)
+
+
+def _fingerprinted_models(
+    cfg: SearchConfig, inspected: dict[str, tuple[Path | None, Any]], signatures: dict[str, dict[str, Any]]
+) -> dict[str, ModelInfo]:
+    """Every checked model with its fingerprint: candidates first, then merges in dependency order."""
+    models = {c.name: ModelInfo(c.name, candidate_fingerprint(c, inspected[c.name][0]), signatures[c.name])
+              for c in cfg.candidates}
+    if cfg.merges:
+        from tasks.merge import recipe_fingerprint
+        from tasks.store import content_key
+
+        for m in cfg.merges:
+            fps = {n: i.fingerprint for n, i in models.items()}
+            models[m.name] = ModelInfo(m.name, content_key("merge", recipe_fingerprint(m, fps)), signatures[m.name])
+    return models
 
 
 def check_api_models(cfg: SearchConfig) -> None:
-    """The LLM judge and the references: settings make sense, keys are there, endpoints answer (one free call each)."""
-    from tasks.llm_judge import endpoint_of, preflight
+    """The LLM judge and the references: settings make sense, keys are there, endpoints answer (tasks.openai_api.preflight)."""
+    from tasks.openai_api import endpoint_of, preflight
 
     if cfg.judge.kind == "openai":
         if not cfg.judge.model:
@@ -89,12 +143,7 @@ def check_api_models(cfg: SearchConfig) -> None:
         preflight(endpoint_of(ref), f"references[{i}] ({ref.name})")
 
 
-def _recipe_names(recipe: dict, known: dict[str, ModelInfo]) -> list[str]:
-    """The known model names a recipe uses."""
-    return [n for n in recipe_models(recipe) if n in known]
-
-
 def held_out(cfg: SearchConfig) -> DatasetInfo:
     """The held-out dataset, read in full (call only after the winner is frozen)."""
     assert cfg.validation is not None
-    return load_dataset(cfg.validation.dataset)
+    return load_dataset(cfg.validation.dataset, cfg.finetune)

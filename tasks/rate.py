@@ -11,15 +11,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Literal, Mapping
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
 import scipy.linalg
 import scipy.sparse as sp
-from pydantic import BaseModel, ConfigDict, Field
 from scipy.special import expit
 
+from tasks import progress
+from tasks.config import RatingConfig  # defined with the rest of the config; importable from here too
 from tasks.errors import UserError
 
 # 400 Elo per factor of 10 in odds: one natural-log unit of strength is 400 / ln(10) ~= 173.7 Elo.
@@ -35,37 +36,6 @@ RATING_COLUMNS = [
 # this many floats (2e7 floats = 160 MB), so 1,000 contenders bootstrap in small batches instead of 2.4 GB.
 _MAX_CHUNK_FLOATS = 20_000_000
 _CLIP_D = 60.0  # |strength difference| in nats beyond which probabilities are 0/1 to double precision
-
-
-class RatingConfig(BaseModel):
-    """How judgments become ratings: tie model, weights, anchor and confidence intervals."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    ties: Literal["davidson", "rao-kupper", "half"] = Field(
-        "davidson",
-        description="Tie model: Davidson (1970), Rao-Kupper (1967), or 'half' (a tie is half a win for each side).",
-    )
-    strong_weight: float = Field(
-        1.0, ge=0.0, description="Weight of a strength-2 (strong, A>>B) verdict; 2.0 counts it as two wins."
-    )
-    anchor: str | None = Field(
-        None, description="Contender pinned at anchor_rating (e.g. gpt-4); None or absent: the mean rating is pinned."
-    )
-    anchor_rating: float = Field(1000.0, description="Rating of the anchor contender, or the mean rating without one.")
-    ci: Literal["bootstrap", "fisher"] = Field(
-        "bootstrap",
-        description="Interval method: bootstrap over examples (sound, default) or inverse Fisher information (fast).",
-    )
-    bootstrap_rounds: int = Field(200, ge=2, description="Bootstrap replicates when ci is 'bootstrap'.")
-    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Two-sided confidence of intervals and separation.")
-    seed: int = Field(0, description="Seed of the bootstrap resampling.")
-    ridge: float = Field(
-        1e-4,
-        ge=0.0,
-        description="Gaussian prior precision on log-strengths (nats^-2); keeps ratings finite when a contender "
-        "wins or loses everything. 1e-4 is a prior s.d. of 100 nats, negligible against real data.",
-    )
 
 
 @dataclass(frozen=True)
@@ -500,12 +470,16 @@ def _fit_scopes(p: _Judged, scopes: list[_Scope], weighted: np.ndarray, cfg: Rat
     per_round = len(p.datasets) * 3 * len(p.names) ** 2
     chunk = max(1, _MAX_CHUNK_FLOATS // per_round)
     parts: dict[str, list[np.ndarray]] = {s.name: [] for s in scopes}
-    for start in range(0, cfg.bootstrap_rounds, chunk):
-        counts = _replicate_counts(p, resample[start : start + chunk])
-        for s in scopes:
-            w, t = _scope_matrices(counts, s, cfg)
-            theta, _, _ = _fit(w, t, s.model, cfg.ridge, theta0=s.theta, tau0=s.tau)
-            parts[s.name].append(theta)
+    # A bar only when it takes a while: the demo's 200 rounds of 7 contenders take ~0.2 s.
+    with progress.bar("rate: bootstrap", cfg.bootstrap_rounds if per_round * cfg.bootstrap_rounds > 1e7 else 0,
+                      "rounds") as bar:
+        for start in range(0, cfg.bootstrap_rounds, chunk):
+            counts = _replicate_counts(p, resample[start : start + chunk])
+            for s in scopes:
+                w, t = _scope_matrices(counts, s, cfg)
+                theta, _, _ = _fit(w, t, s.model, cfg.ridge, theta0=s.theta, tau0=s.tau)
+                parts[s.name].append(theta)
+            bar.advance(len(counts))
     for s in scopes:
         s.boot = np.concatenate(parts[s.name])
 

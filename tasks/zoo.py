@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
-
-import torch
 
 from tasks import demo_data as w
 from tasks.errors import UserError
@@ -158,6 +157,7 @@ def build_tokenizer(seed: int = 0) -> Any:
 
 def _new_model(tok: Any, seed: int) -> Any:
     """A randomly initialised tiny Mistral."""
+    import torch  # imported here: checking a config that names zoo models must not load torch
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(seed)
@@ -192,28 +192,85 @@ def _train(model: Any, tok: Any, spec: ZooModel) -> dict[str, Any]:
                        pad_id=tok.pad_token_id, packing=True)
 
 
-def ensure_zoo_model(store: Store, name: str, log: Callable[[str], None] = print) -> Path:
-    """Local folder of zoo model `name`, building it (and its parent) into the store on first use."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# torch threads for zoo training in any process: measured fastest for this shape (bench/zoo_threads.py: 1 thread
+# ran a step in 0.063 s, 2 threads in 0.18 s, on 2 cores with one other job; a small model's kernels gain less
+# from a second thread than they lose to its synchronisation, and on a busy machine far less).
+ZOO_THREADS = 1
 
+
+def lineage(name: str) -> list[str]:
+    """The zoo model and its ancestors, oldest first (base, ..., name)."""
     if name not in ZOO:
         raise UserError(f"zoo:{name}: no such zoo model (zoo has: {', '.join(ZOO)})")
-    rel = f"models/{zoo_key(name)}"
-    if store.exists(rel):
-        return store.local_dir(rel)
     spec = ZOO[name]
-    if spec.parent:
-        parent_dir = ensure_zoo_model(store, spec.parent, log)
-        tok = AutoTokenizer.from_pretrained(str(parent_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(parent_dir), dtype=torch.float32)
-    else:
-        tok = build_tokenizer(spec.seed)
-        model = _new_model(tok, spec.seed)
-    log(f"zoo: training zoo:{name} ({spec.steps} steps on {', '.join(c for c, _ in spec.mix)})")
-    metrics = _train(model, tok, spec)
-    log(f"zoo: zoo:{name} loss {metrics['loss_first']} -> {metrics['loss_last']} in {metrics['seconds']} s")
-    with store.new_dir(rel) as tmp:
+    return [*lineage(spec.parent), name] if spec.parent else [name]
+
+
+def build_one(store_root: str, name: str) -> dict[str, Any]:
+    """Train zoo model `name` from its parent (already in the store) and store it: its training metrics.
+
+    Runs in this process or a worker process (tasks.workers); ticks the bound progress bar once a step.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.workers import torch_threads
+
+    store, spec = Store(store_root), ZOO[name]
+    with torch_threads(ZOO_THREADS):
+        if spec.parent:
+            parent_dir = store.local_dir(f"models/{zoo_key(spec.parent)}")
+            tok = AutoTokenizer.from_pretrained(str(parent_dir))
+            model = AutoModelForCausalLM.from_pretrained(str(parent_dir), dtype=torch.float32)
+        else:
+            tok = build_tokenizer(spec.seed)
+            model = _new_model(tok, spec.seed)
+        metrics = _train(model, tok, spec)
+    with store.new_dir(f"models/{zoo_key(name)}") as tmp:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / "zoo.json").write_text(json.dumps({"name": name, **asdict(spec), "train": metrics}, indent=2))
-    return store.local_dir(rel)
+    return metrics
+
+
+def ensure_zoo_models(store: Store, names: list[str], workers: int = 1, log: Callable[[str], None] = print,
+                      ) -> dict[str, Path]:
+    """Local folders of zoo models `names`, building the missing ones into the store: each generation after its
+    parents, siblings side by side in `workers` worker processes (hermes, zephyr and neural at once)."""
+    from tasks.workers import side_by_side
+
+    wanted = list(dict.fromkeys(m for n in names for m in lineage(n)))
+    depth = {n: len(lineage(n)) for n in wanted}
+    for level in sorted(set(depth.values())):
+        todo = [n for n in wanted if depth[n] == level and not store.exists(f"models/{zoo_key(n)}")]
+        if len(todo) > 1 and workers > 1:
+            with side_by_side(workers), ThreadPoolExecutor(len(todo)) as threads:
+                list(threads.map(lambda n: _build_logged(store, n, log, in_worker=True), todo))
+        else:
+            for n in todo:
+                _build_logged(store, n, log, in_worker=False)
+    return {n: store.local_dir(f"models/{zoo_key(n)}") for n in names}
+
+
+def _build_logged(store: Store, name: str, log: Callable[[str], None], in_worker: bool) -> None:
+    """build_one with a progress bar of its steps and a log line before and after."""
+    from tasks import progress
+    from tasks.workers import in_worker as run_in_worker
+
+    spec = ZOO[name]
+    with store.claim(f"models/{zoo_key(name)}") as todo:  # another run building it: wait for it, then reuse it
+        if not todo:
+            return
+        log(f"zoo: training zoo:{name} ({spec.steps} steps on {', '.join(c for c, _ in spec.mix)})")
+        with progress.bar(f"zoo: train zoo:{name}", spec.steps, "steps") as bar, progress.ticking(bar):
+            if in_worker:
+                metrics = run_in_worker(build_one, store.url, name,
+                                        what=f"building zoo:{name}")
+            else:
+                metrics = build_one(store.url, name)
+    log(f"zoo: zoo:{name} loss {metrics['loss_first']} -> {metrics['loss_last']} in {metrics['seconds']} s")
+
+
+def ensure_zoo_model(store: Store, name: str, log: Callable[[str], None] = print) -> Path:
+    """Local folder of zoo model `name`, building it (and its parents) into the store on first use."""
+    return ensure_zoo_models(store, [name], 1, log)[name]

@@ -13,6 +13,8 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# A loaded machine starts Prefect's temporary server in 22-34 s, past Prefect's default of 20 s.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
 
 import json  # noqa: E402
 
@@ -23,6 +25,16 @@ from tasks.demo_data import make_rows  # noqa: E402
 
 TINY_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_temporary_servers():
+    """Stop Prefect's temporary server of in-process flows when the session ends, also after a failed test."""
+    yield
+    import sys
+
+    if "flows.cli" in sys.modules:
+        sys.modules["flows.cli"].stop_temporary_server()
 
 
 def make_tiny_model(folder: Path, seed: int, tokenizer=None, **shape) -> Path:

@@ -43,7 +43,12 @@ class Faults:
     rate_always_unparseable: float = 0.0  # every attempt: no verdict (a permanent failure)
     ignore_response_format: bool = False  # answer in prose, as endpoints without structured output do
     prefer_first: bool = False  # a position-biased judge: always "A>B"
+    rate_400: float = 0.0  # every attempt: 400 with a context-length message (a request the server cannot take)
+    reject_response_format: bool = False  # 400 "response_format is not supported" to a request that has one
+    chat_401: bool = False  # chat rejects every key (GET /models still accepts it)
+    die_after: int | None = None  # after this many chat requests, every connection is dropped without an answer
     models: list[str] = field(default_factory=lambda: ["judge-model", "ref-model"])  # others: 404
+    listed: list[str] | None = None  # what GET /models shows (None: `models`); an on-demand server lists fewer
 
 
 @dataclass
@@ -218,7 +223,9 @@ class _Handler(BaseHTTPRequestHandler):
             with self.owner.lock:
                 self.owner._stats.models += 1
             if self._authorized():
-                data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.owner.faults.models]
+                f = self.owner.faults
+                data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"}
+                        for m in (f.models if f.listed is None else f.listed)]
                 self._send(200, {"object": "list", "data": data})
             return None
         return self._error(404, f"no route {self.path}", "not_found")
@@ -251,6 +258,12 @@ class _Handler(BaseHTTPRequestHandler):
             st.chat += 1
             st.attempts[key] += 1
             attempt = st.attempts[key]
+            dead = f.die_after is not None and st.chat > f.die_after
+        if dead:
+            self.close_connection = True  # a dead server: the connection drops, nothing is answered
+            return None
+        if f.chat_401:
+            return self._error(401, "Incorrect API key provided.", "invalid_api_key")
         if not self._authorized():
             return None
         model = req.get("model")
@@ -258,6 +271,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, f"The model `{model}` does not exist or you do not have access to it.",
                                "model_not_found")
         time.sleep(f.latency_s)
+        if f.reject_response_format and req.get("response_format"):
+            return self._error(400, "response_format json_schema is not supported by this model.", "invalid_request")
+        if _unit(text, "400") < f.rate_400:
+            return self._error(400, "This model's maximum context length is 64 tokens; your messages are longer.",
+                               "context_length_exceeded")
         u = _unit(text, "fault")
         fault = None
         if attempt == 1:

@@ -75,6 +75,17 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait_s: float = 10.0
             return
 
 
+def run_search(args: list[str], env: dict[str, str], log: Path, timeout_s: float = 600) -> tuple[int, str]:
+    """`python -m flows.search ARGS` in its own process group, stopped with all it started whatever happens (a
+    plain subprocess.run would leave the temporary server it started running after a timeout): (exit code, output)."""
+    proc = start([sys.executable, "-m", "flows.search", *args], env, log)
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    finally:
+        stop(proc, wait_s=5)
+    return rc, log.read_text()
+
+
 def group_alive(pgid: int) -> bool:
     """True while any process of a process group is still alive."""
     try:
@@ -84,7 +95,7 @@ def group_alive(pgid: int) -> bool:
         return False
 
 
-def wait_healthy(api_url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 90.0) -> None:
+def wait_healthy(api_url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 600.0) -> None:
     """Wait until the server answers /health; fail with its log when it exits or takes too long."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -120,7 +131,7 @@ def start_worker(pool: str, env: dict[str, str], log: Path, limit: int = 2) -> s
                   "--limit", str(limit)], env, log)
 
 
-def wait_worker_online(api_url: str, pool: str, timeout_s: float = 60.0) -> None:
+def wait_worker_online(api_url: str, pool: str, timeout_s: float = 600.0) -> None:
     """Wait until `pool` has a worker online."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

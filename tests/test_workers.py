@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import psutil
@@ -13,6 +15,7 @@ from safetensors.torch import load_file
 
 from tasks.compute import FinetuneJob, finetune_all
 from tasks.config import ComputeConfig, FinetuneConfig
+from tasks.errors import EnvironmentFailure
 from tasks.workers import local_workers
 
 
@@ -51,6 +54,24 @@ def test_side_by_side_equals_one_after_another(tmp_path, tiny_models, tiny_data)
         assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
     again = finetune_flow(jobs, 2, str(tmp_path / "two"))
     assert again == [(p, True) for p, _ in two]  # stored: reused, nothing sent to the workers
+
+
+def die(*args, **kwargs):
+    """Stands for a fine-tune whose worker the OS kills (the out-of-memory killer, or kill -9)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_worker_is_one_line_naming_the_job(tmp_path, tiny_models, tiny_data, monkeypatch):
+    monkeypatch.setattr("tasks.finetune.finetune", die)  # pickled by name: the worker runs tests.test_workers.die
+    cfg = FinetuneConfig(max_steps=3, batch_size=4, learning_rate=3e-3, max_length=128)
+    jobs = [FinetuneJob(name, "extraction", str(path), str(tiny_data["extraction"][0]), cfg, f"k-{name}")
+            for name, path in tiny_models.items()]
+    with pytest.raises(EnvironmentFailure, match=r"^fine-tune of (alpha|beta) on extraction: its worker process died"):
+        finetune_flow(jobs, 2, str(tmp_path / "store"))
+    assert not list((tmp_path / "store" / "adapters").glob("[!.]*"))  # nothing half-trained was stored
+    monkeypatch.undo()
+    again = finetune_flow(jobs, 2, str(tmp_path / "store"))  # a fresh pool: the next run goes on
+    assert [reused for _, reused in again] == [False, False]
 
 
 def test_auto_workers_follow_the_machine():
