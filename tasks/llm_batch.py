@@ -58,7 +58,9 @@ class BatchResult:
     fatal: str | None = None  # a 401/403/404 that stopped the batch
 
 
-async def _judge_one(caller: Caller, call: Call, max_tokens: int, label: str) -> dict[str, Any] | Literal["budget", "halted"]:
+async def _judge_one(
+    caller: Caller, call: Call, max_tokens: int, label: str
+) -> dict[str, Any] | Literal["budget", "halted"]:
     """One judgment; an unparseable or refused reply is asked again once, then recorded with its error.
 
     "budget" / "halted": not sent, for the dollar cap / because the endpoint had already failed.
@@ -178,7 +180,8 @@ def _judge_hint(cfg: JudgeConfig, kind: str) -> str:
     if api:
         return api
     if kind == "unparseable (cut at max_tokens)":
-        return f"raise judge.max_tokens (now {cfg.max_tokens}) so that the reply reaches its verdict"
+        return (f"raise judge.max_tokens (now {cfg.max_tokens}) so that the reply reaches its verdict, or use a "
+                "judge.model that answers in the asked JSON format")
     if kind == "refused":
         return "the model refuses to judge: use another judge.model"
     other = ("judge.structured: false if the endpoint mangles JSON output" if cfg.structured
@@ -188,9 +191,10 @@ def _judge_hint(cfg: JudgeConfig, kind: str) -> str:
 
 
 def check_judge_failures(cfg: JudgeConfig, tally: Tally, fatal: str | None) -> None:
-    """Stop with one line when the judge failed: a rejected key or model (UserError), too many failures (EnvironmentFailure)."""
+    """Stop with one line when the judge failed: a rejected key or model (UserError), too many failures."""
     kept = kept_line(tally.done - tally.failed, "verdicts")
     if fatal:
         raise UserError(fatal_line("judge", fatal, cfg.base_url or "https://api.openai.com/v1", cfg.api_key_env, kept))
     if tally.over or tally.halted:
-        raise EnvironmentFailure(failure_line("judge", "verdicts", tally, kept, _judge_hint(cfg, tally.most_common()[0])))
+        hint = _judge_hint(cfg, tally.most_common()[0])
+        raise EnvironmentFailure(failure_line("judge", "verdicts", tally, kept, hint))

@@ -26,7 +26,8 @@ from prefect.utilities.annotations import quote
 from tasks.columns import JUDGMENT_COLUMNS
 from tasks.failures import Tally
 from tasks.llm_batch import EXTRA_COLUMNS, Call, check_judge_failures, judge_batch_task
-from tasks.llm_prompt import SHOWN, conversation_text, judge_label, judge_messages, judgment_key, shown_to_row, text_hash
+from tasks.llm_prompt import (SHOWN, conversation_text, judge_label, judge_messages, judgment_key, shown_to_row,
+                              text_hash)
 from tasks.store import Store, content_key
 
 if TYPE_CHECKING:
@@ -227,7 +228,7 @@ def run_llm_judge(
     frames: list[pd.DataFrame] = []
     done = run.judgments
     tally = Tally()
-    orders = len(_orders(cfg, "0" * 8))  # judgments each planned comparison makes: 2 with both orders
+    orders = 2 if cfg.both_orders else 1  # judgments each planned comparison makes (see _orders)
     while True:
         plan, reason = plan_round(contenders, examples, done, budget, rng, spent_usd=spent_before + run.new_cost_usd,
                                   orders=orders)

@@ -78,7 +78,8 @@ def resolve_api_key(env: str, secret: str | None, who: str) -> str:
                             f"({type(e).__name__})") from None
         if value:
             return str(value)
-    where = f" and Prefect Secret block '{secret}' is empty" if secret else " (or name a Prefect Secret block in api_key_secret)"
+    where = (f" and Prefect Secret block '{secret}' is empty" if secret
+             else " (or name a Prefect Secret block in api_key_secret)")
     raise UserError(f"{who}: the API key is missing: set ${env}{where}")
 
 
@@ -231,12 +232,15 @@ async def _test_chat(client: AsyncOpenAI, ep: Endpoint, key: str, who: str, ids:
         if ids is None:
             raise UserError(f"{who}: {ep.where} answered 404 to /models and /chat/completions: "
                             "does base_url end in /v1?") from None
-        raise UserError(f"{who}: model '{ep.model}' not found at {ep.where} (404; it serves: {shown or 'none'})") from None
+        raise UserError(f"{who}: model '{ep.model}' not found at {ep.where} "
+                        f"(404; it serves: {shown or 'none'})") from None
     except openai.APIError as e:
         line = _status_line(e, ep, who, key, "a test chat call")
         if line is None:
-            listed = "" if ids is None else f"model '{ep.model}' is not among the models listed ({shown or 'none'}) and "
-            line = f"{who}: {listed}a test chat call to {ep.where} answered {getattr(e, 'status_code', '?')}: {short(e, key)}"
+            listed = ("" if ids is None
+                      else f"model '{ep.model}' is not among the models listed ({shown or 'none'}) and ")
+            code = getattr(e, "status_code", "an error")
+            line = f"{who}: {listed}a test chat call to {ep.where} answered {code}: {short(e, key)}"
         raise UserError(line) from None
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
         raise UserError(f"{who}: {ep.where} answered a test chat call with {snippet(data)}, not a chat completion: "
@@ -292,7 +296,7 @@ def max_prompt_tokens(messages: list[dict[str, str]]) -> int:
 
 @dataclass
 class Caller:
-    """Async calls to one endpoint: concurrency cap, RPM/TPM pacing, dollar cap, failure stop, counts of what was sent."""
+    """Async calls to one endpoint: concurrency cap, RPM/TPM pacing, dollar cap, failure stop, counts."""
 
     ep: Endpoint
     api_key: str = field(repr=False)
@@ -301,7 +305,8 @@ class Caller:
     tally: Tally = field(default_factory=Tally)  # this run's outcomes: too many failures stop further sends
     requests: int = 0
     spent_usd: float = 0.0
-    reserved_usd: float = 0.0
+    reserved_usd: float = 0.0  # highest cost of the calls in flight
+    reservations: int = 0  # calls in flight holding a reservation
     structured: bool = True
     fatal: str | None = None  # a 401/403/404 seen: the rest is not sent
 
@@ -370,8 +375,10 @@ class Caller:
             while True:
                 if self.spent_usd + usd > self.usd_left:
                     return False
-                if self.spent_usd + self.reserved_usd + usd <= self.usd_left:
+                # With no reservation held, fits: float dust left in reserved_usd must never make a call wait forever.
+                if not self.reservations or self.spent_usd + self.reserved_usd + usd <= self.usd_left:
                     self.reserved_usd += usd
+                    self.reservations += 1
                     return True
                 await self.budget.wait()  # calls in flight usually cost less than reserved: see what is left
 
@@ -381,6 +388,7 @@ class Caller:
             return
         async with self.budget:
             self.reserved_usd -= usd
+            self.reservations -= 1
             self.budget.notify_all()
 
     def _retried(self, status: int | None) -> str:

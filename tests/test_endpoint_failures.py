@@ -15,6 +15,7 @@ from prefect import flow  # noqa: E402
 
 from tasks.config import JudgeConfig, ModelPrice, Reference  # noqa: E402
 from tasks.errors import EnvironmentFailure, UserError  # noqa: E402
+from tasks.failures import FAILED_STREAK, Tally, too_many  # noqa: E402
 from tasks.llm_judge import Contest, cached_judgments  # noqa: E402
 from tasks.llm_prompt import judge_label  # noqa: E402
 from tasks.openai_api import Endpoint, preflight  # noqa: E402
@@ -45,6 +46,23 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
     msg = str(err.value)
     assert "\n" not in msg and KEY not in msg and "Traceback" not in msg and "AttributeError" not in msg, msg
     return msg
+
+
+# ------------------------------------------------------------------------------------------ the rule
+
+
+def test_failure_share_rule():
+    assert not too_many(2, 48) and too_many(3, 48)  # 5% of 48 is 2.4
+    assert not too_many(1, 12) and too_many(2, 12)  # one odd reply of a small run never stops it...
+    assert too_many(1, 1)  # ...unless it was the only call
+    t = Tally(planned=1000)
+    for _ in range(FAILED_STREAK - 1):
+        t.add("api: connection error: ConnectError")
+    assert not t.tripped and t.over  # 19 of 19 so far: over the share, not yet certain nor a streak
+    t.add("api: connection error: ConnectError")
+    assert t.tripped and t.most_common() == ("api: connection error", 20, "api: connection error: ConnectError")
+    t.add(None)
+    assert t.streak == 0 and not t.tripped
 
 
 # ------------------------------------------------------------------------------------------ the judge
@@ -107,7 +125,8 @@ def test_a_400_is_that_calls_own_error_sent_once_with_the_servers_message(server
     server.faults = Faults(rate_400=0.01)  # one prompt of 48 is too long for this server
     run = _judge_flow(_contest(), _cfg(server), ALL, None, str(tmp_path))
     bad = run.judgments[run.judgments["error"].notna()]
-    assert list(bad["error"]) == ["api: 400: This model's maximum context length is 64 tokens; your messages are longer."]
+    assert list(bad["error"]) == ["api: 400: This model's maximum context length is 64 tokens; your messages are "
+                                  "longer."]  # the server's own words, no retries claimed
     st = server.stats()
     assert st["chat"] == 48 == st["distinct_prompts"]  # no prompt sent twice (no structured-output fallback)
     ok = run.judgments[run.judgments["error"].isna()]
