@@ -71,7 +71,12 @@ class TemporaryServer:
 
     def stop(self) -> None:
         """Stop the server (started or still starting) and forget it, so a later search starts a fresh one."""
-        self.server.stop()
+        deadline = time.monotonic() + 10.0
+        # The thread launches the process a few milliseconds after it starts: stopping before that would let it
+        # launch one after the stop, left running until exit.
+        while self.server.server_process is None and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.server.stop()  # the thread's wait for /health then ends too
         self.thread.join(5.0)
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks import progress
 from tasks.columns import JUDGMENT_COLUMNS
 from tasks.errors import EnvironmentFailure, UserError
 from tasks.failures import Tally, api_hint, failure_line, fatal_line, kept_line
@@ -133,7 +134,8 @@ class _Parts:
 
 
 async def _judge_all(calls: Sequence[Call], cfg: JudgeConfig, price: ModelPrice | None, usd_left: float | None,
-                     api_key: str, parts: _Parts, tally: Tally) -> tuple[list[dict[str, Any]], Caller, int]:
+                     api_key: str, parts: _Parts, tally: Tally, bar: progress.Bar,
+                     ) -> tuple[list[dict[str, Any]], Caller, int]:
     """Every call concurrently: (rows, the caller with its counts, calls skipped for the budget)."""
     caller = Caller(endpoint_of(cfg), api_key, price, usd_left, tally=tally, structured=cfg.structured)
     tally.planned += len(calls)
@@ -146,6 +148,7 @@ async def _judge_all(calls: Sequence[Call], cfg: JudgeConfig, price: ModelPrice 
             tally.add(out["error"], out["raw"] if out["error"] else None)
         elif out == "halted":
             tally.halted += 1
+        bar.advance()
         return out
 
     try:
@@ -169,7 +172,8 @@ def judge_batch_task(calls: Any, n_calls: int, cfg: JudgeConfig, price: ModelPri
     tally = tally or Tally()
     key = resolve_api_key(cfg.api_key_env, cfg.api_key_secret, "judge")
     parts = _Parts(store_root)
-    rows, caller, skipped = run_async(_judge_all(calls, cfg, price, usd_left, key, parts, tally))
+    with progress.bar(f"judge: {cfg.model}", n_calls, "calls") as bar:
+        rows, caller, skipped = run_async(_judge_all(calls, cfg, price, usd_left, key, parts, tally, bar))
     df = pd.DataFrame(rows, columns=JUDGMENT_COLUMNS + EXTRA_COLUMNS)
     return BatchResult(df, parts.paths, caller.requests, caller.spent_usd, skipped, tally, caller.fatal)
 

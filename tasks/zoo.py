@@ -244,6 +244,8 @@ def ensure_zoo_models(store: Store, names: list[str], workers: int = 1, log: Cal
     for level in sorted(set(depth.values())):
         todo = [n for n in wanted if depth[n] == level and not store.exists(f"models/{zoo_key(n)}")]
         if len(todo) > 1 and workers > 1:
+            log(f"zoo: training {', '.join(f'zoo:{n}' for n in todo)} side by side, {min(workers, len(todo))} at a "
+                "time")
             with side_by_side(workers), ThreadPoolExecutor(len(todo)) as threads:
                 list(threads.map(lambda n: _build_logged(store, n, log, in_worker=True), todo))
         else:
@@ -261,11 +263,11 @@ def _build_logged(store: Store, name: str, log: Callable[[str], None], in_worker
     with store.claim(f"models/{zoo_key(name)}") as todo:  # another run building it: wait for it, then reuse it
         if not todo:
             return
-        log(f"zoo: training zoo:{name} ({spec.steps} steps on {', '.join(c for c, _ in spec.mix)})")
+        if not in_worker:  # side by side, a worker may start it later: the group was announced instead
+            log(f"zoo: training zoo:{name} ({spec.steps} steps on {', '.join(c for c, _ in spec.mix)})")
         with progress.bar(f"zoo: train zoo:{name}", spec.steps, "steps") as bar, progress.ticking(bar):
             if in_worker:
-                metrics = run_in_worker(build_one, store.url, name,
-                                        what=f"building zoo:{name}")
+                metrics = run_in_worker(build_one, store.url, name, what=f"building zoo:{name}")
             else:
                 metrics = build_one(store.url, name)
     log(f"zoo: zoo:{name} loss {metrics['loss_first']} -> {metrics['loss_last']} in {metrics['seconds']} s")

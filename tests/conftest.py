@@ -105,3 +105,23 @@ def mini_config(tmp_path, tiny_models, tiny_data) -> Path:
     path = tmp_path / "mini.yaml"
     path.write_text(yaml.safe_dump(mini_config_dict(tiny_models, tiny_data), sort_keys=False))
     return path
+
+
+def write_config(tmp_path: Path, cfg: dict) -> Path:
+    """Write a config dict as YAML (tmp_path/search.yaml) and return its path."""
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def config_error(path: Path) -> str:
+    """The one-line UserError that loading and checking the config at `path` raises."""
+    from tasks.config import load_config
+    from tasks.errors import UserError
+    from tasks.prepare import prepare
+
+    with pytest.raises(UserError) as info:
+        prepare(load_config(path))
+    msg = str(info.value)
+    assert msg and "\n" not in msg
+    return msg

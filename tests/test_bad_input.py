@@ -13,34 +13,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tasks.config import Merge, load_config
 from tasks.data import MIN_TEST_ROWS
 from tasks.errors import UserError
 from tasks.models import describe
 from tasks.prepare import no_expected_warning, prepare
-from tests.conftest import mini_config_dict, write_jsonl
+from tests.conftest import config_error as _error, mini_config_dict, write_config as _write, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("prefect", "torch", "transformers", "mergekit", "pandas", "pyarrow", "datasets")
 ROW = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "expected": "4"}
-
-
-def _write(tmp_path: Path, cfg: dict) -> Path:
-    """Write a config dict as YAML and return its path."""
-    path = tmp_path / "search.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-def _error(path: Path) -> str:
-    """The one-line UserError that loading and checking `path` raises."""
-    with pytest.raises(UserError) as info:
-        prepare(load_config(path))
-    msg = str(info.value)
-    assert msg and "\n" not in msg
-    return msg
 
 
 def _line_of(msg: str, path: Path) -> str:

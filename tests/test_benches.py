@@ -30,6 +30,11 @@ def test_generate_throughput_quick():
     assert "identical outputs: True" in out and "one at a time" in out
 
 
+def test_store_overhead_quick():
+    out = run("bench/store_overhead.py", "--quick")
+    assert "first run: writes + checks" in out and "re-run: checks only" in out and "linear extrapolation" in out
+
+
 def test_gpu_finetune_cpu_small():
     out = run("bench/gpu_finetune.py", "--cpu-small", "--checkpointing", "off", "--steps", "1")
     assert "MFU = tokens/s * (4N + 6N_lora) / peak" in out and "| off" in out

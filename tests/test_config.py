@@ -9,30 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tasks.config import load_config
-from tasks.errors import UserError
 from tasks.prepare import prepare
-from tests.conftest import make_tiny_model, mini_config_dict, write_jsonl
+from tests.conftest import config_error as _error, make_tiny_model, mini_config_dict, write_config as _write, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _write(tmp_path: Path, cfg: dict) -> Path:
-    """Write a config dict as YAML and return its path."""
-    path = tmp_path / "search.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-def _error(path: Path) -> str:
-    """The one-line UserError that loading and checking `path` raises."""
-    with pytest.raises(UserError) as info:
-        prepare(load_config(path))
-    msg = str(info.value)
-    assert "\n" not in msg
-    return msg
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
