@@ -121,7 +121,8 @@ def generate(
 
     base, tok = cached_base(model_dir)
     try:
-        with merged_adapter(base, adapter_dir) as model, torch_threads(threads_for(base.num_parameters())):
+        threads = threads_for(base.num_parameters(), training=False)
+        with merged_adapter(base, adapter_dir) as model, torch_threads(threads):
             return _generate(model, tok, dataset, examples, contender, cfg)
     except BaseException:
         _BASES.pop(str(Path(model_dir).resolve()), None)  # a failed merge may have left the weights changed

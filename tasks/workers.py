@@ -39,22 +39,35 @@ def local_workers(compute: ComputeConfig) -> int:
         return compute.workers
     import torch
 
-    # the cores this process may run on (a container's cpuset), where the OS says; else all of the machine's
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return 1 if torch.cuda.is_available() else max(1, min(AUTO_MAX, cores))
+    return 1 if torch.cuda.is_available() else max(1, min(AUTO_MAX, cores()))
 
 
-# Below this many parameters a model's CPU kernels are too small to share among threads: the zoo's 0.5M-parameter
-# Mistral trained a step in 0.063 s on 1 thread and 0.18 s on 2 (bench/zoo_threads.py, 2 cores, one other job).
+# Below this many parameters a model's CPU kernels are too small to share among threads on a busy machine: the
+# zoo's 0.5M-parameter Mistral trained a step in 0.10 s on 1 thread and 0.34 s on 2 beside three busy loops, and
+# 0.063 s vs 0.18 s beside one other job; idle, 2 threads were 1.4x faster (0.031 s vs 0.043 s; bench/zoo_threads.py,
+# 2 cores). A second thread only pays when a core is free for it, and not at all for generation, whose decoding
+# steps are smaller still: batched greedy decoding of the demo's test rows ran at 11,732 and 10,608 tokens/s on 1
+# thread, 10,014 and 10,167 on 2, idle (bench/generate_throughput.py --threads 1|2).
 SMALL_MODEL_PARAMS = 20_000_000
+_in_worker = False  # set in worker processes: they share the cores, one thread each
 
 
-def threads_for(n_params: int) -> int:
-    """torch CPU threads for work on a model of n_params parameters in this process: 1 for a small one, else
-    what torch chose (one per core)."""
+def cores() -> int:
+    """The cores this process may run on (a container's cpuset), where the OS says; else all of the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_for(n_params: int, training: bool) -> int:
+    """torch CPU threads for work on a model of n_params parameters in this process: one per core for a large
+    model; for a small one 1, or 2 for training while the machine is idle (1-minute load under cores - 1)."""
     import torch
 
-    return 1 if n_params < SMALL_MODEL_PARAMS else torch.get_num_threads()
+    if _in_worker:
+        return 1
+    if n_params >= SMALL_MODEL_PARAMS:
+        return torch.get_num_threads()
+    idle = os.getloadavg()[0] < cores() - 1 if hasattr(os, "getloadavg") else False
+    return min(2, cores()) if training and idle else 1  # more than 2 threads was not measured this small
 
 
 @contextmanager
@@ -81,6 +94,8 @@ def _init_worker(ticks: Any) -> None:
 
     from tasks import progress
 
+    global _in_worker
+    _in_worker = True
     torch.set_num_threads(1)
     progress.forward = lambda bar_id, n: ticks.put((bar_id, n))
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))

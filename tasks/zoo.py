@@ -192,12 +192,6 @@ def _train(model: Any, tok: Any, spec: ZooModel) -> dict[str, Any]:
                        pad_id=tok.pad_token_id, packing=True)
 
 
-# torch threads for zoo training in any process: measured fastest for this shape (bench/zoo_threads.py: 1 thread
-# ran a step in 0.063 s, 2 threads in 0.18 s, on 2 cores with one other job; a small model's kernels gain less
-# from a second thread than they lose to its synchronisation, and on a busy machine far less).
-ZOO_THREADS = 1
-
-
 def lineage(name: str) -> list[str]:
     """The zoo model and its ancestors, oldest first (base, ..., name)."""
     if name not in ZOO:
@@ -214,17 +208,18 @@ def build_one(store_root: str, name: str) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.workers import torch_threads
+    from tasks.workers import threads_for, torch_threads
 
     store, spec = Store(store_root), ZOO[name]
-    with torch_threads(ZOO_THREADS):
-        if spec.parent:
-            parent_dir = store.local_dir(f"models/{zoo_key(spec.parent)}")
-            tok = AutoTokenizer.from_pretrained(str(parent_dir))
-            model = AutoModelForCausalLM.from_pretrained(str(parent_dir), dtype=torch.float32)
-        else:
-            tok = build_tokenizer(spec.seed)
-            model = _new_model(tok, spec.seed)
+    if spec.parent:
+        parent_dir = store.local_dir(f"models/{zoo_key(spec.parent)}")
+        tok = AutoTokenizer.from_pretrained(str(parent_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(parent_dir), dtype=torch.float32)
+    else:
+        tok = build_tokenizer(spec.seed)
+        model = _new_model(tok, spec.seed)
+    # a tiny model: 1 thread on a busy machine, where a second one makes each step 3x slower (threads_for)
+    with torch_threads(threads_for(model.num_parameters(), training=True)):
         metrics = _train(model, tok, spec)
     with store.new_dir(f"models/{zoo_key(name)}") as tmp:
         model.save_pretrained(str(tmp))
