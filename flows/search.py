@@ -10,9 +10,9 @@ its own heavy imports, so that --help and a config error answer in a fraction of
 from __future__ import annotations
 
 if __name__ == "__main__":
-    from flows.cli import main as _main
+    from flows.cli import run_command
 
-    raise SystemExit(_main())
+    run_command()
 
 import os
 import time
