@@ -2,6 +2,7 @@
 
     python bench/loaded_demo.py --busy 3            # first run on a fresh store, then the unchanged re-run
     python bench/loaded_demo.py --busy 6 --rerun-only --store DIR
+    python bench/loaded_demo.py --busy 8 --command "python -m pytest"   # any command (the README's test one)
 
 Each busy loop is `python -c "while True: pass"`, one runnable process each: with B of them on C cores the
 search gets about C / (B + its own runnable processes) of the CPU. Prints, per run: exit code, wall seconds,
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import select
+import shlex
 import signal
 import statistics
 import subprocess
@@ -40,9 +42,8 @@ def busy(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(n)]
 
 
-def run(store: Path, config: str | None, log: Path) -> dict[str, float]:
-    """One `python -m flows.search` run: exit code, wall s, first-line wall and CPU s, load average samples."""
-    cmd = [sys.executable, "-m", "flows.search", "--store", str(store)] + (["--config", config] if config else [])
+def run(cmd: list[str], log: Path) -> dict[str, float]:
+    """One run of a command: exit code, wall s, first-line wall and CPU s, load average samples."""
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     first_wall = first_cpu = None
@@ -77,6 +78,7 @@ def main() -> None:
     ap.add_argument("--config", default=None, help="search config (default: the demo)")
     ap.add_argument("--store", default=None, help="store folder (default: a fresh temporary one)")
     ap.add_argument("--rerun-only", action="store_true", help="only the unchanged re-run (the store is filled)")
+    ap.add_argument("--command", default=None, help="run this shell-split command instead of the search")
     args = ap.parse_args()
     store = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="loaded-demo-")) / "store"
     loops = busy(args.busy)
@@ -84,8 +86,12 @@ def main() -> None:
     try:
         time.sleep(args.warmup)
         logs = Path(tempfile.mkdtemp(prefix="loaded-demo-logs-"))
-        for name in (["re-run"] if args.rerun_only else ["first run", "re-run"]):
-            r = run(store, args.config, logs / f"{name.replace(' ', '-')}.log")
+        search = [sys.executable, "-m", "flows.search", "--store", str(store)] + (
+            ["--config", args.config] if args.config else [])
+        names = ["command"] if args.command else ["re-run"] if args.rerun_only else ["first run", "re-run"]
+        for name in names:
+            cmd = shlex.split(args.command) if args.command else search
+            r = run(cmd, logs / f"{name.replace(' ', '-')}.log")
             rows.append((name, r))
             if r["rc"] != 0:
                 print((logs / f"{name.replace(' ', '-')}.log").read_text()[-3000:])
