@@ -24,6 +24,7 @@ from tasks.errors import EnvironmentFailure, UserError
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 SERVER_HINT = ("hint: start a server yourself (prefect server start) and point the search at it "
                "(prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api), then run the same command again")
+INTERRUPTED = "interrupted: every result finished before it is in the store; run the same command to go on"
 ENV_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
 
@@ -68,7 +69,6 @@ class TemporaryServer:
             raise EnvironmentFailure(f"Prefect's temporary server did not start within {self.timeout_s} s "
                                      f"({type(self.error).__name__}); {SERVER_HINT}")
 
-
     def stop(self) -> None:
         """Stop the server (started or still starting) and forget it, so a later search starts a fresh one."""
         deadline = time.monotonic() + 10.0
@@ -82,12 +82,11 @@ class TemporaryServer:
 
 def stop_temporary_server() -> None:
     """Stop Prefect's temporary local server now rather than at exit, so its goodbye line is not printed last."""
-    try:
-        from prefect.server.api.server import SubprocessASGIServer
-    except ImportError:  # a Prefect without it: the server stops at exit as usual
+    server_mod = sys.modules.get("prefect.server.api.server")  # not imported: no server was started
+    if server_mod is None:
         return
     _drain_prefect()  # send queued log lines and events while the server is still there to take them
-    for server in list(SubprocessASGIServer._instances.values()):
+    for server in list(server_mod.SubprocessASGIServer._instances.values()):
         server.stop()
 
 
@@ -105,8 +104,8 @@ def _drain_prefect() -> None:
 def run_command() -> None:
     """`python -m flows.search`: main(), then leave without Python's teardown.
 
-    Tearing down torch, transformers and Prefect object by object took 2.3 s idle and ~20 s at load 7 after the
-    report's path was printed. Nothing is lost by skipping it: every result is written (atomically), Prefect's
+    Tearing down torch, transformers and Prefect object by object took 2.3 s after the report's path was printed,
+    idle (at load 7, 22 s passed between the flow's end and the command's exit). Nothing is lost by skipping it: every result is written (atomically), Prefect's
     log lines and events are sent first, and the temporary server and the worker processes are stopped.
     """
     code = main()
@@ -125,8 +124,7 @@ def exit_on_interrupt(signum: int, frame: Any) -> None:
     handling would then retry reporting to the dead server for a minute or more before the command returned.
     Nothing is lost by leaving at once: every finished result is already in the store (writes are atomic).
     """
-    print("\ninterrupted: every result finished before it is in the store; run the same command to go on",
-          file=sys.stderr, flush=True)
+    print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
     _kill_children()
     sys.stdout.flush()
     os._exit(130)  # 128 + SIGINT, as shells report an interrupted command
@@ -198,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C during the checks, or in a search on a server of the user's
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
+        return 130
     except (UserError, EnvironmentFailure) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UserError) else 1
