@@ -26,8 +26,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench._machine import header, table  # noqa: E402
+from tasks.chat import IGNORE, prompt_format  # noqa: E402
 from tasks.data import load_examples  # noqa: E402
-from tasks.finetune import IGNORE, encode, resolve_packing, train_steps  # noqa: E402
+from tasks.finetune import encode, resolve_packing, train_steps  # noqa: E402
 from tasks.zoo import SHAPE, build_tokenizer  # noqa: E402
 
 LR, BATCH, R, ALPHA = 3e-3, 8, 16, 32
@@ -107,9 +108,10 @@ def main() -> None:
     warmup = 2 if a.quick else 5
     shape = SHAPE
     tok = build_tokenizer()
+    fmt = prompt_format(tok)
     rows = []
     for f in sorted((ROOT / "configs" / "demo_data").glob("*_train.jsonl")):
-        rows += [encode(tok, ex, 256) for ex in load_examples(f)]
+        rows += [r for r in (encode(tok, fmt, ex) for ex in load_examples(f)) if len(r[0]) <= 256]
     lengths = sorted(len(x) for x, _ in rows)
     # packing: "auto" (the default) resolves to one of our two layouts for SDPA, the attention used here
     default = resolve_packing("auto", "sdpa")

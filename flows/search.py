@@ -30,7 +30,7 @@ from tasks.config import TEACHER, ZOO_PREFIX, SearchConfig, load_config
 from tasks.errors import UserError
 from tasks.compute import FinetuneJob, GenerateJob, finetune_all, generate_all, merge_models
 from tasks.finetune import adapter_key
-from tasks.generate import outputs_key, teacher_key, teacher_outputs
+from tasks.generate import finish_reasons, outputs_key, teacher_key, teacher_outputs
 from tasks.judge import judge_task, load_judgments, metric_scores, run_openai_judge
 from tasks.references import reference_outputs
 from tasks.candidates import candidate_task, zoo_task
@@ -75,7 +75,7 @@ def train_and_answer(
     with log.stage(f"finetune:{name}") as row:
         ft_jobs = [
             FinetuneJob(m, name, paths[m], data.spec.train, cfg.finetune,
-                        adapter_key(prep.models[m].fingerprint, data.train_fp, cfg.finetune))
+                        adapter_key(prep.models[m].fingerprint, data.train_fp, cfg.finetune), prep.models[m].load)
             for m in models
         ]
         adapters = finetune_all(ft_jobs, cfg.compute, store)
@@ -84,7 +84,7 @@ def train_and_answer(
     with log.stage(f"generate:{name}") as row:
         gen_jobs = [
             GenerateJob(m, name, paths[m], folder, data.spec.test, cfg.generate,
-                        outputs_key(job.key, data.test_fp, cfg.generate))
+                        outputs_key(job.key, data.test_fp, cfg.generate), job.load)
             for m, job, (folder, _) in zip(models, ft_jobs, adapters)
         ]
         results = generate_all(gen_jobs, cfg.compute, store, rows_per_job=len(data.test))
@@ -160,6 +160,20 @@ def scores_table(prep: Prepared, all_outputs: dict[str, dict[str, tuple[str, str
     return pd.DataFrame(cols).rename_axis("contender")
 
 
+def formats_table(prep: Prepared, all_outputs: dict[str, dict[str, tuple[str, str]]], store: Store,
+                  max_new_tokens: int) -> pd.DataFrame:
+    """Every fine-tuned model's prompt format and how many of its test outputs ran to max_new_tokens."""
+    rows = []
+    for name, info in prep.models.items():
+        frames = [store.read_parquet(out[name][0]) for out in all_outputs.values() if name in out]
+        if not info.finetuned or not frames:
+            continue
+        df = pd.concat(frames)
+        cut = int((finish_reasons(df, max_new_tokens) == "length").sum())
+        rows.append({"model": name, "prompt format": info.template, "cut at max_new_tokens": f"{cut} of {len(df)}"})
+    return pd.DataFrame(rows)
+
+
 def validate_winner(
     cfg: SearchConfig, prep: Prepared, ratings: pd.DataFrame, paths: dict[str, str], store: str, run_rel: str,
     log: StageLog,
@@ -223,21 +237,22 @@ def search(config: SearchConfig | str, store: str | None = None) -> dict[str, An
 
     paths: dict[str, str] = {}
     with log.stage("candidates") as row:
-        zoo = {c.name: c.path.removeprefix(ZOO_PREFIX) for c in config.candidates if c.path.startswith(ZOO_PREFIX)}
+        sources = config.candidates + config.ingredients  # an ingredient is merged, so it is needed here too
+        zoo = {c.name: c.path.removeprefix(ZOO_PREFIX) for c in sources if c.path.startswith(ZOO_PREFIX)}
         # Only a zoo model not yet in the store is built (all at once: siblings side by side); any other
         # candidate is read where it is.
         built = {n for n in zoo if not st.exists(f"models/{prep.models[n].fingerprint}")}
         if built:
             zoo_task(sorted(set(zoo.values())), store, local_workers(config.compute))
-        for c in config.candidates:
-            paths[c.name] = candidate_task(c, store)
+        for c in sources:
+            paths[c.name] = candidate_task(c, store, sources)
             _count(row, c.name not in built)
     with log.stage("merges") as row:
         for m in config.merges:
             paths[m.name], reused = merge_models(m, paths, prep.models[m.name].fingerprint, config.compute, store)
             _count(row, reused)
 
-    models = list(prep.models)
+    models = [n for n, info in prep.models.items() if info.finetuned]
     all_outputs = {ds: train_and_answer(models, data, paths, prep, config, store, log) for ds, data in prep.datasets.items()}
     batches = judge_search(prep.datasets, all_outputs, config, store, log)
 
@@ -258,7 +273,7 @@ def search(config: SearchConfig | str, store: str | None = None) -> dict[str, An
     with log.stage("report"):
         png = plot_ratings(ratings)
         md = markdown_report(config, run_id, ratings, scores_table(prep, all_outputs, st), validation, log.rows,
-                             judgments)
+                             judgments, formats_table(prep, all_outputs, st, config.generate.max_new_tokens))
         st.write_bytes(f"{run_rel}/ratings.png", png)
         st.write_text(f"{run_rel}/report.md", md)
         report = st.write_text(f"{run_rel}/report.html", html_report(md, png))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.config import FinetuneConfig, GenerateConfig, Merge
+from tasks.config import FinetuneConfig, GenerateConfig, LoadOptions, Merge
 from tasks.finetune import finetune_task
 from tasks.generate import generate_task
 from tasks.merge import merge_task
@@ -23,16 +23,17 @@ def merge_flow(merge: Merge, paths: dict[str, str], key: str, store_root: str) -
 
 @flow(name="finetune", flow_run_name="finetune-{model}-{dataset}")
 def finetune_flow(
-    model: str, dataset: str, model_dir: str, train_path: str, cfg: FinetuneConfig, key: str, store_root: str
+    model: str, dataset: str, model_dir: str, train_path: str, cfg: FinetuneConfig, key: str, store_root: str,
+    load: LoadOptions | None = None,
 ) -> tuple[str, bool]:
     """LoRA fine-tune one model on one dataset into store/adapters/<key>: (folder, already there?)."""
-    return finetune_task(model, dataset, model_dir, train_path, cfg, key, store_root)
+    return finetune_task(model, dataset, model_dir, train_path, cfg, key, store_root, load)
 
 
 @flow(name="generate", flow_run_name="generate-{model}-{dataset}")
 def generate_flow(
     model: str, dataset: str, model_dir: str, adapter_dir: str, test_path: str, cfg: GenerateConfig, key: str,
-    store_root: str,
+    store_root: str, load: LoadOptions | None = None,
 ) -> tuple[str, bool]:
     """One fine-tune answers one test file into store/outputs/<key>.parquet: (path, already there?)."""
-    return generate_task(model, dataset, model_dir, adapter_dir, test_path, cfg, key, store_root)
+    return generate_task(model, dataset, model_dir, adapter_dir, test_path, cfg, key, store_root, load)

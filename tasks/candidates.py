@@ -16,9 +16,12 @@ from tasks.zoo import ensure_zoo_models
 
 
 @task(name="candidate", task_run_name="candidate-{c.name}", cache_policy=NO_CACHE)
-def candidate_task(c: Candidate, store_root: str) -> str:
-    """Prefect task: the candidate's local folder (a zoo model is built into the store on first use)."""
-    return str(materialize(c, Store(store_root), log=get_run_logger().info))
+def candidate_task(c: Candidate, store_root: str, others: list[Candidate] = ()) -> str:
+    """Prefect task: the candidate's local folder (zoo model built, hub weights fetched, adapter merged, on first use).
+
+    `others` are the search's candidates and ingredients, which an adapter's base may name.
+    """
+    return str(materialize(c, Store(store_root), log=get_run_logger().info, others=list(others)))
 
 
 @task(name="zoo", task_run_name="zoo-{names}", cache_policy=NO_CACHE)

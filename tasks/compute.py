@@ -20,6 +20,7 @@ from uuid import UUID
 
 from tasks import progress
 from tasks.errors import UserError
+from tasks.config import LoadOptions
 from tasks.finetune import finetune_task
 from tasks.generate import generate_task
 from tasks.merge import merge_task
@@ -51,6 +52,7 @@ class FinetuneJob:
     train_path: str
     cfg: FinetuneConfig
     key: str
+    load: LoadOptions = LoadOptions()  # the model's prompt template and remote-code opt-in (tasks/chat.py)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class GenerateJob:
     test_path: str
     cfg: GenerateConfig
     key: str
+    load: LoadOptions = LoadOptions()  # as FinetuneJob's: the same format in training and generation
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import UserError
+from tasks.recipes import recipe_models, recipe_problem
 
 # A leaf module: only pydantic, yaml and the standard library, so that `--help` and every config error print fast.
 
@@ -72,7 +73,26 @@ class Candidate(Frozen):
     """A base model to try."""
 
     name: Name = Field(description="Short name used in tables, run names, store paths and merge recipes.")
-    path: PathText = Field(description="Hugging Face id, local folder, or zoo:NAME (the demo zoo, built on demand).")
+    path: PathText = Field(description="Hugging Face id, local folder (a model, or a PEFT adapter whose base is "
+                           "found from its adapter_config.json), or zoo:NAME (the demo zoo, built on demand).")
+    chat_template: PathText | None = Field(
+        default=None, description="Prompt format used instead of the tokenizer's own (or when it has none): a named "
+        "template (default, chatml, zephyr, mistral, llama3, gemma, phi3) or a .jinja file. None: the model's own, "
+        "else the search's chat_template.",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Run the Python code the model folder ships (config.json `auto_map`); a model that "
+        "needs it is refused without it.",
+    )
+
+
+class LoadOptions(Frozen):
+    """How a model folder is loaded for training and generation (resolved at the check, travels with each job)."""
+
+    chat_template: str | None = Field(
+        default=None, description="Jinja text of the template to use instead of the tokenizer's own (None: its own)."
+    )
+    trust_remote_code: bool = Field(default=False, description="Whether the folder's own Python code may run.")
 
 
 class Merge(Frozen):
@@ -283,6 +303,15 @@ class SearchConfig(Frozen):
     name: Name = Field(description="Names the runs (and their folders in the store).")
     candidates: list[Candidate] = Field(min_length=1, description="Base models to try.")
     merges: list[Merge] = Field(default_factory=list, description="mergekit recipes over the candidates.")
+    ingredients: list[Candidate] = Field(
+        default_factory=list, description="Models that merge recipes may name but that are not candidates themselves: "
+        "merged, never fine-tuned or rated.",
+    )
+    chat_template: PathText = Field(
+        default="default", description="Prompt format of a model with no chat template of its own (a base model): "
+        "a named template (default, chatml, zephyr, mistral, llama3, gemma, phi3) or a .jinja file. 'default' "
+        "ends a turn with the tokenizer's eos token, so it suits every vocabulary.",
+    )
     datasets: list[DatasetSpec] = Field(min_length=1, description="Customer datasets the search is scored on.")
     references: list[Reference] = Field(default_factory=list, description="API models judged beside the fine-tunes.")
     validation: Validation | None = Field(default=None, description="Held-out check of the winner.")
@@ -304,10 +333,10 @@ class SearchConfig(Frozen):
         if TEACHER in contenders:
             raise ValueError(f"'{TEACHER}' is reserved for the datasets' own answers; rename that candidate, merge or "
                              "reference")
-        _no_duplicates(contenders, "candidates/merges/references")
+        _no_duplicates(contenders + [i.name for i in self.ingredients], "candidates/merges/references/ingredients")
         _no_duplicates([d.name for d in self.datasets], "datasets")
         for i, merge in enumerate(self.merges):
-            known = [c.name for c in self.candidates] + [m.name for m in self.merges[:i]]
+            known = [c.name for c in self.candidates + self.ingredients] + [m.name for m in self.merges[:i]]
             for ref in recipe_models(merge.recipe):
                 if ref not in known:
                     raise ValueError(
@@ -327,48 +356,6 @@ class SearchConfig(Frozen):
         kinds |= {m.name: "merge" for m in self.merges}
         kinds |= {r.name: "reference" for r in self.references}
         return kinds | {TEACHER: "reference"}
-
-
-def _entries_problem(value: Any, where: str, key: str, example: str) -> str | None:
-    """Why `value` (at `where` in a recipe) is not a list of mappings that each have `key`, or None."""
-    if not isinstance(value, list):
-        return f"{where}: should be a list of {example} entries, not {type(value).__name__} {value!r:.40}"
-    bad = next((i for i, entry in enumerate(value) if not isinstance(entry, dict) or key not in entry), None)
-    return None if bad is None else f"{where}[{bad}]: should be a mapping like {example}, not {value[bad]!r:.40}"
-
-
-def recipe_problem(recipe: dict[str, Any]) -> str | None:
-    """What makes a mergekit recipe's shape unusable (a string where a list belongs, ...), or None."""
-    method = recipe.get("merge_method")
-    if not isinstance(method, str) or not method.strip():
-        return "merge_method: missing (a mergekit method name, e.g. slerp, ties or linear)"
-    if "modules" in recipe:  # model names are swapped for folders in models/slices only
-        return "modules: not supported here; list the inputs under `models:` or `slices:`"
-    if not isinstance(recipe.get("base_model", ""), (str, dict)):
-        return f"base_model: should be a model name, not {recipe['base_model']!r:.40}"
-    if "models" in recipe and (why := _entries_problem(recipe["models"], "models", "model", "{model: NAME}")):
-        return why
-    if "slices" in recipe and (why := _entries_problem(recipe["slices"], "slices", "sources", "{sources: [...]}")):
-        return why
-    for i, sl in enumerate(recipe.get("slices") or []):
-        example = "{model: NAME, layer_range: [0, N]}"
-        if why := _entries_problem(sl["sources"], f"slices[{i}].sources", "model", example):
-            return why
-    return None
-
-
-def recipe_models(recipe: dict[str, Any]) -> list[str]:
-    """Every model a mergekit recipe names (models, base_model, slices' sources); misshapen parts are skipped."""
-
-    def listed(value: Any) -> list[Any]:
-        """The value when it is a list, else nothing (a string here is recipe_problem's to report)."""
-        return value if isinstance(value, list) else []
-
-    slices = [sl for sl in listed(recipe.get("slices")) if isinstance(sl, dict)]
-    entries = listed(recipe.get("models")) + [src for sl in slices for src in listed(sl.get("sources"))]
-    names = [recipe["base_model"]] if isinstance(recipe.get("base_model"), str) else []
-    names += [e["model"] for e in entries if isinstance(e, dict) and isinstance(e.get("model"), str)]
-    return list(dict.fromkeys(names))
 
 
 def _no_duplicates(names: list[str], where: str) -> None:
@@ -462,13 +449,24 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     val = out.get("validation")
     if isinstance(val, dict) and isinstance(val.get("dataset"), dict):
         out["validation"] = {**val, "dataset": fix_dataset(val["dataset"])}
-    if isinstance(out.get("candidates"), list):
+    def fix_template(c: Any) -> Any:
+        t = c.get("chat_template") if isinstance(c, dict) else None
+        return {**c, "chat_template": fix(t)} if isinstance(t, str) and t.endswith(".jinja") else c
+
+    if isinstance(out.get("chat_template"), str) and out["chat_template"].endswith(".jinja"):
+        out["chat_template"] = fix(out["chat_template"])
+    for key in ("candidates", "ingredients"):
+        if isinstance(out.get(key), list):
+            out[key] = [fix_template(c) for c in out[key]]
+    for key in ("candidates", "ingredients"):
+        if not isinstance(out.get(key), list):
+            continue
         # A relative candidate path is local only if it exists there; otherwise it is an HF id.
-        out["candidates"] = [
+        out[key] = [
             {**c, "path": fix(c["path"])}
             if isinstance(c, dict) and isinstance(c.get("path"), str) and (base / c["path"]).exists()
             else c
-            for c in out["candidates"]
+            for c in out[key]
         ]
     return out
 

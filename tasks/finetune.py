@@ -15,6 +15,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import progress
+from tasks.chat import IGNORE, PromptFormat, encode_row, load_tokenizer, prompt_format
+from tasks.config import LoadOptions
+from tasks.errors import UserError
+from tasks.lora_kernels import PACKED_ATTENTION, _register_packed_attention, fuse_small_loras, unfuse_loras
 from tasks.store import Store, content_key
 from tasks.workers import in_worker
 
@@ -23,7 +27,6 @@ if TYPE_CHECKING:
     from tasks.data import Example
 
 STAGE_VERSION = "2"  # bump when a change alters what a fine-tune computes (2: packed, shuffled batches)
-IGNORE = -100  # label id that torch's cross-entropy skips
 # Micro-batch token budget when nothing limits it (CPU): a whole optimizer step in one forward pass.
 UNLIMITED_TOKENS = 1 << 30
 
@@ -38,130 +41,16 @@ def base_of(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def attn_implementation() -> str:
-    """flash_attention_2 on CUDA when the flash-attn package is importable, else PyTorch's SDPA (CPU too)."""
+def attn_implementations() -> list[str]:
+    """Attention implementations to try, best first: flash-attention on CUDA when installed, SDPA, then eager.
+
+    Not every model supports each (Gemma 2 refuses SDPA in transformers 5); load_base takes the first one the
+    model accepts.
+    """
     import importlib.util
 
-    if device().type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
-
-
-PACKED_ATTENTION = "basesearch_packed_sdpa"  # attention implementation name registered below
-
-
-def packed_sdpa_attention(
-    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
-    dropout: float = 0.0, scaling: float | None = None, cu_seq_lens_q: torch.Tensor | None = None, **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Variable-length causal attention over packed rows: one SDPA call (is_causal, no mask) per row.
-
-    A block-diagonal mask over the whole packed sequence would make SDPA compute (and on GPU, pick a slower
-    kernel for) every row against every other and then throw it away: cost grows with the square of the pack's
-    length. Attending row by row costs what the rows cost alone. The rows are cut with `split`, whose backward
-    is one concatenation; slicing each row out would cost a full-size zero-filled gradient per row and tensor
-    (measured on the demo shape: ~20% more time in attention). Laying the rows out padded for one batched call
-    measured slower still. `cu_seq_lens_q` holds the rows' boundaries (0, end of row 1, ..., total), on the CPU.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if cu_seq_lens_q is None or query.shape[0] != 1:
-        raise ValueError("packed attention needs one packed row and cu_seq_lens_q")
-    lengths = cu_seq_lens_q.diff().tolist()
-    outs = [
-        sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
-        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
-    ]
-    return torch.cat(outs, dim=1), None
-
-
-def _register_packed_attention() -> None:
-    """Make PACKED_ATTENTION a transformers attention implementation (with no mask function: none is built)."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
-
-
-class _FusedLora(torch.autograd.Function):
-    """y = x (W + s B A)^T + bias as one matmul; backward gives x, A and B their gradients, W (frozen) none."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-        """One addmm builds the merged weight (r * in * out FLOPs, no token factor), one linear applies it."""
-        merged = torch.addmm(weight, lora_b, lora_a, alpha=scale)
-        ctx.save_for_backward(x, merged, lora_a, lora_b)
-        ctx.scale = scale
-        return torch.nn.functional.linear(x, merged, bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """Gradients of A and B by the cheaper route for this many tokens (see the comment below)."""
-        x, merged, a, b = ctx.saved_tensors
-        s, r, (fan_out, fan_in) = ctx.scale, a.shape[0], merged.shape
-        g2, x2 = grad.reshape(-1, fan_out), x.reshape(-1, fan_in)
-        n = g2.shape[0]
-        grad_x = grad @ merged if ctx.needs_input_grad[0] else None
-        # Multiply-adds for n tokens: the dense route forms dW = g^T x (n*in*out) and projects it on A and B
-        # (2*r*in*out); the thin route never forms dW: (g B)^T x and g^T (x A^T) cost 2*n*r*(in+out). At the demo's
-        # width (96 -> 256, r=16, ~540 tokens per step) the MLP takes the thin route, attention the dense one.
-        if n * fan_in * fan_out + 2 * r * fan_in * fan_out <= 2 * n * r * (fan_in + fan_out):
-            dw = g2.t() @ x2
-            grad_a, grad_b = (b.t() @ dw).mul_(s), (dw @ a.t()).mul_(s)
-        else:
-            grad_a, grad_b = ((g2 @ b).t() @ x2).mul_(s), (g2.t() @ (x2 @ a.t())).mul_(s)
-        return grad_x, None, None, grad_a, grad_b, None
-
-
-def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """LoRA linear as one matmul with W + scale * B @ A (the same function as peft's three-matmul forward)."""
-    name, base, dev = self.active_adapters[0], self.base_layer, x.device.type
-    # Under autocast (CUDA bf16) run the whole layer in the autocast dtype, as autocast would run peft's matmuls.
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    bias = None if base.bias is None else base.bias.to(dtype)
-    with torch.autocast(dev, enabled=False):
-        return _FusedLora.apply(x.to(dtype), base.weight.to(dtype), bias, self.lora_A[name].weight.to(dtype),
-                                self.lora_B[name].weight.to(dtype), self.scaling[name])
-
-
-def fuse_small_loras(model: torch.nn.Module) -> list[Any]:
-    """Switch LoRA layers whose factored form is slow to the fused W + s*B@A form; return the layers switched.
-
-    peft's factored path runs three matmuls forward (one full-size, two thin) and six backward, each a separate
-    autograd node; the fused path (_FusedLora) runs one full-size matmul forward and, backward, the input's
-    gradient plus the cheaper route to A's and B's. Its price is a merged in x out weight per layer, built each
-    call and kept for the backward pass: negligible on narrow models (the demo zoo: faster steps on CPU), a
-    second copy of the weights on 7B-class ones. So it is used where the merged weight is small next to the
-    factored path's thin-matmul work, 2*in*out <= 12*r*(in+out): true for the demo's 96-wide layers (r=16),
-    false at 4096 wide, where peft's path stays.
-    Only plain LoRA layers qualify (one active adapter, no dropout, no DoRA, nn.Linear base). Loss and gradients
-    are the same up to float rounding; undo with unfuse_loras.
-    """
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:
-        return []
-    done = []
-    for mod in model.modules():
-        if not isinstance(mod, LoraLinear) or len(mod.active_adapters) != 1 or mod.merged:
-            continue
-        name = mod.active_adapters[0]
-        base = mod.base_layer
-        if (name not in mod.lora_A or not isinstance(base, torch.nn.Linear) or mod.fan_in_fan_out
-                or not isinstance(mod.lora_dropout[name], torch.nn.Identity) or mod.use_dora.get(name)
-                or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
-            continue
-        r, fan_in, fan_out = mod.r[name], base.in_features, base.out_features
-        if 2 * fan_in * fan_out <= 2 * 6 * r * (fan_in + fan_out):
-            mod.forward = _fused_lora_forward.__get__(mod)
-            done.append(mod)
-    return done
-
-
-def unfuse_loras(layers: list[Any]) -> None:
-    """Give the layers fuse_small_loras switched their peft forward back."""
-    for mod in layers:
-        del mod.forward
+    flash = device().type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    return (["flash_attention_2"] if flash else []) + ["sdpa", "eager"]
 
 
 def peak_memory_mb(dev: torch.device) -> dict[str, float]:
@@ -174,20 +63,9 @@ def peak_memory_mb(dev: torch.device) -> dict[str, float]:
     return out
 
 
-def prompt_text(tokenizer: Any, prompt: list[dict[str, str]]) -> str:
-    """The conversation up to the assistant's turn, in the model's chat template (plain text if it has none)."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
-
-
-def encode(tokenizer: Any, ex: Example, max_length: int) -> tuple[list[int], list[int]]:
-    """(input ids, labels) of one training row: labels are IGNORE on the prompt, the answer + EOS is learned."""
-    prompt = tokenizer(prompt_text(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
-    answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (prompt + answer)[:max_length]
-    labels = ([IGNORE] * len(prompt) + answer)[:max_length]
-    return ids, labels
+def encode(tok: Any, fmt: PromptFormat, ex: Example) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one training row in the model's prompt format (tasks/chat.py): labels on the target."""
+    return encode_row(tok, fmt, ex.prompt, ex.answer)
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -490,26 +368,41 @@ def _train_steps(
     }
 
 
-def load_base(model_dir: str | Path) -> tuple[Any, Any]:
-    """(model, tokenizer) from a Hugging Face folder, on the training device (bf16 on CUDA, fp32 on CPU)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_base(model_dir: str | Path, load: LoadOptions | None = None) -> tuple[Any, Any, PromptFormat]:
+    """(model, tokenizer, prompt format) of a Hugging Face folder on the training device (bf16 on CUDA, else fp32)."""
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    load = load or LoadOptions()
+    tok = load_tokenizer(model_dir, load)
     dtype = torch.bfloat16 if device().type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=dtype, attn_implementation=attn_implementation()
-    ).to(device())
-    return model, tok
+    for attn in attn_implementations():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=dtype, attn_implementation=attn, trust_remote_code=load.trust_remote_code)
+            break
+        except (ValueError, ImportError) as e:
+            if attn == "eager" or "attention" not in str(e).lower():
+                raise  # not a refused attention implementation, or nothing left to try
+    return model.to(device()), tok, prompt_format(tok, model.generation_config.eos_token_id, str(model_dir))
 
 
-def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, out_dir: Path) -> dict[str, Any]:
+def training_rows(tok: Any, fmt: PromptFormat, train: list[Example], max_length: int,
+                  ) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(encoded rows that fit in max_length, how many were left out): a row is never cut short of its end of turn."""
+    rows = [encode(tok, fmt, ex) for ex in train]
+    kept = [r for r in rows if len(r[0]) <= max_length]
+    if not kept:
+        raise UserError(f"every training row is longer than finetune.max_length {max_length}; raise it")
+    return kept, len(rows) - len(kept)
+
+
+def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, out_dir: Path,
+             load: LoadOptions | None = None) -> dict[str, Any]:
     """Train a LoRA adapter of `model_dir` on `train`, save it (and train_metrics.json) in `out_dir`."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(cfg.seed)
-    model, tok = load_base(model_dir)
+    model, tok, fmt = load_base(model_dir, load)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -518,13 +411,15 @@ def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, o
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    rows = [encode(tok, ex, cfg.max_length) for ex in train]
+    rows, left_out = training_rows(tok, fmt, train, cfg.max_length)
     steps = cfg.max_steps or math.ceil(cfg.epochs * len(rows) / cfg.batch_size)
     metrics = train_steps(
         model, rows, lr=cfg.learning_rate, steps=steps, batch_size=cfg.batch_size, seed=cfg.seed,
         pad_id=tok.pad_token_id, packing=cfg.packing, gradient_checkpointing=cfg.gradient_checkpointing,
     )
     metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    metrics["rows_left_out"] = left_out  # longer than max_length (named at the check)
+    metrics["attn_implementation"] = base_of(model).config._attn_implementation
     model.save_pretrained(str(out_dir))
     (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -537,7 +432,8 @@ def adapter_key(model_fp: str, train_fp: str, cfg: FinetuneConfig) -> str:
 
 @task(name="finetune", task_run_name="finetune-{model}-{dataset}", cache_policy=NO_CACHE)
 def finetune_task(
-    model: str, dataset: str, model_dir: str, train_path: str, cfg: FinetuneConfig, key: str, store_root: str
+    model: str, dataset: str, model_dir: str, train_path: str, cfg: FinetuneConfig, key: str, store_root: str,
+    load: LoadOptions | None = None,
 ) -> tuple[str, bool]:
     """Prefect task: (local adapter folder, whether it was already in the store). Arguments are JSON-able."""
     from tasks.data import load_examples
@@ -547,11 +443,12 @@ def finetune_task(
         if not todo:
             return str(store.local_dir(rel)), True
         with store.new_dir(rel) as tmp:
-            m = in_worker(finetune, model_dir, load_examples(train_path), cfg, tmp,  # a worker process if side by side
+            m = in_worker(finetune, model_dir, load_examples(train_path), cfg, tmp, load,  # a worker if side by side
                           what=f"fine-tune of {model} on {dataset}")
     get_run_logger().info(
         f"finetune {model} on {dataset}: loss {m['loss_first']} -> {m['loss_last']}, {m['steps']} steps, "
         f"{m['tokens_per_s']:.0f} tokens/s, peak memory {m['peak_rss_mb']:.0f} MB resident"
         + (f", {m['peak_gpu_mb']:.0f} MB GPU" if "peak_gpu_mb" in m else "")
+        + (f"; {m['rows_left_out']} rows longer than max_length left out" if m.get("rows_left_out") else "")
     )
     return str(store.local_dir(rel)), False

@@ -14,7 +14,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import progress
-from tasks.finetune import device, load_base, peak_memory_mb, prompt_text
+from tasks.chat import PromptFormat, prompt_ids, strip_stop
+from tasks.config import LoadOptions
+from tasks.finetune import device, load_base, peak_memory_mb
 from tasks.store import Store, content_key
 
 if TYPE_CHECKING:
@@ -24,10 +26,12 @@ if TYPE_CHECKING:
 STAGE_VERSION = "1"
 # Base models kept loaded between generate calls, by resolved folder: every fine-tune of one base answers its
 # test rows on the same loaded weights (adapters merged in, then the weights restored bit for bit).
-_BASES: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+_BASES: OrderedDict[str, tuple[Any, Any, PromptFormat]] = OrderedDict()
 CACHE_SHARE = 0.4  # at most this share of the device's memory (CPU: RAM) holds cached base models
 OUTPUT_COLUMNS = ["dataset", "example_id", "contender", "output", "prompt_tokens", "completion_tokens",
                   "latency_s", "error"]
+# A fine-tune's outputs also say why each answer ended: `stop` (an end-of-turn token) or `length` (max_new_tokens).
+GENERATED_COLUMNS = [*OUTPUT_COLUMNS, "finish_reason"]
 
 
 def teacher_outputs(dataset: str, examples: list[Example], contender: str) -> pd.DataFrame:
@@ -53,20 +57,25 @@ def _cache_budget() -> int:
     return int(CACHE_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def cached_base(model_dir: str | Path) -> tuple[Any, Any]:
-    """(model, tokenizer) of a base model, loaded once and reused while the cache's memory budget allows."""
-    key = str(Path(model_dir).resolve())
+def _cache_key(model_dir: str | Path, load: LoadOptions | None) -> str:
+    """The cache's key: the resolved folder, and the template it is loaded with when not its own."""
+    return f"{Path(model_dir).resolve()}\0{(load or LoadOptions()).model_dump_json()}"
+
+
+def cached_base(model_dir: str | Path, load: LoadOptions | None = None) -> tuple[Any, Any, PromptFormat]:
+    """(model, tokenizer, prompt format) of a base model, loaded once and reused while the memory budget allows."""
+    key = _cache_key(model_dir, load)
     if key in _BASES:
         _BASES.move_to_end(key)
         return _BASES[key]
-    model, tok = load_base(model_dir)
+    model, tok, fmt = load_base(model_dir, load)
     model.eval()
     size, budget = _param_bytes(model), _cache_budget()
-    while _BASES and sum(_param_bytes(m) for m, _ in _BASES.values()) + size > budget:
+    while _BASES and sum(_param_bytes(m) for m, _, _ in _BASES.values()) + size > budget:
         _BASES.popitem(last=False)  # least recently used goes first
     if size <= budget:
-        _BASES[key] = (model, tok)
-    return model, tok
+        _BASES[key] = (model, tok, fmt)
+    return model, tok, fmt
 
 
 def clear_base_cache() -> None:
@@ -114,29 +123,28 @@ def merged_adapter(model: Any, adapter_dir: str | Path) -> Iterator[Any]:
 
 def generate(
     model_dir: str | Path, adapter_dir: str | Path, dataset: str, examples: list[Example], contender: str,
-    cfg: GenerateConfig,
+    cfg: GenerateConfig, load: LoadOptions | None = None,
 ) -> pd.DataFrame:
     """Greedy answers of base + LoRA adapter on `examples`, in length-sorted, left-padded batches."""
     from tasks.workers import threads_for, torch_threads
 
-    base, tok = cached_base(model_dir)
+    base, tok, fmt = cached_base(model_dir, load)
     try:
         threads = threads_for(base.num_parameters(), training=False)
         with merged_adapter(base, adapter_dir) as model, torch_threads(threads):
-            return _generate(model, tok, dataset, examples, contender, cfg)
+            return _generate(model, tok, fmt, dataset, examples, contender, cfg)
     except BaseException:
-        _BASES.pop(str(Path(model_dir).resolve()), None)  # a failed merge may have left the weights changed
+        _BASES.pop(_cache_key(model_dir, load), None)  # a failed merge may have left the weights changed
         raise
 
 
-def _generate(model: Any, tok: Any, dataset: str, examples: list[Example], contender: str, cfg: GenerateConfig,
-              ) -> pd.DataFrame:
-    """generate's batches on a loaded, adapter-merged model."""
+def _generate(model: Any, tok: Any, fmt: PromptFormat, dataset: str, examples: list[Example], contender: str,
+              cfg: GenerateConfig) -> pd.DataFrame:
+    """generate's batches on a loaded, adapter-merged model; each answer ends at the model's first stop token."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     tok.padding_side = "left"  # left padding: every row's last prompt token sits at the same position
-    prompts = [prompt_text(tok, e.prompt) for e in examples]
-    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [prompt_ids(tok, fmt, e.prompt) for e in examples]
     order = sorted(range(len(examples)), key=lambda i: len(encoded[i]))
     rows: dict[int, dict] = {}
     dev = next(model.parameters()).device
@@ -146,24 +154,29 @@ def _generate(model: Any, tok: Any, dataset: str, examples: list[Example], conte
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(
-                **batch, max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                **batch, max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=list(fmt.stop_ids),
                 pad_token_id=tok.pad_token_id, use_cache=True,
             )
         latency = (time.perf_counter() - t0) / len(idx)  # batch time shared evenly: s per example
         progress.tick(len(idx))
         new = out[:, batch["input_ids"].shape[1] :]
         for row, i in enumerate(idx):
-            ids = new[row].tolist()
-            if tok.eos_token_id in ids:
-                ids = ids[: ids.index(tok.eos_token_id)]
-            rows[i] = {"output": tok.decode(ids, skip_special_tokens=True).strip(),
-                       "prompt_tokens": len(encoded[i]), "completion_tokens": len(ids), "latency_s": latency}
+            ids, finish = strip_stop(new[row].tolist(), fmt)
+            rows[i] = {"output": tok.decode(ids, skip_special_tokens=True).strip(), "prompt_tokens": len(encoded[i]),
+                       "completion_tokens": len(ids), "latency_s": latency, "finish_reason": finish}
     df = pd.DataFrame([
         {"dataset": dataset, "example_id": e.id, "contender": contender, **rows[i], "error": None}
         for i, e in enumerate(examples)
-    ])[OUTPUT_COLUMNS]
+    ])[GENERATED_COLUMNS]
     df.attrs["peak_memory"] = peak_memory_mb(dev)  # not a column: the outputs schema stays as DESIGN.md has it
     return df
+
+
+def finish_reasons(df: pd.DataFrame, max_new_tokens: int) -> pd.Series:
+    """Each output's finish_reason; for outputs stored before the column existed, `length` when it used every token."""
+    if "finish_reason" in df.columns:
+        return df["finish_reason"]
+    return (df["completion_tokens"] >= max_new_tokens).map({True: "length", False: "stop"})
 
 
 def outputs_key(adapter: str, test_fp: str, cfg: GenerateConfig) -> str:
@@ -179,7 +192,7 @@ def teacher_key(test_fp: str) -> str:
 @task(name="generate", task_run_name="generate-{model}-{dataset}", cache_policy=NO_CACHE)
 def generate_task(
     model: str, dataset: str, model_dir: str, adapter_dir: str, test_path: str, cfg: GenerateConfig, key: str,
-    store_root: str,
+    store_root: str, load: LoadOptions | None = None,
 ) -> tuple[str, bool]:
     """Prefect task: (store path of the outputs Parquet, whether it was already there). Arguments are JSON-able."""
     from tasks.data import load_examples
@@ -188,11 +201,12 @@ def generate_task(
     with store.claim(rel) as todo:  # another run generating the same outputs: wait for it, then reuse them
         if not todo:
             return rel, True
-        df = generate(model_dir, adapter_dir, dataset, load_examples(test_path), model, cfg)
+        df = generate(model_dir, adapter_dir, dataset, load_examples(test_path), model, cfg, load)
         store.write_parquet(rel, df)
     mem = df.attrs.get("peak_memory", {})
     get_run_logger().info(
-        f"generate {model} on {dataset}: {int(df['completion_tokens'].sum())} tokens, peak memory "
+        f"generate {model} on {dataset}: {int(df['completion_tokens'].sum())} tokens, "
+        f"{int((df['finish_reason'] == 'length').sum())} of {len(df)} cut at max_new_tokens, peak memory "
         + ", ".join(f"{k.removeprefix('peak_').removesuffix('_mb')} {v:.0f} MB" for k, v in mem.items())
     )
     return rel, False

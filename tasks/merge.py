@@ -32,7 +32,26 @@ def _swap_models(recipe: dict[str, Any], paths: dict[str, str]) -> dict[str, Any
     for sl in out.get("slices") or []:
         for src in sl.get("sources") or []:
             src["model"] = swap(src.get("model"))
+    if out.get("tokenizer_source") not in (None, "union", "base"):  # a model whose tokenizer the merge takes
+        out["tokenizer_source"] = swap(out["tokenizer_source"])
     return out
+
+
+def _tokenizer_note(recipe: dict[str, Any], out_dir: Path) -> str:
+    """Which tokenizer and chat template the merged folder got, as comment lines for mergekit_config.yml."""
+    import json
+
+    conf = out_dir / "tokenizer_config.json"
+    template = (out_dir / "chat_template.jinja").read_text() if (out_dir / "chat_template.jinja").is_file() else \
+        (json.loads(conf.read_text()).get("chat_template") if conf.is_file() else None)
+    vocab = len((json.loads((out_dir / "tokenizer.json").read_text()).get("model") or {}).get("vocab") or {}) \
+        if (out_dir / "tokenizer.json").is_file() else None
+    first = template.strip().splitlines()[0][:100] if isinstance(template, str) and template.strip() else None
+    source = recipe.get("tokenizer_source") or "the base model's"
+    return (f"# tokenizer: {source}"
+            + (f" ({vocab} vocabulary entries)" if vocab else "") + "\n"
+            + f"# chat template: {recipe.get('chat_template') or 'as the tokenizer source has it'}"
+            + (f", starting {first!r}" if first else ", none (the search's default template applies)") + "\n")
 
 
 def _method_problem(cfg: Any, names: dict[str, str]) -> str | None:
@@ -130,6 +149,7 @@ def run_merge(merge: Merge, paths: dict[str, str], out_dir: Path) -> None:
         + "# resolved to local folders:\n"
         + "\n".join(f"# {line}" for line in cfg.to_yaml().splitlines())
         + "\n"
+        + _tokenizer_note(merge.recipe, out_dir)
     )
 
 

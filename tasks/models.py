@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from tasks.config import ZOO_PREFIX, Candidate
+from tasks.config import ZOO_PREFIX, Candidate, LoadOptions
 from tasks.errors import UserError
 
 if TYPE_CHECKING:
@@ -27,7 +27,11 @@ if TYPE_CHECKING:
 
 # Config fields that two models must share to be merged tensor by tensor.
 SHAPE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size")
+                "num_key_value_heads")
+VOCAB_FIELDS = ("vocab_size", "vocabulary", "added_tokens")  # a tokenizer_source lets these differ
+# What a hub candidate's check downloads: configs, tokenizers, templates; weights come at the candidates stage.
+HUB_LIGHT = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+HUB_FULL = [*HUB_LIGHT, "*.safetensors"]
 # Any one of these makes a folder's tokenizer loadable by AutoTokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 MAX_SAFETENSORS_HEADER = 100 << 20  # safetensors' own reader refuses headers over 100 MB
@@ -41,19 +45,28 @@ class ModelInfo:
     name: str
     fingerprint: str
     signature: dict[str, Any]
+    # candidate | merge: fine-tuned and rated; ingredient: only merged into others, never fine-tuned
+    role: str = "candidate"
+    load: LoadOptions = LoadOptions()  # prompt template override and remote-code opt-in, passed to every job
+    template: str = ""  # where its prompt format comes from, for the log and the report
+
+    @property
+    def finetuned(self) -> bool:
+        """Whether the search fine-tunes and rates this model (every model but a merge-only ingredient)."""
+        return self.role != "ingredient"
 
 
-def _hub_snapshot(repo_id: str) -> Path:
-    """The local snapshot folder of a Hugging Face model (downloaded unless HF_HUB_OFFLINE is set)."""
+def _hub_snapshot(repo_id: str, weights: bool = False) -> Path:
+    """The local snapshot folder of a Hugging Face model: configs and tokenizer only, or with its weights."""
     from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     try:
-        return Path(snapshot_download(repo_id, local_files_only=offline,
-                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        return Path(snapshot_download(repo_id, local_files_only=offline, allow_patterns=HUB_FULL if weights else HUB_LIGHT))
     except Exception as e:  # noqa: BLE001 - any hub failure means the user's model id cannot be used
         why = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else type(e).__name__
-        raise UserError(f"candidate '{repo_id}': cannot get it from the Hugging Face hub ({why})") from None
+        what = "its weights" if weights else "it"
+        raise UserError(f"candidate '{repo_id}': cannot get {what} from the Hugging Face hub ({why})") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -61,14 +74,23 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _vocab_hash(folder: Path) -> str:
-    """Hash of the tokenizer's vocabulary (tokenizer.json's model.vocab), or of its files."""
+def _vocabulary(folder: Path) -> tuple[str, dict[int, str]]:
+    """(hash of the base vocabulary, added tokens by id) from tokenizer.json, else a hash of the vocabulary files.
+
+    The base vocabulary is the tokenizer model's, less the added tokens: OpenHermes 2.5 and Mistral 7B share it,
+    and differ only by OpenHermes' two added ChatML tokens (32,002 entries against 32,000).
+    """
     tj = _read_json(folder / "tokenizer.json")
+    added = {int(t["id"]): t["content"] for t in tj.get("added_tokens") or [] if isinstance(t, dict) and "id" in t}
     vocab = (tj.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):
+        vocab = {k: v for k, v in vocab.items() if v not in added}
+    elif isinstance(vocab, list):  # unigram models list [piece, score] pairs by id
+        vocab = [v for i, v in enumerate(vocab) if i not in added]
     blob = json.dumps(vocab, sort_keys=True) if vocab else "".join(
         (folder / f).read_text(errors="ignore") for f in ("vocab.json", "tokenizer.model") if (folder / f).is_file()
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return hashlib.sha256(blob.encode()).hexdigest()[:12], added
 
 
 def _hash_cache_path() -> Path:
@@ -153,14 +175,16 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def _check_folder(name: str, folder: Path) -> None:
-    """Raise one line naming the candidate and folder unless it has a config, a tokenizer and sound weights."""
+def _check_folder(name: str, folder: Path, weights: bool = True) -> None:
+    """Raise one line naming the candidate and folder unless it has a config, a tokenizer and (`weights`) sound weights."""
     where = f"candidate '{name}': {folder}"
     if not (folder / "config.json").is_file():
         raise UserError(f"{where} has no config.json (not a Hugging Face model folder)")
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise UserError(f"{where} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save one there with "
                         "tokenizer.save_pretrained")
+    if not weights:
+        return
     weights = sorted(folder.glob("*.safetensors"))
     if not weights and not list(folder.glob("pytorch_model*.bin")):
         raise UserError(f"{where} has no weights (*.safetensors or pytorch_model*.bin)")
@@ -175,16 +199,21 @@ def _check_folder(name: str, folder: Path) -> None:
             raise UserError(f"candidate '{name}': {f} is not a PyTorch checkpoint; download or save the model again")
 
 
-def _signature(name: str, folder: Path) -> dict[str, Any]:
-    """Shape fields and vocabulary hash of a Hugging Face model folder."""
+def _signature(name: str, folder: Path, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Shape fields, vocabulary and added tokens of a Hugging Face model folder (refusing unasked-for remote code)."""
     try:
         cfg = _read_json(folder / "config.json")
     except (UnicodeDecodeError, ValueError):
         raise UserError(f"candidate '{name}': {folder / 'config.json'} is not JSON") from None
     if not cfg:
         raise UserError(f"candidate '{name}': {folder} has no config.json (not a Hugging Face model folder)")
+    if cfg.get("auto_map") and not trust_remote_code:
+        raise UserError(f"candidate '{name}': {folder} ships its own model code (config.json auto_map), which runs "
+                        "only with trust_remote_code: true on the candidate; read that code first")
+    vocabulary, added = _vocabulary(folder)
     sig = {k: cfg.get(k) for k in SHAPE_FIELDS}
-    return sig | {"architectures": cfg.get("architectures"), "vocabulary": _vocab_hash(folder)}
+    return sig | {"architectures": cfg.get("architectures"), "vocab_size": cfg.get("vocab_size"),
+                  "vocabulary": vocabulary, "added_tokens": added}
 
 
 def _zoo_signature() -> dict[str, Any]:
@@ -193,11 +222,37 @@ def _zoo_signature() -> dict[str, Any]:
 
     sig = {k: zoo.SHAPE.get(k) for k in SHAPE_FIELDS}
     return sig | {"model_type": "mistral", "vocab_size": zoo.VOCAB, "architectures": ["MistralForCausalLM"],
-                  "vocabulary": f"zoo-{zoo.zoo_key('base')}"}
+                  "vocabulary": f"zoo-{zoo.zoo_key('base')}", "added_tokens": {}}
 
 
-def inspect_candidate(c: Candidate) -> tuple[Path | None, dict[str, Any]]:
-    """(local folder, or None for a zoo model; shape signature) of a checked candidate, reading no weights."""
+def adapter_base(c: Candidate, folder: Path, others: list[Candidate]) -> Candidate:
+    """The base model of a PEFT adapter folder: the candidate it names (by name or path), else its path or hub id."""
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        raise UserError(f"candidate '{c.name}': {folder / 'adapter_config.json'} is not JSON") from None
+    if not isinstance(base, str) or not base:
+        raise UserError(f"candidate '{c.name}': {folder / 'adapter_config.json'} names no base_model_name_or_path")
+    match = next((o for o in others if base in (o.name, o.path) and o.name != c.name), None)
+    return match or Candidate(name=f"{c.name}-base", path=base, trust_remote_code=c.trust_remote_code)
+
+
+def _local_or_hub(c: Candidate) -> tuple[Path, bool]:
+    """(folder, whether it is a hub snapshot): the local folder, or the hub's configs and tokenizer."""
+    folder = Path(c.path)
+    if folder.is_dir():
+        return folder, False
+    if c.path.startswith((".", "/")) or c.path.count("/") != 1:
+        raise UserError(f"candidate '{c.name}': {c.path} is neither a local folder nor a Hugging Face id")
+    return _hub_snapshot(c.path), True
+
+
+def inspect_candidate(c: Candidate, others: list[Candidate] = ()) -> tuple[Path | None, dict[str, Any]]:
+    """(local folder, or None for a zoo model; shape signature) of a checked candidate, reading no weights.
+
+    A PEFT adapter folder (adapter_config.json) has its base's shape; `others` are the search's candidates, which
+    the adapter's base may name.
+    """
     if c.path.startswith(ZOO_PREFIX):
         from tasks import zoo
 
@@ -205,26 +260,47 @@ def inspect_candidate(c: Candidate) -> tuple[Path | None, dict[str, Any]]:
         if name not in zoo.ZOO:
             raise UserError(f"candidate '{c.name}': no zoo model '{name}' (zoo has: {', '.join(zoo.ZOO)})")
         return None, _zoo_signature()
-    folder = Path(c.path)
-    if not folder.is_dir():
-        if c.path.startswith((".", "/")) or c.path.count("/") != 1:
-            raise UserError(f"candidate '{c.name}': {c.path} is neither a local folder nor a Hugging Face id")
-        folder = _hub_snapshot(c.path)
-    _check_folder(c.name, folder)
-    return folder, _signature(c.name, folder)
+    folder, hub = _local_or_hub(c)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        if not any(folder.glob("adapter_model.*")):
+            raise UserError(f"candidate '{c.name}': {folder} has adapter_config.json but no adapter_model weights")
+        return folder, inspect_candidate(adapter_base(c, folder, list(others)), others)[1]
+    _check_folder(c.name, folder, weights=not hub)
+    return folder, _signature(c.name, folder, c.trust_remote_code)
 
 
-def candidate_fingerprint(c: Candidate, folder: Path | None) -> str:
-    """Content key of a checked candidate: zoo recipe, hub commit, or the hash of all of a local folder's bytes."""
+def tokenizer_folder(c: Candidate, folder: Path | None, others: list[Candidate] = ()) -> Path | None:
+    """Where a checked candidate's tokenizer is: its folder, or for an adapter that brought none, its base's."""
+    if folder is None or not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+        return folder
+    if any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return folder
+    base = adapter_base(c, folder, list(others))
+    return tokenizer_folder(base, inspect_candidate(base, others)[0], others)
+
+
+def candidate_fingerprint(c: Candidate, folder: Path | None, others: list[Candidate] = ()) -> str:
+    """Content key of a checked candidate: zoo recipe, hub commit, or the hash of all of a local folder's bytes.
+
+    An adapter's key is its base's and its own bytes'; a template override or remote-code opt-in is part of it too
+    (the same weights trained in another format are another model), absent otherwise so older keys stay.
+    """
     from tasks.store import content_key
 
     if folder is None:
         from tasks import zoo
 
-        return zoo.zoo_key(c.path.removeprefix(ZOO_PREFIX))
-    if not Path(c.path).is_dir():
-        return content_key("hub", c.path, folder.name)  # the snapshot folder is named by its commit
-    return content_key("local", _folder_fingerprint(folder))
+        fp = zoo.zoo_key(c.path.removeprefix(ZOO_PREFIX))
+    elif (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        base = adapter_base(c, folder, list(others))
+        base_fp = candidate_fingerprint(base, inspect_candidate(base, others)[0], others)
+        fp = content_key("adapter", base_fp, _folder_fingerprint(folder))
+    elif not Path(c.path).is_dir():
+        fp = content_key("hub", c.path, folder.name)  # the snapshot folder is named by its commit
+    else:
+        fp = content_key("local", _folder_fingerprint(folder))
+    opts = {k: v for k, v in (("chat_template", c.chat_template), ("trust_remote_code", c.trust_remote_code)) if v}
+    return content_key(fp, opts) if opts else fp
 
 
 def describe(c: Candidate) -> ModelInfo:
@@ -233,25 +309,48 @@ def describe(c: Candidate) -> ModelInfo:
     return ModelInfo(c.name, candidate_fingerprint(c, folder), signature)
 
 
-def materialize(c: Candidate, store: Store, log: Callable[[str], None] = print) -> Path:
-    """A local folder with the candidate's weights (building zoo models on first use)."""
+def materialize(c: Candidate, store: Store, log: Callable[[str], None] = print, others: list[Candidate] = ()) -> Path:
+    """A local folder with the candidate's weights: zoo models built, hub weights downloaded, adapters merged in."""
     if c.path.startswith(ZOO_PREFIX):
         from tasks import zoo
 
         return zoo.ensure_zoo_model(store, c.path.removeprefix(ZOO_PREFIX), log)
-    folder = Path(c.path)
-    return folder if folder.is_dir() else _hub_snapshot(c.path)
+    folder = Path(c.path) if Path(c.path).is_dir() else _hub_snapshot(c.path, weights=True)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        from tasks.adapters import ensure_merged_adapter
+
+        base = adapter_base(c, folder, list(others))
+        base_dir = materialize(base, store, log, others)
+        return ensure_merged_adapter(c.name, folder, base_dir, candidate_fingerprint(c, folder, others),
+                                     c.trust_remote_code, store, log)
+    _check_folder(c.name, folder)  # a hub snapshot's weights are checked once they are there
+    return folder
 
 
-def check_mergeable(merge_name: str, infos: list[ModelInfo]) -> None:
-    """Raise one line naming the two models and the fields that differ when they cannot be merged."""
+def check_mergeable(merge_name: str, infos: list[ModelInfo], tokenizer_source: Any = None) -> None:
+    """Raise one line naming two models and what differs when mergekit cannot merge them as the recipe asks.
+
+    Shapes must match. Vocabularies may differ only when the recipe says which tokenizer the merge gets
+    (`tokenizer_source`: base, union or a model), and added tokens must never disagree at the same id.
+    """
     first = infos[0]
     for other in infos[1:]:
-        diff = [k for k in first.signature if first.signature[k] != other.signature.get(k)]
-        if diff:
-            what = ", ".join(f"{k} {first.signature[k]} vs {other.signature.get(k)}" for k in diff)
-            kind = "vocabularies" if diff == ["vocabulary"] else "architectures"
-            raise UserError(
-                f"merge '{merge_name}': {first.name} and {other.name} have different {kind} ({what}); "
-                "mergekit can only merge models of the same shape and tokenizer"
-            )
+        a, b = first.signature, other.signature
+        shape = [k for k in a if k not in VOCAB_FIELDS and a[k] != b.get(k)]
+        if shape:
+            what = ", ".join(f"{k} {a[k]} vs {b.get(k)}" for k in shape)
+            raise UserError(f"merge '{merge_name}': {first.name} and {other.name} have different architectures "
+                            f"({what}); mergekit merges only models of the same architecture and shape")
+        added_a, added_b = a.get("added_tokens") or {}, b.get("added_tokens") or {}
+        clash = next((i for i in sorted(set(added_a) & set(added_b)) if added_a[i] != added_b[i]), None)
+        if clash is not None:
+            raise UserError(f"merge '{merge_name}': {first.name} and {other.name} have different added tokens at id "
+                            f"{clash} ({added_a[clash]!r} vs {added_b[clash]!r}); their embeddings there mean "
+                            "different things, so no tokenizer_source can merge them")
+        vocab = [k for k in VOCAB_FIELDS if a.get(k) != b.get(k)]
+        if vocab and tokenizer_source is None:
+            what = f"vocab_size {a.get('vocab_size')} vs {b.get('vocab_size')}" if "vocab_size" in vocab else \
+                "the same size, different tokens"
+            raise UserError(f"merge '{merge_name}': {first.name} and {other.name} have different vocabularies ({what});"
+                            " say which tokenizer the merge gets: tokenizer_source: union (every token of both), "
+                            "base, or a model name")

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tasks.config import DatasetSpec, FinetuneConfig, SearchConfig, recipe_models
+from tasks.config import DatasetSpec, FinetuneConfig, LoadOptions, Merge, SearchConfig, recipe_models
 from tasks.data import Example, check_lengths, check_test_size, dataset_fingerprint, infer_metric, load_examples
 from tasks.errors import UserError
-from tasks.models import ModelInfo, candidate_fingerprint, check_mergeable, inspect_candidate
+from tasks.models import ModelInfo, candidate_fingerprint, check_mergeable, inspect_candidate, tokenizer_folder
 
 
 @dataclass(frozen=True)
@@ -81,21 +81,32 @@ def prepare(cfg: SearchConfig, cheap_checks_passed: Callable[[], None] | None = 
     """
     rows = {d.name: _checked_rows(d, cfg.finetune) for d in cfg.datasets}
     warnings = [w for d in cfg.datasets for w in no_expected_warning(d, rows[d.name][1], cfg)]
+    rendered = {d.name: (d, *rows[d.name]) for d in cfg.datasets}
     if cfg.validation:
-        # The held-out rows are only checked here, to fail fast on a broken file; they are read for real
-        # after the winner is frozen.
+        # The held-out rows are only checked here (files, lengths, templates), to fail fast on a broken file; they
+        # are read for real after the winner is frozen.
         held = cfg.validation.dataset
-        warnings += no_expected_warning(held, _checked_rows(held, cfg.finetune)[1], cfg)
-    inspected = {c.name: inspect_candidate(c) for c in cfg.candidates}  # folders and signatures; no hashing yet
+        rendered[held.name] = (held, *_checked_rows(held, cfg.finetune))
+        warnings += no_expected_warning(held, rendered[held.name][2], cfg)
+    sources = cfg.candidates + cfg.ingredients
+    # folders and signatures; no hashing yet
+    inspected = {c.name: inspect_candidate(c, sources) for c in sources}
     signatures = {name: sig for name, (_, sig) in inspected.items()}
     for m in cfg.merges:
         names = [n for n in recipe_models(m.recipe) if n in signatures]
         if not names:
             raise UserError(f"merge '{m.name}': the recipe names no candidate")
-        check_mergeable(m.name, [ModelInfo(n, "", signatures[n]) for n in names])
-        signatures[m.name] = signatures[names[0]]
+        source = m.recipe.get("tokenizer_source")
+        check_mergeable(m.name, [ModelInfo(n, "", signatures[n]) for n in names], source)
+        signatures[m.name] = _merged_signature([signatures[n] for n in names], source, signatures)
     if cheap_checks_passed is not None:
         cheap_checks_passed()
+    from tasks.format_check import check_formats  # transformers' tokenizers: after the checks that take no import
+
+    by_name = {c.name: c for c in sources}
+    tok_folders = {n: tokenizer_folder(by_name[n], folder, sources) for n, (folder, _) in inspected.items()}
+    loads, format_warnings = check_formats(cfg, tok_folders, rendered)
+    warnings += format_warnings
     if cfg.judge.kind == "openai" or cfg.references:  # only then: its import of the API client costs time
         check_api_models(cfg)
     if cfg.compute.mode == "pool":
@@ -108,23 +119,54 @@ def prepare(cfg: SearchConfig, cheap_checks_passed: Callable[[], None] | None = 
         placeholder_paths = {name: f"/{name}" for name in signatures}
         for m in cfg.merges:
             validate_recipe(m, placeholder_paths)
-    return Prepared(_fingerprinted_models(cfg, inspected, signatures),
+    return Prepared(_fingerprinted_models(cfg, inspected, signatures, loads),
                     {d.name: _dataset_info(d, *rows[d.name]) for d in cfg.datasets}, warnings)
 
 
+def _merged_signature(sigs: list[dict[str, Any]], source: Any, named: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The signature of a merge: its base's shape, with the vocabulary its tokenizer_source gives it."""
+    if source == "union":
+        added = {i: t for sig in sigs for i, t in (sig.get("added_tokens") or {}).items()}
+        size = max((s.get("vocab_size") or 0) for s in sigs) or None
+        return sigs[0] | {"added_tokens": added, "vocab_size": size, "vocabulary": f"union-{sigs[0]['vocabulary']}"}
+    if isinstance(source, str) and source in named:
+        return sigs[0] | {k: named[source].get(k) for k in ("vocab_size", "vocabulary", "added_tokens")}
+    return sigs[0]
+
+
+def _merge_load(m: Merge, models: dict[str, ModelInfo]) -> tuple[LoadOptions, str]:
+    """How a merge is loaded: the recipe's chat_template (written by mergekit), else its tokenizer source's format."""
+    names = [n for n in recipe_models(m.recipe) if n in models]
+    source = m.recipe.get("tokenizer_source")
+    donor = models[source] if isinstance(source, str) and source in models else models[names[0]]
+    remote = any(models[n].load.trust_remote_code for n in names)
+    tokenizer = f"tokenizer_source {source}" if source else f"the tokenizer of {donor.name}"
+    if m.recipe.get("chat_template"):
+        return LoadOptions(trust_remote_code=remote), f"{tokenizer}; recipe chat_template {m.recipe['chat_template']}"
+    return (LoadOptions(chat_template=donor.load.chat_template, trust_remote_code=remote),
+            f"{tokenizer}; the template of {donor.name} ({donor.template})")
+
+
 def _fingerprinted_models(
-    cfg: SearchConfig, inspected: dict[str, tuple[Path | None, Any]], signatures: dict[str, dict[str, Any]]
+    cfg: SearchConfig, inspected: dict[str, tuple[Path | None, Any]], signatures: dict[str, dict[str, Any]],
+    loads: dict[str, tuple[LoadOptions, str]],
 ) -> dict[str, ModelInfo]:
-    """Every checked model with its fingerprint: candidates first, then merges in dependency order."""
-    models = {c.name: ModelInfo(c.name, candidate_fingerprint(c, inspected[c.name][0]), signatures[c.name])
-              for c in cfg.candidates}
+    """Every checked model with its fingerprint: candidates, ingredients, then merges in dependency order."""
+    sources = cfg.candidates + cfg.ingredients
+    ingredients = {c.name for c in cfg.ingredients}
+    models = {c.name: ModelInfo(c.name, candidate_fingerprint(c, inspected[c.name][0], sources), signatures[c.name],
+                                role="ingredient" if c.name in ingredients else "candidate",
+                                load=loads[c.name][0], template=loads[c.name][1])
+              for c in sources}
     if cfg.merges:
         from tasks.merge import recipe_fingerprint
         from tasks.store import content_key
 
         for m in cfg.merges:
             fps = {n: i.fingerprint for n, i in models.items()}
-            models[m.name] = ModelInfo(m.name, content_key("merge", recipe_fingerprint(m, fps)), signatures[m.name])
+            load, template = _merge_load(m, models)
+            models[m.name] = ModelInfo(m.name, content_key("merge", recipe_fingerprint(m, fps)), signatures[m.name],
+                                       role="merge", load=load, template=template)
     return models
 
 

@@ -174,9 +174,9 @@ def win_rate_table(judgments: pd.DataFrame) -> str:
 
 def markdown_report(
     cfg: SearchConfig, run_id: str, ratings: pd.DataFrame, scores: pd.DataFrame, validation: dict[str, Any] | None,
-    stages: list[dict[str, Any]], judgments: pd.DataFrame | None = None,
+    stages: list[dict[str, Any]], judgments: pd.DataFrame | None = None, formats: pd.DataFrame | None = None,
 ) -> str:
-    """The whole report as Markdown."""
+    """The whole report as Markdown; `formats` is each fine-tuned model's prompt format and outputs cut short."""
     parts = [f"# basesearch report: {cfg.name}", "", f"Run `{run_id}`. Judge: `{cfg.judge.kind}`. "
              "Ratings are Bradley-Terry on the Elo scale with bootstrap 95% intervals over examples.", "",
              "![ratings](ratings.png)", "", "## Ranking (pooled, each dataset weighted equally)", "",
@@ -200,6 +200,11 @@ def markdown_report(
     if not scores.empty:
         parts += ["## Mean metric score per dataset (0..1, against the expected answer)", "",
                   md_table(scores.round(3).reset_index()), ""]
+    if formats is not None and len(formats):
+        parts += ["## Prompt formats", "", "Each model is trained and asked in one format (README, *Prompt format*): "
+                  "its own chat template, else the config's; answers end at its end-of-turn token. An answer cut "
+                  f"at generate.max_new_tokens ({cfg.generate.max_new_tokens}) never reached its end of turn.", "",
+                  md_table(formats), ""]
     parts += ["## Stages", "", md_table(pd.DataFrame(stages)), ""]
     return "\n".join(parts)
 

@@ -10,10 +10,9 @@ import torch
 
 from tasks.config import FinetuneConfig
 from tasks.data import load_examples
-from tasks.finetune import (
-    IGNORE, PACKED_ATTENTION, _register_packed_attention, batch_loss_sum, encode, finetune, fuse_small_loras,
-    last_mlp, pack, pad, prompt_text, resolve_packing, train_steps, unfuse_loras,
-)
+from tasks.lora_kernels import PACKED_ATTENTION, _register_packed_attention, fuse_small_loras, unfuse_loras
+from tasks.chat import IGNORE, prompt_format, prompt_ids
+from tasks.finetune import batch_loss_sum, encode, finetune, last_mlp, pack, pad, resolve_packing, train_steps
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +23,13 @@ def tok(tiny_models):
 
 
 @pytest.fixture(scope="module")
-def rows(tok, tiny_data):
-    return [encode(tok, ex, 128) for ex in load_examples(tiny_data["extraction"][0])][:6]
+def fmt(tok):
+    return prompt_format(tok)
+
+
+@pytest.fixture(scope="module")
+def rows(tok, fmt, tiny_data):
+    return [encode(tok, fmt, ex) for ex in load_examples(tiny_data["extraction"][0])][:6]
 
 
 def lora_model(folder, r=8, dropout=0.0):
@@ -46,15 +50,16 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_labels_ignore_the_prompt(tok, tiny_data):
+def test_labels_ignore_the_prompt(tok, fmt, tiny_data):
     ex = load_examples(tiny_data["classification"][0])[0]
-    ids, labels = encode(tok, ex, 512)
-    n_prompt = len(tok(prompt_text(tok, ex.prompt), add_special_tokens=False)["input_ids"])
+    ids, labels = encode(tok, fmt, ex)
+    n_prompt = len(prompt_ids(tok, fmt, ex.prompt))
     assert labels[:n_prompt] == [IGNORE] * n_prompt
     assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tok.eos_token_id
     assert tok.decode(ids[n_prompt:-1]).strip() == ex.answer.strip()
-    ids, labels = encode(tok, ex, 10)  # cut rows keep ids and labels aligned
-    assert len(ids) == len(labels) == 10
+    # The zoo's own template ends a turn with </s>: the ids are those of its full rendering, up to that token.
+    full = tok.apply_chat_template([*ex.prompt, {"role": "assistant", "content": ex.answer}], tokenize=False)
+    assert ids == tok(full, add_special_tokens=False)["input_ids"][:len(ids)]
 
 
 def test_pack_boundaries(rows):

@@ -9,7 +9,7 @@ import torch
 from tasks.config import FinetuneConfig, GenerateConfig
 from tasks.data import load_examples
 from tasks.finetune import finetune
-from tasks.generate import OUTPUT_COLUMNS, _BASES, cached_base, clear_base_cache, generate
+from tasks.generate import GENERATED_COLUMNS, _BASES, cached_base, clear_base_cache, generate
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def test_batched_equals_one_at_a_time(sharp_model, adapters, tiny_data):
     run = lambda bs: generate(sharp_model, adapters["extraction"], "x", examples, "m",  # noqa: E731
                               GenerateConfig(max_new_tokens=12, batch_size=bs))
     batched, single = run(16), run(1)
-    assert list(batched.columns) == OUTPUT_COLUMNS
+    assert list(batched.columns) == GENERATED_COLUMNS
+    assert set(batched["finish_reason"]) <= {"stop", "length"}
     assert batched["output"].tolist() == single["output"].tolist()
     assert batched["completion_tokens"].tolist() == single["completion_tokens"].tolist()
     assert (batched["completion_tokens"] > 0).all()
@@ -48,7 +49,7 @@ def test_cached_base_is_restored_exactly(sharp_model, adapters, tiny_data):
     cfg = GenerateConfig(max_new_tokens=10, batch_size=8)
     clear_base_cache()
     fresh = generate(sharp_model, adapters["classification"], "c", examples, "m", cfg)["output"].tolist()
-    base, _ = cached_base(sharp_model)
+    base = cached_base(sharp_model)[0]
     before = {k: v.clone() for k, v in base.state_dict().items()}
     generate(sharp_model, adapters["extraction"], "c", examples, "m", cfg)  # another adapter on the same weights
     again = generate(sharp_model, adapters["classification"], "c", examples, "m", cfg)["output"].tolist()
