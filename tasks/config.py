@@ -433,7 +433,7 @@ def _format_error(path: Path, text: str, err: ValidationError) -> str:
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make dataset and local candidate paths absolute, relative to the config file's folder."""
+    """Make dataset, template and local model paths absolute, relative to the config file's folder."""
 
     def fix(p: Any) -> Any:
         if not isinstance(p, str) or p.startswith(ZOO_PREFIX) or "://" in p or os.path.isabs(p) or "\0" in p:
@@ -449,26 +449,23 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     val = out.get("validation")
     if isinstance(val, dict) and isinstance(val.get("dataset"), dict):
         out["validation"] = {**val, "dataset": fix_dataset(val["dataset"])}
-    def fix_template(c: Any) -> Any:
-        t = c.get("chat_template") if isinstance(c, dict) else None
-        return {**c, "chat_template": fix(t)} if isinstance(t, str) and t.endswith(".jinja") else c
-
     if isinstance(out.get("chat_template"), str) and out["chat_template"].endswith(".jinja"):
         out["chat_template"] = fix(out["chat_template"])
     for key in ("candidates", "ingredients"):
         if isinstance(out.get(key), list):
-            out[key] = [fix_template(c) for c in out[key]]
-    for key in ("candidates", "ingredients"):
-        if not isinstance(out.get(key), list):
-            continue
-        # A relative candidate path is local only if it exists there; otherwise it is an HF id.
-        out[key] = [
-            {**c, "path": fix(c["path"])}
-            if isinstance(c, dict) and isinstance(c.get("path"), str) and (base / c["path"]).exists()
-            else c
-            for c in out[key]
-        ]
+            out[key] = [_resolve_model(c, base, fix) for c in out[key]]
     return out
+
+
+def _resolve_model(c: Any, base: Path, fix: Any) -> Any:
+    """A candidate or ingredient entry with its .jinja template and local path made absolute."""
+    if not isinstance(c, dict):
+        return c
+    t = c.get("chat_template")
+    c = {**c, "chat_template": fix(t)} if isinstance(t, str) and t.endswith(".jinja") else c
+    # A relative candidate path is local only if it exists there; otherwise it is an HF id.
+    path = c.get("path")
+    return {**c, "path": fix(path)} if isinstance(path, str) and (base / path).exists() else c
 
 
 def load_config(path: str | os.PathLike[str]) -> SearchConfig:

@@ -211,3 +211,47 @@ def test_search_over_three_families_and_a_union_merge(family_dirs, tmp_path, cap
     assert set(tuned["finish_reason"]) <= {"stop", "length"} and len(tuned) == 4 * 6
     report = store.read_text(f"runs/{run}/report.md")
     assert "<|eot_id|>" in report and "<end_of_turn>" in report and "tokenizer_source union" in report
+
+
+def test_chat_template_by_name_or_jinja_file(family_dirs, tmp_path):
+    (tmp_path / "mine.jinja").write_text(
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ':\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant:\\n' }}{% endif %}")
+    ds = _dataset(tmp_path, "labels", make_rows("classification", 6, 1))
+    base = {"name": "t", "datasets": [ds], "candidates": [
+        {"name": "a", "path": str(family_dirs["qwen2"]), "chat_template": "mine.jinja"},  # relative to the config
+        {"name": "b", "path": str(family_dirs["mistral_base"])}], "chat_template": "zephyr"}
+    prep = prepare(load_config(write_config(tmp_path, base)))
+    assert "mine.jinja" in prep.models["a"].template and "assistant:" in prep.models["a"].load.chat_template
+    assert "zephyr" in prep.models["b"].template  # no template of its own: the search's
+    assert load_tokenizer(family_dirs["mistral_base"], prep.models["b"].load).chat_template.startswith("{{ bos_token }}")
+    bad = base | {"chat_template": "vicuna"}
+    assert "'vicuna' is neither a named chat template" in config_error(write_config(tmp_path, bad))
+    # a template whose end of turn is no token of the vocabulary could never stop generation
+    no_eot = base | {"candidates": [{"name": "b", "path": str(family_dirs["qwen2"]), "chat_template": "llama3"}]}
+    assert "ends an assistant turn with no special token" in config_error(write_config(tmp_path, no_eot))
+
+
+def test_a_hub_candidate_is_checked_without_its_weights(family_dirs, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from tasks.config import Candidate
+    from tasks.models import materialize
+    from tasks.store import Store
+
+    asked = []
+
+    def fake_snapshot(repo_id, local_files_only=False, allow_patterns=None):
+        asked.append(allow_patterns)
+        return str(family_dirs["phi3"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    ds = _dataset(tmp_path, "labels", make_rows("classification", 6, 1))
+    cfg = load_config(write_config(tmp_path, {"name": "h", "datasets": [ds],
+                                              "candidates": [{"name": "phi", "path": "microsoft/Phi-3-mini"}]}))
+    prep = prepare(cfg)
+    assert asked and all("*.safetensors" not in p for p in asked)  # configs, tokenizer, template only
+    assert "'<|end|>'" in prep.models["phi"].template
+    asked.clear()
+    materialize(cfg.candidates[0], Store(str(tmp_path / "store")), log=lambda s: None)
+    assert asked == [[*asked[0]]] and "*.safetensors" in asked[0]  # the weights come at the candidates stage
