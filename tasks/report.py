@@ -201,7 +201,7 @@ def markdown_report(
         parts += ["## Mean metric score per dataset (0..1, against the expected answer)", "",
                   md_table(scores.round(3).reset_index()), ""]
     if formats is not None and len(formats):
-        parts += ["## Prompt formats", "", "Each model is trained and asked in one format (README: *Model families, chat templates*): "
+        parts += ["## Prompt formats", "", "Each model is trained and asked in one format (README: *Model families*): "
                   "its own chat template, else the config's; answers end at its end-of-turn token. An answer cut "
                   f"at generate.max_new_tokens ({cfg.generate.max_new_tokens}) never reached its end of turn.", "",
                   md_table(formats), ""]
