@@ -188,6 +188,8 @@ def _parser() -> argparse.ArgumentParser:
                     "pairwise, rate with Bradley-Terry, validate on a held-out dataset.")
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="search config YAML (default: the demo)")
     parser.add_argument("--store", default=None, help="store folder or URL (default: $BASESEARCH_STORE or ./store)")
+    parser.add_argument("--dry-run", action="store_true", help="print what the search would compute, what the store "
+                        "already holds and what the rest costs, then stop (no model is loaded, nothing is computed)")
     return parser
 
 
@@ -210,6 +212,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _dry_run(config: Any, store: str) -> int:
+    """--dry-run: the checks, then the plan printed; a cap the plan exceeds is said, not enforced."""
+    from tasks.jobs import check_budget, plan_lines, search_plan
+    from tasks.prepare import prepare
+    from tasks.store import Store
+
+    prep = prepare(config)
+    for warning in prep.warnings:
+        say(f"warning: {warning}")
+    plan = search_plan(config, prep, Store(store))
+    print("\n".join(plan_lines(plan)))
+    try:
+        check_budget(plan, config)
+    except UserError as e:
+        print(f"a real run would refuse to start: {e}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     """main's body: check, start the server, run the flow, print the ranking and the report's path."""
     from tasks.config import load_config
@@ -219,6 +239,8 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     say(f"search {config.name}: {len(config.candidates)} candidates, {len(config.merges)} merges, "
         f"{len(config.datasets)} datasets; store {store}")
+    if args.dry_run:
+        return _dry_run(config, store)
     servers: list[TemporaryServer] = []
 
     def start_server() -> None:
@@ -240,7 +262,14 @@ def _run(args: argparse.Namespace) -> int:
 
         # fail fast, before any model loads: datasets and candidate folders first (in a fraction of a second),
         # then merge recipes and API models
-        prepare(config, cheap_checks_passed=start_server)  # its warnings are logged by the flow
+        prep = prepare(config, cheap_checks_passed=start_server)  # its warnings are logged by the flow
+        from tasks.jobs import check_budget, plan_lines, search_plan
+        from tasks.store import Store
+
+        plan = search_plan(config, prep, Store(store))
+        for line in plan_lines(plan):
+            say(line)
+        check_budget(plan, config)  # a plan over a cap stops here, before the flow starts
         from flows.search import search, summary_lines  # the heavy imports (torch, transformers), beside the server
 
         for server in servers:

@@ -31,6 +31,7 @@ from tasks.errors import UserError
 from tasks.compute import FinetuneJob, GenerateJob, finetune_all, generate_all, merge_models
 from tasks.finetune import adapter_key
 from tasks.generate import finish_reasons, outputs_key, teacher_key, teacher_outputs
+from tasks.jobs import check_budget, plan_lines, search_plan
 from tasks.judge import judge_task, load_judgments, metric_scores, run_openai_judge
 from tasks.references import reference_outputs
 from tasks.candidates import candidate_task, zoo_task
@@ -211,11 +212,12 @@ def search_run_name() -> str:
 
 
 @flow(name="search", flow_run_name=search_run_name, log_prints=False)
-def search(config: SearchConfig | str, store: str | None = None) -> dict[str, Any]:
+def search(config: SearchConfig | str, store: str | None = None, dry_run: bool = False) -> dict[str, Any]:
     """Run a whole search and return the run id, the report's path and the pooled ranking.
 
     `config` is the search config itself (a typed form in the Prefect UI) or the path of its YAML file;
-    `store` defaults to $BASESEARCH_STORE, else ./store.
+    `store` defaults to $BASESEARCH_STORE, else ./store. `dry_run` returns the plan (what would be computed, what
+    is in the store, what the rest costs) and does nothing else.
     """
     if isinstance(config, str):
         config = load_config(config)  # relative paths inside it are relative to the file, as on the command line
@@ -228,6 +230,13 @@ def search(config: SearchConfig | str, store: str | None = None) -> dict[str, An
     for warning in prep.warnings:
         logger.warning(warning)
     st = Store(store)
+    plan = search_plan(config, prep, st)
+    create_table_artifact(plan.table().astype(str).to_dict("records"), key="plan",
+                          description="What the search computes, what the store holds, what the rest costs")
+    logger.info("plan: " + "; ".join(plan_lines(plan)[2:]))
+    if dry_run:
+        return {"plan": plan.table().to_dict("records"), "lines": plan_lines(plan)}
+    check_budget(plan, config)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     # pid and nanoseconds in the suffix: two runs started in the same second never share a run folder
     run_id = f"{config.name}-{stamp}-{content_key(config.model_dump(), os.getpid(), time.time_ns())[:6]}"

@@ -291,7 +291,12 @@ class BudgetConfig(Frozen):
     warmup_per_pair: int = Field(4, ge=0, description="Examples judged for every pair in the uniform warm-up, planned as one round of its own.")
     round_size: int = Field(200, ge=1, description="Comparisons planned per adaptive round after the warm-up.")
     max_comparisons: int | None = Field(None, ge=1, description="Stop once this many judgments exist (None: no cap).")
-    max_usd: float | None = Field(None, ge=0.0, description="Stop once the judge has cost this many dollars (None: no cap).")
+    max_usd: float | None = Field(
+        None, ge=0.0, description="Dollars the judge and the references may cost; a run whose plan alone costs more "
+        "does not start, and judging stops at the cap (None: no cap).")
+    max_gpu_hours: float | None = Field(
+        None, gt=0.0, description="GPU-hours fine-tuning and generation may take; a run whose plan alone takes more "
+        "does not start (None: no cap).")
     confidence: float = Field(
         0.95, gt=0.0, lt=1.0, description="Stop when the leader's interval at this confidence overlaps no other's."
     )

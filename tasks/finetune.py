@@ -19,6 +19,7 @@ from tasks.chat import IGNORE, PromptFormat, encode_row, load_tokenizer, prompt_
 from tasks.config import LoadOptions
 from tasks.errors import UserError
 from tasks.lora_kernels import PACKED_ATTENTION, _register_packed_attention, fuse_small_loras, unfuse_loras
+from tasks.rates import param_count, record_rate
 from tasks.store import Store, content_key
 from tasks.workers import in_worker
 
@@ -368,6 +369,12 @@ def _train_steps(
     }
 
 
+def model_params(config: Any) -> int:
+    """The parameter count tasks/jobs.py plans with, from a transformers config (the same formula on both sides)."""
+    return param_count({k: getattr(config, k, None) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                             "num_key_value_heads", "intermediate_size", "vocab_size")})
+
+
 def load_base(model_dir: str | Path, load: LoadOptions | None = None) -> tuple[Any, Any, PromptFormat]:
     """(model, tokenizer, prompt format) of a Hugging Face folder on the training device (bf16 on CUDA, else fp32)."""
     from transformers import AutoModelForCausalLM
@@ -419,6 +426,10 @@ def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, o
     )
     metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics["rows_left_out"] = left_out  # longer than max_length (named at the check)
+    # What the plan's estimates are measured in (tasks/jobs.py): characters trained on, and parameters.
+    chars = sum(sum(len(m["content"]) for m in ex.prompt) + len(ex.answer) for ex in train) / len(train)
+    metrics["chars"] = round(steps * cfg.batch_size * chars)
+    metrics["plan_params"] = model_params(base_of(model).config)
     metrics["attn_implementation"] = base_of(model).config._attn_implementation
     model.save_pretrained(str(out_dir))
     (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -445,6 +456,7 @@ def finetune_task(
         with store.new_dir(rel) as tmp:
             m = in_worker(finetune, model_dir, load_examples(train_path), cfg, tmp, load,  # a worker if side by side
                           what=f"fine-tune of {model} on {dataset}")
+    record_rate(store, "finetune", m["device"], m["chars"], m["plan_params"], m["seconds"])
     get_run_logger().info(
         f"finetune {model} on {dataset}: loss {m['loss_first']} -> {m['loss_last']}, {m['steps']} steps, "
         f"{m['tokens_per_s']:.0f} tokens/s, peak memory {m['peak_rss_mb']:.0f} MB resident"

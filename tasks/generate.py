@@ -16,7 +16,8 @@ from prefect.cache_policies import NO_CACHE
 from tasks import progress
 from tasks.chat import PromptFormat, prompt_ids, strip_stop
 from tasks.config import LoadOptions
-from tasks.finetune import device, load_base, peak_memory_mb
+from tasks.finetune import device, load_base, model_params, peak_memory_mb
+from tasks.rates import record_rate
 from tasks.store import Store, content_key
 
 if TYPE_CHECKING:
@@ -169,6 +170,9 @@ def _generate(model: Any, tok: Any, fmt: PromptFormat, dataset: str, examples: l
         for i, e in enumerate(examples)
     ])[GENERATED_COLUMNS]
     df.attrs["peak_memory"] = peak_memory_mb(dev)  # not a column: the outputs schema stays as DESIGN.md has it
+    # What the plan's estimates are measured in (tasks/jobs.py): characters read and written, batch seconds.
+    chars = sum(sum(len(m["content"]) for m in e.prompt) + len(rows[i]["output"]) for i, e in enumerate(examples))
+    df.attrs["rate"] = (dev.type, chars, model_params(model.config), float(df["latency_s"].sum()))
     return df
 
 
@@ -203,6 +207,7 @@ def generate_task(
             return rel, True
         df = generate(model_dir, adapter_dir, dataset, load_examples(test_path), model, cfg, load)
         store.write_parquet(rel, df)
+    record_rate(store, "generate", *df.attrs["rate"])
     mem = df.attrs.get("peak_memory", {})
     get_run_logger().info(
         f"generate {model} on {dataset}: {int(df['completion_tokens'].sum())} tokens, "

@@ -13,8 +13,22 @@ JUDGMENT_COLUMNS = {"dataset", "example_id", "contender_a", "contender_b", "orde
 RATING_COLUMNS = {"scope", "contender", "kind", "rating", "ci_low", "ci_high", "n_comparisons", "win_rate", "rank"}
 
 
+def plan_counts(out: str) -> dict[str, tuple[int, int]]:
+    """stage -> (needed, in store) from the plan table the command line prints."""
+    rows = [line.split() for line in out.splitlines()]
+    return {r[0]: (int(r[1]), int(r[2])) for r in rows if len(r) == 6 and r[1].isdigit()}
+
+
 def test_mini_search_runs_and_reruns_from_store(mini_config, tmp_path, capsys):
     store_dir = tmp_path / "store"
+    # The dry run: every result the config implies, none in the empty store; nothing computed.
+    assert main(["--config", str(mini_config), "--store", str(store_dir), "--dry-run"]) == 0
+    counts = plan_counts(capsys.readouterr().out)
+    # 2 local candidates (read in place), 1 merge, 3 models x 2 datasets, 2 teachers, 6 pairs x 2 datasets,
+    # validation: winner + baseline fine-tunes and outputs, and the held-out teacher
+    assert counts == {"candidates": (2, 2), "merges": (1, 0), "finetune": (6, 0), "generate": (6, 0),
+                      "teacher": (2, 0), "judge": (12, 0), "validation": (5, 0)}
+    assert not (store_dir / "adapters").exists()
     assert main(["--config", str(mini_config), "--store", str(store_dir)]) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.strip()]
@@ -47,6 +61,12 @@ def test_mini_search_runs_and_reruns_from_store(mini_config, tmp_path, capsys):
     assert len(list((store_dir / "models").glob("*/mergekit_config.yml"))) == 1
     assert {r["opponent"] for r in validation["against"]} >= {"teacher"}
     assert "Validation on the held-out dataset" in store.read_text(f"runs/{run}/report.md")
+
+    # The measured speed is in the store for the next plan; a dry run now finds everything there.
+    assert set(store.read_json("rates/finetune.json")) == {"cpu"} and store.read_json("rates/generate.json")["cpu"]
+    assert main(["--config", str(mini_config), "--store", str(store_dir), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to compute" in out and "assumption" not in out
 
     # Second run: nothing trained, generated or judged again.
     assert main(["--config", str(mini_config), "--store", str(store_dir)]) == 0

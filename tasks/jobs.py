@@ -1,0 +1,244 @@
+"""The search's plan: every result a checked config implies, keyed as the stages key them, with what the store
+already holds and an estimate of what the rest costs. `python -m flows.search --dry-run` prints it; a real run
+prints it first and refuses to start when it alone exceeds a budget cap.
+
+Estimates:
+- GPU time (fine-tuning and generation) = characters to process x the model's parameter count / a rate in
+  parameter-characters per second, measured by earlier fine-tunes and generations on the same kind of device and
+  recorded in the store (rates/<stage>.json); where none was measured, the assumption used is named in the plan.
+  Characters, not tokens: the plan reads no tokenizer, and a rate measured in characters carries the tokenizer's
+  characters-per-token ratio with it.
+- Dollars (references and the LLM judge) = tokens (characters / 4) x `prices`; the judge's count is the number of
+  comparisons the planning strategy may make (all pairs, or `budget.max_comparisons` when smaller).
+Validation's two fine-tunes depend on the winner, so they are planned as jobs whose key is known only then.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from tasks.config import TEACHER, ZOO_PREFIX
+from tasks.errors import UserError
+from tasks.rates import measured_rate, param_count
+from tasks.store import Store
+
+if TYPE_CHECKING:
+    from tasks.config import ModelPrice, SearchConfig
+    from tasks.prepare import DatasetInfo, Prepared
+
+CHARS_PER_TOKEN = 4  # the usual English ratio for BPE vocabularies; only the dollar estimates use it
+JUDGE_PROMPT_TOKENS = 250  # the judge's instructions and verdict format, beside the conversation and answers
+
+
+@dataclass(frozen=True)
+class Job:
+    """One result of the search: its stage, what it is, its store path (None until known), and its cost."""
+
+    stage: str
+    name: str
+    rel: str | None
+    done: bool
+    gpu_s: float = 0.0
+    usd: float = 0.0
+
+
+@dataclass
+class Plan:
+    """Every job of a search and the assumptions its estimates rest on."""
+
+    jobs: list[Job] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)
+
+    def table(self) -> pd.DataFrame:
+        """Per stage: results needed, already in the store, to compute, and the estimated cost of those."""
+        rows = []
+        for stage in dict.fromkeys(j.stage for j in self.jobs):
+            jobs = [j for j in self.jobs if j.stage == stage]
+            todo = [j for j in jobs if not j.done]
+            rows.append({"stage": stage, "needed": len(jobs), "in store": len(jobs) - len(todo),
+                         "to compute": len(todo), "GPU-hours": round(sum(j.gpu_s for j in todo) / 3600, 4),
+                         "USD": round(sum(j.usd for j in todo), 4)})
+        return pd.DataFrame(rows)
+
+    def gpu_hours(self) -> float:
+        """Estimated GPU-hours of everything still to compute."""
+        return sum(j.gpu_s for j in self.jobs if not j.done) / 3600
+
+    def usd(self) -> float:
+        """Estimated dollars of everything still to compute."""
+        return sum(j.usd for j in self.jobs if not j.done)
+
+
+def _chars(rows: list[Any]) -> float:
+    """Mean characters of the rows' whole conversations (prompt and answer)."""
+    return sum(sum(len(m["content"]) for m in r.prompt) + len(r.answer) for r in rows) / max(len(rows), 1)
+
+
+def _usd(price: ModelPrice | None, prompt_chars: float, answer_tokens: float) -> float:
+    """Dollars of one request: prompt tokens (characters / 4) and answer tokens at the model's price."""
+    if price is None:
+        return 0.0
+    return (prompt_chars / CHARS_PER_TOKEN * price.input + answer_tokens * price.output) / 1e6
+
+
+def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "cpu") -> Plan:
+    """Every job the config implies, from the checked config and fingerprints alone; loads no model."""
+    plan = Plan()
+    train_rate = measured_rate(store, "finetune", device, plan.assumptions)
+    gen_rate = measured_rate(store, "generate", device, plan.assumptions)
+    for c in cfg.candidates + cfg.ingredients:
+        zoo = c.path.startswith(ZOO_PREFIX)
+        rel = f"models/{prep.models[c.name].fingerprint}"
+        plan.jobs.append(Job("candidates", c.name, rel if zoo else None, store.exists(rel) if zoo else True))
+    for m in cfg.merges:
+        rel = f"models/{prep.models[m.name].fingerprint}"
+        plan.jobs.append(Job("merges", m.name, rel, store.exists(rel)))
+    models = [n for n, info in prep.models.items() if info.finetuned]
+    for data in prep.datasets.values():
+        _dataset_jobs(plan, cfg, prep, store, data, models, (train_rate, gen_rate))
+    if cfg.validation:
+        _validation_jobs(plan, cfg, prep, store, (train_rate, gen_rate))
+    if cfg.judge.kind == "openai":
+        _llm_judge_jobs(plan, cfg, prep, models)
+    return plan
+
+
+def _finetune_s(cfg: SearchConfig, data_rows: list[Any], params: int, rate: float) -> float:
+    """Seconds of one fine-tune: optimizer steps x rows per step x characters per row x parameters / rate."""
+    steps = cfg.finetune.max_steps or math.ceil(cfg.finetune.epochs * len(data_rows) / cfg.finetune.batch_size)
+    return steps * cfg.finetune.batch_size * _chars(data_rows) * params / rate
+
+
+def _generate_s(test_rows: list[Any], params: int, rate: float) -> float:
+    """Seconds of answering a test split: its characters (answers as long as the teacher's) x parameters / rate."""
+    return len(test_rows) * _chars(test_rows) * params / rate
+
+
+def _dataset_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, data: DatasetInfo, models: list[str],
+                  rates: tuple[float, float]) -> None:
+    """One dataset's fine-tunes, outputs, teacher and reference outputs, and metric-judged batches."""
+    from tasks.finetune import adapter_key
+    from tasks.generate import outputs_key, teacher_key
+    from tasks.judge import judgment_key
+    from tasks.references import reference_key
+
+    name, keys = data.spec.name, {}
+    for m in models:
+        n = param_count(prep.models[m].signature)
+        akey = adapter_key(prep.models[m].fingerprint, data.train_fp, cfg.finetune)
+        okey = outputs_key(akey, data.test_fp, cfg.generate)
+        keys[m] = okey
+        plan.jobs.append(Job("finetune", f"{m} on {name}", f"adapters/{akey}", store.exists(f"adapters/{akey}"),
+                             _finetune_s(cfg, data.train, n, rates[0])))
+        plan.jobs.append(Job("generate", f"{m} on {name}", f"outputs/{okey}.parquet",
+                             store.exists(f"outputs/{okey}.parquet"), _generate_s(data.test, n, rates[1])))
+    keys[TEACHER] = teacher_key(data.test_fp)
+    plan.jobs.append(Job("teacher", name, f"outputs/{keys[TEACHER]}.parquet",
+                         store.exists(f"outputs/{keys[TEACHER]}.parquet")))
+    for ref in cfg.references:
+        rkey = reference_key(ref, data.test_fp)
+        prompt = sum(sum(len(m["content"]) for m in r.prompt) for r in data.test)
+        answer = sum(min(ref.max_tokens, len(r.answer) / CHARS_PER_TOKEN) for r in data.test)
+        cost = _usd(cfg.prices.get(ref.model), prompt, 0) + _usd(cfg.prices.get(ref.model), 0, answer)
+        keys[ref.name] = rkey
+        plan.jobs.append(Job("references", f"{ref.name} on {name}", f"outputs/{rkey}.parquet",
+                             store.exists(f"outputs/{rkey}.parquet"), usd=cost))
+    if cfg.judge.kind != "metric":
+        return
+    for a, b in combinations(sorted(keys, key=keys.get), 2):
+        rel = f"judgments/{judgment_key(cfg.judge, data.metric, data.test_fp, keys[a], keys[b])}.parquet"
+        plan.jobs.append(Job("judge", f"{a} vs {b} on {name}", rel, store.exists(rel)))
+
+
+def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, rates: tuple[float, float]) -> None:
+    """The winner's and its opponents' fine-tunes and outputs on the held-out dataset.
+
+    The winner is known only after judging: it is planned as the largest model, and counted as in the store when
+    some model's held-out outputs are (a re-run that reuses every judgment picks the same winner).
+    """
+    from tasks.data import dataset_fingerprint, load_examples
+    from tasks.finetune import adapter_key
+    from tasks.generate import outputs_key, teacher_key
+
+    assert cfg.validation is not None
+    spec = cfg.validation.dataset  # only sizes and file hashes here: the rows are read after the winner is frozen
+    train, test = load_examples(spec.train), load_examples(spec.test)
+    train_fp, test_fp = dataset_fingerprint(spec.train), dataset_fingerprint(spec.test)
+    tuned = {n: i for n, i in prep.models.items() if i.finetuned}
+    rels = {}
+    for m, info in tuned.items():
+        akey = adapter_key(info.fingerprint, train_fp, cfg.finetune)
+        rels[m] = (f"adapters/{akey}", f"outputs/{outputs_key(akey, test_fp, cfg.generate)}.parquet")
+    largest = max(param_count(i.signature) for i in tuned.values())
+    done_any = [any(store.exists(r[k]) for m, r in rels.items() if m not in cfg.validation.baselines) for k in (0, 1)]
+    for who in ["winner", *cfg.validation.baselines]:
+        n = largest if who == "winner" else param_count(tuned[who].signature)
+        done = done_any if who == "winner" else [store.exists(r) for r in rels[who]]
+        plan.jobs.append(Job("validation", f"finetune {who} on {spec.name}", rels.get(who, (None,))[0], done[0],
+                             _finetune_s(cfg, train, n, rates[0])))
+        plan.jobs.append(Job("validation", f"generate {who} on {spec.name}", rels.get(who, (None, None))[1], done[1],
+                             _generate_s(test, n, rates[1])))
+    teacher = f"outputs/{teacher_key(test_fp)}.parquet"
+    plan.jobs.append(Job("validation", f"teacher on {spec.name}", teacher, store.exists(teacher)))
+
+
+def _llm_judge_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, models: list[str]) -> None:
+    """The LLM judge's comparisons as one job per dataset, with the strategy's largest count and its dollars."""
+    contenders = len(models) + 1 + len(cfg.references)  # the fine-tunes, the teacher, the references
+    orders = 2 if cfg.judge.both_orders else 1
+    price = cfg.prices.get(cfg.judge.model or "")
+    total = sum(math.comb(contenders, 2) * len(d.test) * orders for d in prep.datasets.values())
+    cap = cfg.budget.max_comparisons
+    share = min(1.0, cap / total) if cap else 1.0
+    for d in prep.datasets.values():
+        count = math.comb(contenders, 2) * len(d.test) * orders * share
+        prompt = JUDGE_PROMPT_TOKENS * CHARS_PER_TOKEN + 3 * _chars(d.test)  # conversation, two answers, reference
+        plan.jobs.append(Job("judge", f"LLM judge on {d.spec.name}: up to {count:.0f} comparisons", None, False,
+                             usd=count * _usd(price, prompt, 30)))  # a verdict is ~30 tokens of JSON
+    if cfg.budget.strategy == "adaptive":
+        plan.assumptions.append("judge: adaptive planning stops once the leader is separated; the count shown is "
+                                "the most it may judge")
+
+
+def planning_device(cfg: SearchConfig) -> str:
+    """The kind of device the GPU stages will run on: a work pool's GPUs, else this machine's."""
+    if cfg.compute.mode == "pool":
+        return "cuda"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def search_plan(cfg: SearchConfig, prep: Prepared, store: Store) -> Plan:
+    """The plan of a checked search on this store, for the device its GPU stages run on."""
+    return build_plan(cfg, prep, store, planning_device(cfg))
+
+
+def check_budget(plan: Plan, cfg: SearchConfig) -> None:
+    """Refuse, in one line, a search whose plan alone exceeds a budget cap."""
+    b = cfg.budget
+    if b.max_usd is not None and plan.usd() > b.max_usd:
+        raise UserError(f"budget.max_usd: the plan's judge and reference requests are estimated at "
+                        f"${plan.usd():.2f}, ${plan.usd() - b.max_usd:.2f} over the cap of ${b.max_usd:.2f}; raise it, "
+                        "or cut references, contenders or budget.max_comparisons")
+    if b.max_gpu_hours is not None and plan.gpu_hours() > b.max_gpu_hours:
+        raise UserError(f"budget.max_gpu_hours: the plan's fine-tunes and generations are estimated at "
+                        f"{plan.gpu_hours():.3f} GPU-hours, {plan.gpu_hours() - b.max_gpu_hours:.3f} over the cap of "
+                        f"{b.max_gpu_hours}; raise it, or cut candidates, datasets or finetune steps")
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    """The plan as the command line and the log print it: one table, the totals, the assumptions."""
+    from tasks.report import text_table
+
+    lines = [text_table(plan.table()), "",
+             f"to compute: {sum(not j.done for j in plan.jobs)} of {len(plan.jobs)} results, estimated "
+             f"{plan.gpu_hours():.4f} GPU-hours and ${plan.usd():.2f}"]
+    if all(j.done for j in plan.jobs):
+        lines[-1] = f"everything ({len(plan.jobs)} results) is already in the store: nothing to compute"
+    return lines + [f"assumption: {a}" for a in plan.assumptions]
