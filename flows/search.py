@@ -137,9 +137,9 @@ def judge_search(
 
 
 def _judge_spent(log: StageLog) -> float:
-    """Dollars the LLM judge has spent so far in this run (counted against budget.max_usd; judgments reused from
-    the store were paid for by an earlier run and count nothing)."""
-    return sum(float(r.get("cost_usd") or 0.0) for r in log.rows if r["stage"].startswith("judge:"))
+    """Dollars this run has spent so far on references and the LLM judge: budget.max_usd covers both (results
+    reused from the store were paid for by an earlier run and count nothing)."""
+    return sum(float(r.get("cost_usd") or 0.0) for r in log.rows if r["stage"].startswith(("judge:", "references:")))
 
 
 def _judge_row(row: dict[str, Any], run: Any) -> None:

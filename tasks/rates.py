@@ -11,11 +11,12 @@ from typing import Any
 
 from tasks.store import Store
 
-# Parameter-characters per second when the store has no measurement for the device. CPU: the demo's fine-tunes on
-# this project's 2-core development machine (BENCHMARKS.md, "Plan"); CUDA: 40% of a 400 TFLOP/s GPU at 6 FLOPs
-# per parameter per training token, 4 characters a token: 0.4 * 4e14 / 6 * 4 = 1.1e14. Generation runs one token
-# at a time, memory-bound: assumed 10x slower per character than training on either device.
-ASSUMED_RATE = {"finetune": {"cpu": 6.0e9, "cuda": 1.1e14}, "generate": {"cpu": 6.0e8, "cuda": 1.1e13}}
+# Parameter-characters per second when the store has no measurement for the device. CPU: measured by the demo on
+# this project's 2-core development machine (bench/plan_accuracy.py: 48 s of training, 1.5 s of generation; a
+# generation reads its prompt in one pass and writes short answers, so per character it is the faster stage).
+# CUDA, not measured yet: 40% of a 400 TFLOP/s GPU at 6 FLOPs per parameter per training token, 4 characters a
+# token: 0.4 * 4e14 / 6 * 4 = 1.1e14, assumed for generation too.
+ASSUMED_RATE = {"finetune": {"cpu": 2.7e10, "cuda": 1.1e14}, "generate": {"cpu": 5.5e10, "cuda": 1.1e14}}
 KEEP_MEASUREMENTS = 50  # newest measurements kept per stage and device
 
 
