@@ -7,6 +7,11 @@
 3. runs that search and sums what it records: the training loops' seconds (adapters/*/train_metrics.json) and
    the generation batches' seconds (outputs' latency_s), of the results the second run added.
 Also prints the first run's plan (made with the assumed rates, on the empty store) against the first run's record.
+
+    python bench/plan_accuracy.py --llm-judge
+
+plans and runs the demo judged by an LLM on the fake OpenAI server (tests/fake_openai.py), all pairs, with one
+reference model and prices, and prints the plan's dollars against the dollars the run recorded.
 """
 
 from __future__ import annotations
@@ -68,10 +73,41 @@ def names(store: Path) -> set[str]:
     return {p.name for sub in ("adapters", "outputs") if (store / sub).is_dir() for p in (store / sub).iterdir()}
 
 
+def dollars(cfg: SearchConfig) -> None:
+    """The plan's dollars against a run's, on the fake server."""
+    from tests.fake_openai import FakeOpenAI
+
+    os.environ["BENCH_JUDGE_KEY"] = "sk-bench"
+    with FakeOpenAI("sk-bench") as srv, tempfile.TemporaryDirectory() as tmp:
+        api = {"base_url": srv.base_url, "api_key_env": "BENCH_JUDGE_KEY"}
+        cfg = cfg.model_copy(update={
+            "judge": cfg.judge.model_copy(update={"kind": "openai", "model": "judge-model", **api}),
+            "references": [{"name": "gpt-ref", "model": "ref-model", **api}],
+            "prices": {"judge-model": {"input": 2.5, "output": 10.0}, "ref-model": {"input": 0.5, "output": 1.5}},
+            "budget": cfg.budget.model_copy(update={"strategy": "all-pairs"})})
+        cfg = SearchConfig.model_validate(cfg.model_dump())
+        store = Path(tmp) / "store"
+        plan = build_plan(cfg, prepare(cfg), Store(str(store)), "cpu")
+        run(cfg, Path(tmp), store)
+        run_id = (store / "runs" / "LATEST").read_text().strip()
+        stages = json.loads((store / "runs" / run_id / "stages.json").read_text())
+    print(header())
+    print()
+    print("| stage | planned USD | recorded USD | plan / record |")
+    print("|---|---|---|---|")
+    for stage in ("references", "judge"):  # validation's reference answers and judging counted with their kind
+        est = sum(j.usd for j in plan.jobs if not j.done and j.usd
+                  and (j.stage == stage or j.stage == "validation" and ("LLM judge" in j.name) == (stage == "judge")))
+        rec = sum(float(r.get("cost_usd") or 0) for r in stages if r["stage"].split(":")[0] == stage)
+        print(f"| {stage} | {est:.4f} | {rec:.4f} | {est / rec if rec else float('nan'):.2f} |")
+
+
 def main() -> None:
     """Two runs, one table."""
     config = sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else str(ROOT / "configs" / "demo.yaml")
     cfg = load_config(config)
+    if "--llm-judge" in sys.argv:
+        return dollars(cfg)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"

@@ -119,6 +119,20 @@ def _generate_s(test_rows: list[Any], params: int, rate: float) -> float:
     return len(test_rows) * _chars(test_rows) * params / rate
 
 
+def _reference_usd(cfg: SearchConfig, ref: Any, rows: list[Any]) -> float:
+    """Dollars of a reference answering test rows: their prompts, and answers as long as the teacher's."""
+    prompt = sum(sum(len(m["content"]) for m in r.prompt) for r in rows)
+    answer = sum(min(ref.max_tokens, len(r.answer) / CHARS_PER_TOKEN) for r in rows)
+    return _usd(cfg.prices.get(ref.model), prompt, answer)
+
+
+def _judge_usd(cfg: SearchConfig, rows: list[Any], contenders: int, share: float = 1.0) -> tuple[float, float]:
+    """(comparisons, dollars) of the LLM judge on every pair of `contenders` over `rows` (`share` of them)."""
+    count = math.comb(contenders, 2) * len(rows) * (2 if cfg.judge.both_orders else 1) * share
+    prompt = JUDGE_PROMPT_TOKENS * CHARS_PER_TOKEN + 3 * _chars(rows)  # conversation, two answers, reference
+    return count, count * _usd(cfg.prices.get(cfg.judge.model or ""), prompt, 30)  # a verdict: ~30 tokens of JSON
+
+
 def _dataset_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, data: DatasetInfo, models: list[str],
                   rates: tuple[float, float]) -> None:
     """One dataset's fine-tunes, outputs, teacher and reference outputs, and metric-judged batches."""
@@ -142,12 +156,9 @@ def _dataset_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, d
                          store.exists(f"outputs/{keys[TEACHER]}.parquet")))
     for ref in cfg.references:
         rkey = reference_key(ref, data.test_fp)
-        prompt = sum(sum(len(m["content"]) for m in r.prompt) for r in data.test)
-        answer = sum(min(ref.max_tokens, len(r.answer) / CHARS_PER_TOKEN) for r in data.test)
-        cost = _usd(cfg.prices.get(ref.model), prompt, 0) + _usd(cfg.prices.get(ref.model), 0, answer)
         keys[ref.name] = rkey
         plan.jobs.append(Job("references", f"{ref.name} on {name}", f"outputs/{rkey}.parquet",
-                             store.exists(f"outputs/{rkey}.parquet"), usd=cost))
+                             store.exists(f"outputs/{rkey}.parquet"), usd=_reference_usd(cfg, ref, data.test)))
     if cfg.judge.kind != "metric":
         return
     for a, b in combinations(sorted(keys, key=keys.get), 2):
@@ -185,21 +196,26 @@ def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store
                              _generate_s(test, n, rates[1])))
     teacher = f"outputs/{teacher_key(test_fp)}.parquet"
     plan.jobs.append(Job("validation", f"teacher on {spec.name}", teacher, store.exists(teacher)))
+    if cfg.judge.kind != "openai":
+        return  # the metric judge's validation batches are free
+    for ref in cfg.references:
+        plan.jobs.append(Job("validation", f"{ref.name} on {spec.name}", None, False,
+                             usd=_reference_usd(cfg, ref, test)))
+    # every pair among the winner, its opponents, the teacher and the references (tasks/validate.py)
+    count, usd = _judge_usd(cfg, test, 2 + len(cfg.validation.baselines) + len(cfg.references))
+    plan.jobs.append(Job("validation", f"LLM judge on {spec.name}: {count:.0f} comparisons", None, False, usd=usd))
 
 
 def _llm_judge_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, models: list[str]) -> None:
     """The LLM judge's comparisons as one job per dataset, with the strategy's largest count and its dollars."""
     contenders = len(models) + 1 + len(cfg.references)  # the fine-tunes, the teacher, the references
-    orders = 2 if cfg.judge.both_orders else 1
-    price = cfg.prices.get(cfg.judge.model or "")
-    total = sum(math.comb(contenders, 2) * len(d.test) * orders for d in prep.datasets.values())
+    total = sum(_judge_usd(cfg, d.test, contenders)[0] for d in prep.datasets.values())
     cap = cfg.budget.max_comparisons
     share = min(1.0, cap / total) if cap else 1.0
     for d in prep.datasets.values():
-        count = math.comb(contenders, 2) * len(d.test) * orders * share
-        prompt = JUDGE_PROMPT_TOKENS * CHARS_PER_TOKEN + 3 * _chars(d.test)  # conversation, two answers, reference
+        count, usd = _judge_usd(cfg, d.test, contenders, share)
         plan.jobs.append(Job("judge", f"LLM judge on {d.spec.name}: up to {count:.0f} comparisons", None, False,
-                             usd=count * _usd(price, prompt, 30)))  # a verdict is ~30 tokens of JSON
+                             usd=usd))
     if cfg.budget.strategy == "adaptive":
         plan.assumptions.append("judge: adaptive planning stops once the leader is separated; the count shown is "
                                 "the most it may judge")
