@@ -100,6 +100,10 @@ def dollars(cfg: SearchConfig) -> None:
                   and (j.stage == stage or j.stage == "validation" and ("LLM judge" in j.name) == (stage == "judge")))
         rec = sum(float(r.get("cost_usd") or 0) for r in stages if r["stage"].split(":")[0] == stage)
         print(f"| {stage} | {est:.4f} | {rec:.4f} | {est / rec if rec else float('nan'):.2f} |")
+    planned = sum(float(j.name.split(": ")[-1].split()[-2]) for j in plan.jobs if "LLM judge" in j.name)
+    print(f"\nplanned comparisons {planned:.0f}; the run's judge stages: "
+          + "; ".join(f"{r['stage']} " + ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("stage", "seconds"))
+                      for r in stages if r["stage"].startswith("judge")))
 
 
 def main() -> None:

@@ -216,9 +216,9 @@ def _llm_judge_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, models: list[
         count, usd = _judge_usd(cfg, d.test, contenders, share)
         plan.jobs.append(Job("judge", f"LLM judge on {d.spec.name}: up to {count:.0f} comparisons", None, False,
                              usd=usd))
-    if cfg.budget.strategy == "adaptive":
-        plan.assumptions.append("judge: adaptive planning stops once the leader is separated; the count shown is "
-                                "the most it may judge")
+    plan.assumptions.append("judge: every comparison is counted as a paid request; identical outputs tie without "
+                            "one" + (" and adaptive planning stops once the leader is separated" if
+                                     cfg.budget.strategy == "adaptive" else "") + ", so the dollars are an upper bound")
 
 
 def planning_device(cfg: SearchConfig) -> str:
