@@ -71,3 +71,9 @@ def test_merge_memory_shards_load_as_mistral(tmp_path):
     assert not any(info.values()), info
     assert params == sum(p.numel() for p in model.parameters())
     assert model.dtype == torch.bfloat16 and len(list(tmp_path.glob("*.safetensors"))) == 2 + 2
+
+
+def test_families_quick():
+    out = run("bench/families.py", "--quick")
+    assert "traceback in stderr: False" in out and "| base-hermes-union |" in out
+    assert "10-candidate check with a refused conversation: exit 2" in out
