@@ -190,7 +190,10 @@ def validate_winner(
     # The winner must beat the baselines; when it is a baseline itself, it must beat the runner-up instead.
     opponents = [b for b in cfg.validation.baselines if b != winner] or [runner_up(ratings, winner)]
     held_prep = Prepared(prep.models, {data.spec.name: data})
-    outputs = train_and_answer([winner, *opponents], data, paths, held_prep, cfg, store, log)
+    # Validation reports the winner against its opponents and the teacher only: no reference answers the held-out
+    # rows (each would be paid for and never read).
+    no_refs = cfg.model_copy(update={"references": []})
+    outputs = train_and_answer([winner, *opponents], data, paths, held_prep, no_refs, store, log)
     judgments = load_judgments(st, judge(data, outputs, cfg, store, log))
     st.write_parquet(f"{run_rel}/validation_judgments.parquet", judgments)
     return frozen | {"dataset": data.spec.name} | summarize(judgments, winner, [*opponents, TEACHER],

@@ -198,11 +198,8 @@ def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store
     plan.jobs.append(Job("validation", f"teacher on {spec.name}", teacher, store.exists(teacher)))
     if cfg.judge.kind != "openai":
         return  # the metric judge's validation batches are free
-    for ref in cfg.references:
-        plan.jobs.append(Job("validation", f"{ref.name} on {spec.name}", None, False,
-                             usd=_reference_usd(cfg, ref, test)))
-    # every pair among the winner, its opponents, the teacher and the references (tasks/validate.py)
-    count, usd = _judge_usd(cfg, test, 2 + len(cfg.validation.baselines) + len(cfg.references))
+    # every pair among the winner, its opponents and the teacher (flows/search.validate_winner)
+    count, usd = _judge_usd(cfg, test, 2 + len(cfg.validation.baselines))
     plan.jobs.append(Job("validation", f"LLM judge on {spec.name}: {count:.0f} comparisons", None, False, usd=usd))
 
 

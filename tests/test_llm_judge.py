@@ -304,6 +304,9 @@ def test_search_with_openai_judge_and_reference_reruns_free_and_never_leaks_the_
     assert judge_rows[0]["stop"] == "all pairs judged" and judge_rows[0]["requests"] > 0
     assert "stop" in store.read_text(f"runs/{run}/report.md")
     assert store.exists(f"runs/{run}/validation.json")
+    held = store.read_parquet(f"runs/{run}/validation_judgments.parquet")  # no reference is asked the held-out rows
+    asked = set(held["contender_a"]) | set(held["contender_b"])
+    assert "gpt-ref" not in asked and "teacher" in asked
 
     # Second run: zero requests of any kind, identical ratings.
     server.reset()
