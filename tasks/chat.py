@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import LoadOptions
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 from tasks.templates import TEMPLATES
 
 IGNORE = -100  # label id that torch's cross-entropy skips
@@ -77,7 +77,7 @@ def _refuses(tok: Any, messages: list[dict[str, str]]) -> str | None:
     try:
         render(tok, messages, False)
     except Exception as e:  # noqa: BLE001 - jinja's TemplateError, or a template that breaks on this input
-        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return first_line(e)
     return None
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import not_utf8
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 
 # pandas, pyarrow and `datasets` are imported only where a Parquet file or a `datasets` folder is read: a dataset
 # error in JSONL prints before they would have loaded.
@@ -83,12 +83,6 @@ def _check_row(row: Any, where: str, line: int) -> Example:
     )
 
 
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message (library errors can span many)."""
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
-
-
 def _folder_rows(path: Path) -> list[tuple[int, Any]]:
     """(row number, raw row) pairs from a Hugging Face `datasets` folder saved with save_to_disk."""
     if (path / "dataset_dict.json").is_file():
@@ -106,7 +100,7 @@ def _folder_rows(path: Path) -> list[tuple[int, Any]]:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001 - any load failure is the user's folder
-        raise UserError(f"{path}: not a readable Hugging Face `datasets` folder ({_first_line(e)})") from None
+        raise UserError(f"{path}: not a readable Hugging Face `datasets` folder ({first_line(e)})") from None
     return [(i + 1, r) for i, r in enumerate(ds)]
 
 
@@ -126,7 +120,7 @@ def _parquet_rows(path: Path) -> list[tuple[int, Any]]:
     try:
         records = pd.read_parquet(path).to_dict("records")
     except Exception as e:  # noqa: BLE001 - a damaged file is the user's
-        raise UserError(f"{path}: cannot read this Parquet file ({_first_line(e)})") from None
+        raise UserError(f"{path}: cannot read this Parquet file ({first_line(e)})") from None
     return [(i + 1, r) for i, r in enumerate(records)]
 
 

@@ -19,7 +19,7 @@ from tasks.chat import IGNORE, PromptFormat, encode_row, load_tokenizer, prompt_
 from tasks.config import LoadOptions
 from tasks.errors import UserError
 from tasks.lora_kernels import PACKED_ATTENTION, _register_packed_attention, fuse_small_loras, unfuse_loras
-from tasks.rates import param_count, record_rate
+from tasks.rates import conversation_chars, param_count, record_rate
 from tasks.store import Store, content_key
 from tasks.workers import in_worker
 
@@ -427,7 +427,7 @@ def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, o
     metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics["rows_left_out"] = left_out  # longer than max_length (named at the check)
     # What the plan's estimates are measured in (tasks/jobs.py): characters trained on, and parameters.
-    chars = sum(sum(len(m["content"]) for m in ex.prompt) + len(ex.answer) for ex in train) / len(train)
+    chars = sum(conversation_chars(ex.prompt, ex.answer) for ex in train) / len(train)
     metrics["chars"] = round(steps * cfg.batch_size * chars)
     metrics["plan_params"] = model_params(base_of(model).config)
     metrics["attn_implementation"] = base_of(model).config._attn_implementation

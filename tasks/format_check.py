@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.chat import encode_row, generation_eos, load_tokenizer, prompt_format, template_text
+from tasks.chat import encode_row, generation_eos, install_template, load_tokenizer, prompt_format, template_text
 from tasks.config import Candidate, DatasetSpec, LoadOptions, SearchConfig
 from tasks.data import Example
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 
 Rows = dict[str, tuple[DatasetSpec, list[Example], list[Example]]]  # dataset -> (spec, train rows, test rows)
 
@@ -38,9 +38,8 @@ def _row_problems(tok: Any, fmt: Any, who: str, rows: Rows, max_length: int) -> 
                 try:
                     ids, _ = encode_row(tok, fmt, ex.prompt, ex.answer)
                 except Exception as e:  # noqa: BLE001 - the template's own exception, whatever its type
-                    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    raise UserError(f"{who}: {path}:{ex.line}: its chat template refuses this conversation ({msg})") \
-                        from None
+                    raise UserError(f"{who}: {path}:{ex.line}: its chat template refuses this conversation "
+                                    f"({first_line(e)})") from None
                 if examples is train and len(ids) > max_length:
                     long.append((len(ids), ex.line))
         if long:
@@ -71,11 +70,12 @@ def check_formats(cfg: SearchConfig, folders: dict[str, Path | None], rows: Rows
         try:
             tok = load_tokenizer(folder, LoadOptions(trust_remote_code=c.trust_remote_code))
         except Exception as e:  # noqa: BLE001 - transformers' many ways to fail on a broken tokenizer
-            raise UserError(f"{who}: cannot load the tokenizer in {folder} ({type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+            raise UserError(f"{who}: cannot load the tokenizer in {folder} ({type(e).__name__}: {first_line(e)})") \
+                from None
         own = tok.chat_template if isinstance(tok.chat_template, str) else None
         load, source = load_options(c, own, cfg, f"{key}[{i}] ({c.name})")
-        fmt = prompt_format(load_tokenizer(folder, load) if load.chat_template else tok, generation_eos(folder), who)
+        tok = install_template(tok, load.chat_template)  # the template the search uses (its own when None)
+        fmt = prompt_format(tok, generation_eos(folder), who)
         loads[c.name] = load, f"{source}; {fmt.describe()}"
 
         if fmt.fold_system:
@@ -85,7 +85,6 @@ def check_formats(cfg: SearchConfig, folders: dict[str, Path | None], rows: Rows
             continue  # merged only: never trained on or asked the datasets' rows
         ident = (str(folder), load.chat_template or own or "")
         if ident not in seen:
-            tok = load_tokenizer(folder, load)
             seen[ident] = _row_problems(tok, fmt, who, rows, cfg.finetune.max_length)
         warnings += seen[ident]
     return loads, warnings

@@ -17,7 +17,7 @@ from tasks import progress
 from tasks.chat import PromptFormat, prompt_ids, strip_stop
 from tasks.config import LoadOptions
 from tasks.finetune import device, load_base, model_params, peak_memory_mb
-from tasks.rates import record_rate
+from tasks.rates import conversation_chars, record_rate
 from tasks.store import Store, content_key
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ def _generate(model: Any, tok: Any, fmt: PromptFormat, dataset: str, examples: l
     ])[GENERATED_COLUMNS]
     df.attrs["peak_memory"] = peak_memory_mb(dev)  # not a column: the outputs schema stays as DESIGN.md has it
     # What the plan's estimates are measured in (tasks/jobs.py): characters read and written, batch seconds.
-    chars = sum(sum(len(m["content"]) for m in e.prompt) + len(rows[i]["output"]) for i, e in enumerate(examples))
+    chars = sum(conversation_chars(e.prompt, rows[i]["output"]) for i, e in enumerate(examples))
     df.attrs["rate"] = (dev.type, chars, model_params(model.config), float(df["latency_s"].sum()))
     return df
 

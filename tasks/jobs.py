@@ -24,7 +24,7 @@ import pandas as pd
 
 from tasks.config import TEACHER, ZOO_PREFIX
 from tasks.errors import UserError
-from tasks.rates import measured_rate, param_count
+from tasks.rates import conversation_chars, measured_rate, param_count
 from tasks.store import Store
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class Plan:
 
 def _chars(rows: list[Any]) -> float:
     """Mean characters of the rows' whole conversations (prompt and answer)."""
-    return sum(sum(len(m["content"]) for m in r.prompt) + len(r.answer) for r in rows) / max(len(rows), 1)
+    return sum(conversation_chars(r.prompt, r.answer) for r in rows) / max(len(rows), 1)
 
 
 def _usd(price: ModelPrice | None, prompt_chars: float, answer_tokens: float) -> float:

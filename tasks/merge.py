@@ -12,7 +12,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import Merge
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 from tasks.store import Store
 
 STAGE_VERSION = "1"  # sharding changes files, not weights
@@ -118,7 +118,7 @@ def validate_recipe(merge: Merge, paths: dict[str, str]) -> None:
         key = ".".join(str(p) for p in err["loc"])
         raise UserError(f"{where}.{key}: {err['msg']}") from None
     except (RuntimeError, ValueError, TypeError) as e:  # mergekit's validators raise RuntimeError, unwrapped
-        raise UserError(f"{where}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        raise UserError(f"{where}: {first_line(e)}") from None
     problem = _method_problem(cfg, {path: name for name, path in paths.items()})
     if problem:
         raise UserError(f"{where}.{problem}")

@@ -20,6 +20,11 @@ ASSUMED_RATE = {"finetune": {"cpu": 2.7e10, "cuda": 1.1e14}, "generate": {"cpu":
 KEEP_MEASUREMENTS = 50  # newest measurements kept per stage and device
 
 
+def conversation_chars(prompt: list[dict[str, str]], answer: str) -> int:
+    """Characters of one conversation's messages and answer: what the rates count work in."""
+    return sum(len(m["content"]) for m in prompt) + len(answer)
+
+
 def param_count(sig: dict[str, Any]) -> int:
     """Parameters of a decoder-only transformer from its config fields (attention, MLP, untied embeddings)."""
     h, layers = sig.get("hidden_size") or 0, sig.get("num_hidden_layers") or 0
