@@ -71,7 +71,8 @@ def main() -> int:
     from prefect import flow
 
     from flows.rerun import search_rerun
-    from flows.search import search, stop_temporary_server
+    from flows.cli import stop_temporary_server
+    from flows.search import search
     from tasks.config import SearchConfig
 
     root = Path(tempfile.mkdtemp(prefix="bench-add-"))

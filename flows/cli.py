@@ -271,6 +271,9 @@ def _run(args: argparse.Namespace) -> int:
             say(line)
         check_budget(plan, config)  # a plan over a cap stops here, before the flow starts
         from flows.search import search, summary_lines  # the heavy imports (torch, transformers), beside the server
+        from tasks.prepare import hand_over
+
+        hand_over(config, prep)  # the flow below starts from this check instead of repeating it
 
         for server in servers:
             server.wait()

@@ -31,11 +31,11 @@ from tasks.errors import UserError
 from tasks.compute import FinetuneJob, GenerateJob, finetune_all, generate_all, merge_models
 from tasks.finetune import adapter_key
 from tasks.generate import finish_reasons, outputs_key, teacher_key, teacher_outputs
-from tasks.jobs import check_budget, plan_lines, search_plan
+from tasks.jobs import BudgetStop, Guard, check_budget, plan_lines, search_plan
 from tasks.judge import judge_task, load_judgments, metric_scores, run_openai_judge
-from tasks.references import reference_outputs
+from tasks.references import reference_key, reference_outputs
 from tasks.candidates import candidate_task, zoo_task
-from tasks.prepare import DatasetInfo, Prepared, held_out, prepare
+from tasks.prepare import DatasetInfo, Prepared, held_out, prepared
 from tasks.rate import rate
 from tasks.report import html_report, markdown_report, plot_ratings, ranking_rows, text_table
 from tasks.store import Store, content_key, resolve_store
@@ -67,83 +67,96 @@ def _count(row: dict[str, Any], reused: bool) -> None:
     row["reused" if reused else "computed"] += 1
 
 
+def _gpu_spent(guard: Guard, log: StageLog) -> None:
+    """Count the last stage's wall time as GPU time spent when it computed something."""
+    if log.rows[-1]["computed"]:
+        guard.gpu_s += log.rows[-1]["seconds"]
+
+
 def train_and_answer(
     models: list[str], data: DatasetInfo, paths: dict[str, str], prep: Prepared, cfg: SearchConfig, store: str,
-    log: StageLog,
+    log: StageLog, guard: Guard,
 ) -> dict[str, tuple[str, str]]:
     """Fine-tune every model on one dataset and answer its test rows: contender -> (outputs path, outputs key)."""
-    name = data.spec.name
+    name, st = data.spec.name, Store(store)
+    ft_jobs = [
+        FinetuneJob(m, name, paths[m], data.spec.train, cfg.finetune,
+                    adapter_key(prep.models[m].fingerprint, data.train_fp, cfg.finetune), prep.models[m].load)
+        for m in models
+    ]
+    guard.gpu(f"fine-tuning on {name}", sum(guard.finetune_s(data.train, prep.models[j.model].signature)
+                                            for j in ft_jobs if not st.exists(f"adapters/{j.key}")))
     with log.stage(f"finetune:{name}") as row:
-        ft_jobs = [
-            FinetuneJob(m, name, paths[m], data.spec.train, cfg.finetune,
-                        adapter_key(prep.models[m].fingerprint, data.train_fp, cfg.finetune), prep.models[m].load)
-            for m in models
-        ]
         adapters = finetune_all(ft_jobs, cfg.compute, store)
         for _, reused in adapters:
             _count(row, reused)
+    _gpu_spent(guard, log)
+    gen_jobs = [
+        GenerateJob(m, name, paths[m], folder, data.spec.test, cfg.generate,
+                    outputs_key(job.key, data.test_fp, cfg.generate), job.load)
+        for m, job, (folder, _) in zip(models, ft_jobs, adapters)
+    ]
+    guard.gpu(f"generation on {name}", sum(guard.generate_s(data.test, prep.models[j.model].signature)
+                                           for j in gen_jobs if not st.exists(f"outputs/{j.key}.parquet")))
     with log.stage(f"generate:{name}") as row:
-        gen_jobs = [
-            GenerateJob(m, name, paths[m], folder, data.spec.test, cfg.generate,
-                        outputs_key(job.key, data.test_fp, cfg.generate), job.load)
-            for m, job, (folder, _) in zip(models, ft_jobs, adapters)
-        ]
         results = generate_all(gen_jobs, cfg.compute, store, rows_per_job=len(data.test))
         outputs = {job.model: (rel, job.key) for job, (rel, _) in zip(gen_jobs, results)}
         for _, reused in results:
             _count(row, reused)
         tkey = teacher_key(data.test_fp)
-        st, trel = Store(store), f"outputs/{tkey}.parquet"
+        trel = f"outputs/{tkey}.parquet"
         if not st.exists(trel):
             st.write_parquet(trel, teacher_outputs(name, data.test, TEACHER))
         outputs[TEACHER] = (trel, tkey)
+    _gpu_spent(guard, log)
     if cfg.references:
         with log.stage(f"references:{name}") as row:  # API models answer the same test rows, cached the same way
             row["requests"], row["cost_usd"] = 0, 0.0
             for ref in cfg.references:
+                if not st.exists(f"outputs/{reference_key(ref, data.test_fp)}.parquet"):
+                    guard.dollars(f"{ref.name} answering {name}", guard.reference_usd(ref, data.test))
                 outputs[ref.name], reused, requests, spent = reference_outputs(
                     ref, name, data.test, data.test_fp, cfg.prices, store)
+                guard.usd += spent
                 _count(row, reused)
                 row["requests"] += requests
                 row["cost_usd"] = round(row["cost_usd"] + spent, 6)
     return outputs
 
 
-def judge(data: DatasetInfo, outputs: dict[str, tuple[str, str]], cfg: SearchConfig, store: str, log: StageLog) -> list:
-    """Judge every pair of contenders on one dataset: metric batches [(path, A, B)] or the LLM judge's [table]."""
+def judge(data: DatasetInfo, outputs: dict[str, tuple[str, str]], cfg: SearchConfig, store: str, log: StageLog,
+          guard: Guard, pairs_with: str | None = None) -> list:
+    """Judge every pair of contenders on one dataset (or only `pairs_with`'s): metric batches [(path, A, B)] or the
+    LLM judge's [table]."""
     with log.stage(f"judge:{data.spec.name}") as row:
-        if cfg.judge.kind == "openai":  # e.g. the held-out dataset: every pair, whatever budget.strategy says
+        if cfg.judge.kind == "openai":  # e.g. the held-out dataset: all its pairs, whatever budget.strategy says
             run = run_openai_judge({data.spec.name: data.test}, {data.spec.name: outputs}, cfg, store,
-                                   all_pairs=True, spent_usd=_judge_spent(log))
-            _judge_row(row, run)
+                                   all_pairs=True, spent_usd=guard.usd, pairs_with=pairs_with)
+            _judge_row(row, run, guard)
             return [run.judgments]
-        batches, reused = judge_task(data.spec.name, data.test, data.metric, data.test_fp, outputs, cfg.judge, store)
+        batches, reused = judge_task(data.spec.name, data.test, data.metric, data.test_fp, outputs, cfg.judge, store,
+                                     pairs_with)
         row["computed"], row["reused"] = len(batches) - reused, reused
     return batches
 
 
 def judge_search(
     datasets: dict[str, DatasetInfo], all_outputs: dict[str, dict[str, tuple[str, str]]], cfg: SearchConfig,
-    store: str, log: StageLog,
+    store: str, log: StageLog, guard: Guard,
 ) -> list:
     """Judge the search: the metric judge every pair per dataset (it is free); the LLM judge in rounds over all."""
     if cfg.judge.kind != "openai":
-        return [b for ds, data in datasets.items() for b in judge(data, all_outputs[ds], cfg, store, log)]
+        return [b for ds, data in datasets.items() for b in judge(data, all_outputs[ds], cfg, store, log, guard)]
     with log.stage(f"judge:{cfg.budget.strategy}") as row:
         run = run_openai_judge({ds: d.test for ds, d in datasets.items()}, all_outputs, cfg, store,
-                               spent_usd=_judge_spent(log))
-        _judge_row(row, run)
+                               spent_usd=guard.usd)
+        _judge_row(row, run, guard)
     return [run.judgments]
 
 
-def _judge_spent(log: StageLog) -> float:
-    """Dollars this run has spent so far on references and the LLM judge: budget.max_usd covers both (results
-    reused from the store were paid for by an earlier run and count nothing)."""
-    return sum(float(r.get("cost_usd") or 0.0) for r in log.rows if r["stage"].startswith(("judge:", "references:")))
-
-
-def _judge_row(row: dict[str, Any], run: Any) -> None:
-    """Fill a judge stage's row (stages.json and the report) and log why judging stopped."""
+def _judge_row(row: dict[str, Any], run: Any, guard: Guard) -> None:
+    """Fill a judge stage's row (stages.json and the report), count its dollars, and log why judging stopped."""
+    guard.usd += run.new_cost_usd  # budget.max_usd covers references and judge; reused results cost nothing now
     row["computed"], row["reused"] = run.new, run.reused + run.free
     row.update(run.stats())
     logger = get_run_logger()
@@ -177,7 +190,7 @@ def formats_table(prep: Prepared, all_outputs: dict[str, dict[str, tuple[str, st
 
 def validate_winner(
     cfg: SearchConfig, prep: Prepared, ratings: pd.DataFrame, paths: dict[str, str], store: str, run_rel: str,
-    log: StageLog,
+    log: StageLog, guard: Guard,
 ) -> dict[str, Any] | None:
     """Freeze the winner, then fine-tune it and the baselines on the held-out dataset and judge them."""
     if cfg.validation is None:
@@ -193,11 +206,66 @@ def validate_winner(
     # Validation reports the winner against its opponents and the teacher only: no reference answers the held-out
     # rows (each would be paid for and never read).
     no_refs = cfg.model_copy(update={"references": []})
-    outputs = train_and_answer([winner, *opponents], data, paths, held_prep, no_refs, store, log)
-    judgments = load_judgments(st, judge(data, outputs, cfg, store, log))
+    outputs = train_and_answer([winner, *opponents], data, paths, held_prep, no_refs, store, log, guard)
+    # only the pairs validation reports: the winner against each opponent and the teacher
+    judgments = load_judgments(st, judge(data, outputs, cfg, store, log, guard, pairs_with=winner))
     st.write_parquet(f"{run_rel}/validation_judgments.parquet", judgments)
     return frozen | {"dataset": data.spec.name} | summarize(judgments, winner, [*opponents, TEACHER],
                                                              cfg.rating.confidence)
+
+
+def execute(config: SearchConfig, prep: Prepared, store: str, run_id: str, log: StageLog, guard: Guard) -> dict[str, Any]:
+    """The search's stages in order, each computing what the store lacks; the guard stops before a cap is crossed."""
+    st, run_rel = Store(store), f"runs/{run_id}"
+    paths: dict[str, str] = {}
+    with log.stage("candidates") as row:
+        sources = config.candidates + config.ingredients  # an ingredient is merged, so it is needed here too
+        zoo = {c.name: c.path.removeprefix(ZOO_PREFIX) for c in sources if c.path.startswith(ZOO_PREFIX)}
+        # Only a zoo model not yet in the store is built (all at once: siblings side by side); any other
+        # candidate is read where it is.
+        built = {n for n in zoo if not st.exists(f"models/{prep.models[n].fingerprint}")}
+        if built:
+            zoo_task(sorted(set(zoo.values())), store, local_workers(config.compute))
+        for c in sources:
+            paths[c.name] = candidate_task(c, store, sources)
+            _count(row, c.name not in built)
+    with log.stage("merges") as row:
+        for m in config.merges:
+            paths[m.name], reused = merge_models(m, paths, prep.models[m.name].fingerprint, config.compute, store)
+            _count(row, reused)
+
+    models = [n for n, info in prep.models.items() if info.finetuned]
+    all_outputs = {ds: train_and_answer(models, data, paths, prep, config, store, log, guard)
+                   for ds, data in prep.datasets.items()}
+    batches = judge_search(prep.datasets, all_outputs, config, store, log, guard)
+
+    with log.stage("rate") as row:
+        kinds = config.model_kinds()
+        judgments = load_judgments(st, batches)
+        # kind_a/kind_b travel with the run's judgments, so `python -m flows.rank` re-rates them with their kinds.
+        judgments = judgments.assign(kind_a=judgments["contender_a"].map(kinds), kind_b=judgments["contender_b"].map(kinds))
+        ratings = rate(judgments, kinds, config.rating)
+        st.write_parquet(f"{run_rel}/judgments.parquet", judgments)
+        st.write_parquet(f"{run_rel}/ratings.parquet", ratings)
+        row["computed"] = len(judgments)
+
+    validation = validate_winner(config, prep, ratings, paths, store, run_rel, log, guard)
+    if validation:
+        st.write_json(f"{run_rel}/validation.json", validation)
+
+    with log.stage("report"):
+        png = plot_ratings(ratings)
+        md = markdown_report(config, run_id, ratings, scores_table(prep, all_outputs, st), validation, log.rows,
+                             judgments, formats_table(prep, all_outputs, st, config.generate.max_new_tokens))
+        st.write_bytes(f"{run_rel}/ratings.png", png)
+        st.write_text(f"{run_rel}/report.md", md)
+        report = st.write_text(f"{run_rel}/report.html", html_report(md, png))
+        st.write_json(f"{run_rel}/stages.json", log.rows)
+        st.write_text("runs/LATEST", run_id + "\n")
+        table = ranking_rows(ratings)
+        create_table_artifact(table.astype(str).to_dict("records"), key="ranking", description=f"Ranking, run {run_id}")
+        create_markdown_artifact(md, key="report", description=f"Report, run {run_id}")
+    return {"run_id": run_id, "report": report, "ranking": table.to_dict("records"), "stages": log.rows}
 
 
 def search_run_name() -> str:
@@ -228,7 +296,7 @@ def search(config: SearchConfig | str, store: str | None = None, dry_run: bool =
     logger = get_run_logger()
     log = StageLog()
     with log.stage("check") as row:
-        prep = prepare(config)  # everything is checked before any model is loaded
+        prep = prepared(config)  # everything is checked before any model is loaded (by the command line, if it ran)
         row["computed"] = len(prep.models) + len(prep.datasets)
     for warning in prep.warnings:
         logger.warning(warning)
@@ -247,54 +315,14 @@ def search(config: SearchConfig | str, store: str | None = None, dry_run: bool =
     st.write_text(f"{run_rel}/config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     logger.info(f"run {run_id}: {len(prep.models)} models x {len(prep.datasets)} datasets, store {st.root}")
 
-    paths: dict[str, str] = {}
-    with log.stage("candidates") as row:
-        sources = config.candidates + config.ingredients  # an ingredient is merged, so it is needed here too
-        zoo = {c.name: c.path.removeprefix(ZOO_PREFIX) for c in sources if c.path.startswith(ZOO_PREFIX)}
-        # Only a zoo model not yet in the store is built (all at once: siblings side by side); any other
-        # candidate is read where it is.
-        built = {n for n in zoo if not st.exists(f"models/{prep.models[n].fingerprint}")}
-        if built:
-            zoo_task(sorted(set(zoo.values())), store, local_workers(config.compute))
-        for c in sources:
-            paths[c.name] = candidate_task(c, store, sources)
-            _count(row, c.name not in built)
-    with log.stage("merges") as row:
-        for m in config.merges:
-            paths[m.name], reused = merge_models(m, paths, prep.models[m.name].fingerprint, config.compute, store)
-            _count(row, reused)
-
-    models = [n for n, info in prep.models.items() if info.finetuned]
-    all_outputs = {ds: train_and_answer(models, data, paths, prep, config, store, log) for ds, data in prep.datasets.items()}
-    batches = judge_search(prep.datasets, all_outputs, config, store, log)
-
-    with log.stage("rate") as row:
-        kinds = config.model_kinds()
-        judgments = load_judgments(st, batches)
-        # kind_a/kind_b travel with the run's judgments, so `python -m flows.rank` re-rates them with their kinds.
-        judgments = judgments.assign(kind_a=judgments["contender_a"].map(kinds), kind_b=judgments["contender_b"].map(kinds))
-        ratings = rate(judgments, kinds, config.rating)
-        st.write_parquet(f"{run_rel}/judgments.parquet", judgments)
-        st.write_parquet(f"{run_rel}/ratings.parquet", ratings)
-        row["computed"] = len(judgments)
-
-    validation = validate_winner(config, prep, ratings, paths, store, run_rel, log)
-    if validation:
-        st.write_json(f"{run_rel}/validation.json", validation)
-
-    with log.stage("report"):
-        png = plot_ratings(ratings)
-        md = markdown_report(config, run_id, ratings, scores_table(prep, all_outputs, st), validation, log.rows,
-                             judgments, formats_table(prep, all_outputs, st, config.generate.max_new_tokens))
-        st.write_bytes(f"{run_rel}/ratings.png", png)
-        st.write_text(f"{run_rel}/report.md", md)
-        report = st.write_text(f"{run_rel}/report.html", html_report(md, png))
-        st.write_json(f"{run_rel}/stages.json", log.rows)
-        st.write_text("runs/LATEST", run_id + "\n")
-        table = ranking_rows(ratings)
-        create_table_artifact(table.astype(str).to_dict("records"), key="ranking", description=f"Ranking, run {run_id}")
-        create_markdown_artifact(md, key="report", description=f"Report, run {run_id}")
-    return {"run_id": run_id, "report": report, "ranking": table.to_dict("records"), "stages": log.rows}
+    guard = Guard(config, plan.rates)
+    try:
+        return execute(config, prep, store, run_id, log, guard)
+    except BudgetStop as stop:  # recorded beside the run; what was computed is in the store for the next run
+        st.write_json(f"{run_rel}/stopped.json", {"reason": str(stop), "gpu_hours_spent": round(guard.gpu_s / 3600, 6),
+                                                  "usd_spent": round(guard.usd, 6), "stages": log.rows})
+        logger.error(f"run {run_id} stopped: {stop}")
+        raise
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
@@ -304,5 +332,3 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     return [text_table(pd.DataFrame(result["ranking"])), "",
             f"{computed} results computed, {reused} reused from the store.", f"report: {result['report']}"]
 
-
-from flows.cli import main, stop_temporary_server  # noqa: E402,F401  (the command line, importable from here too)

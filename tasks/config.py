@@ -293,10 +293,10 @@ class BudgetConfig(Frozen):
     max_comparisons: int | None = Field(None, ge=1, description="Stop once this many judgments exist (None: no cap).")
     max_usd: float | None = Field(
         None, ge=0.0, description="Dollars the judge and the references may cost; a run whose plan alone costs more "
-        "does not start, and judging stops at the cap (None: no cap).")
+        "does not start, no reference starts that would cross it, and judging stops at the cap (None: no cap).")
     max_gpu_hours: float | None = Field(
         None, gt=0.0, description="GPU-hours fine-tuning and generation may take; a run whose plan alone takes more "
-        "does not start (None: no cap).")
+        "does not start, and the run stops before a stage that would cross it (None: no cap).")
     confidence: float = Field(
         0.95, gt=0.0, lt=1.0, description="Stop when the leader's interval at this confidence overlaps no other's."
     )

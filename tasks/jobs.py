@@ -53,6 +53,7 @@ class Plan:
 
     jobs: list[Job] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
+    rates: tuple[float, float] = (0.0, 0.0)  # fine-tuning and generation, in parameter-characters per second
 
     def table(self) -> pd.DataFrame:
         """Per stage: results needed, already in the store, to compute, and the estimated cost of those."""
@@ -91,6 +92,7 @@ def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "c
     plan = Plan()
     train_rate = measured_rate(store, "finetune", device, plan.assumptions)
     gen_rate = measured_rate(store, "generate", device, plan.assumptions)
+    plan.rates = (train_rate, gen_rate)
     for c in cfg.candidates + cfg.ingredients:
         zoo = c.path.startswith(ZOO_PREFIX)
         rel = f"models/{prep.models[c.name].fingerprint}"
@@ -105,30 +107,34 @@ def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "c
         _validation_jobs(plan, cfg, prep, store, (train_rate, gen_rate))
     if cfg.judge.kind == "openai":
         _llm_judge_jobs(plan, cfg, prep, models)
+    elif cfg.budget.strategy != "all-pairs" or cfg.budget.max_comparisons:
+        # Its verdicts cost nothing and take milliseconds, so stopping early would only lose information.
+        plan.assumptions.append("judge: the metric judge is free, so it judges every pair of every dataset; "
+                                "budget.strategy and budget.max_comparisons apply to the LLM judge")
     return plan
 
 
-def _finetune_s(cfg: SearchConfig, data_rows: list[Any], params: int, rate: float) -> float:
+def finetune_seconds(cfg: SearchConfig, data_rows: list[Any], params: int, rate: float) -> float:
     """Seconds of one fine-tune: optimizer steps x rows per step x characters per row x parameters / rate."""
     steps = cfg.finetune.max_steps or math.ceil(cfg.finetune.epochs * len(data_rows) / cfg.finetune.batch_size)
     return steps * cfg.finetune.batch_size * _chars(data_rows) * params / rate
 
 
-def _generate_s(test_rows: list[Any], params: int, rate: float) -> float:
+def generate_seconds(test_rows: list[Any], params: int, rate: float) -> float:
     """Seconds of answering a test split: its characters (answers as long as the teacher's) x parameters / rate."""
     return len(test_rows) * _chars(test_rows) * params / rate
 
 
-def _reference_usd(cfg: SearchConfig, ref: Any, rows: list[Any]) -> float:
+def reference_usd(cfg: SearchConfig, ref: Any, rows: list[Any]) -> float:
     """Dollars of a reference answering test rows: their prompts, and answers as long as the teacher's."""
     prompt = sum(sum(len(m["content"]) for m in r.prompt) for r in rows)
     answer = sum(min(ref.max_tokens, len(r.answer) / CHARS_PER_TOKEN) for r in rows)
     return _usd(cfg.prices.get(ref.model), prompt, answer)
 
 
-def _judge_usd(cfg: SearchConfig, rows: list[Any], contenders: int, share: float = 1.0) -> tuple[float, float]:
-    """(comparisons, dollars) of the LLM judge on every pair of `contenders` over `rows` (`share` of them)."""
-    count = math.comb(contenders, 2) * len(rows) * (2 if cfg.judge.both_orders else 1) * share
+def _judge_usd(cfg: SearchConfig, rows: list[Any], pairs: int, share: float = 1.0) -> tuple[float, float]:
+    """(comparisons, dollars) of the LLM judge on `pairs` pairs of contenders over `rows` (`share` of them)."""
+    count = pairs * len(rows) * (2 if cfg.judge.both_orders else 1) * share
     prompt = JUDGE_PROMPT_TOKENS * CHARS_PER_TOKEN + 3 * _chars(rows)  # conversation, two answers, reference
     return count, count * _usd(cfg.prices.get(cfg.judge.model or ""), prompt, 30)  # a verdict: ~30 tokens of JSON
 
@@ -148,9 +154,9 @@ def _dataset_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, d
         okey = outputs_key(akey, data.test_fp, cfg.generate)
         keys[m] = okey
         plan.jobs.append(Job("finetune", f"{m} on {name}", f"adapters/{akey}", store.exists(f"adapters/{akey}"),
-                             _finetune_s(cfg, data.train, n, rates[0])))
+                             finetune_seconds(cfg, data.train, n, rates[0])))
         plan.jobs.append(Job("generate", f"{m} on {name}", f"outputs/{okey}.parquet",
-                             store.exists(f"outputs/{okey}.parquet"), _generate_s(data.test, n, rates[1])))
+                             store.exists(f"outputs/{okey}.parquet"), generate_seconds(data.test, n, rates[1])))
     keys[TEACHER] = teacher_key(data.test_fp)
     plan.jobs.append(Job("teacher", name, f"outputs/{keys[TEACHER]}.parquet",
                          store.exists(f"outputs/{keys[TEACHER]}.parquet")))
@@ -158,7 +164,7 @@ def _dataset_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, d
         rkey = reference_key(ref, data.test_fp)
         keys[ref.name] = rkey
         plan.jobs.append(Job("references", f"{ref.name} on {name}", f"outputs/{rkey}.parquet",
-                             store.exists(f"outputs/{rkey}.parquet"), usd=_reference_usd(cfg, ref, data.test)))
+                             store.exists(f"outputs/{rkey}.parquet"), usd=reference_usd(cfg, ref, data.test)))
     if cfg.judge.kind != "metric":
         return
     for a, b in combinations(sorted(keys, key=keys.get), 2):
@@ -191,26 +197,27 @@ def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store
         n = largest if who == "winner" else param_count(tuned[who].signature)
         done = done_any if who == "winner" else [store.exists(r) for r in rels[who]]
         plan.jobs.append(Job("validation", f"finetune {who} on {spec.name}", rels.get(who, (None,))[0], done[0],
-                             _finetune_s(cfg, train, n, rates[0])))
+                             finetune_seconds(cfg, train, n, rates[0])))
         plan.jobs.append(Job("validation", f"generate {who} on {spec.name}", rels.get(who, (None, None))[1], done[1],
-                             _generate_s(test, n, rates[1])))
+                             generate_seconds(test, n, rates[1])))
     teacher = f"outputs/{teacher_key(test_fp)}.parquet"
     plan.jobs.append(Job("validation", f"teacher on {spec.name}", teacher, store.exists(teacher)))
     if cfg.judge.kind != "openai":
         return  # the metric judge's validation batches are free
-    # every pair among the winner, its opponents and the teacher (flows/search.validate_winner)
-    count, usd = _judge_usd(cfg, test, 2 + len(cfg.validation.baselines))
+    # the winner against each opponent and the teacher: the pairs validation reports (flows/search.validate_winner)
+    count, usd = _judge_usd(cfg, test, 1 + len(cfg.validation.baselines))
     plan.jobs.append(Job("validation", f"LLM judge on {spec.name}: {count:.0f} comparisons", None, False, usd=usd))
 
 
 def _llm_judge_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, models: list[str]) -> None:
     """The LLM judge's comparisons as one job per dataset, with the strategy's largest count and its dollars."""
     contenders = len(models) + 1 + len(cfg.references)  # the fine-tunes, the teacher, the references
-    total = sum(_judge_usd(cfg, d.test, contenders)[0] for d in prep.datasets.values())
+    pairs = math.comb(contenders, 2)
+    total = sum(_judge_usd(cfg, d.test, pairs)[0] for d in prep.datasets.values())
     cap = cfg.budget.max_comparisons
     share = min(1.0, cap / total) if cap else 1.0
     for d in prep.datasets.values():
-        count, usd = _judge_usd(cfg, d.test, contenders, share)
+        count, usd = _judge_usd(cfg, d.test, pairs, share)
         plan.jobs.append(Job("judge", f"LLM judge on {d.spec.name}: up to {count:.0f} comparisons", None, False,
                              usd=usd))
     plan.assumptions.append("judge: every comparison is counted as a paid request; identical outputs tie without "
@@ -243,6 +250,54 @@ def check_budget(plan: Plan, cfg: SearchConfig) -> None:
         raise UserError(f"budget.max_gpu_hours: the plan's fine-tunes and generations are estimated at "
                         f"{plan.gpu_hours():.3f} GPU-hours, {plan.gpu_hours() - b.max_gpu_hours:.3f} over the cap of "
                         f"{b.max_gpu_hours}; raise it, or cut candidates, datasets or finetune steps")
+
+
+class BudgetStop(UserError):
+    """The next stage would cross a budget cap: the run stops before it, and what it computed stays in the store."""
+
+
+@dataclass
+class Guard:
+    """The budget caps checked before every stage that costs: what this run spent so far plus the stage's estimate.
+
+    GPU time spent is measured (the wall time of the fine-tuning and generation stages that computed something);
+    the stage's estimate is the plan's, for its results not yet in the store. Dollars spent are the references'
+    and the LLM judge's new requests (the judge also stops itself at the cap, mid-stage).
+    """
+
+    cfg: SearchConfig
+    rates: tuple[float, float]
+    gpu_s: float = 0.0
+    usd: float = 0.0
+
+    def finetune_s(self, rows: list[Any], signature: dict[str, Any]) -> float:
+        """Estimated seconds of one fine-tune of a model with this signature on these training rows."""
+        return finetune_seconds(self.cfg, rows, param_count(signature), self.rates[0])
+
+    def generate_s(self, rows: list[Any], signature: dict[str, Any]) -> float:
+        """Estimated seconds of one model answering these test rows."""
+        return generate_seconds(rows, param_count(signature), self.rates[1])
+
+    def reference_usd(self, ref: Any, rows: list[Any]) -> float:
+        """Estimated dollars of one reference answering these test rows."""
+        return reference_usd(self.cfg, ref, rows)
+
+    def gpu(self, what: str, seconds: float) -> None:
+        """Stop before `what` when the GPU time spent plus its estimate would cross budget.max_gpu_hours."""
+        cap = self.cfg.budget.max_gpu_hours
+        if cap is not None and seconds > 0 and (self.gpu_s + seconds) / 3600 > cap:
+            raise BudgetStop(f"budget.max_gpu_hours: stopped before {what}: {self.gpu_s / 3600:.3g} GPU-hours spent "
+                             f"and {seconds / 3600:.3g} more estimated would cross the cap of {cap:g}; {_GO_ON}")
+
+    def dollars(self, what: str, usd: float) -> None:
+        """Stop before `what` when the dollars spent plus its estimate would cross budget.max_usd."""
+        cap = self.cfg.budget.max_usd
+        if cap is not None and usd > 0 and self.usd + usd > cap:
+            raise BudgetStop(f"budget.max_usd: stopped before {what}: ${self.usd:.4f} spent and ${usd:.4f} more "
+                             f"estimated would cross the cap of ${cap:.2f}; {_GO_ON}")
+
+
+_GO_ON = "what the run computed is in the store: raise the cap and run again to go on from there"
 
 
 def plan_lines(plan: Plan) -> list[str]:

@@ -84,9 +84,10 @@ def load_outputs(store: Store, rel: str, contender: str) -> pd.DataFrame:
 @task(name="judge", task_run_name="judge-{dataset}", cache_policy=NO_CACHE)
 def judge_task(
     dataset: str, examples: list[Example], metric: str, test_fp: str, outputs: dict[str, tuple[str, str]],
-    cfg: JudgeConfig, store_root: str,
+    cfg: JudgeConfig, store_root: str, pairs_with: str | None = None,
 ) -> tuple[list[tuple[str, str, str]], int]:
-    """Prefect task: judge every pair of contenders on every test row, one Parquet batch per pair.
+    """Prefect task: judge every pair of contenders (or only `pairs_with`'s) on every test row, one Parquet batch
+    per pair.
 
     `outputs` maps contender -> (outputs Parquet path, outputs key). Returns ([(batch path, name A, name B)],
     how many batches were already in the store). A is the contender whose outputs key sorts first, so a
@@ -95,6 +96,8 @@ def judge_task(
     store = Store(store_root)
     batches, reused = [], 0
     for a, b in combinations(sorted(outputs, key=lambda n: outputs[n][1]), 2):
+        if pairs_with is not None and pairs_with not in (a, b):
+            continue
         rel = f"judgments/{judgment_key(cfg, metric, test_fp, outputs[a][1], outputs[b][1])}.parquet"
         with store.claim(rel) as todo:  # another run judging the same pair waits, then reuses the batch
             if not todo:
@@ -122,12 +125,13 @@ def load_judgments(store: Store, batches: list[tuple[str, str, str] | pd.DataFra
 
 def run_openai_judge(
     datasets: dict[str, list[Example]], outputs: dict[str, dict[str, tuple[str, str]]], cfg: SearchConfig,
-    store_root: str, all_pairs: bool = False, spent_usd: float = 0.0,
+    store_root: str, all_pairs: bool = False, spent_usd: float = 0.0, pairs_with: str | None = None,
 ) -> LLMRun:
     """The LLM judge over every dataset at once: adaptive rounds (or all pairs) pooled across datasets.
 
     `outputs` maps dataset -> contender -> (outputs Parquet path, outputs key), as for judge_task; `spent_usd`
-    is what earlier judging in the same run cost, counted against budget.max_usd.
+    is what earlier judging in the same run cost, counted against budget.max_usd; `pairs_with` (with `all_pairs`)
+    judges only that contender's pairs.
     """
     from tasks.llm_judge import Contest, run_llm_judge
 
@@ -139,4 +143,5 @@ def run_openai_judge(
     )
     budget = cfg.budget.model_copy(update={"strategy": "all-pairs"}) if all_pairs else cfg.budget
     price = cfg.prices.get(str(cfg.judge.model))
-    return run_llm_judge(contest, cfg.judge, budget, price, store_root, seed=cfg.rating.seed, spent_before=spent_usd)
+    return run_llm_judge(contest, cfg.judge, budget, price, store_root, seed=cfg.rating.seed, spent_before=spent_usd,
+                         pairs_with=pairs_with)

@@ -208,11 +208,12 @@ def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
 
 def run_llm_judge(
     contest: Contest, cfg: JudgeConfig, budget: BudgetConfig, price: ModelPrice | None, store_root: str, seed: int = 0,
-    spent_before: float = 0.0,
+    spent_before: float = 0.0, pairs_with: str | None = None,
 ) -> JudgeRun:
     """Judge in rounds planned by tasks.plan.plan_round (adaptive or all-pairs) until it gives a stop reason.
 
-    `spent_before`: dollars new judging cost earlier in the same run. Cached judgments cost nothing now (an
+    `pairs_with`: judge only this contender's pairs (all-pairs strategy). `spent_before`: dollars new judging cost
+    earlier in the same run. Cached judgments cost nothing now (an
     earlier run paid for them): only new spending counts against budget.max_usd, and it never crosses it.
     Raises UserError / EnvironmentFailure (one line) when the judge fails (check_judge_failures).
     """
@@ -231,7 +232,7 @@ def run_llm_judge(
     orders = 2 if cfg.both_orders else 1  # judgments each planned comparison makes (see _orders)
     while True:
         plan, reason = plan_round(contenders, examples, done, budget, rng, spent_usd=spent_before + run.new_cost_usd,
-                                  orders=orders)
+                                  orders=orders, pairs_with=pairs_with)
         if reason:
             run.stop_reason = reason
             break

@@ -157,10 +157,12 @@ def plan_round(
     rng: np.random.Generator,
     spent_usd: float = 0.0,
     orders: int = 1,
+    pairs_with: str | None = None,
 ) -> tuple[pd.DataFrame, str | None]:
     """The next comparisons to judge and why to stop (None: go on); never repeats a judged (dataset, example, pair).
 
     `orders`: judgments each comparison makes (2 when both orders are shown), for the caps on judgments.
+    `pairs_with`: with the all-pairs strategy, only the pairs of this contender (validation reports only those).
     """
     uni = _Universe(contenders, examples)
     judged = uni.done_slots(done)
@@ -169,7 +171,10 @@ def plan_round(
     if reason:
         return empty, reason
     all_pairs = np.arange(len(uni.pair_i))
-    if len(judged) >= len(all_pairs) * uni.n_examples:
+    if pairs_with is not None and cfg.strategy == "all-pairs":
+        code = uni.pos[pairs_with]
+        all_pairs = np.flatnonzero((uni.pair_i == code) | (uni.pair_j == code))
+    if np.isin(judged // uni.n_examples, all_pairs).sum() >= len(all_pairs) * uni.n_examples:
         return empty, "all pairs judged"
     if cfg.strategy == "all-pairs":
         slots, rank = uni.open_slots(all_pairs, judged, rng)

@@ -73,6 +73,19 @@ def check_dataset_files(spec: DatasetSpec, finetune: FinetuneConfig | None = Non
     _checked_rows(spec, finetune or FinetuneConfig())
 
 
+_CHECKED: dict[str, Prepared] = {}  # config JSON -> its check, handed by the command line to the flow it starts
+
+
+def hand_over(cfg: SearchConfig, prep: Prepared) -> None:
+    """Keep a config's check for the flow this process starts next, so that the flow does not check it again."""
+    _CHECKED[cfg.model_dump_json()] = prep
+
+
+def prepared(cfg: SearchConfig) -> Prepared:
+    """The check handed over for this config by the command line (taken once), else a fresh prepare()."""
+    return _CHECKED.pop(cfg.model_dump_json(), None) or prepare(cfg)
+
+
 def prepare(cfg: SearchConfig, cheap_checks_passed: Callable[[], None] | None = None) -> Prepared:
     """Validate datasets, candidates and merge recipes; fingerprint them all. Loads no model.
 

@@ -1,4 +1,5 @@
-"""Bradley-Terry ratings with a tie model, on the Elo scale, with example-level bootstrap or Fisher intervals.
+"""Bradley-Terry ratings with a tie model (solver: tasks/bt.py), on the Elo scale, with example-level bootstrap or
+Fisher intervals.
 
 The solver works on aggregated count matrices, never on one row per judgment: judgments are binned with
 np.bincount into (dataset, outcome, i, j) counts, and bootstrap replicates are counts too, made by one
@@ -17,10 +18,10 @@ import numpy as np
 import pandas as pd
 import scipy.linalg
 import scipy.sparse as sp
-from scipy.special import expit
 
 from tasks import progress
 from tasks.config import RatingConfig  # defined with the rest of the config; importable from here too
+from tasks.bt import bradley_terry, fit, tau_bounds  # noqa: F401  (bradley_terry: importable from here too)
 from tasks.errors import UserError
 
 # 400 Elo per factor of 10 in odds: one natural-log unit of strength is 400 / ln(10) ~= 173.7 Elo.
@@ -35,7 +36,6 @@ RATING_COLUMNS = [
 # Bootstrap replicates are materialised as dense (rounds, datasets, 3, K, K) counts in chunks of at most
 # this many floats (2e7 floats = 160 MB), so 1,000 contenders bootstrap in small batches instead of 2.4 GB.
 _MAX_CHUNK_FLOATS = 20_000_000
-_CLIP_D = 60.0  # |strength difference| in nats beyond which probabilities are 0/1 to double precision
 
 
 @dataclass(frozen=True)
@@ -134,169 +134,6 @@ def _counts(p: _Judged, weights: np.ndarray | None) -> np.ndarray:
     k, nd = len(p.names), len(p.datasets)
     flat = ((p.ds * 3 + p.out) * k + p.i) * k + p.j
     return np.bincount(flat, weights=weights, minlength=nd * 3 * k * k).reshape(nd, 3, k, k)
-
-
-# ---------------------------------------------------------------------------------------------- model
-
-
-def _pair_terms(d: np.ndarray, tau: np.ndarray, model: str, need: str) -> dict[str, np.ndarray]:
-    """Per-pair log-probabilities and their derivatives in d = theta_i - theta_j and the tie parameter tau.
-
-    lw(d) = log P(i beats j), lt(d) = log P(tie); tau is Davidson's log(nu) or Rao-Kupper's log(eta).
-    need='ll' returns only values, need='grad' also first and second derivatives.
-    """
-    d = np.clip(d, -_CLIP_D, _CLIP_D)
-    t = tau[:, None, None]
-    if model == "bt":
-        e = np.exp(-d)
-        if need == "ll":
-            return {"lw": -np.log1p(e)}
-        pj = e / (1.0 + e)  # P(j beats i) = sigma(-d)
-        return {"lw1": pj, "lw2": -pj * (1.0 - pj)}
-    if model == "davidson":
-        # P(i) = e^{d/2}/D, P(j) = e^{-d/2}/D, P(tie) = nu/D with D = e^{d/2} + e^{-d/2} + nu (Davidson 1970);
-        # |d| <= 60 keeps e^{d/2} <= 1e13, so the direct form cannot overflow.
-        e = np.exp(d / 2)
-        nu = np.exp(t)
-        big_d = e + 1.0 / e + nu
-        if need == "ll":
-            log_d = np.log(big_d)
-            return {"lw": d / 2 - log_d, "lt": t - log_d}
-        inv = 1.0 / big_d
-        pi, pj, q = e * inv, inv / e, nu * inv
-        s = (pi - pj) / 2  # sinh(d/2)/D
-        h = -((pi + pj) / 4 - s * s)  # -(d2/dd2) log D
-        sq = s * q
-        qq = -(q - q * q)
-        return {
-            "lw1": 0.5 - s, "lt1": -s, "lw2": h, "lt2": h,
-            "lwt": -q, "ltt": 1.0 - q, "lwtt": qq, "lttt": qq, "lwdt": sq, "ltdt": sq,
-        }
-    # Rao-Kupper (1967): P(i) = sigma(d - k), P(tie) = (e^{2k} - 1) / ((1 + e^{k-d})(1 + e^{k+d})), k = log eta > 0.
-    if need == "ll":
-        lw = -np.logaddexp(0.0, t - d)
-        return {"lw": lw, "lt": np.log(np.expm1(2 * t)) + lw - np.logaddexp(0.0, t + d)}
-    a, b = expit(t - d), expit(t + d)
-    va, vb = a * (1 - a), b * (1 - b)
-    e2 = np.exp(-2 * t)
-    return {
-        "lw1": a, "lt1": a - b, "lw2": -va, "lt2": -va - vb,
-        "lwt": -a, "ltt": 2.0 / (1.0 - e2) - a - b, "lwtt": -va, "lttt": -4 * e2 / (1 - e2) ** 2 - va - vb,
-        "lwdt": va, "ltdt": va - vb,
-    }
-
-
-def _loglik(theta: np.ndarray, tau: np.ndarray, w: np.ndarray, t: np.ndarray, model: str, ridge: float) -> np.ndarray:
-    """Penalised log-likelihood of each replicate: sum W*lw + 1/2 sum T*lt - ridge/2 |theta|^2."""
-    d = theta[:, :, None] - theta[:, None, :]
-    terms = _pair_terms(d, tau, model, "ll")
-    ll = (w * terms["lw"]).sum(axis=(1, 2))
-    if "lt" in terms:
-        ll = ll + 0.5 * np.where(t > 0, t * terms["lt"], 0.0).sum(axis=(1, 2))
-    pen = ridge * (theta**2).sum(axis=1) + (ridge * tau**2 if model != "bt" else 0.0)
-    return ll - 0.5 * pen
-
-
-def _grad_hess(theta: np.ndarray, tau: np.ndarray, w: np.ndarray, t: np.ndarray, model: str, ridge: float):
-    """Gradient and Hessian of the penalised log-likelihood in (theta, tau), batched over replicates."""
-    nb, k = theta.shape
-    d = theta[:, :, None] - theta[:, None, :]
-    f = _pair_terms(d, tau, model, "grad")
-    tied = model != "bt"
-    ht = 0.5 * t
-    g_mat = w * f["lw1"] + (ht * f["lt1"] if tied else 0.0)
-    a_mat = w * f["lw2"] + (ht * f["lt2"] if tied else 0.0)
-    # d ll / d theta_k = sum_j G_kj - sum_i G_ik; the Hessian is minus the Laplacian of S = A + A^T.
-    grad_t = g_mat.sum(axis=2) - g_mat.sum(axis=1) - ridge * theta
-    s_mat = a_mat + a_mat.transpose(0, 2, 1)
-    n = k + 1 if tied else k
-    hess = np.zeros((nb, n, n))
-    hess[:, :k, :k] = -s_mat
-    idx = np.arange(k)
-    hess[:, idx, idx] += s_mat.sum(axis=2) - ridge
-    if not tied:
-        return grad_t, hess
-    gt = w * f["lwdt"] + ht * f["ltdt"]
-    h_kt = gt.sum(axis=2) - gt.sum(axis=1)
-    g_tau = (w * f["lwt"] + ht * f["ltt"]).sum(axis=(1, 2)) - ridge * tau
-    h_tt = (w * f["lwtt"] + ht * f["lttt"]).sum(axis=(1, 2)) - ridge
-    hess[:, :k, k] = h_kt
-    hess[:, k, :k] = h_kt
-    hess[:, k, k] = h_tt
-    return np.concatenate([grad_t, g_tau[:, None]], axis=1), hess
-
-
-def _solve(neg_hess: np.ndarray, grad: np.ndarray) -> np.ndarray:
-    """Newton directions (-H)^-1 g for a batch, by Cholesky (-H is positive definite: concave ll plus ridge).
-
-    scipy's batched Cholesky solve is used rather than np.linalg.solve, whose batched LU took seconds instead of
-    milliseconds for 100 systems of 100x100 on this 2-core machine whenever the other core was busy.
-    """
-    try:
-        return scipy.linalg.solve(neg_hess, grad[..., None], assume_a="pos", check_finite=False)[..., 0]
-    except (np.linalg.LinAlgError, ValueError):
-        return (np.linalg.pinv(neg_hess) @ grad[..., None])[..., 0]  # only if a replicate degenerates
-
-
-def _tau_bounds(model: str) -> tuple[float, float]:
-    """Feasible range of the tie parameter (Rao-Kupper needs eta > 1, i.e. log eta > 0)."""
-    return (1e-6, 20.0) if model == "rao-kupper" else (-30.0, 30.0)
-
-
-def _fit(
-    w: np.ndarray,
-    t: np.ndarray,
-    model: str,
-    ridge: float,
-    theta0: np.ndarray | None = None,
-    tau0: np.ndarray | None = None,
-    max_iter: int = 60,
-    tol: float = 1e-9,
-    want_hess: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Maximum (penalised) likelihood for a batch of count matrices W (B,K,K) and ties T (B,K,K).
-
-    Damped Newton with step halving: the log-likelihood is concave in (theta, tau), so each accepted step
-    increases it and the iteration converges quadratically near the optimum (typically 5-8 steps).
-    Returns theta (B,K) in nats, tau (B,), and the Hessian at the optimum (B,n,n) for Fisher intervals.
-    """
-    nb, k, _ = w.shape
-    theta = np.zeros((nb, k)) if theta0 is None else np.array(np.broadcast_to(theta0, (nb, k)), dtype=float)
-    if model == "bt":
-        tau = np.zeros(nb)
-    elif tau0 is not None:
-        tau = np.array(np.broadcast_to(tau0, (nb,)), dtype=float)
-    else:
-        # Start from the tie share at equal strengths: Davidson nu/(2+nu) = s, Rao-Kupper (eta-1)/(eta+1) = s.
-        total = w.sum(axis=(1, 2)) + 0.5 * t.sum(axis=(1, 2))
-        share = np.clip(0.5 * t.sum(axis=(1, 2)) / np.maximum(total, 1e-12), 1e-3, 0.99)
-        tau = np.log(2 * share / (1 - share)) if model == "davidson" else np.log((1 + share) / (1 - share))
-    lo, hi = _tau_bounds(model)
-    ll = _loglik(theta, tau, w, t, model, ridge)
-    active = np.ones(nb, dtype=bool)
-    for _ in range(max_iter):
-        grad, hess = _grad_hess(theta[active], tau[active], w[active], t[active], model, ridge)
-        step = _solve(-hess, grad)
-        th_a, ta_a, ll_a = theta[active], tau[active], ll[active]
-        w_a, t_a = w[active], t[active]
-        size = np.ones(len(th_a))
-        for _half in range(30):
-            new_th = th_a + size[:, None] * step[:, :k]
-            new_ta = np.clip(ta_a + size * step[:, k], lo, hi) if model != "bt" else ta_a
-            new_ll = _loglik(new_th, new_ta, w_a, t_a, model, ridge)
-            worse = ~(new_ll >= ll_a - 1e-12 * np.abs(ll_a))
-            if not worse.any():
-                break
-            size[worse] /= 2
-        done = (np.abs(size[:, None] * step).max(axis=1) < tol) | (new_ll - ll_a <= 1e-13 * np.abs(ll_a))
-        theta[active], tau[active], ll[active] = new_th, new_ta, new_ll
-        active_idx = np.flatnonzero(active)
-        active[active_idx[done]] = False
-        if not active.any():
-            break
-    if want_hess:
-        _, hess = _grad_hess(theta, tau, w, t, model, ridge)
-    return theta, tau, hess if want_hess else None
 
 
 # ------------------------------------------------------------------------------------------- scopes
@@ -457,7 +294,7 @@ def _fit_scopes(p: _Judged, scopes: list[_Scope], weighted: np.ndarray, cfg: Rat
     """Point fits (and Fisher covariances) of every scope, then the bootstrap replicates if asked for."""
     for s in scopes:
         w, t = _scope_matrices(weighted[None], s, cfg)
-        theta, tau, hess = _fit(w, t, s.model, cfg.ridge, want_hess=cfg.ci == "fisher")
+        theta, tau, hess = fit(w, t, s.model, cfg.ridge, want_hess=cfg.ci == "fisher")
         s.theta, s.tau = theta[0], tau[0]
         if cfg.ci == "fisher":
             # Covariance of theta: the theta block of the inverse of the negative Hessian (tau profiled out).
@@ -477,7 +314,7 @@ def _fit_scopes(p: _Judged, scopes: list[_Scope], weighted: np.ndarray, cfg: Rat
             counts = _replicate_counts(p, resample[start : start + chunk])
             for s in scopes:
                 w, t = _scope_matrices(counts, s, cfg)
-                theta, _, _ = _fit(w, t, s.model, cfg.ridge, theta0=s.theta, tau0=s.tau)
+                theta, _, _ = fit(w, t, s.model, cfg.ridge, theta0=s.theta, tau0=s.tau)
                 parts[s.name].append(theta)
             bar.advance(len(counts))
     for s in scopes:
@@ -499,14 +336,6 @@ def rate(
         # One dataset: the pooled rating is that dataset's fit.
         tables.insert(0, tables[0].assign(scope="overall"))
     return pd.concat(tables, ignore_index=True)[RATING_COLUMNS]
-
-
-def bradley_terry(winners: np.ndarray, losers: np.ndarray, n_items: int, ridge: float = 1e-4) -> np.ndarray:
-    """Plain Bradley-Terry log-strengths (nats, mean 0) from integer (winner, loser) arrays, like choix's input."""
-    winners, losers = np.asarray(winners, dtype=np.int64), np.asarray(losers, dtype=np.int64)
-    w = np.bincount(winners * n_items + losers, minlength=n_items * n_items).reshape(1, n_items, n_items)
-    theta, _, _ = _fit(w.astype(float), np.zeros_like(w, dtype=float), "bt", ridge)
-    return theta[0] - theta[0].mean()
 
 
 def win_matrix(judgments: pd.DataFrame, scope: str | None = None) -> pd.DataFrame:

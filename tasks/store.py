@@ -13,7 +13,6 @@ What several runs sharing one store can count on (DESIGN.md, "Store"):
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -33,6 +32,7 @@ from filelock import FileLock, Timeout
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.errors import EnvironmentFailure, UserError
+from tasks.keys import content_key, file_fingerprint  # noqa: F401  (the store's keys, importable from here too)
 from tasks.store_guards import (
     MANIFEST, TMP, disk_failure, file_lock, owner_line, parquet_damage, rm_local, say, sha256_file, temp_is_dead,
     tmp_name, write_manifest, write_owner,
@@ -52,25 +52,6 @@ _OPENED: set[tuple[str, str]] = set()  # (filesystem, root) probed and swept by 
 _LOCKS: dict[str, FileLock] = {}  # one object per lock file: reentrant per thread, exclusive between threads
 _VERIFIED: dict[str, tuple[int, int]] = {}  # file -> (size, mtime_ns) it was last verified at
 _WARNED: set[tuple[str, str]] = set()  # (root, rel) already reported damaged by this process
-
-
-def content_key(*parts: Any) -> str:
-    """A 16-hex-digit key from JSON-able parts (64 bits: collisions need ~4e9 results)."""
-    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def file_fingerprint(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's bytes, or of every file in a folder (names and bytes)."""
-    p = Path(path)
-    h = hashlib.sha256()
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    for f in files:
-        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def resolve_store(arg: str | None) -> str:

@@ -89,7 +89,7 @@ def _init_worker(ticks: Any) -> None:
     fine-tune is never stored)."""
     import signal
 
-    import flows  # noqa: F401  (environment defaults and warning filters, as in the flow's process)
+    import tasks.env  # noqa: F401  (environment defaults and warning filters, as in the flow's process)
     import torch
 
     from tasks import progress

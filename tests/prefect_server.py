@@ -154,6 +154,6 @@ def slow(self, rel, df):
         time.sleep({seconds})
     return write(self, rel, df)
 Store.write_parquet = slow
-from flows.search import main
+from flows.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -176,7 +176,7 @@ def test_an_adapter_folder_is_a_candidate(family_dirs, tmp_path):
 
 
 def test_search_over_three_families_and_a_union_merge(family_dirs, tmp_path, capsys):
-    from flows.search import main
+    from flows.cli import main
     from tasks.store import Store
 
     ds = lambda n, rows: write_jsonl(tmp_path / f"{n}.jsonl", rows)  # noqa: E731
@@ -235,7 +235,6 @@ def test_chat_template_by_name_or_jinja_file(family_dirs, tmp_path):
 def test_a_hub_candidate_is_checked_without_its_weights(family_dirs, tmp_path, monkeypatch):
     import huggingface_hub
 
-    from tasks.config import Candidate
     from tasks.models import materialize
     from tasks.store import Store
 

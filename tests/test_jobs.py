@@ -54,3 +54,57 @@ def test_estimates_use_measured_rates(mini_config, tmp_path):
     assert [a for a in measured.assumptions if a.startswith("finetune")] == []
     longer = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"max_steps": 6})})
     assert ft(build_plan(longer, prep, store)) == pytest.approx(2 * ft(measured))  # 3 -> 6 steps: twice the time
+
+
+def test_the_guard_stops_before_a_stage_would_cross_a_cap(mini_config):
+    from tasks.config import BudgetConfig
+    from tasks.jobs import BudgetStop, Guard
+
+    cfg = load_config(mini_config)
+    cfg = cfg.model_copy(update={"budget": BudgetConfig(max_gpu_hours=0.01, max_usd=1.0)})
+    guard = Guard(cfg, (1.0, 1.0))
+    guard.gpu("fine-tuning on x", 30.0)  # 30 s of a 36 s cap: goes on
+    guard.gpu_s = 30.0
+    with pytest.raises(BudgetStop, match=r"^budget.max_gpu_hours: stopped before generation on x: 0.00833 GPU-hours "
+                                         r"spent and 0.00278 more estimated would cross the cap of 0.01; "):
+        guard.gpu("generation on x", 10.0)
+    guard.usd = 0.75
+    guard.dollars("gpt answering x", 0.25)  # exactly at the cap: still within it
+    with pytest.raises(BudgetStop, match=r"^budget.max_usd: stopped before gpt answering x: \$0.7500 spent"):
+        guard.dollars("gpt answering x", 0.26)
+
+
+def test_a_run_stops_mid_way_at_the_gpu_cap_and_the_next_run_goes_on(mini_config, tmp_path, capsys, monkeypatch):
+    """The plan is under the cap (a store that claims a very fast device), the measured fine-tunes are not: the run
+    stops before generating, says why in one line and in stopped.json, and keeps its adapters for the next run."""
+    cfg = yaml.safe_load(mini_config.read_text())
+    cfg.update(merges=[], datasets=cfg["datasets"][:1], validation=None)
+    cfg["budget"]["max_gpu_hours"] = 0.01 / 3600  # 10 ms: the plan's estimate fits, two real fine-tunes do not
+    mini_config.write_text(yaml.safe_dump(cfg))
+    store = Store(str(tmp_path / "store"))
+    for stage in ("finetune", "generate"):
+        record_rate(store, stage, "cpu", 1e15, 1, 1.0)  # 1e15 parameter-characters per second: estimates ~0 s
+    assert main(["--config", str(mini_config), "--store", store.root]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: budget.max_gpu_hours: stopped before generation on extraction: ")
+    assert err[-1].endswith("raise the cap and run again to go on from there")
+    assert [line for line in err if line.startswith("error:")] == err[-1:]  # one line (a UserError: no traceback)
+    run = next((tmp_path / "store" / "runs").iterdir()).name
+    stopped = store.read_json(f"runs/{run}/stopped.json")
+    assert stopped["reason"] == err[-1].removeprefix("error: ") and stopped["gpu_hours_spent"] > 0.01 / 3600
+    assert len(list((tmp_path / "store" / "adapters").iterdir())) == 2
+    assert not (tmp_path / "store" / "outputs").exists()
+
+    del cfg["budget"]["max_gpu_hours"]
+    mini_config.write_text(yaml.safe_dump(cfg))
+    import tasks.prepare
+
+    checks = []
+    real_prepare = tasks.prepare.prepare
+    monkeypatch.setattr(tasks.prepare, "prepare", lambda *a, **k: checks.append(1) or real_prepare(*a, **k))
+    assert main(["--config", str(mini_config), "--store", store.root]) == 0
+    assert len(checks) == 1  # the command line's check is handed to the flow, not repeated
+    run2 = store.read_text("runs/LATEST").strip()
+    stages = {s["stage"]: s for s in store.read_json(f"runs/{run2}/stages.json")}
+    assert (stages["finetune:extraction"]["computed"], stages["finetune:extraction"]["reused"]) == (0, 2)
+    assert stages["generate:extraction"]["computed"] == 2

@@ -277,7 +277,7 @@ def _search_config(tmp_path: Path, tiny_models, tiny_data, base_url: str, **judg
 def test_search_with_openai_judge_and_reference_reruns_free_and_never_leaks_the_key(
     server, tmp_path, tiny_models, tiny_data, capsys, caplog
 ):
-    from flows.search import main
+    from flows.cli import main
     from tasks.store import Store
 
     caplog.set_level("DEBUG")
@@ -327,7 +327,7 @@ def test_search_with_openai_judge_and_reference_reruns_free_and_never_leaks_the_
 
 def test_search_with_wrong_key_fails_at_once_with_one_line(server, tmp_path, tiny_models, tiny_data, monkeypatch,
                                                            capsys):
-    from flows.search import main
+    from flows.cli import main
 
     monkeypatch.setenv(ENV, "sk-wrong-key")
     config = _search_config(tmp_path, tiny_models, tiny_data, server.base_url)

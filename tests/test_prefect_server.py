@@ -103,7 +103,7 @@ def test_pool_run_from_the_search_deployment_matches_local(stack, tiny_models, t
 
 
 def test_pool_problems_give_one_line_and_a_hint(stack, tiny_models, tiny_data, tmp_path, capsys):
-    from flows.search import main
+    from flows.cli import main
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.settings import PREFECT_API_URL, temporary_settings

@@ -149,7 +149,7 @@ def test_reference_on_the_real_server_answers_every_row(real_server, key, tmp_pa
 
 def test_search_with_a_garbage_judge_exits_in_one_line_without_a_ranking(real_server, key, tmp_path, tiny_models,
                                                                           tiny_data, capsys):
-    from flows.search import main
+    from flows.cli import main
 
     cfg = mini_config_dict(tiny_models, tiny_data)
     cfg.update(merges=[], datasets=cfg["datasets"][:1])

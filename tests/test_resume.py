@@ -91,7 +91,7 @@ def test_killed_in_judging_resumes_without_loss_or_rework(tiny_models, tiny_data
     listing = tmp_path / "candidates.yaml"
     listing.write_text(f"- {{name: alpha, path: {tiny_models['alpha']}}}  # already in the config: ignored\n"
                        f"- {{name: gamma, path: {gamma}}}\n")
-    from flows.search import stop_temporary_server
+    from flows.cli import stop_temporary_server
 
     result = search_rerun(str(config), str(listing), str(store))
     stop_temporary_server()  # now, not at interpreter exit when pytest has closed the streams it logs to

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from flows.search import main
+from flows.cli import main
+from tasks.config import load_config
+from tasks.jobs import build_plan
+from tasks.prepare import prepare
 from tasks.store import Store
 
 OUTPUT_COLUMNS = {"dataset", "example_id", "contender", "output", "prompt_tokens", "completion_tokens", "latency_s", "error"}
@@ -61,6 +64,13 @@ def test_mini_search_runs_and_reruns_from_store(mini_config, tmp_path, capsys):
     assert len(list((store_dir / "models").glob("*/mergekit_config.yml"))) == 1
     assert {r["opponent"] for r in validation["against"]} >= {"teacher"}
     assert "Validation on the held-out dataset" in store.read_text(f"runs/{run}/report.md")
+    # validation judged only the pairs it reports: the winner against each opponent
+    held = store.read_parquet(f"runs/{run}/validation_judgments.parquet")
+    pairs = {frozenset(pair) for pair in zip(held["contender_a"], held["contender_b"])}
+    assert pairs == {frozenset((validation["winner"], o)) for o in opponents}
+    # the run followed its plan: every result the plan names with a key is in the store now
+    plan = build_plan(load_config(mini_config), prepare(load_config(mini_config)), store)
+    assert [j.name for j in plan.jobs if j.rel and not store.exists(j.rel)] == []
 
     # The measured speed is in the store for the next plan; a dry run now finds everything there.
     assert set(store.read_json("rates/finetune.json")) == {"cpu"} and store.read_json("rates/generate.json")["cpu"]

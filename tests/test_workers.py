@@ -23,7 +23,7 @@ from tasks.workers import local_workers
 def stop_server():
     """Stop the flows' temporary Prefect server before pytest closes its output (it logs a line when stopping)."""
     yield
-    from flows.search import stop_temporary_server
+    from flows.cli import stop_temporary_server
 
     stop_temporary_server()
 

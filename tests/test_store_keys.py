@@ -1,0 +1,35 @@
+"""A store written before a change is reused after it: every result key the code computes today equals the key the
+code of commit 4abdc48 computed for the same inputs (tests/data/store_keys_4abdc48.json, written by that commit).
+
+A key that changes on purpose (it was wrong) changes this file in the same commit, and the commit says why.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tasks.config import Reference, load_config
+from tasks.jobs import build_plan
+from tasks.llm_prompt import judgment_key
+from tasks.prepare import prepare
+from tasks.references import reference_key
+from tasks.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = json.loads((Path(__file__).parent / "data" / "store_keys_4abdc48.json").read_text())
+
+
+def test_the_demo_plan_names_the_results_the_previous_commit_stored(tmp_path):
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    plan = build_plan(cfg, prepare(cfg), Store(str(tmp_path / "store")))
+    keys = sorted({j.rel for j in plan.jobs if j.rel})
+    # the zoo's models, the merges, 20 adapters, their outputs, the teachers, the metric judge's batches
+    assert len(keys) == len(GOLDEN["demo_plan"]) > 100
+    assert keys == GOLDEN["demo_plan"]
+
+
+def test_api_side_keys_are_unchanged():
+    ref = Reference(name="gpt", model="gpt-4o-mini", base_url="http://x/v1")
+    assert reference_key(ref, "0123456789abcdef") == GOLDEN["reference"]
+    assert judgment_key("gpt-4o", "extraction", "7", "e" * 16, "a" * 16, "b" * 16) == GOLDEN["llm_judgment"]
