@@ -124,32 +124,27 @@ def train_and_answer(
     return outputs
 
 
-def judge(data: DatasetInfo, outputs: dict[str, tuple[str, str]], cfg: SearchConfig, store: str, log: StageLog,
-          guard: Guard, pairs_with: str | None = None) -> list:
-    """Judge every pair of contenders on one dataset (or only `pairs_with`'s): metric batches [(path, A, B)] or the
-    LLM judge's [table]."""
-    with log.stage(f"judge:{data.spec.name}") as row:
-        if cfg.judge.kind == "openai":  # e.g. the held-out dataset: all its pairs, whatever budget.strategy says
-            run = run_openai_judge({data.spec.name: data.test}, {data.spec.name: outputs}, cfg, store,
-                                   all_pairs=True, spent_usd=guard.usd, pairs_with=pairs_with)
-            _judge_row(row, run, guard)
-            return [run.judgments]
-        batches, reused = judge_task(data.spec.name, data.test, data.metric, data.test_fp, outputs, cfg.judge, store,
-                                     pairs_with)
-        row["computed"], row["reused"] = len(batches) - reused, reused
-    return batches
-
-
-def judge_search(
+def judge_all(
     datasets: dict[str, DatasetInfo], all_outputs: dict[str, dict[str, tuple[str, str]]], cfg: SearchConfig,
-    store: str, log: StageLog, guard: Guard,
+    store: str, log: StageLog, guard: Guard, pairs_with: str | None = None,
 ) -> list:
-    """Judge the search: the metric judge every pair per dataset (it is free); the LLM judge in rounds over all."""
-    if cfg.judge.kind != "openai":
-        return [b for ds, data in datasets.items() for b in judge(data, all_outputs[ds], cfg, store, log, guard)]
-    with log.stage(f"judge:{cfg.budget.strategy}") as row:
+    """Judge the outputs: the metric judge every pair per dataset (it is free), or the LLM judge in budget.strategy's
+    rounds over all datasets at once. `pairs_with` (validation) judges all of that contender's pairs, no other.
+
+    Returns metric batches [(path, A, B)] or the LLM judge's [table], for load_judgments.
+    """
+    if cfg.judge.kind == "metric":
+        batches = []
+        for ds, data in datasets.items():
+            with log.stage(f"judge:{ds}") as row:
+                found, reused = judge_task(ds, data.test, data.metric, data.test_fp, all_outputs[ds], cfg.judge,
+                                           store, pairs_with)
+                row["computed"], row["reused"] = len(found) - reused, reused
+            batches += found
+        return batches
+    with log.stage(f"judge:{next(iter(datasets)) if pairs_with else cfg.budget.strategy}") as row:
         run = run_openai_judge({ds: d.test for ds, d in datasets.items()}, all_outputs, cfg, store,
-                               spent_usd=guard.usd)
+                               all_pairs=pairs_with is not None, spent_usd=guard.usd, pairs_with=pairs_with)
         _judge_row(row, run, guard)
     return [run.judgments]
 
@@ -208,7 +203,8 @@ def validate_winner(
     no_refs = cfg.model_copy(update={"references": []})
     outputs = train_and_answer([winner, *opponents], data, paths, held_prep, no_refs, store, log, guard)
     # only the pairs validation reports: the winner against each opponent and the teacher
-    judgments = load_judgments(st, judge(data, outputs, cfg, store, log, guard, pairs_with=winner))
+    judgments = load_judgments(st, judge_all({data.spec.name: data}, {data.spec.name: outputs}, cfg, store, log, guard,
+                                             pairs_with=winner))
     st.write_parquet(f"{run_rel}/validation_judgments.parquet", judgments)
     return frozen | {"dataset": data.spec.name} | summarize(judgments, winner, [*opponents, TEACHER],
                                                              cfg.rating.confidence)
@@ -237,7 +233,7 @@ def execute(config: SearchConfig, prep: Prepared, store: str, run_id: str, log: 
     models = [n for n, info in prep.models.items() if info.finetuned]
     all_outputs = {ds: train_and_answer(models, data, paths, prep, config, store, log, guard)
                    for ds, data in prep.datasets.items()}
-    batches = judge_search(prep.datasets, all_outputs, config, store, log, guard)
+    batches = judge_all(prep.datasets, all_outputs, config, store, log, guard)
 
     with log.stage("rate") as row:
         kinds = config.model_kinds()

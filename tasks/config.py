@@ -17,6 +17,7 @@ from tasks.recipes import recipe_models, recipe_problem
 
 ZOO_PREFIX = "zoo:"
 TEACHER = "teacher"  # the contender made of each dataset's own assistant answers
+MODEL_KINDS = ("candidate", "merge")  # what is fine-tuned and can win: a base model, not a reference
 NAME_MAX = 64
 
 

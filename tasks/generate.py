@@ -133,15 +133,16 @@ def generate(
     try:
         threads = threads_for(base.num_parameters(), training=False)
         with merged_adapter(base, adapter_dir) as model, torch_threads(threads):
-            return _generate(model, tok, fmt, dataset, examples, contender, cfg)
+            return generate_loaded(model, tok, fmt, dataset, examples, contender, cfg)
     except BaseException:
         _BASES.pop(_cache_key(model_dir, load), None)  # a failed merge may have left the weights changed
         raise
 
 
-def _generate(model: Any, tok: Any, fmt: PromptFormat, dataset: str, examples: list[Example], contender: str,
+def generate_loaded(model: Any, tok: Any, fmt: PromptFormat, dataset: str, examples: list[Example], contender: str,
               cfg: GenerateConfig) -> pd.DataFrame:
-    """generate's batches on a loaded, adapter-merged model; each answer ends at the model's first stop token."""
+    """generate's batches on a loaded, adapter-merged model (the export's check calls it on the exported folder);
+    each answer ends at the model's first stop token."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     tok.padding_side = "left"  # left padding: every row's last prompt token sits at the same position

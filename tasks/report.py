@@ -8,9 +8,8 @@ from typing import Any
 
 import pandas as pd
 
-from tasks.config import TEACHER, SearchConfig, recipe_models
+from tasks.config import MODEL_KINDS, TEACHER, SearchConfig, recipe_models
 from tasks.rate import win_matrix
-from tasks.validate import MODEL_KINDS
 
 
 def ranking_rows(ratings: pd.DataFrame, scope: str = "overall", confidence: float = 0.95) -> pd.DataFrame:

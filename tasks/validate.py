@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tasks.config import MODEL_KINDS
 from tasks.store import Store
 
-MODEL_KINDS = ("candidate", "merge")  # what can win: a base model to fine-tune, not a reference
 
 
 def pooled_models(ratings: pd.DataFrame) -> pd.DataFrame:

@@ -139,12 +139,12 @@ def test_merges_are_checked_as_mergekit_merges(family_dirs, tmp_path):
 @pytest.mark.parametrize("name", ["llama3", "qwen2", "gemma2", "phi3"])
 def test_generation_stops_at_the_end_of_turn_after_a_short_finetune(family_dirs, tmp_path, name):
     from tasks.finetune import finetune
-    from tasks.generate import _generate, cached_base, generate
+    from tasks.generate import generate_loaded, cached_base, generate
 
     train = load_examples(write_jsonl(tmp_path / "train.jsonl", make_rows("classification", 32, 1)))
     test = load_examples(write_jsonl(tmp_path / "test.jsonl", make_rows("classification", 20, 2)))
     gen = GenerateConfig(max_new_tokens=12, batch_size=20)
-    before = _generate(*cached_base(family_dirs[name]), "c", test, name, gen)  # no adapter yet
+    before = generate_loaded(*cached_base(family_dirs[name]), "c", test, name, gen)  # no adapter yet
     cfg = FinetuneConfig(max_steps=30, batch_size=8, learning_rate=1e-2, max_length=256, lora_r=8)
     metrics = finetune(family_dirs[name], train, cfg, tmp_path / "adapter")
     assert metrics["attn_implementation"] == ("eager" if name == "gemma2" else "sdpa")  # Gemma 2 refuses SDPA

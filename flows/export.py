@@ -1,0 +1,80 @@
+"""Export a finished run's winner ready to serve, and check it is what was judged:
+
+    python -m flows.export --run RUN_ID [--dataset NAME] [--merged] --out DIR [--store DIR]
+
+Writes DIR: the LoRA adapter (or with --merged full weights), the tokenizer with its chat template, and a model card
+(README.md) with the vllm serve and transformers commands. The Python API is tasks/export.py; the Prefect flow
+`export` below runs it from the UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from tasks.errors import EnvironmentFailure, UserError
+from tasks.export import CheckFailed, export_run
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one `error:` line and exit 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Command-line options."""
+    p = _Parser(prog="python -m flows.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, metavar="RUN_ID", help="the run to export (LATEST: the newest)")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder for the export")
+    p.add_argument("--dataset", default=None, metavar="NAME",
+                   help="export the best fine-tune on this dataset, and its adapter (default: the pooled winner's "
+                        "adapter on the config's first dataset)")
+    p.add_argument("--model", default=None, metavar="NAME", help="export this fine-tuned model instead of the winner")
+    p.add_argument("--merged", action="store_true", help="full weights with the adapter merged in (default: the adapter)")
+    p.add_argument("--store", default=None, metavar="DIR", help="the search's store (default: $BASESEARCH_STORE or ./store)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip reloading the export and answering the test rows to compare with the search's outputs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Export, print what was written and the check's line, the serve command, and the folder last."""
+    try:
+        args = _parser().parse_args(argv)
+        result = export_run(args.run, args.out, store=args.store, dataset=args.dataset, merged=args.merged,
+                            check=not args.no_check, model=args.model, log=print)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (CheckFailed, EnvironmentFailure) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"serve: {result['serve']}")
+    print(result["out"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+# Below the command line: it never waits for Prefect's import.
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+
+@flow(name="export", flow_run_name="export-{run}", log_prints=False)
+def export(run: str, out: str, dataset: str | None = None, merged: bool = False, store: str | None = None,
+           check: bool = True, model: str | None = None) -> dict[str, Any]:
+    """Export run `run`'s winner (or `model`) into the new folder `out` on the worker, checked against the search's
+    outputs; the model card becomes the `export` artifact. `store` defaults to $BASESEARCH_STORE, else ./store."""
+    result = export_run(run, out, store=store, dataset=dataset, merged=merged, check=check, model=model,
+                        log=get_run_logger().info)
+    create_markdown_artifact(result["card"], key="export", description=f"Export of {result['model']}, run {result['run_id']}")
+    get_run_logger().info(f"export written to {result['out']}")
+    return {k: v for k, v in result.items() if k != "card"}
