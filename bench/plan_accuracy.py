@@ -5,7 +5,7 @@
 1. runs the search once on a fresh store (it records the measured rates in store/rates/);
 2. changes finetune.seed, so every fine-tune and generation is new work, and plans it (`--dry-run`'s plan);
 3. runs that search and sums what it records: the training loops' seconds (adapters/*/train_metrics.json) and
-   the generation batches' seconds (outputs' latency_s), of the results the second run added.
+   the generation batches' seconds (outputs' batch_s), of the results the second run added.
 Also prints the first run's plan (made with the assumed rates, on the empty store) against the first run's record.
 
     python bench/plan_accuracy.py --llm-judge
@@ -56,7 +56,7 @@ def recorded(store: Path, before: set[str]) -> dict[str, float]:
     for p in (store / "outputs").glob("*.parquet"):
         df = pd.read_parquet(p)
         if p.name not in before and "finish_reason" in df:
-            out["generate"] += float(df["latency_s"].sum())
+            out["generate"] += float((df["batch_s"] / df["batch_size"]).sum())  # each batch's time, once
     return out
 
 

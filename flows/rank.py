@@ -95,11 +95,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     print(text_table(ranking_rows(ratings, confidence=cfg.confidence)))
-    unseparated = ratings[(ratings["scope"] == "overall") & (ratings["rank"] == 1)]
-    if len(unseparated) and not bool(unseparated["separated_from_next"].iloc[0]):
-        print(f"note: the top contender is not separated from the second at {cfg.confidence:.0%}")
+    note = _top_note(ratings, cfg.confidence)
+    if note:
+        print(note)
     print(target)
     return 0
+
+
+def _top_note(ratings: pd.DataFrame, confidence: float) -> str:
+    """A line when the pooled top contender is not clear of the second: not separated, or never compared with it."""
+    pooled = ratings[(ratings["scope"] == "overall") & ratings["rating"].notna()].sort_values("rank")
+    if len(pooled) < 2:
+        return ""
+    top, second = pooled.iloc[0], pooled.iloc[1]
+    if "group" in pooled.columns and top["group"] != second["group"]:
+        return (f"note: the top contender is not comparable with the second ({second['contender']}): they were never "
+                "judged against each other, directly or through common opponents")
+    if not bool(top["separated_from_next"]):
+        return f"note: the top contender is not separated from the second at {confidence:.0%}"
+    return ""
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.config import TEACHER, ZOO_PREFIX, SearchConfig, load_config
+from tasks.config import MODEL_KINDS, TEACHER, ZOO_PREFIX, SearchConfig, load_config
 from tasks.errors import UserError
 from tasks.compute import FinetuneJob, GenerateJob, finetune_all, generate_all, merge_models
 from tasks.finetune import adapter_key
@@ -40,6 +40,7 @@ from tasks.rate import rate
 from tasks.report import html_report, markdown_report, plot_ratings, ranking_rows, text_table
 from tasks.store import Store, content_key, resolve_store
 from tasks.validate import freeze_winner, runner_up, summarize
+from tasks.verdict import recommendation, verdict_lines, verdicts
 from tasks.workers import local_workers
 
 class StageLog:
@@ -250,9 +251,12 @@ def execute(config: SearchConfig, prep: Prepared, store: str, run_id: str, log: 
         st.write_json(f"{run_rel}/validation.json", validation)
 
     with log.stage("report"):
+        frames = {ds: {c: st.read_parquet(rel) for c, (rel, _) in outs.items()} for ds, outs in all_outputs.items()}
+        verdict = [*recommendation(ratings, validation, config.rating.confidence),
+                   *verdict_lines(verdicts(config, ratings, judgments, frames), config.rating.confidence)]
         png = plot_ratings(ratings)
         md = markdown_report(config, run_id, ratings, scores_table(prep, all_outputs, st), validation, log.rows,
-                             judgments, formats_table(prep, all_outputs, st, config.generate.max_new_tokens))
+                             judgments, formats_table(prep, all_outputs, st, config.generate.max_new_tokens), verdict)
         st.write_bytes(f"{run_rel}/ratings.png", png)
         st.write_text(f"{run_rel}/report.md", md)
         report = st.write_text(f"{run_rel}/report.html", html_report(md, png))
@@ -261,7 +265,8 @@ def execute(config: SearchConfig, prep: Prepared, store: str, run_id: str, log: 
         table = ranking_rows(ratings)
         create_table_artifact(table.astype(str).to_dict("records"), key="ranking", description=f"Ranking, run {run_id}")
         create_markdown_artifact(md, key="report", description=f"Report, run {run_id}")
-    return {"run_id": run_id, "report": report, "ranking": table.to_dict("records"), "stages": log.rows}
+    return {"run_id": run_id, "report": report, "ranking": table.to_dict("records"), "stages": log.rows,
+            "verdict": verdict}
 
 
 def search_run_name() -> str:
@@ -322,9 +327,18 @@ def search(config: SearchConfig | str, store: str | None = None, dry_run: bool =
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
-    """What the command line prints at the end: the ranking table, the counts, and the report's path last."""
+    """What the command line prints at the end: the recommendation and verdicts, the fine-tuned models' ranking with
+    its legend, the references as reference lines, the counts, and the report's path last."""
     reused = sum(r["reused"] for r in result["stages"])
     computed = sum(r["computed"] for r in result["stages"] if r["stage"] not in ("check", "rate"))
-    return [text_table(pd.DataFrame(result["ranking"])), "",
-            f"{computed} results computed, {reused} reused from the store.", f"report: {result['report']}"]
-
+    ranking = pd.DataFrame(result["ranking"])
+    tuned = ranking[ranking["kind"].isin(MODEL_KINDS)]
+    refs = ranking[~ranking["kind"].isin(MODEL_KINDS)]
+    ci = next((c for c in ranking.columns if str(c).endswith(" CI")), "CI")
+    verdict = result.get("verdict") or [""]
+    lines = [verdict[0], *[f"  {v}" for v in verdict[1:]], "",
+             "ranking of the fine-tuned models, pooled (vs next: `>` separated from the next in the full ranking at "
+             "the configured confidence, `~` not):", text_table(tuned.drop(columns=["kind"])) if len(tuned) else "(none)"]
+    lines += [f"reference: {r['contender']} rated {r['rating']} ({ci} {r[ci]}), win rate {r['win rate']}"
+              for _, r in refs.iterrows()]
+    return lines + ["", f"{computed} results computed, {reused} reused from the store.", f"report: {result['report']}"]

@@ -176,3 +176,44 @@ def bradley_terry(winners: np.ndarray, losers: np.ndarray, n_items: int, ridge: 
     w = np.bincount(winners * n_items + losers, minlength=n_items * n_items).reshape(1, n_items, n_items)
     theta, _, _ = fit(w.astype(float), np.zeros_like(w, dtype=float), "bt", ridge)
     return theta[0] - theta[0].mean()
+
+
+def peel(w: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, list[int], list[int]]:
+    """Split off the contenders whose maximum-likelihood strength is infinite, for one scope's (K, K) W and T.
+
+    A contender that never lost nor tied (within the contenders left) has its MLE at +inf, and its comparisons then
+    tell nothing about the others (log P(win) -> 0): the others' MLE is the fit without it. A ridge would instead give
+    it an arbitrary finite rating and shift everyone else. Peeling repeats (removing one unbeaten contender can leave
+    another unbeaten), first from the top, then from the bottom (never won, never tied).
+    Returns (the core's indices, the unbeaten in peel order, the never-winning in peel order).
+    """
+    keep = np.ones(len(w), dtype=bool)
+    peeled: tuple[list[int], list[int]] = ([], [])
+    for side in (0, 1):
+        while True:
+            idx = np.flatnonzero(keep)
+            sw, st = w[np.ix_(idx, idx)], t[np.ix_(idx, idx)]
+            won, lost, tied = sw.sum(axis=1), sw.sum(axis=0), st.sum(axis=1)
+            mine, theirs = (won, lost) if side == 0 else (lost, won)
+            hit = idx[(mine > 0) & (theirs == 0) & (tied == 0)]
+            if not len(hit):
+                break
+            peeled[side].extend(int(x) for x in hit)
+            keep[hit] = False
+    return np.flatnonzero(keep), peeled[0], peeled[1]
+
+
+def sweep_bound(opponents: np.ndarray, n: np.ndarray, tau: float, model: str, log_p: float) -> float:
+    """The strength x (nats) at which winning all n[j] comparisons against strengths opponents[j] has probability
+    exp(log_p): any lower strength makes the observed clean sweep rarer than that (a one-sided bound)."""
+    from scipy.optimize import brentq
+
+    tau_arr = np.array([float(tau)])
+
+    def excess(x: float) -> float:
+        """Log-probability of the sweep at strength x, minus the target."""
+        lw = _pair_terms((x - opponents)[None, None, :], tau_arr, model, "ll")["lw"][0, 0]
+        return float((n * lw).sum()) - log_p
+
+    # At opponents.max() + 60 nats the sweep is certain to double precision; at min - 60 it is impossible.
+    return float(brentq(excess, opponents.min() - _CLIP_D, opponents.max() + _CLIP_D, xtol=1e-9))

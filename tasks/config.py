@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -10,6 +9,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.config_errors import format_error, hint
 from tasks.errors import UserError
 from tasks.recipes import recipe_models, recipe_problem
 
@@ -245,6 +245,13 @@ class ComputeConfig(Frozen):
         "per CPU core (at most 8) on a machine without a GPU, 1 with one.",
     )
 
+    usd_per_hour: dict[str, float] = Field(
+        default_factory=lambda: {"cuda": 2.5, "cpu": 0.1},
+        description="USD an hour of the device that generates costs, by device type (cuda, cpu, mps): a fine-tune's "
+        "cost per 1,000 requests in the report is its measured throughput times this. Defaults: a rented 80 GB GPU "
+        "(~$2.50/h), a small cloud CPU machine (~$0.10/h).",
+    )
+
     @field_validator("workers", mode="before")
     @classmethod
     def _workers(cls, v: Any) -> Any:
@@ -278,8 +285,9 @@ class RatingConfig(Frozen):
     ridge: float = Field(
         1e-4,
         ge=0.0,
-        description="Gaussian prior precision on log-strengths (nats^-2); keeps ratings finite when a contender "
-        "wins or loses everything. 1e-4 is a prior s.d. of 100 nats, negligible against real data.",
+        description="Gaussian prior precision on log-strengths (nats^-2), for a well-posed fit; 1e-4 is a prior s.d. "
+        "of 100 nats, negligible against real data. (A contender that wins or loses everything is not held in by it: "
+        "it is reported unbounded, with a one-sided bound.)",
     )
 
 
@@ -291,7 +299,11 @@ class BudgetConfig(Frozen):
     )
     warmup_per_pair: int = Field(4, ge=0, description="Examples judged for every pair in the uniform warm-up, planned as one round of its own.")
     round_size: int = Field(200, ge=1, description="Comparisons planned per adaptive round after the warm-up.")
-    max_comparisons: int | None = Field(None, ge=1, description="Stop once this many judgments exist (None: no cap).")
+    max_comparisons: int | None = Field(
+        None, ge=1, description="The most judgments (rows) the LLM judge uses per judging stage, reused and free ones "
+        "included: both orders of one comparison are two judgments, and the cap is never exceeded (an odd cap with both "
+        "orders leaves one unused). The search and the validation each have this cap; the metric judge is free and "
+        "judges every pair regardless (None: no cap).")
     max_usd: float | None = Field(
         None, ge=0.0, description="Dollars the judge and the references may cost; a run whose plan alone costs more "
         "does not start, no reference starts that would cross it, and judging stops at the cap (None: no cap).")
@@ -346,14 +358,17 @@ class SearchConfig(Frozen):
             for ref in recipe_models(merge.recipe):
                 if ref not in known:
                     raise ValueError(
-                        f"merges[{i}] ({merge.name}): recipe names unknown candidate '{ref}'{_hint(ref, known)}"
+                        f"merges[{i}] ({merge.name}): recipe names unknown candidate '{ref}'{hint(ref, known)}"
                     )
         if self.validation:
             if self.validation.dataset.name in {d.name for d in self.datasets}:
                 raise ValueError(f"validation.dataset: '{self.validation.dataset.name}' is also a search dataset")
             for b in self.validation.baselines:
                 if b not in models:
-                    raise ValueError(f"validation.baselines: unknown model '{b}'{_hint(b, models)}")
+                    raise ValueError(f"validation.baselines: unknown model '{b}'{hint(b, models)}")
+        anchor, everyone = self.rating.anchor, [*contenders, TEACHER]
+        if anchor is not None and anchor not in everyone:  # before any money is spent, not at rating time
+            raise ValueError(f"rating.anchor: '{anchor}' is not a contender{hint(anchor, everyone)}")
         return self
 
     def model_kinds(self) -> dict[str, str]:
@@ -371,71 +386,6 @@ def _no_duplicates(names: list[str], where: str) -> None:
         if n in seen:
             raise ValueError(f"{where}: name '{n}' is used twice")
         seen.add(n)
-
-
-def _hint(word: str, choices: list[str]) -> str:
-    """`; did you mean 'x'?` for the closest choice, or nothing."""
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(choices)})" if choices else ""
-
-
-def _key_line(text: str, loc: tuple[Any, ...]) -> int | None:
-    """Line number (1-based) of the YAML node at a pydantic error location, if it can be found."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = [(k, v) for k, v in node.value if k.value == part]
-            if not match:
-                return line
-            key, node = match[0]
-            line = key.start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            return line
-    return line
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The config model class that owns the key at a pydantic error location."""
-    model: Any = SearchConfig
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return None
-        ann = field.annotation
-        # Unwrap list[X] / X | None to the pydantic model inside.
-        candidates = [ann, *getattr(ann, "__args__", ())]
-        for c in list(candidates):
-            candidates += list(getattr(c, "__args__", ()))
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
-            return None
-    return model
-
-
-def _format_error(path: Path, text: str, err: ValidationError) -> str:
-    """One line naming the file, line and key of the first validation error."""
-    e = err.errors()[0]
-    loc = tuple(e["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
-    line = _key_line(text, loc)
-    where = f"{path}:{line}" if line else str(path)
-    if e["type"] == "extra_forbidden":
-        owner = _model_at(loc)
-        hint = _hint(str(loc[-1]), list(owner.model_fields)) if owner else ""
-        return f"{where}: unknown key '{key}'{hint}"
-    if e["type"] == "missing":
-        return f"{where}: missing key '{key}'"
-    msg = e["msg"].removeprefix("Value error, ")
-    return f"{where}: {msg}" if e["type"] == "value_error" and not loc else f"{where}: {key}: {msg}"
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -495,4 +445,4 @@ def load_config(path: str | os.PathLike[str]) -> SearchConfig:
     try:
         return SearchConfig.model_validate(_resolve_paths(raw, path.parent.resolve()))
     except ValidationError as e:
-        raise UserError(_format_error(path, text, e)) from None
+        raise UserError(format_error(SearchConfig, path, text, e)) from None

@@ -31,8 +31,24 @@ _BASES: OrderedDict[str, tuple[Any, Any, PromptFormat]] = OrderedDict()
 CACHE_SHARE = 0.4  # at most this share of the device's memory (CPU: RAM) holds cached base models
 OUTPUT_COLUMNS = ["dataset", "example_id", "contender", "output", "prompt_tokens", "completion_tokens",
                   "latency_s", "error"]
-# A fine-tune's outputs also say why each answer ended: `stop` (an end-of-turn token) or `length` (max_new_tokens).
-GENERATED_COLUMNS = [*OUTPUT_COLUMNS, "finish_reason"]
+# A fine-tune's outputs also say why each answer ended: `stop` (an end-of-turn token) or `length` (max_new_tokens),
+# and how it was served: latency_s is the row's own time from its batch's start to its last token, ttft_s to its
+# first token; batch_s, batch_size and tokens_per_s are its batch's (throughput, and so cost, come from these).
+TIMING_COLUMNS = ["ttft_s", "batch_size", "batch_s", "tokens_per_s", "device"]
+GENERATED_COLUMNS = [*OUTPUT_COLUMNS, "finish_reason", *TIMING_COLUMNS]
+
+
+class _TokenClock:
+    """A stopping criterion that stops nothing: it notes when each decoding step of a batch produced its tokens."""
+
+    def __init__(self) -> None:
+        """No step yet."""
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        """Note the time of this step; never stop a row (the stop tokens do that)."""
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def teacher_outputs(dataset: str, examples: list[Example], contender: str) -> pd.DataFrame:
@@ -153,19 +169,29 @@ def generate_loaded(model: Any, tok: Any, fmt: PromptFormat, dataset: str, examp
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start : start + cfg.batch_size]
         batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(dev)
+        clock = _TokenClock()
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(
                 **batch, max_new_tokens=cfg.max_new_tokens, do_sample=False, eos_token_id=list(fmt.stop_ids),
-                pad_token_id=tok.pad_token_id, use_cache=True,
+                pad_token_id=tok.pad_token_id, use_cache=True, stopping_criteria=[clock],
             )
-        latency = (time.perf_counter() - t0) / len(idx)  # batch time shared evenly: s per example
+        if dev.type == "cuda":
+            torch.cuda.synchronize()  # the last step's kernels are done: the batch's time is its real time
+        batch_s = time.perf_counter() - t0
         progress.tick(len(idx))
         new = out[:, batch["input_ids"].shape[1] :]
+        answers = [strip_stop(new[row].tolist(), fmt) for row in range(len(idx))]
+        # A row's tokens: its answer, plus the stop token that ended it (generated too, then stripped).
+        steps = [len(ids) + (finish == "stop") for ids, finish in answers]
+        times = [t - t0 for t in clock.times] or [batch_s]  # seconds from the batch's start to each step's tokens
+        at = [times[min(max(n, 1), len(times)) - 1] for n in steps]  # each row's last token
+        timing = {"ttft_s": times[0], "batch_size": len(idx), "batch_s": batch_s,
+                  "tokens_per_s": sum(steps) / batch_s if batch_s > 0 else 0.0, "device": dev.type}
         for row, i in enumerate(idx):
-            ids, finish = strip_stop(new[row].tolist(), fmt)
+            ids, finish = answers[row]
             rows[i] = {"output": tok.decode(ids, skip_special_tokens=True).strip(), "prompt_tokens": len(encoded[i]),
-                       "completion_tokens": len(ids), "latency_s": latency, "finish_reason": finish}
+                       "completion_tokens": len(ids), "latency_s": at[row], "finish_reason": finish, **timing}
     df = pd.DataFrame([
         {"dataset": dataset, "example_id": e.id, "contender": contender, **rows[i], "error": None}
         for i, e in enumerate(examples)
@@ -173,7 +199,7 @@ def generate_loaded(model: Any, tok: Any, fmt: PromptFormat, dataset: str, examp
     df.attrs["peak_memory"] = peak_memory_mb(dev)  # not a column: the outputs schema stays as DESIGN.md has it
     # What the plan's estimates are measured in (tasks/jobs.py): characters read and written, batch seconds.
     chars = sum(conversation_chars(e.prompt, rows[i]["output"]) for i, e in enumerate(examples))
-    df.attrs["rate"] = (dev.type, chars, model_params(model.config), float(df["latency_s"].sum()))
+    df.attrs["rate"] = (dev.type, chars, model_params(model.config), float((df["batch_s"] / df["batch_size"]).sum()))
     return df
 
 

@@ -146,7 +146,8 @@ def _standings(uni: _Universe, done: pd.DataFrame, cfg: BudgetConfig) -> pd.Data
         r = rate(mine, {}, RatingConfig(ci="fisher", confidence=cfg.confidence))
     except UserError:
         return None  # e.g. only failed judgments so far, or a single contender judged
-    return r[r["scope"] == "overall"]
+    # Contenders whose judgments all failed have no rating: they count as unrated (challengers), as before.
+    return r[(r["scope"] == "overall") & r["rating"].notna()]
 
 
 def plan_round(
@@ -198,7 +199,9 @@ def plan_round(
     else:
         lead = table.iloc[0]
         rated = set(table["contender"])
-        overlap = table[(table["contender"] != lead["contender"]) & (table["ci_high"] >= lead["ci_low"])]
+        # A contender never compared with the leader's group (directly or through others) is a challenger too.
+        apart = table["group"] != lead["group"] if "group" in table.columns else False
+        overlap = table[(table["contender"] != lead["contender"]) & ((table["ci_high"] >= lead["ci_low"]) | apart)]
         challengers = [uni.pos[c] for c in overlap["contender"]] + [uni.pos[c] for c in names if c not in rated]
         if not challengers:
             return empty, f"top contender separated at {cfg.confidence:.0%} ({lead['contender']})"

@@ -5,12 +5,18 @@ The solver works on aggregated count matrices, never on one row per judgment: ju
 np.bincount into (dataset, outcome, i, j) counts, and bootstrap replicates are counts too, made by one
 sparse product of a (rounds x examples) resampling matrix with an (examples x cells) count matrix.
 All replicates of a scope are fitted at once by batched, damped Newton on the concave log-likelihood.
+
+Guards: contenders never compared (directly or through others) form separate groups, each rated on its own scale and
+never marked separated across; a contender that never lost (never won) has no finite maximum-likelihood rating, so it
+is left out of the fit and reported unbounded with a one-sided bound; contenders whose judgments all failed are listed,
+unrated, with the most common error; a named anchor must be a contender.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Mapping
 
@@ -18,122 +24,29 @@ import numpy as np
 import pandas as pd
 import scipy.linalg
 import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 
 from tasks import progress
+from tasks.bt import bradley_terry, fit, peel, sweep_bound, tau_bounds  # noqa: F401  (bradley_terry: importable too)
 from tasks.config import RatingConfig  # defined with the rest of the config; importable from here too
-from tasks.bt import bradley_terry, fit, tau_bounds  # noqa: F401  (bradley_terry: importable from here too)
-from tasks.errors import UserError
+from tasks.rate_input import (  # noqa: F401  (REQUIRED_COLUMNS, WINNERS: importable from here too)
+    REQUIRED_COLUMNS, WINNERS, _check_anchor, _common_error, _counts, _Judged, _prepare, _usable,
+)
 
 # 400 Elo per factor of 10 in odds: one natural-log unit of strength is 400 / ln(10) ~= 173.7 Elo.
 ELO_PER_NAT = 400.0 / math.log(10.0)
-REQUIRED_COLUMNS = ("dataset", "example_id", "contender_a", "contender_b", "winner")
-WINNERS = ("a", "b", "tie")
 KINDS = ("candidate", "merge", "reference", "baseline")
 RATING_COLUMNS = [
     "scope", "contender", "kind", "rating", "ci_low", "ci_high",
     "n_comparisons", "win_rate", "rank", "separated_from_next",
+    # Guards (issue 13): `group` numbers the sets of contenders linked by comparisons (ratings in different groups
+    # are not comparable); `unbounded` is 'above' (unbeaten: lower bound only) or 'below' (never won); `note` says
+    # why in words; `ci_method` and `ci_level` say how the intervals were made, so a report labels them truly.
+    "group", "unbounded", "note", "ci_method", "ci_level",
 ]
 # Bootstrap replicates are materialised as dense (rounds, datasets, 3, K, K) counts in chunks of at most
 # this many floats (2e7 floats = 160 MB), so 1,000 contenders bootstrap in small batches instead of 2.4 GB.
 _MAX_CHUNK_FLOATS = 20_000_000
-
-
-@dataclass(frozen=True)
-class _Judged:
-    """Judgments reduced to integer codes: one entry per usable judgment, pairs canonicalised to i < j."""
-
-    names: np.ndarray  # contender names, sorted
-    datasets: np.ndarray  # dataset names, sorted
-    ds: np.ndarray  # dataset code per judgment
-    ex: np.ndarray  # example code per judgment; examples are numbered dataset by dataset
-    ex_ds: np.ndarray  # dataset code per example
-    i: np.ndarray  # lower contender code
-    j: np.ndarray  # higher contender code
-    out: np.ndarray  # 0: i won, 1: j won, 2: tie
-    w: np.ndarray  # weight of the verdict (strong_weight for strength 2)
-
-
-# ----------------------------------------------------------------------------------------------- input
-
-
-def _check_columns(judgments: pd.DataFrame, required: tuple[str, ...] = REQUIRED_COLUMNS) -> None:
-    """Raise one line naming the missing judgment columns."""
-    if not isinstance(judgments, pd.DataFrame):
-        raise UserError(f"judgments must be a pandas DataFrame, got {type(judgments).__name__}")
-    missing = [c for c in required if c not in judgments.columns]
-    if missing:
-        raise UserError(f"judgments are missing column(s): {', '.join(missing)} (need {', '.join(required)})")
-
-
-def _usable(judgments: pd.DataFrame) -> pd.DataFrame:
-    """Drop judgments with a non-empty error; check contenders and winner values."""
-    _check_columns(judgments)
-    df = judgments
-    if "error" in df.columns:
-        err = df["error"]
-        failed = err.notna().to_numpy().copy()
-        if failed.any():
-            failed[failed] = err[failed].astype(str).str.len().to_numpy() > 0
-            df = df.loc[~failed]
-    if df["contender_a"].isna().any() or df["contender_b"].isna().any():
-        raise UserError("judgments have empty contender_a/contender_b values")
-    winner = df["winner"]
-    bad = ~winner.isin(WINNERS).to_numpy()
-    if bad.any():
-        shown = sorted({str(v) for v in pd.unique(winner[bad])})[:5]
-        raise UserError(f"judgments have unknown winner value(s) {', '.join(map(repr, shown))} (allowed: a, b, tie)")
-    return df
-
-
-def _codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Integer codes of a column and its distinct values (factorize: hashing, no per-row Python)."""
-    codes, uniques = pd.factorize(values)
-    return codes.astype(np.int64), np.asarray(uniques, dtype=object)
-
-
-def _prepare(judgments: pd.DataFrame, cfg: RatingConfig) -> _Judged:
-    """Validate the judgments and encode them as integer arrays; self-comparisons are dropped."""
-    df = _usable(judgments)
-    ca, ua = _codes(df["contender_a"])
-    cb, ub = _codes(df["contender_b"])
-    names = np.array(sorted({str(v) for v in ua} | {str(v) for v in ub}), dtype=object)
-    if len(names) < 2:
-        found = ", ".join(map(str, names)) or "none"
-        raise UserError(f"judgments compare fewer than two contenders (found: {found}); need at least two to rate")
-    pos = {n: k for k, n in enumerate(names)}
-    a = np.array([pos[str(n)] for n in ua], dtype=np.int64)[ca]
-    b = np.array([pos[str(n)] for n in ub], dtype=np.int64)[cb]
-    ds_raw, ds_names = _codes(df["dataset"])
-    ds_order = np.argsort([str(v) for v in ds_names], kind="stable")
-    ds = np.argsort(ds_order)[ds_raw]  # datasets numbered in sorted name order
-    datasets = np.array([str(ds_names[k]) for k in ds_order], dtype=object)
-    # Examples are identified within their dataset; numbering by (dataset, example) keeps each dataset's
-    # examples contiguous so the bootstrap can resample them dataset by dataset.
-    ex_local, _ = _codes(df["example_id"])
-    stride = int(ex_local.max(initial=0)) + 1
-    ex, ukey = pd.factorize(ds * stride + ex_local, sort=True)
-    ex_ds = (np.asarray(ukey) // stride).astype(np.int64)
-    win_codes, win_names = _codes(df["winner"])
-    out_ab = np.array([WINNERS.index(str(v)) for v in win_names], dtype=np.int64)[win_codes]
-    keep = a != b
-    # Canonical order i < j: when a > b the verdict flips (a win for a is a win for the higher code).
-    swap = a > b
-    i, j = np.where(swap, b, a), np.where(swap, a, b)
-    out = np.where(swap & (out_ab < 2), 1 - out_ab, out_ab)
-    w = np.ones(len(df))
-    if "strength" in df.columns:
-        strong = (pd.to_numeric(df["strength"], errors="coerce").to_numpy() == 2) & (out < 2)
-        w[strong] = cfg.strong_weight
-    if not keep.all():
-        ds, ex, i, j, out, w = ds[keep], ex[keep], i[keep], j[keep], out[keep], w[keep]
-    return _Judged(names, datasets, ds, ex.astype(np.int64), ex_ds, i, j, out, w)
-
-
-def _counts(p: _Judged, weights: np.ndarray | None) -> np.ndarray:
-    """Dense (datasets, 3, K, K) counts: [d, 0, i, j] i beat j, [d, 1, i, j] j beat i, [d, 2, i, j] ties (i < j)."""
-    k, nd = len(p.names), len(p.datasets)
-    flat = ((p.ds * 3 + p.out) * k + p.i) * k + p.j
-    return np.bincount(flat, weights=weights, minlength=nd * 3 * k * k).reshape(nd, 3, k, k)
 
 
 # ------------------------------------------------------------------------------------------- scopes
@@ -145,12 +58,15 @@ class _Scope:
 
     name: str
     mix: np.ndarray  # weight of each dataset's counts in this scope
-    members: np.ndarray  # contender codes compared in this scope
+    members: np.ndarray  # contender codes fitted in this scope: those compared there, less the peeled ones
     model: str  # 'bt', 'davidson' or 'rao-kupper' (no ties in a scope -> plain Bradley-Terry)
     theta: np.ndarray | None = None
     tau: np.ndarray | None = None
     cov: np.ndarray | None = None
     boot: np.ndarray | None = None  # (B, members) bootstrap log-strengths
+    everyone: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # all codes compared here
+    above: list[int] = field(default_factory=list)  # codes peeled as unbeaten (rating +inf), in peel order
+    below: list[int] = field(default_factory=list)  # codes peeled as never winning (rating -inf), in peel order
 
 
 def _scope_matrices(counts: np.ndarray, scope: _Scope, cfg: RatingConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +95,7 @@ def _scopes(p: _Judged, raw: np.ndarray, weighted: np.ndarray, cfg: RatingConfig
         # e.g. 10,000 and 1,000 judgments become 5,500 each, so neither dataset dominates the pooled fit.
         mix = np.where(totals > 0, totals.mean() / np.maximum(totals, 1e-12), 0.0)
         scopes.insert(0, _scope_for("overall", mix, raw, weighted, cfg))
-    return scopes
+    return [s for s in scopes if len(s.everyone) > 1]  # a dataset of self-comparisons only has nobody to rate
 
 
 def _scope_for(name: str, mix: np.ndarray, raw: np.ndarray, weighted: np.ndarray, cfg: RatingConfig) -> _Scope:
@@ -189,7 +105,12 @@ def _scope_for(name: str, mix: np.ndarray, raw: np.ndarray, weighted: np.ndarray
     members = np.flatnonzero(per > 0)
     ties = np.tensordot(mix, weighted, axes=([0], [0]))[2].sum()
     model = "bt" if cfg.ties == "half" or ties <= 0 else cfg.ties
-    return _Scope(name, mix, members, model)
+    scope = _Scope(name, mix, members, model, everyone=members)
+    w, t = _scope_matrices(weighted[None], scope, cfg)
+    core, above, below = peel(w[0], t[0])
+    scope.members, scope.above, scope.below = members[core], [int(members[k]) for k in above], [
+        int(members[k]) for k in below]
+    return scope
 
 
 # ------------------------------------------------------------------------------------------ bootstrap
@@ -238,56 +159,231 @@ def _contrast_var(cov: np.ndarray, anchor: int | None) -> np.ndarray:
     return np.diag(cov) + cov[anchor, anchor] - 2 * cov[:, anchor]
 
 
+def _components(n: np.ndarray) -> np.ndarray:
+    """Connected components (0, 1, ...) of the graph whose edges are the compared pairs (n[i, j] > 0)."""
+    return connected_components(sp.csr_matrix(n > 0), directed=False)[1].astype(np.int64)
+
+
+def _local_anchor(idx: np.ndarray, anchor: int | None) -> int | None:
+    """The anchor's position within the index set idx, or None when it is not in it."""
+    hit = np.flatnonzero(idx == anchor) if anchor is not None else []
+    return int(hit[0]) if len(hit) else None
+
+
+def _grouped_elo(theta: np.ndarray, labels: np.ndarray, anchor: int | None, cfg: RatingConfig) -> np.ndarray:
+    """Elo ratings (..., K), each group pinned on its own: at the anchor in its group, elsewhere at the group's mean.
+
+    Groups never compared with each other share no scale (only the ridge would set their offsets), so each gets its
+    own reference; with one group this is _to_elo itself.
+    """
+    if labels.max() == 0:
+        return _to_elo(theta, anchor, cfg)
+    out = np.empty_like(theta)
+    for g in np.unique(labels):
+        idx = np.flatnonzero(labels == g)
+        out[..., idx] = _to_elo(theta[..., idx], _local_anchor(idx, anchor), cfg)
+    return out
+
+
+def _grouped_var(cov: np.ndarray, labels: np.ndarray, anchor: int | None) -> np.ndarray:
+    """Variance of each log-strength minus its group's reference (the anchor, or the group's mean)."""
+    if labels.max() == 0:
+        return _contrast_var(cov, anchor)  # the covariance as it is: a copy would sum in another order
+    out = np.empty(len(labels))
+    for g in np.unique(labels):
+        idx = np.flatnonzero(labels == g)
+        out[idx] = _contrast_var(cov[np.ix_(idx, idx)], _local_anchor(idx, anchor))
+    return out
+
+
+def _core_intervals(
+    scope: _Scope, labels: np.ndarray, anchor: int | None, cfg: RatingConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Ratings, interval ends and (bootstrap) Elo replicates of the fitted contenders, each group on its reference."""
+    rating = _grouped_elo(scope.theta, labels, anchor, cfg)
+    alpha = 1.0 - cfg.confidence
+    if scope.boot is not None:
+        reps = _grouped_elo(scope.boot, labels, anchor, cfg)
+        lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2], axis=0)
+        # Percentile intervals of a skewed bootstrap can miss the estimate; widen them to contain it.
+        return rating, np.minimum(lo, rating), np.maximum(hi, rating), reps
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    se = ELO_PER_NAT * np.sqrt(np.maximum(_grouped_var(scope.cov, labels, anchor), 0.0))
+    return rating, rating - z * se, rating + z * se, None
+
+
+@dataclass
+class _Rows:
+    """Per-contender columns of one scope being assembled (everyone compared there, in code order)."""
+
+    rating: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    group: np.ndarray  # component label, -1 until placed
+    tier: np.ndarray  # 0 unbeaten, 1 fitted, 2 never won: the order within a group
+    key: np.ndarray  # order within a tier (ascending)
+    unbounded: np.ndarray
+    note: np.ndarray
+
+
+def _distinct_examples(p: _Judged, mix: np.ndarray) -> np.ndarray:
+    """(K, K) symmetric count of the distinct examples on which each pair was judged, in the scope's datasets."""
+    k = len(p.names)
+    sel = (mix > 0)[p.ds]
+    key = np.unique((p.ex[sel] * k + p.i[sel]) * k + p.j[sel])
+    c = np.bincount(key % (k * k), minlength=k * k).reshape(k, k)
+    return c + c.T
+
+
+def _place_peeled(p: _Judged, scope: _Scope, pos: dict[int, int], met: np.ndarray, rows: _Rows,
+                  cfg: RatingConfig) -> None:
+    """Group and bound every peeled contender, the last peeled first (the opponents it swept are placed by then).
+
+    The bound is one-sided at (1 - confidence) / 2: the lowest rating (highest, for one that never won) at which its
+    clean sweep over the distinct examples it was judged on is still that likely, the opponents at their ratings.
+    """
+    every = scope.everyone
+    n_ex = _distinct_examples(p, scope.mix)[np.ix_(every, every)]
+    log_p = math.log((1.0 - cfg.confidence) / 2)
+    tau = float(scope.tau) if scope.tau is not None else 0.0
+    seq = [(c, "above", k) for k, c in enumerate(scope.above)] + [(c, "below", k) for k, c in enumerate(scope.below)]
+    for code, side, k in reversed(seq):
+        q = pos[code]
+        placed = np.flatnonzero((rows.group >= 0) & (met[q] > 0))
+        rows.group[q] = rows.group[placed[np.argmax(met[q, placed])]] if len(placed) else rows.group.max() + 1
+        same = placed[rows.group[placed] == rows.group[q]]
+        up = side == "above"
+        # Opponents with a finite stand-in: a fitted rating, or the bound of one peeled on the same side.
+        other = rows.lo[same] if up else rows.hi[same]
+        ok = same[np.isfinite(other) & (rows.unbounded[same] != ("below" if up else "above"))]
+        stand = np.where(rows.unbounded[ok] == "", rows.rating[ok], rows.lo[ok] if up else rows.hi[ok]) / ELO_PER_NAT
+        sign = 1.0 if up else -1.0
+        bound = (sign * ELO_PER_NAT * sweep_bound(sign * stand, n_ex[q, ok], tau, scope.model, log_p)
+                 if len(ok) else -sign * math.inf)
+        rows.rating[q] = sign * math.inf
+        rows.lo[q], rows.hi[q] = (bound, math.inf) if up else (-math.inf, bound)
+        rows.tier[q], rows.key[q] = (0, k) if up else (2, -k)
+        rows.unbounded[q] = side
+        swept, total = int(met[q, placed].sum()), int(met[q].sum())
+        what = ("unbeaten: won", "won", "lost", "below", "above", "lower") if up else (
+            "never won: lost", "lost", "won", "above", "below", "upper")
+        # Peeled after another (A beat B, B beat C: B is peeled second) it swept only those left, not every judgment.
+        how = (f"{what[0]} all {total} judgments" if swept == total else
+               f"{what[1]} all {swept} judgments against those {what[3]} it, {what[2]} only to those {what[4]}")
+        rows.note[q] = f"{how}, so the rating is unbounded {what[4]}; {cfg.confidence:.0%} {what[5]} bound only"
+
+
+def _separation(order: np.ndarray, rows: _Rows, cidx: np.ndarray, reps: np.ndarray | None, scope: _Scope,
+                cfg: RatingConfig) -> np.ndarray:
+    """Is each contender clear of the next one in rank? Never across groups (they were never compared)."""
+    alpha = 1.0 - cfg.confidence
+    sep = np.zeros(len(rows.rating), dtype=bool)
+    a, b = order[:-1], order[1:]
+    same = rows.group[a] == rows.group[b]
+    both = same & (rows.tier[a] == 1) & (rows.tier[b] == 1)
+    ca, cb = cidx[a[both]], cidx[b[both]]
+    if reps is not None:
+        sep[a[both]] = np.quantile(reps[:, ca] - reps[:, cb], alpha / 2, axis=0) > 0
+    else:
+        z = NormalDist().inv_cdf(1 - alpha / 2)
+        c = scope.cov
+        gap_var = c[ca, ca] + c[cb, cb] - 2 * c[ca, cb]
+        sep[a[both]] = scope.theta[ca] - scope.theta[cb] > z * np.sqrt(np.maximum(gap_var, 0.0))
+    # A bound against an interval: separated only when they do not overlap (conservative).
+    rest = same & ~both
+    sep[a[rest]] = rows.lo[a[rest]] > rows.hi[b[rest]]
+    return sep
+
+
+def _group_numbers(rows: _Rows, met: np.ndarray) -> np.ndarray:
+    """Groups numbered 1, 2, ... by size, then by judgments (the main group is 1)."""
+    labels = np.unique(rows.group)
+    size = np.bincount(rows.group)[labels]
+    games = np.bincount(rows.group, weights=met.sum(axis=1))[labels]
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[np.lexsort((labels, -games, -size))] = np.arange(1, len(labels) + 1)
+    lookup = np.zeros(rows.group.max() + 1, dtype=np.int64)
+    lookup[labels] = rank
+    return lookup[rows.group]
+
+
 def _scope_table(
     p: _Judged, scope: _Scope, raw: np.ndarray, kinds: Mapping[str, str], cfg: RatingConfig
 ) -> pd.DataFrame:
-    """Ratings rows of one scope: point estimate, interval, counts, win rate, rank and separation."""
-    m = scope.members
-    names = [str(x) for x in p.names[m]]
-    anchor = names.index(cfg.anchor) if cfg.anchor is not None and cfg.anchor in names else None
-    rating = _to_elo(scope.theta, anchor, cfg)
-    alpha = 1.0 - cfg.confidence
-    order = np.argsort(-rating, kind="stable")
-    nxt = np.empty(len(m), dtype=np.int64)
-    nxt[order[:-1]] = order[1:]
-    nxt[order[-1]] = order[-1]
-    if scope.boot is not None:
-        reps = _to_elo(scope.boot, anchor, cfg)
-        lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2], axis=0)
-        # Percentile intervals of a skewed bootstrap can miss the estimate; widen them to contain it.
-        lo, hi = np.minimum(lo, rating), np.maximum(hi, rating)
-        gap = reps - reps[:, nxt]
-        sep = np.quantile(gap, alpha / 2, axis=0) > 0
-    else:
-        z = NormalDist().inv_cdf(1 - alpha / 2)
-        se = ELO_PER_NAT * np.sqrt(np.maximum(_contrast_var(scope.cov, anchor), 0.0))
-        lo, hi = rating - z * se, rating + z * se
-        c = scope.cov
-        idx = np.arange(len(m))
-        gap_var = c[idx, idx] + c[nxt, nxt] - 2 * c[idx, nxt]
-        sep = scope.theta - scope.theta[nxt] > z * np.sqrt(np.maximum(gap_var, 0.0))
-    sep[order[-1]] = False
-    x = np.tensordot(scope.mix > 0, raw, axes=([0], [0]))[:, m][:, :, m]
+    """Ratings rows of one scope: point estimate, interval, counts, win rate, rank, separation and the guards."""
+    every = scope.everyone
+    pos = {int(c): k for k, c in enumerate(every)}
+    names = [str(x) for x in p.names[every]]
+    x = np.tensordot(scope.mix > 0, raw, axes=([0], [0]))[:, every][:, :, every]
     wins = x[0] + x[1].T
     ties = x[2] + x[2].T
+    met = wins + wins.T + ties  # judgments of each pair
+    core = np.array([pos[int(c)] for c in scope.members], dtype=np.int64)
+    core_names = [names[k] for k in core]
+    anchor = core_names.index(cfg.anchor) if cfg.anchor is not None and cfg.anchor in core_names else None
+    labels = _components(met[np.ix_(core, core)])
+    rating_c, lo_c, hi_c, reps = _core_intervals(scope, labels, anchor, cfg)
+    e = len(every)
+    rows = _Rows(np.full(e, np.nan), np.full(e, np.nan), np.full(e, np.nan), np.full(e, -1, dtype=np.int64),
+                 np.ones(e, dtype=np.int64), np.zeros(e), np.full(e, "", dtype=object), np.full(e, "", dtype=object))
+    rows.rating[core], rows.lo[core], rows.hi[core], rows.group[core] = rating_c, lo_c, hi_c, labels
+    rows.key[core] = -rating_c
+    if scope.above or scope.below:
+        _place_peeled(p, scope, pos, met, rows, cfg)
+    group = _group_numbers(rows, met)
+    rows.group = group
+    order = np.lexsort((rows.key, rows.tier, group))  # stable: one group, no peeling = argsort(-rating, stable)
+    cidx = np.full(e, -1, dtype=np.int64)
+    cidx[core] = np.arange(len(core))
+    sep = _separation(order, rows, cidx, reps, scope, cfg)
+    if group.max() > 1:
+        for k in np.flatnonzero(group > 1):
+            alone = f"group {group[k]}: never compared, directly or through common opponents, with group 1"
+            rows.note[k] = "; ".join(filter(None, [rows.note[k], alone + "; rated on its own scale"]))
+    if cfg.anchor in names and cfg.anchor not in core_names:
+        k = names.index(cfg.anchor)
+        rows.note[k] += f"; the anchor is unbounded here, so its group's mean is pinned at {cfg.anchor_rating:g}"
     n = wins.sum(axis=1) + wins.sum(axis=0) + ties.sum(axis=1)
-    rank = np.empty(len(m), dtype=np.int64)
-    rank[order] = np.arange(1, len(m) + 1)
+    rank = np.empty(e, dtype=np.int64)
+    rank[order] = np.arange(1, e + 1)
     table = pd.DataFrame(
         {
             "scope": scope.name,
             "contender": names,
             "kind": [kinds.get(nm, "candidate") or "candidate" for nm in names],
-            "rating": rating,
-            "ci_low": lo,
-            "ci_high": hi,
+            "rating": rows.rating,
+            "ci_low": rows.lo,
+            "ci_high": rows.hi,
             "n_comparisons": n.astype(np.int64),
             "win_rate": (wins.sum(axis=1) + 0.5 * ties.sum(axis=1)) / np.maximum(n, 1),
             "rank": rank,
             "separated_from_next": sep,
+            "group": group,
+            "unbounded": rows.unbounded,
+            "note": rows.note,
         }
     )
-    return table.iloc[order].reset_index(drop=True)
+    table = pd.concat([table.iloc[order], _failed_rows(p, scope, set(names), kinds, e)], ignore_index=True)
+    return table.assign(ci_method=cfg.ci, ci_level=cfg.confidence)
+
+
+def _failed_rows(p: _Judged, scope: _Scope, rated: set[str], kinds: Mapping[str, str], after: int) -> pd.DataFrame:
+    """Rows for the scope's contenders with no usable judgment: no rating, ranked last, the reason in `note`."""
+    f = p.failed
+    if scope.name != "overall":
+        f = f[f["dataset"].astype(str) == scope.name]
+    if len(f) == 0:
+        return pd.DataFrame()
+    sides = [f[[c, "error"]].set_axis(["contender", "error"], axis=1) for c in ("contender_a", "contender_b")]
+    long = pd.concat(sides, ignore_index=True).astype({"contender": str})
+    long = long[~long["contender"].isin(rated)]
+    out = []
+    for name, errs in long.groupby("contender", sort=True)["error"]:
+        out.append({"scope": scope.name, "contender": name, "kind": kinds.get(name, "candidate") or "candidate",
+                    "rating": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n_comparisons": 0, "win_rate": np.nan,
+                    "rank": after + len(out) + 1, "separated_from_next": False, "group": 0, "unbounded": "",
+                    "note": f"not rated: all {len(errs)} judgments failed ({_common_error(errs.to_frame())})"})
+    return pd.DataFrame(out)
 
 
 def _fit_scopes(p: _Judged, scopes: list[_Scope], weighted: np.ndarray, cfg: RatingConfig) -> None:
@@ -327,14 +423,15 @@ def rate(
     """Bradley-Terry ratings per dataset and pooled ('overall', datasets weighted equally), best first."""
     kinds = kinds or {}
     p = _prepare(judgments, cfg)
+    _check_anchor(p, cfg)
     raw = _counts(p, None)
     weighted = _counts(p, p.w)
     scopes = _scopes(p, raw, weighted, cfg)
     _fit_scopes(p, scopes, weighted, cfg)
     tables = [_scope_table(p, s, raw, kinds, cfg) for s in scopes]
     if len(p.datasets) == 1:
-        # One dataset: the pooled rating is that dataset's fit.
-        tables.insert(0, tables[0].assign(scope="overall"))
+        # One dataset: the pooled rating is that dataset's fit (its table made again for the failures of every dataset).
+        tables.insert(0, _scope_table(p, dataclasses.replace(scopes[0], name="overall"), raw, kinds, cfg))
     return pd.concat(tables, ignore_index=True)[RATING_COLUMNS]
 
 

@@ -6,27 +6,83 @@ import base64
 import io
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from tasks.config import MODEL_KINDS, TEACHER, SearchConfig, recipe_models
 from tasks.rate import win_matrix
 
 
-def ranking_rows(ratings: pd.DataFrame, scope: str = "overall", confidence: float = 0.95) -> pd.DataFrame:
+def interval_label(ratings: pd.DataFrame, confidence: float | None = None) -> str:
+    """How the table's intervals were made, e.g. 'bootstrap 95%' or 'fisher 90%' (rating.ci, rating.confidence).
+
+    The ratings carry it (ci_method, ci_level); `confidence` is only for a table from before they did.
+    """
+    method = str(ratings["ci_method"].iloc[0]) if "ci_method" in ratings.columns and len(ratings) else ""
+    level = float(ratings["ci_level"].iloc[0]) if "ci_level" in ratings.columns and len(ratings) else confidence
+    return " ".join(filter(None, [method, f"{0.95 if level is None else level:.0%}"]))
+
+
+def interval_words(ratings: pd.DataFrame) -> str:
+    """The intervals in words for a report's first lines, e.g. 'bootstrap 95% intervals over examples'."""
+    label = interval_label(ratings)
+    return f"{label} intervals" + (" over examples" if label.startswith("bootstrap") else "")
+
+
+def _rating_text(rating: float) -> str:
+    """A rating as a person reads it: rounded, or why there is no number."""
+    if pd.isna(rating):
+        return "not rated"
+    return "unbeaten" if rating == float("inf") else "never won" if rating == -float("inf") else f"{rating:.0f}"
+
+
+def _interval_text(lo: float, hi: float) -> str:
+    """An interval as text: 'lo..hi', a one-sided bound for an unbounded rating, nothing when there is none."""
+    if pd.isna(lo) or pd.isna(hi):
+        return ""
+    if hi == float("inf"):
+        return "unbounded" if lo == -float("inf") else f">= {lo:.0f}"
+    return f"<= {hi:.0f}" if lo == -float("inf") else f"{lo:.0f}..{hi:.0f}"
+
+
+def _next_marks(r: pd.DataFrame) -> list[str]:
+    """`>` separated from the next, `~` not, `not comparable` when the next was never compared (another group)."""
+    sep = r["separated_from_next"].astype(bool).tolist()
+    group = r["group"].tolist() if "group" in r.columns else [1] * len(r)
+    rated = r["rating"].notna().tolist()
+    marks = []
+    for k in range(len(r) - 1):
+        if not (rated[k] and rated[k + 1]):
+            marks.append("")
+        elif group[k] != group[k + 1]:
+            marks.append("not comparable")
+        else:
+            marks.append(">" if sep[k] else "~")
+    return marks + [""] if len(r) else []  # the last has no next
+
+
+def ranking_rows(ratings: pd.DataFrame, scope: str = "overall", confidence: float | None = None) -> pd.DataFrame:
     """One scope's ratings, best first, with the columns a person reads.
 
-    `vs next` is `>` where a contender is separated from the next one at the configured confidence, `~` where not.
+    `vs next` is `>` where a contender is separated from the next one at the configured confidence, `~` where not,
+    and `not comparable` where the next belongs to a group of contenders never compared with this one's. The interval
+    column is labelled with the ratings' own method and confidence. An unbeaten contender shows its lower bound only.
     """
     r = ratings[ratings["scope"] == scope].sort_values("rank")
+    finite = bool(np.isfinite(r["rating"].to_numpy(dtype=float)).all())
     rows = pd.DataFrame({
         "rank": r["rank"].astype(int), "contender": r["contender"], "kind": r["kind"],
-        "rating": r["rating"].round(0).astype(int),
-        f"{confidence:.0%} CI": [f"{lo:.0f}..{hi:.0f}" for lo, hi in zip(r["ci_low"], r["ci_high"])],
-        "win rate": r["win_rate"].map(lambda x: f"{x:.0%}"), "n": r["n_comparisons"].astype(int),
+        # Plain integers as before when every contender has a number; words where one has none.
+        "rating": r["rating"].round(0).astype(int) if finite else [_rating_text(x) for x in r["rating"]],
+        f"{interval_label(r, confidence)} CI": [_interval_text(lo, hi) for lo, hi in zip(r["ci_low"], r["ci_high"])],
+        "win rate": r["win_rate"].map(lambda x: "" if pd.isna(x) else f"{x:.0%}"), "n": r["n_comparisons"].astype(int),
     })
     if "separated_from_next" in r.columns:
-        marks = [">" if sep else "~" for sep in r["separated_from_next"]]
-        rows["vs next"] = marks[:-1] + [""]  # the last has no next
+        rows["vs next"] = _next_marks(r)
+    if "group" in r.columns and r.loc[r["rating"].notna(), "group"].nunique() > 1:
+        rows["group"] = r["group"].astype(int)
+    if "note" in r.columns and (r["note"].fillna("").astype(str) != "").any():
+        rows["note"] = r["note"].fillna("").astype(str)
     return rows
 
 
@@ -59,6 +115,11 @@ def teacher_lines(ratings: pd.DataFrame) -> list[str]:
         best, t = models.iloc[0], teacher.iloc[0]
         gap = best["rating"] - t["rating"]
         word = "beat" if gap > 0 else "trailed"
+        if not np.isfinite(gap):  # one side unbeaten (rated by a bound only), or not rated at all
+            if not np.isnan(gap):
+                lines.append(f"- **{scope}**: best student {best['contender']} {word} the teacher with no finite gap "
+                             "(one of them is unbeaten: rated by a bound only).")
+            continue
         sure = "intervals overlap, so not a clear result" if _overlap(best, t) else "intervals separate"
         lines.append(f"- **{scope}**: best student {best['contender']} {word} the teacher by {abs(gap):.0f} Elo ({sure}).")
     return lines
@@ -74,6 +135,8 @@ def merge_lines(cfg: SearchConfig, ratings: pd.DataFrame) -> list[str]:
             continue
         best = max(parents, key=lambda p: pooled.at[p, "rating"])
         gap = pooled.at[m.name, "rating"] - pooled.at[best, "rating"]
+        if not np.isfinite(gap):  # an unbeaten or unrated side: no gap in Elo to state
+            continue
         clear = not _overlap(pooled.loc[m.name], pooled.loc[best])
         lines.append(
             f"- **{m.name}** ({m.recipe.get('merge_method', '?')} of {', '.join(parents)}): "
@@ -84,14 +147,25 @@ def merge_lines(cfg: SearchConfig, ratings: pd.DataFrame) -> list[str]:
 
 def winner_line(ratings: pd.DataFrame) -> str:
     """The pooled leader, named only with the caveat of whether it is separated from the runner-up."""
-    r = ratings[ratings["scope"] == "overall"].sort_values("rank")
+    r = ratings[(ratings["scope"] == "overall") & ratings["rating"].notna()].sort_values("rank")
     if len(r) < 2:
         return ""
     top, second = r.iloc[0], r.iloc[1]
+    unbeaten = (f" (unbeaten: rating unbounded, at least {top['ci_low']:.0f})"
+                if top.get("unbounded", "") == "above" and np.isfinite(top["ci_low"]) else "")
+    if "group" in r.columns and top["group"] != second["group"]:
+        return (f"**{top['contender']}** leads its group{unbeaten}, but is **not comparable** with "
+                f"{second['contender']}: they were never judged against each other, directly or through common "
+                "opponents. Judge across the groups before naming a winner.")
+    apart = list(r.loc[r["group"] != top["group"], "contender"]) if "group" in r.columns else []
+    # The leader of the main group is not ranked against the other groups: say so rather than imply it is best.
+    others = (f" It is not comparable with the contenders never compared with its group: {', '.join(apart)}."
+              if apart else "")
     if "separated_from_next" in r.columns and bool(top["separated_from_next"]):
-        return f"**{top['contender']}** leads, separated from {second['contender']} at the configured confidence."
-    return (f"**{top['contender']}** leads, but is **not separated** from {second['contender']} at the configured "
-            "confidence: treat the top of the table as a tie until more judgments separate it.")
+        return (f"**{top['contender']}** leads{unbeaten}, separated from {second['contender']} at the configured "
+                "confidence." + others)
+    return (f"**{top['contender']}** leads{unbeaten}, but is **not separated** from {second['contender']} at the "
+            "configured confidence: treat the top of the table as a tie until more judgments separate it." + others)
 
 
 def judge_lines(stages: list[dict[str, Any]]) -> list[str]:
@@ -113,11 +187,11 @@ def judge_lines(stages: list[dict[str, Any]]) -> list[str]:
 
 def separation_rows(ratings: pd.DataFrame) -> list[str]:
     """Which neighbours in the pooled ranking are separated at the configured confidence."""
-    r = ratings[ratings["scope"] == "overall"].sort_values("rank")
+    r = ratings[(ratings["scope"] == "overall") & ratings["rating"].notna()].sort_values("rank")
     if "separated_from_next" not in r.columns:
         return []
     names = list(r["contender"])
-    return [f"- {a} {'>' if sep else '~'} {b}" for a, b, sep in zip(names, names[1:], r["separated_from_next"])]
+    return [f"- {a} {mark} {b}" for a, b, mark in zip(names, names[1:], _next_marks(r))]
 
 
 def validation_lines(val: dict[str, Any] | None) -> list[str]:
@@ -147,11 +221,18 @@ def plot_ratings(ratings: pd.DataFrame) -> bytes:
                              sharey=False, squeeze=False)
     colors = {"candidate": "tab:blue", "merge": "tab:purple", "reference": "tab:gray", "baseline": "tab:orange"}
     for ax, scope in zip(axes[0], scopes):
-        r = ratings[ratings["scope"] == scope].sort_values("rating")
-        y = range(len(r))
-        ax.errorbar(r["rating"], y, xerr=[r["rating"] - r["ci_low"], r["ci_high"] - r["rating"]], fmt="none",
-                    ecolor="lightgray", elinewidth=3)
-        ax.scatter(r["rating"], y, c=[colors.get(k, "black") for k in r["kind"]], zorder=3)
+        # Best at the top, as ranked (ratings of never-compared groups are not on one scale); unrated ones left out.
+        r = ratings[(ratings["scope"] == scope) & ratings["rating"].notna()].sort_values("rank", ascending=False)
+        y = np.arange(len(r))
+        rating = r["rating"].to_numpy(dtype=float)
+        ok = np.isfinite(rating)
+        ax.errorbar(rating[ok], y[ok], xerr=[rating[ok] - r["ci_low"][ok], r["ci_high"][ok] - rating[ok]],
+                    fmt="none", ecolor="lightgray", elinewidth=3)
+        ax.scatter(rating[ok], y[ok], c=[colors.get(k, "black") for k in r["kind"][ok]], zorder=3)
+        # Unbounded ratings: a triangle at the bound, pointing the way the rating is unbounded.
+        for side, bound, marker in ((np.inf, r["ci_low"], ">"), (-np.inf, r["ci_high"], "<")):
+            at = (rating == side) & np.isfinite(bound.to_numpy(dtype=float))
+            ax.scatter(bound[at], y[at], marker=marker, c=[colors.get(k, "black") for k in r["kind"][at]], zorder=3)
         ax.set_yticks(list(y), r["contender"])
         ax.set_title(scope)
         ax.set_xlabel("rating (Elo)")
@@ -174,14 +255,22 @@ def win_rate_table(judgments: pd.DataFrame) -> str:
 def markdown_report(
     cfg: SearchConfig, run_id: str, ratings: pd.DataFrame, scores: pd.DataFrame, validation: dict[str, Any] | None,
     stages: list[dict[str, Any]], judgments: pd.DataFrame | None = None, formats: pd.DataFrame | None = None,
+    verdict: list[str] | None = None,
 ) -> str:
-    """The whole report as Markdown; `formats` is each fine-tuned model's prompt format and outputs cut short."""
-    parts = [f"# basesearch report: {cfg.name}", "", f"Run `{run_id}`. Judge: `{cfg.judge.kind}`. "
-             "Ratings are Bradley-Terry on the Elo scale with bootstrap 95% intervals over examples.", "",
-             "![ratings](ratings.png)", "", "## Ranking (pooled, each dataset weighted equally)", "",
-             md_table(ranking_rows(ratings)), "", winner_line(ratings), "",
-             "Neighbours in the ranking (`>` separated at the configured confidence, `~` not separated):", "",
-             *separation_rows(ratings), ""]
+    """The whole report as Markdown, the verdict first (tasks/verdict.py: the recommendation, then per scope the
+    best fine-tune's win rates, cost and latency); `formats` is each model's prompt format and outputs cut short."""
+    how = (f"{cfg.rating.ci} {cfg.rating.confidence:.0%} intervals" + (" over examples" if cfg.rating.ci == "bootstrap"
+                                                                         else ""))
+    parts = [f"# basesearch report: {cfg.name}", ""]
+    if verdict:
+        parts += ["## Verdict", "", f"**{verdict[0][0].upper() + verdict[0][1:]}.**", "",
+                  *[f"- {line}." for line in verdict[1:]], ""]
+    parts += [f"Run `{run_id}`. Judge: `{cfg.judge.kind}`. Ratings are Bradley-Terry on the Elo scale with {how}.", "",
+              "![ratings](ratings.png)", "", "## Ranking (pooled, each dataset weighted equally)", "",
+              md_table(ranking_rows(ratings)), "", winner_line(ratings), "",
+              "Neighbours in the ranking (`>` separated at the configured confidence, `~` not separated, "
+              "`not comparable`: never compared, in another group):", "",
+              *separation_rows(ratings), ""]
     parts += ["## Did a student beat its teacher?", "",
               "The teacher is the dataset's own assistant answers (in the demo: a noisy teacher standing in for "
               "logged GPT-4 answers).", ""] + (teacher_lines(ratings) or ["No teacher in this run."]) + [""]

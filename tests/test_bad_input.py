@@ -422,3 +422,8 @@ def test_cli_refuses_an_escaping_search_name(tmp_path, cfg):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "name: '../../../escape-run' contains '/'" in lines[0]
     assert not (tmp_path / "s").exists() or not any((tmp_path / "s").rglob("*escape-run*"))
+
+
+def test_a_misspelt_anchor_is_refused_when_the_config_is_read(tmp_path, cfg):
+    cfg["rating"]["anchor"] = "alpah"
+    assert "rating.anchor: 'alpah' is not a contender; did you mean 'alpha'?" in _error(_write(tmp_path, cfg))

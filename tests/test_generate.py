@@ -58,3 +58,19 @@ def test_cached_base_is_restored_exactly(sharp_model, adapters, tiny_data):
     after = base.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert not hasattr(base, "peft_config")
+
+
+def test_each_row_records_its_own_latency(sharp_model, adapters, tiny_data):
+    """latency_s is a row's own time to its last token (a row that stops early is done early), not the batch's time
+    shared out; ttft_s, batch_s, batch_size, tokens_per_s and the device are the batch's."""
+    examples = load_examples(tiny_data["extraction"][1]) + load_examples(tiny_data["orders"][1])
+    df = generate(sharp_model, adapters["extraction"], "x", examples, "m", GenerateConfig(max_new_tokens=12, batch_size=4))
+    assert (df["device"] == "cpu").all() and set(df["batch_size"]) <= {1, 2, 3, 4} and df["batch_size"].max() == 4
+    assert (df["ttft_s"] > 0).all() and (df["ttft_s"] <= df["latency_s"] + 1e-9).all()
+    assert (df["latency_s"] <= df["batch_s"] + 1e-9).all()
+    for _, batch in df.groupby("batch_s"):  # rows of one batch share its clock
+        tokens = (batch["completion_tokens"] + (batch["finish_reason"] == "stop")).sum()
+        assert batch["tokens_per_s"].iloc[0] == pytest.approx(tokens / batch["batch_s"].iloc[0])
+        longest = batch["completion_tokens"] + (batch["finish_reason"] == "stop")
+        # the row that generated most tokens finished last; a shorter one no later
+        assert batch.loc[longest.idxmax(), "latency_s"] == batch["latency_s"].max()

@@ -100,6 +100,40 @@ def test_comparison_and_dollar_budgets_stop_planning():
     assert reason is None and 0 < len(plan) <= 5
 
 
+@pytest.mark.parametrize("cfg", [BudgetConfig(warmup_per_pair=2, round_size=30, max_comparisons=100),
+                                 BudgetConfig(strategy="all-pairs", max_comparisons=101)],
+                         ids=["adaptive", "all-pairs"])
+def test_comparison_cap_counts_judgments_when_both_orders_are_judged(cfg):
+    # The LLM judge with judge.both_orders makes two judgments (rows) per planned comparison and says so (orders=2):
+    # the cap counts those rows, so 100 means at most 100 judgments, never 200.
+    strength = {"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0}
+    rng = np.random.default_rng(7)
+    done = pd.DataFrame(columns=PLAN_COLUMNS + ["winner", "strength", "error"])
+    for _ in range(100):
+        plan, reason = plan_round(list(strength), EXAMPLES, done, cfg, rng, orders=2)
+        if reason:
+            break
+        one = judge(plan, strength, rng)
+        both = pd.concat([one, one.assign(order="ba")], ignore_index=True)
+        done = both if len(done) == 0 else pd.concat([done, both], ignore_index=True)
+        assert len(done) <= cfg.max_comparisons
+    assert reason.startswith("comparison budget spent") and f"of {cfg.max_comparisons} judgments" in reason
+    assert cfg.max_comparisons - 1 <= len(done) <= cfg.max_comparisons  # an odd cap leaves one judgment unused
+
+
+def test_planner_challenges_contenders_never_compared_with_the_leader():
+    # A-B and C-D judged, nothing across: A is clear of B but its rating says nothing about C or D.
+    rows = [("A", "B", "a")] * 27 + [("A", "B", "b")] * 3 + [("C", "D", "a"), ("C", "D", "b")] * 15
+    done = pd.DataFrame({"dataset": "x", "example_id": [f"x{i % 30}" for i in range(len(rows))],
+                         "contender_a": [r[0] for r in rows], "contender_b": [r[1] for r in rows],
+                         "winner": [r[2] for r in rows], "strength": 1, "error": None})
+    plan, reason = plan_round(["A", "B", "C", "D"], EXAMPLES, done, BudgetConfig(warmup_per_pair=0),
+                              np.random.default_rng(8))
+    assert reason is None  # not "top contender separated"
+    pairs = set(zip(plan.contender_a, plan.contender_b))
+    assert pairs & {("A", "C"), ("A", "D")}
+
+
 def test_failed_judgments_are_not_replanned():
     strength = {"a": 0.0, "b": 0.0}
     rng = np.random.default_rng(6)

@@ -39,7 +39,7 @@ def stack(tmp_path_factory):
         out = subprocess.run([sys.executable, "deployments/apply.py"], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=600)
         assert out.returncode == 0, out.stdout + out.stderr
-        assert "applied 5 deployments" in out.stdout
+        assert "applied 6 deployments" in out.stdout
         yield {"api_url": api_url, "env": env, "home": home}
     finally:
         for p in reversed(procs):

@@ -188,8 +188,9 @@ def test_anchor_pins_contender_and_keeps_differences():
     assert pinned.loc["m3", "ci_low"] == pytest.approx(1500) and pinned.loc["m3", "ci_high"] == pytest.approx(1500)
     diff = (pinned.rating - pinned.rating["m0"]) - (mean.rating - mean.rating["m0"])
     assert np.abs(diff).max() < 1e-6
-    missing = overall(rate(df, {}, RatingConfig(ci="fisher", anchor="gpt-4")))
-    assert missing.rating.mean() == pytest.approx(1000)
+    # A misspelt anchor used to pin the mean silently; now it is one line naming it and the contenders.
+    with pytest.raises(UserError, match=r"rating.anchor 'gpt-4' is not a contender.*m0, m1, m2, m3, m4"):
+        rate(df, {}, RatingConfig(ci="fisher", anchor="gpt-4"))
 
 
 def test_strong_weight_counts_a_strong_verdict_twice():

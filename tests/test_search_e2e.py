@@ -37,6 +37,12 @@ def test_mini_search_runs_and_reruns_from_store(mini_config, tmp_path, capsys):
     lines = [line for line in out.splitlines() if line.strip()]
     assert lines[-1].startswith("report: ") and lines[-1].endswith("report.html")
     assert "alpha-beta" in out and "teacher" in out
+    # the closing lines lead with the recommendation and the verdicts; the teacher is a reference line
+    closing = out[out.index("recommended base model: "):].splitlines()
+    assert closing[1].startswith("  validation on the held-out orders: ") and "against teacher" not in closing[1]
+    assert any(line.startswith("  extraction: ") and " against the teacher (" in line for line in closing)
+    # (the teacher beats every tiny student here: it is unbeaten, rated by a lower bound only)
+    assert any(line.startswith("reference: teacher rated unbeaten (bootstrap 95% CI >= ") for line in closing)
 
     store = Store(str(store_dir))
     run = store.read_text("runs/LATEST").strip()
@@ -63,7 +69,9 @@ def test_mini_search_runs_and_reruns_from_store(mini_config, tmp_path, capsys):
     assert len(opponents - {"teacher", validation["winner"]}) == 1 and ("alpha" in opponents) != (validation["winner"] == "alpha")
     assert len(list((store_dir / "models").glob("*/mergekit_config.yml"))) == 1
     assert {r["opponent"] for r in validation["against"]} >= {"teacher"}
-    assert "Validation on the held-out dataset" in store.read_text(f"runs/{run}/report.md")
+    report = store.read_text(f"runs/{run}/report.md")
+    assert "Validation on the held-out dataset" in report
+    assert report.index("## Verdict") < report.index("## Ranking") and "**Recommended base model: " in report
     # validation judged only the pairs it reports: the winner against each opponent
     held = store.read_parquet(f"runs/{run}/validation_judgments.parquet")
     pairs = {frozenset(pair) for pair in zip(held["contender_a"], held["contender_b"])}

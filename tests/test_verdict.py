@@ -1,0 +1,96 @@
+"""The verdict: the best fine-tune's win rate against each reference with its interval, its cost per 1,000 requests
+from its measured batches and the device's price, latencies per request, all computed from the run's tables."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from tasks.config import SearchConfig
+from tasks.verdict import recommendation, serving, verdict_lines, verdicts
+
+CFG = SearchConfig.model_validate({
+    "name": "v", "candidates": [{"name": "a", "path": "zoo:a"}, {"name": "b", "path": "zoo:b"}],
+    "datasets": [{"name": "x", "train": "t.jsonl", "test": "t.jsonl"}],
+    "references": [{"name": "gpt", "model": "gpt-4o"}], "prices": {"gpt-4o": {"input": 2.5, "output": 10.0}},
+    "compute": {"usd_per_hour": {"cpu": 0.36}},
+})
+
+
+def tuned_outputs(n: int = 8) -> pd.DataFrame:
+    """A fine-tune's outputs in two batches of 4: 2 s and 1 s of device time, 10 tokens a row."""
+    return pd.DataFrame({"dataset": "x", "example_id": [str(i) for i in range(n)], "completion_tokens": 10,
+                         "latency_s": [0.5, 1.0, 1.5, 2.0, 0.25, 0.5, 0.75, 1.0], "batch_s": [2.0] * 4 + [1.0] * 4,
+                         "batch_size": 4, "device": "cpu"})
+
+
+def api_outputs(n: int = 8) -> pd.DataFrame:
+    """A reference's outputs: 3 s a request, $0.01 a request."""
+    return pd.DataFrame({"dataset": "x", "example_id": [str(i) for i in range(n)], "completion_tokens": 20,
+                         "latency_s": 3.0, "cost_usd": 0.01})
+
+
+def test_a_fine_tunes_cost_is_its_device_time_per_request_times_the_price():
+    s = serving(tuned_outputs(), "candidate", "a", CFG)
+    # 3 s of device time for 8 requests at $0.36/h: $0.0003 in all, $0.0375 per 1,000 requests
+    assert s.usd_per_1k == pytest.approx(0.36 * 3 / 3600 / 8 * 1000)
+    assert s.usd_per_1m_out == pytest.approx(0.36 * 3 / 3600 / 80 * 1e6)
+    assert s.p50_s == pytest.approx(0.875) and s.p95_s == pytest.approx(1.825)
+    assert "cpu at $0.36/h" in s.where and "27 tokens/s" in s.where  # 80 tokens in 3 s
+    ref = serving(api_outputs(), "reference", "gpt", CFG)
+    assert ref.usd_per_1k == pytest.approx(10.0) and ref.p50_s == 3.0
+    old = serving(tuned_outputs().drop(columns=["batch_s", "batch_size", "device"]), "candidate", "a", CFG)
+    assert old.usd_per_1k is None and "not timed" in old.where  # outputs stored before per-request timing
+
+
+def judgments(a_wins: int, n: int = 8) -> pd.DataFrame:
+    """a against teacher and against gpt: a wins the first `a_wins` examples, loses the rest (both orders)."""
+    rows = []
+    for other in ("teacher", "gpt"):
+        for i in range(n):
+            win = i < a_wins
+            rows += [{"dataset": "x", "example_id": str(i), "contender_a": "a", "contender_b": other, "order": "ab",
+                      "winner": "a" if win else "b", "error": None},
+                     {"dataset": "x", "example_id": str(i), "contender_a": other, "contender_b": "a", "order": "ba",
+                      "winner": "b" if win else "a", "error": None}]
+    return pd.DataFrame(rows)
+
+
+def ratings(best: str) -> pd.DataFrame:
+    """A pooled and per-dataset table where `best` leads the fine-tunes."""
+    rows = []
+    for scope in ("overall", "x"):
+        for name, kind, r in ((best, "candidate", 1100), ("b" if best == "a" else "a", "candidate", 900),
+                              ("teacher", "reference", 1000), ("gpt", "reference", 1050)):
+            rows.append({"scope": scope, "contender": name, "kind": kind, "rating": r, "ci_low": r - 50,
+                         "ci_high": r + 50, "rank": 0})
+    return pd.DataFrame(rows)
+
+
+def test_verdicts_name_the_best_fine_tune_and_its_win_rates():
+    outs = {"x": {"a": tuned_outputs(), "b": tuned_outputs(), "teacher": api_outputs().assign(latency_s=0.0),
+                  "gpt": api_outputs()}}
+    rows = verdicts(CFG, ratings("a"), judgments(a_wins=6), outs)
+    assert [r["scope"] for r in rows] == ["overall", "x"] and {r["model"] for r in rows} == {"a"}
+    against = {a["reference"]: a for a in rows[1]["against"]}
+    assert against["teacher"]["win_rate"] == pytest.approx(0.75) and against["gpt"]["n"] == 8
+    assert against["teacher"]["ci_low"] < 0.75 < against["teacher"]["ci_high"]
+    lines = verdict_lines(rows, 0.95)
+    gpt = next(line for line in lines if line.startswith("x: a wins 75%") and "against gpt" in line)
+    # $0.0375 against $10 per 1,000 requests; median 0.875 s against 3 s
+    assert "1/267 of its cost per 1,000 requests" in gpt and "3.4x its speed" in gpt
+    assert any(line.startswith("x: a serves at $0.0375 per 1,000 requests") for line in lines)
+    assert any(line.startswith("x: gpt costs $10.00 per 1,000 requests") for line in lines)
+    lost = verdict_lines(verdicts(CFG, ratings("a"), judgments(a_wins=0), outs), 0.95)
+    assert any("wins 0%" in line and "(worse)" in line for line in lost)
+
+
+def test_the_recommendation_says_whether_the_leader_is_clear_and_how_it_validated():
+    [line] = recommendation(ratings("b"), None, 0.95)
+    assert line.startswith("recommended base model: b (candidate, best pooled rating, its 95% interval clear of a's")
+    close = ratings("b").assign(ci_low=lambda d: d["rating"] - 300, ci_high=lambda d: d["rating"] + 300)
+    assert "overlaps a's: a tie" in recommendation(close, None, 0.95)[0]
+    val = {"dataset": "held", "winner": "b", "against": [
+        {"opponent": "a", "win_rate": 0.625, "ci_low": 0.5, "ci_high": 0.75, "verdict": "held, but not significantly"}]}
+    assert recommendation(ratings("b"), val, 0.95)[1] == (
+        "validation on the held-out held: b wins 62% (95% CI 50%-75%) against a: held, but not significantly")
