@@ -14,6 +14,8 @@ if __name__ == "__main__":
 
     run_command()
 
+import base64
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -38,6 +40,7 @@ from tasks.candidates import candidate_task, zoo_task
 from tasks.prepare import DatasetInfo, Prepared, held_out, prepared
 from tasks.rate import rate
 from tasks.report import html_report, markdown_report, plot_ratings, ranking_rows, text_table
+from tasks.report_tables import evidence_lines, examples_table, finetune_table, top_contenders
 from tasks.store import Store, content_key, resolve_store
 from tasks.validate import freeze_winner, runner_up, summarize
 from tasks.verdict import recommendation, verdict_lines, verdicts
@@ -256,7 +259,8 @@ def execute(config: SearchConfig, prep: Prepared, store: str, run_id: str, log: 
                    *verdict_lines(verdicts(config, ratings, judgments, frames), config.rating.confidence)]
         png = plot_ratings(ratings)
         md = markdown_report(config, run_id, ratings, scores_table(prep, all_outputs, st), validation, log.rows,
-                             judgments, formats_table(prep, all_outputs, st, config.generate.max_new_tokens), verdict)
+                             judgments, formats_table(prep, all_outputs, st, config.generate.max_new_tokens), verdict,
+                             evidence(config, prep, ratings, frames, st))
         st.write_bytes(f"{run_rel}/ratings.png", png)
         st.write_text(f"{run_rel}/report.md", md)
         report = st.write_text(f"{run_rel}/report.html", html_report(md, png))
@@ -264,9 +268,26 @@ def execute(config: SearchConfig, prep: Prepared, store: str, run_id: str, log: 
         st.write_text("runs/LATEST", run_id + "\n")
         table = ranking_rows(ratings)
         create_table_artifact(table.astype(str).to_dict("records"), key="ranking", description=f"Ranking, run {run_id}")
-        create_markdown_artifact(md, key="report", description=f"Report, run {run_id}")
+        # The UI shows the artifact alone: the plot travels inside it (a relative link would be broken there).
+        inline = md.replace("](ratings.png)", f"](data:image/png;base64,{base64.b64encode(png).decode()})")
+        create_markdown_artifact(inline, key="report", description=f"Report, run {run_id}")
+    get_run_logger().info(f"report: {report}")
     return {"run_id": run_id, "report": report, "ranking": table.to_dict("records"), "stages": log.rows,
             "verdict": verdict}
+
+
+def evidence(cfg: SearchConfig, prep: Prepared, ratings: pd.DataFrame, frames: dict[str, dict[str, pd.DataFrame]],
+             st: Store) -> list[str]:
+    """The report's training figures of every fine-tune and its example outputs side by side."""
+    metrics = {}
+    for ds, data in prep.datasets.items():
+        for m, info in prep.models.items():
+            path = Path(st.local_dir(f"adapters/{adapter_key(info.fingerprint, data.train_fp, cfg.finetune)}"))
+            if info.finetuned and (path / "train_metrics.json").is_file():
+                metrics[(m, ds)] = json.loads((path / "train_metrics.json").read_text())
+    examples = {ds: examples_table(data.test, frames[ds], top_contenders(ratings, ds))
+                for ds, data in prep.datasets.items()}
+    return evidence_lines(finetune_table(metrics), examples)
 
 
 def search_run_name() -> str:

@@ -255,7 +255,7 @@ def win_rate_table(judgments: pd.DataFrame) -> str:
 def markdown_report(
     cfg: SearchConfig, run_id: str, ratings: pd.DataFrame, scores: pd.DataFrame, validation: dict[str, Any] | None,
     stages: list[dict[str, Any]], judgments: pd.DataFrame | None = None, formats: pd.DataFrame | None = None,
-    verdict: list[str] | None = None,
+    verdict: list[str] | None = None, evidence: list[str] | None = None,
 ) -> str:
     """The whole report as Markdown, the verdict first (tasks/verdict.py: the recommendation, then per scope the
     best fine-tune's win rates, cost and latency); `formats` is each model's prompt format and outputs cut short."""
@@ -293,7 +293,7 @@ def markdown_report(
                   "its own chat template, else the config's; answers end at its end-of-turn token. An answer cut "
                   f"at generate.max_new_tokens ({cfg.generate.max_new_tokens}) never reached its end of turn.", "",
                   md_table(formats), ""]
-    parts += ["## Stages", "", md_table(pd.DataFrame(stages)), ""]
+    parts += [*(evidence or []), "## Stages", "", md_table(pd.DataFrame(stages)), ""]
     return "\n".join(parts)
 
 

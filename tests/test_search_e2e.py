@@ -72,6 +72,10 @@ def test_mini_search_runs_and_reruns_from_store(mini_config, tmp_path, capsys):
     report = store.read_text(f"runs/{run}/report.md")
     assert "Validation on the held-out dataset" in report
     assert report.index("## Verdict") < report.index("## Ranking") and "**Recommended base model: " in report
+    # each fine-tune's training figures (3 models x 2 datasets) and example outputs side by side
+    fine_tunes = report.split("## Fine-tunes")[1].split("##")[0]
+    assert sum(line.startswith(("| alpha |", "| beta |", "| alpha-beta |")) for line in fine_tunes.splitlines()) == 6
+    assert "### extraction\n\n| example | prompt | expected | teacher | " in report.split("## Example outputs")[1]
     # validation judged only the pairs it reports: the winner against each opponent
     held = store.read_parquet(f"runs/{run}/validation_judgments.parquet")
     pairs = {frozenset(pair) for pair in zip(held["contender_a"], held["contender_b"])}

@@ -1,0 +1,72 @@
+"""The report's evidence tables: how each fine-tune trained, and example outputs side by side."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from tasks.config import TEACHER
+from tasks.data import Example
+
+EXAMPLE_ROWS = 3  # test rows shown side by side per dataset
+CELL_CHARS = 160  # longer texts are cut (with an ellipsis) so a table row stays readable
+
+
+def finetune_table(metrics: dict[tuple[str, str], dict]) -> pd.DataFrame:
+    """One row per fine-tune (model, dataset): training time, tokens/s, peak memory and the loss it reached."""
+    rows = []
+    for (model, dataset), m in metrics.items():
+        peak = m.get("peak_rss_mb") or m.get("peak_cuda_mb")
+        rows.append({"model": model, "dataset": dataset, "device": m.get("device", "?"), "steps": m.get("steps"),
+                     "seconds": m.get("seconds"), "tokens/s": round(m.get("tokens_per_s") or 0),
+                     "peak memory MB": round(peak) if peak else "", "loss first": m.get("loss_first"),
+                     "loss last": m.get("loss_last")})
+    return pd.DataFrame(rows)
+
+
+def _cell(text: object) -> str:
+    """A text as one Markdown table cell: one line, pipes escaped, cut at CELL_CHARS."""
+    raw = text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)  # an `expected` object as JSON
+    s = " ".join(raw.split()).replace("|", "\\|")
+    return s if len(s) <= CELL_CHARS else s[: CELL_CHARS - 1] + "…"
+
+
+def examples_table(examples: list[Example], outputs: dict[str, pd.DataFrame], contenders: list[str]) -> pd.DataFrame:
+    """The first test rows of a dataset: the prompt's last message, the expected answer, the teacher's and each
+    contender's output (contenders in the order given, e.g. best first)."""
+    rows = []
+    by_id = {c: dict(zip(df["example_id"].astype(str), df["output"])) for c, df in outputs.items()}
+    for e in examples[:EXAMPLE_ROWS]:
+        row = {"example": e.id, "prompt": _cell(e.prompt[-1]["content"]),
+               "expected": _cell(e.expected) if e.expected is not None else "", TEACHER: _cell(e.answer)}
+        row |= {c: _cell(by_id.get(c, {}).get(str(e.id), "")) for c in contenders if c != TEACHER}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def top_contenders(ratings: pd.DataFrame, scope: str, n: int = 3) -> list[str]:
+    """The best `n` fine-tuned models of a scope, then its API references (the teacher has its own column)."""
+    from tasks.config import MODEL_KINDS
+
+    r = ratings[ratings["scope"] == scope].sort_values("rating", ascending=False, kind="stable")
+    tuned = r[r["kind"].isin(MODEL_KINDS)]["contender"].tolist()[:n]
+    refs = r[~r["kind"].isin(MODEL_KINDS) & (r["contender"] != TEACHER)]["contender"].tolist()
+    return tuned + refs
+
+
+def evidence_lines(finetunes: pd.DataFrame, examples: dict[str, pd.DataFrame]) -> list[str]:
+    """The report's sections after the ratings: each fine-tune's training figures, then example outputs."""
+    from tasks.report import md_table
+
+    lines = []
+    if len(finetunes):
+        lines += ["## Fine-tunes", "", "Training time, throughput, peak memory and loss of every LoRA fine-tune "
+                  "(from its adapter's train_metrics.json).", "", md_table(finetunes), ""]
+    if examples:
+        lines += ["## Example outputs", "", f"The first {EXAMPLE_ROWS} test rows of each dataset: the prompt's last "
+                  "message, the expected answer, the teacher's, and the best fine-tunes' (best first) and the "
+                  "references'.", ""]
+        for ds, table in examples.items():
+            lines += [f"### {ds}", "", md_table(table), ""]
+    return lines
