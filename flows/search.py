@@ -267,7 +267,9 @@ def execute(config: SearchConfig, prep: Prepared, store: str, run_id: str, log: 
         st.write_json(f"{run_rel}/stages.json", log.rows)
         st.write_text("runs/LATEST", run_id + "\n")
         table = ranking_rows(ratings)
-        create_table_artifact(table.astype(str).to_dict("records"), key="ranking", description=f"Ranking, run {run_id}")
+        # In words: the UI's table renders a cell holding only `>` or `~` as blank.
+        words = table.replace({"vs next": {">": "separated", "~": "not separated"}})
+        create_table_artifact(words.astype(str).to_dict("records"), key="ranking", description=f"Ranking, run {run_id}")
         # The UI shows the artifact alone: the plot travels inside it (a relative link would be broken there).
         inline = md.replace("](ratings.png)", f"](data:image/png;base64,{base64.b64encode(png).decode()})")
         create_markdown_artifact(inline, key="report", description=f"Report, run {run_id}")

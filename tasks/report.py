@@ -210,44 +210,84 @@ def validation_lines(val: dict[str, Any] | None) -> list[str]:
 
 
 def plot_ratings(ratings: pd.DataFrame) -> bytes:
-    """PNG of every scope's ratings with their intervals, one panel per scope."""
+    """PNG of every scope's fine-tuned models with their intervals, on their own scale, one panel per scope; the
+    references (teacher, API models) are marked as dashed lines, or named at the edge when off that scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     scopes = list(dict.fromkeys(ratings["scope"]))
-    fig, axes = plt.subplots(1, len(scopes), figsize=(4.2 * len(scopes), 0.45 * ratings["contender"].nunique() + 1.6),
+    tuned = ratings[ratings["kind"].isin(MODEL_KINDS)]
+    fig, axes = plt.subplots(1, len(scopes), figsize=(4.6 * len(scopes), 0.45 * max(tuned["contender"].nunique(), 1) + 2.2),
                              sharey=False, squeeze=False)
-    colors = {"candidate": "tab:blue", "merge": "tab:purple", "reference": "tab:gray", "baseline": "tab:orange"}
+    colors = {"candidate": "tab:blue", "merge": "tab:purple", "baseline": "tab:orange"}
     for ax, scope in zip(axes[0], scopes):
         # Best at the top, as ranked (ratings of never-compared groups are not on one scale); unrated ones left out.
         r = ratings[(ratings["scope"] == scope) & ratings["rating"].notna()].sort_values("rank", ascending=False)
-        y = np.arange(len(r))
-        rating = r["rating"].to_numpy(dtype=float)
+        students, refs = r[r["kind"].isin(MODEL_KINDS)], r[~r["kind"].isin(MODEL_KINDS)]
+        y = np.arange(len(students))
+        rating = students["rating"].to_numpy(dtype=float)
         ok = np.isfinite(rating)
-        ax.errorbar(rating[ok], y[ok], xerr=[rating[ok] - r["ci_low"][ok], r["ci_high"][ok] - rating[ok]],
+        ax.errorbar(rating[ok], y[ok], xerr=[rating[ok] - students["ci_low"][ok], students["ci_high"][ok] - rating[ok]],
                     fmt="none", ecolor="lightgray", elinewidth=3)
-        ax.scatter(rating[ok], y[ok], c=[colors.get(k, "black") for k in r["kind"][ok]], zorder=3)
+        ax.scatter(rating[ok], y[ok], c=[colors.get(k, "black") for k in students["kind"][ok]], zorder=3)
         # Unbounded ratings: a triangle at the bound, pointing the way the rating is unbounded.
-        for side, bound, marker in ((np.inf, r["ci_low"], ">"), (-np.inf, r["ci_high"], "<")):
+        for side, bound, marker in ((np.inf, students["ci_low"], ">"), (-np.inf, students["ci_high"], "<")):
             at = (rating == side) & np.isfinite(bound.to_numpy(dtype=float))
-            ax.scatter(bound[at], y[at], marker=marker, c=[colors.get(k, "black") for k in r["kind"][at]], zorder=3)
-        ax.set_yticks(list(y), r["contender"])
+            ax.scatter(bound[at], y[at], marker=marker, c=[colors.get(k, "black") for k in students["kind"][at]],
+                       zorder=3)
+        ax.set_yticks(list(y), students["contender"])
+        ends = pd.concat([students["ci_low"], students["ci_high"]]).to_numpy(dtype=float)
+        ends = ends[np.isfinite(ends)]
+        if len(ends):  # the students' own scale: their intervals and 8% on each side
+            lo, hi = ends.min(), ends.max()
+            pad = 0.08 * (hi - lo) or 10.0
+            ax.set_xlim(lo - pad, hi + pad)
+        _mark_references(ax, refs)
         ax.set_title(scope)
         ax.set_xlabel("rating (Elo)")
-    fig.tight_layout()
+    kinds = [k for k in colors if k in set(tuned["kind"])]
+    handles = [Line2D([], [], marker="o", ls="", color=colors[k], label=k) for k in kinds]
+    handles += [Line2D([], [], ls="--", color="gray", label="reference (teacher, API models)"),
+                Line2D([], [], lw=3, color="lightgray", label="interval")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
 
 
-def win_rate_table(judgments: pd.DataFrame) -> str:
-    """Markdown matrix of pooled win rates: the row contender against the column contender (ties as half)."""
+def _mark_references(ax: Any, refs: pd.DataFrame) -> None:
+    """A dashed line per reference within the panel's scale; beyond it, the reference named at the edge."""
+    lo, hi = ax.get_xlim()
+    top = ax.get_ylim()[1]
+    for _, ref in refs.iterrows():
+        at = float(ref["rating"]) if np.isfinite(ref["rating"]) else float(ref["ci_low" if ref["rating"] > 0 else
+                                                                               "ci_high"])
+        shown = f"{at:.0f}" if np.isfinite(ref["rating"]) else ("unbeaten, >= " if ref["rating"] > 0 else
+                                                               "never won, <= ") + f"{at:.0f}"
+        if lo <= at <= hi:
+            ax.axvline(at, ls="--", color="gray", lw=1)
+            ax.text(at, top, f" {ref['contender']}", rotation=90, va="top", ha="right", fontsize=8, color="dimgray")
+        else:
+            right = at > hi
+            ax.text(hi if right else lo, top, f"{ref['contender']} {shown} " + ("->" if right else "<-"),
+                    ha="right" if right else "left", va="top", fontsize=8, color="dimgray")
+            top -= 0.6  # the next name below, not on top of this one
+
+
+def win_rate_table(judgments: pd.DataFrame, order: list[str] | None = None) -> str:
+    """Markdown matrix of pooled win rates: the row contender against the column contender (ties as half), rows and
+    columns in `order` (the ranking) when given."""
     m = win_matrix(judgments)
     if m.empty:
         return ""
+    if order:
+        names = [n for n in order if n in m.index] + [n for n in m.index if n not in order]
+        m = m.loc[names, names]
     shown = m.apply(lambda col: col.map(lambda x: "" if pd.isna(x) else f"{x:.0%}"))
     return md_table(shown.reset_index())
 
@@ -281,7 +321,7 @@ def markdown_report(
         parts += ["## Judge", ""] + judge + [""]
     parts += ["## Validation on the held-out dataset", ""] + validation_lines(validation) + [""]
     if judgments is not None and len(judgments):
-        parts += ["## Win rates, all datasets pooled (row against column)", "", win_rate_table(judgments), ""]
+        parts += ["## Win rates, all datasets pooled (row against column, in ranking order)", "", win_rate_table(judgments, ranking_rows(ratings)["contender"].tolist()), ""]
     parts += ["## Per dataset", ""]
     for scope in [s for s in dict.fromkeys(ratings["scope"]) if s != "overall"]:
         parts += [f"### {scope}", "", md_table(ranking_rows(ratings, scope)), ""]
