@@ -77,3 +77,9 @@ def test_families_quick():
     out = run("bench/families.py", "--quick")
     assert "traceback in stderr: False" in out and "| base-hermes-union |" in out
     assert "10-candidate check with a refused conversation: exit 2" in out
+
+
+def test_coverage_quick():
+    out = run("bench/coverage.py", "--quick")
+    assert "| example bootstrap |" in out and "| battle bootstrap  |" in out and "| strong   | fisher" in out
+    assert "pseudo-true Elo m0..m5" in out
