@@ -157,21 +157,34 @@ def _label(stage: str, datasets: list[str]) -> str:
     return f"{stage} on {', '.join(dict.fromkeys(datasets))}" if datasets else stage
 
 
+_RUN_ARTIFACT: dict[str, Any] = {}  # flow run id -> its one progress artifact, reused by every batch of the run
+
+
 class Progress:
-    """A Prefect progress artifact for one batch of stage jobs (shown on the flow run's page in the UI)."""
+    """The flow run's progress artifact, following one batch of stage jobs (shown on the run's page in the UI).
+
+    One artifact per flow run, not one per batch: eight of them would bury the report and the ranking.
+    """
 
     def __init__(self, label: str, total: int) -> None:
-        """Create the artifact at 0% (only inside a flow run, and only for batches worth watching)."""
+        """Point the run's artifact at this batch, at 0% (only inside a flow run, and only for batches worth
+        watching); create it for the run's first batch."""
         self.label, self.total, self.finished, self.id = label, total, 0, None
         if total < 2:
             return
-        from prefect.artifacts import create_progress_artifact
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
         from prefect.context import FlowRunContext
 
-        if FlowRunContext.get() is None:
+        ctx = FlowRunContext.get()
+        if ctx is None or ctx.flow_run is None:
             return
+        run, description = str(ctx.flow_run.id), f"{label}: 0/{total} done"
         try:
-            self.id = create_progress_artifact(0.0, description=f"{label}: 0/{total} done")
+            if run in _RUN_ARTIFACT:
+                update_progress_artifact(_RUN_ARTIFACT[run], 0.0, description=description)
+            else:
+                _RUN_ARTIFACT[run] = create_progress_artifact(0.0, key="progress", description=description)
+            self.id = _RUN_ARTIFACT[run]
         except Exception:  # noqa: BLE001 - progress is a nicety; never fail a stage for it
             self.id = None
 
