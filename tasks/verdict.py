@@ -91,7 +91,8 @@ def verdicts(cfg: SearchConfig, ratings: pd.DataFrame, judgments: pd.DataFrame,
         if best is None:
             continue
         names = list(outputs) if scope == "overall" else [scope]
-        frame = lambda c: pd.concat([outputs[d][c] for d in names if c in outputs[d]])  # noqa: E731
+        frame = lambda c: pd.concat([outputs[d][c] for d in names if c in outputs[d]] or  # noqa: E731
+                                    [pd.DataFrame(columns=["completion_tokens", "latency_s"])])
         against = []
         for ref in refs:
             s = scores(judgments, names, best, ref)
