@@ -19,7 +19,7 @@ def _ratings(separated: bool) -> pd.DataFrame:
 
 
 def test_winner_named_with_caveat():
-    assert "not separated" in winner_line(_ratings(False))
+    assert "leads by 100 Elo, but is **not separated** from teacher" in winner_line(_ratings(False))
     assert "separated from teacher" in winner_line(_ratings(True)) and "not" not in winner_line(_ratings(True))
     assert separation_rows(_ratings(True)) == ["- m1 > teacher", "- teacher > m2"]
 
