@@ -164,8 +164,9 @@ def winner_line(ratings: pd.DataFrame) -> str:
     if "separated_from_next" in r.columns and bool(top["separated_from_next"]):
         return (f"**{top['contender']}** leads{unbeaten}, separated from {second['contender']} at the configured "
                 "confidence." + others)
-    gap = top["rating"] - second["rating"]
-    by = f" by {gap:.0f} Elo" if np.isfinite(gap) else ""  # how much it leads, even when that is within noise
+    finite = np.isfinite(top["rating"]) and np.isfinite(second["rating"])
+    # how much it leads, even when that is within noise (no number when one side is unbounded)
+    by = f" by {top['rating'] - second['rating']:.0f} Elo" if finite else ""
     return (f"**{top['contender']}** leads{unbeaten}{by}, but is **not separated** from {second['contender']} at the "
             "configured confidence: treat the top of the table as a tie until more judgments separate it." + others)
 
