@@ -164,24 +164,23 @@ def _judge_row(row: dict[str, Any], run: Any, guard: Guard) -> None:
         logger.warning(f"judge: budget.max_usd reached, judging stopped early: {run.stop_reason}")
 
 
-def scores_table(prep: Prepared, all_outputs: dict[str, dict[str, tuple[str, str]]], store: Store) -> pd.DataFrame:
-    """Mean metric score of every contender on every dataset (contenders x datasets)."""
+def scores_table(prep: Prepared, frames: dict[str, dict[str, pd.DataFrame]]) -> pd.DataFrame:
+    """Mean metric score of every contender on every dataset (contenders x datasets), from their outputs tables."""
     cols = {}
-    for ds, outputs in all_outputs.items():
+    for ds, outputs in frames.items():
         data = prep.datasets[ds]
-        cols[ds] = {c: metric_scores(data.test, data.metric, store.read_parquet(rel)).mean() for c, (rel, _) in outputs.items()}
+        cols[ds] = {c: metric_scores(data.test, data.metric, df).mean() for c, df in outputs.items()}
     return pd.DataFrame(cols).rename_axis("contender")
 
 
-def formats_table(prep: Prepared, all_outputs: dict[str, dict[str, tuple[str, str]]], store: Store,
-                  max_new_tokens: int) -> pd.DataFrame:
+def formats_table(prep: Prepared, frames: dict[str, dict[str, pd.DataFrame]], max_new_tokens: int) -> pd.DataFrame:
     """Every fine-tuned model's prompt format and how many of its test outputs ran to max_new_tokens."""
     rows = []
     for name, info in prep.models.items():
-        frames = [store.read_parquet(out[name][0]) for out in all_outputs.values() if name in out]
-        if not info.finetuned or not frames:
+        mine = [outputs[name] for outputs in frames.values() if name in outputs]
+        if not info.finetuned or not mine:
             continue
-        df = pd.concat(frames)
+        df = pd.concat(mine)
         cut = int((finish_reasons(df, max_new_tokens) == "length").sum())
         rows.append({"model": name, "prompt format": info.template, "cut at max_new_tokens": f"{cut} of {len(df)}"})
     return pd.DataFrame(rows)
@@ -258,8 +257,9 @@ def execute(config: SearchConfig, prep: Prepared, store: str, run_id: str, log: 
         verdict = [*recommendation(ratings, validation, config.rating.confidence),
                    *verdict_lines(verdicts(config, ratings, judgments, frames), config.rating.confidence)]
         png = plot_ratings(ratings)
-        md = markdown_report(config, run_id, ratings, scores_table(prep, all_outputs, st), validation, log.rows,
-                             judgments, formats_table(prep, all_outputs, st, config.generate.max_new_tokens), verdict,
+        # every outputs table read once, for the verdict, the scores, the formats and the examples
+        md = markdown_report(config, run_id, ratings, scores_table(prep, frames), validation, log.rows,
+                             judgments, formats_table(prep, frames, config.generate.max_new_tokens), verdict,
                              evidence(config, prep, ratings, frames, st))
         st.write_bytes(f"{run_rel}/ratings.png", png)
         st.write_text(f"{run_rel}/report.md", md)

@@ -48,11 +48,11 @@ def examples_table(examples: list[Example], outputs: dict[str, pd.DataFrame], co
 def top_contenders(ratings: pd.DataFrame, scope: str, n: int = 3) -> list[str]:
     """The best `n` fine-tuned models of a scope, then its API references (the teacher has its own column)."""
     from tasks.config import MODEL_KINDS
+    from tasks.validate import pooled_models
 
-    r = ratings[ratings["scope"] == scope].sort_values("rating", ascending=False, kind="stable")
-    tuned = r[r["kind"].isin(MODEL_KINDS)]["contender"].tolist()[:n]
-    refs = r[~r["kind"].isin(MODEL_KINDS) & (r["contender"] != TEACHER)]["contender"].tolist()
-    return tuned + refs
+    tuned = pooled_models(ratings, scope)["contender"].tolist()[:n]
+    r = ratings[(ratings["scope"] == scope) & ~ratings["kind"].isin(MODEL_KINDS)]
+    return tuned + r[r["contender"] != TEACHER].sort_values("rating", ascending=False)["contender"].tolist()
 
 
 def evidence_lines(finetunes: pd.DataFrame, examples: dict[str, pd.DataFrame]) -> list[str]:

@@ -13,9 +13,9 @@ from tasks.store import Store
 
 
 
-def pooled_models(ratings: pd.DataFrame) -> pd.DataFrame:
-    """The pooled scope's models (candidates and merges), best first."""
-    pooled = ratings[(ratings["scope"] == "overall") & ratings["kind"].isin(MODEL_KINDS)]
+def pooled_models(ratings: pd.DataFrame, scope: str = "overall") -> pd.DataFrame:
+    """A scope's models (candidates and merges), best first; the pooled scope unless another is named."""
+    pooled = ratings[(ratings["scope"] == scope) & ratings["kind"].isin(MODEL_KINDS)]
     return pooled.sort_values("rating", ascending=False)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import MODEL_KINDS, TEACHER, SearchConfig
-from tasks.validate import per_example_score, win_rate_ci
+from tasks.validate import per_example_score, pooled_models, win_rate_ci
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,9 @@ def cfg_priced(cfg: SearchConfig) -> set[str]:
 
 
 def best_finetune(ratings: pd.DataFrame, scope: str) -> str | None:
-    """The best-rated fine-tuned model (candidate or merge) in a scope."""
-    r = ratings[(ratings["scope"] == scope) & ratings["kind"].isin(MODEL_KINDS)]
-    return None if r.empty else str(r.sort_values("rating", ascending=False, kind="stable").iloc[0]["contender"])
+    """The best-rated fine-tuned model (candidate or merge) in a scope: in the pooled one, validation's winner."""
+    r = pooled_models(ratings, scope)
+    return None if r.empty else str(r.iloc[0]["contender"])
 
 
 def scores(judgments: pd.DataFrame, datasets: list[str], player: str, other: str) -> pd.Series:
@@ -164,10 +164,9 @@ def verdict_lines(rows: list[dict[str, Any]], confidence: float) -> list[str]:
 def recommendation(ratings: pd.DataFrame, validation: dict[str, Any] | None, confidence: float) -> list[str]:
     """The recommended base model (the best pooled fine-tune, and whether it is clear of the next), then its
     validation on the held-out dataset in a second line."""
-    pooled = ratings[(ratings["scope"] == "overall") & ratings["kind"].isin(MODEL_KINDS)]
-    if pooled.empty:
+    ranked = pooled_models(ratings)  # the order validation picks its winner in
+    if ranked.empty:
         return ["no fine-tuned model was rated"]
-    ranked = pooled.sort_values("rating", ascending=False, kind="stable")
     best = ranked.iloc[0]
     line = f"recommended base model: {best['contender']} ({best['kind']}, best pooled rating"
     if len(ranked) > 1:
