@@ -39,7 +39,8 @@ def judgments(n: int, k: int, n_examples: int, seed: int = 0) -> pd.DataFrame:
     winner = np.where(u < pa, "a", np.where(u < pa + pb, "b", "tie"))
     names = np.array([f"model-{x:03d}" for x in range(k)])
     return pd.DataFrame({
-        "dataset": "chat", "example_id": rng.integers(0, n_examples, n).astype(str),
+        # n_examples >= n: every judgment on its own prompt, as in Arena's battles (the bootstrap's largest case)
+        "dataset": "chat", "example_id": (np.arange(n) if n_examples >= n else rng.integers(0, n_examples, n)).astype(str),
         "contender_a": names[a], "contender_b": names[b], "order": np.where(rng.random(n) < 0.5, "ab", "ba"),
         "winner": winner, "strength": np.where(winner == "tie", 0, 1), "judge": "gpt-4o-mini",
         "cost_usd": 0.0, "error": None, "kind_a": "candidate", "kind_b": "candidate",
@@ -77,18 +78,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000, help="judgments (default 1M)")
     ap.add_argument("--contenders", type=int, default=100, help="contenders (default 100)")
-    ap.add_argument("--examples", type=int, default=1000, help="distinct examples (default 1,000)")
+    ap.add_argument("--examples", type=int, default=0,
+                    help="distinct examples (default 0: one per judgment, as Arena's battles each have their own prompt)")
     ap.add_argument("--rounds", type=int, default=100, help="bootstrap rounds of both (default 100)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each, interleaved; the best is reported")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        df = judgments(a.n, a.contenders, a.examples)
+        df = judgments(a.n, a.contenders, a.examples or a.n)
         ours_in, theirs_in = Path(tmp) / "judgments.parquet", Path(tmp) / "battles.parquet"
         df.to_parquet(ours_in, index=False)
         from bench.fastchat_bt import battles_from_judgments
 
         battles_from_judgments(df).to_parquet(theirs_in, index=False)
         ties = float((df["winner"] == "tie").mean())
+        df_examples = df["example_id"].nunique()
         runs: dict[str, list[float]] = {"python -m flows.rank": [], "FastChat compute_bootstrap_bt": []}
         for _ in range(a.repeats):
             wall, _ = timed([sys.executable, "-m", "flows.rank", "--judgments", str(ours_in), "--out",
@@ -102,7 +105,7 @@ def main() -> int:
     except OSError:
         load = "n/a"
     base = min(runs["FastChat compute_bootstrap_bt"])
-    print(f"# {a.n:,} judgments, {a.contenders} contenders, {a.examples} examples, {ties:.0%} ties, "
+    print(f"# {a.n:,} judgments, {a.contenders} contenders, {df_examples:,} examples, {ties:.0%} ties, "
           f"{a.rounds} bootstrap rounds each; wall seconds of a fresh process, best of {a.repeats} (each run listed)")
     print(f"# machine: {os.cpu_count()} CPUs; load average at the end {load}; last FastChat run: {inner}")
     print(f"# command: python bench/rank_speed.py {' '.join(sys.argv[1:])}".rstrip())

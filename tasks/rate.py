@@ -28,6 +28,7 @@ from scipy.sparse.csgraph import connected_components
 
 from tasks import progress
 from tasks.bt import bradley_terry, fit, peel, sweep_bound, tau_bounds  # noqa: F401  (bradley_terry: importable too)
+from tasks.bootstrap import per_example_counts, replicate_counts, resamples
 from tasks.config import RatingConfig  # defined with the rest of the config; importable from here too
 from tasks.rate_input import (  # noqa: F401  (REQUIRED_COLUMNS, WINNERS: importable from here too)
     REQUIRED_COLUMNS, WINNERS, _check_anchor, _common_error, _counts, _Judged, _prepare, _usable,
@@ -114,32 +115,6 @@ def _scope_for(name: str, mix: np.ndarray, raw: np.ndarray, weighted: np.ndarray
 
 
 # ------------------------------------------------------------------------------------------ bootstrap
-
-
-def _resample_weights(p: _Judged, rounds: int, rng: np.random.Generator) -> np.ndarray:
-    """(rounds, examples) multinomial counts: each dataset's examples are redrawn with replacement."""
-    e = len(p.ex_ds)
-    r = np.zeros((rounds, e))
-    for d in np.unique(p.ex_ds):
-        cols = np.flatnonzero(p.ex_ds == d)
-        r[:, cols] = rng.multinomial(len(cols), np.full(len(cols), 1.0 / len(cols)), size=rounds)
-    return r
-
-
-def _replicate_counts(p: _Judged, resample: np.ndarray) -> np.ndarray:
-    """Counts of every bootstrap replicate at once: (B, E) resampling @ (E, cells) per-example counts."""
-    k, nd = len(p.names), len(p.datasets)
-    cells = nd * 3 * k * k
-    flat = ((p.ds * 3 + p.out) * k + p.i) * k + p.j
-    used = np.bincount(flat, minlength=cells) > 0
-    col = (np.cumsum(used) - 1)[flat]
-    n_used = int(used.sum())
-    # (cells x examples) sparse matrix; duplicates (same example, same cell) are summed on construction.
-    per_example = sp.csr_matrix((p.w, (col, p.ex)), shape=(n_used, len(p.ex_ds)))
-    reps = np.asarray(per_example @ resample.T).T
-    full = np.zeros((resample.shape[0], cells))
-    full[:, used] = reps
-    return full.reshape(resample.shape[0], nd, 3, k, k)
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -399,15 +374,15 @@ def _fit_scopes(p: _Judged, scopes: list[_Scope], weighted: np.ndarray, cfg: Rat
     if cfg.ci != "bootstrap":
         return
     rng = np.random.default_rng(cfg.seed)
-    resample = _resample_weights(p, cfg.bootstrap_rounds, rng)
     per_round = len(p.datasets) * 3 * len(p.names) ** 2
     chunk = max(1, _MAX_CHUNK_FLOATS // per_round)
+    per_example = per_example_counts(p)
     parts: dict[str, list[np.ndarray]] = {s.name: [] for s in scopes}
     # A bar only when it takes a while: the demo's 200 rounds of 7 contenders take ~0.2 s.
     with progress.bar("rate: bootstrap", cfg.bootstrap_rounds if per_round * cfg.bootstrap_rounds > 1e7 else 0,
                       "rounds") as bar:
-        for start in range(0, cfg.bootstrap_rounds, chunk):
-            counts = _replicate_counts(p, resample[start : start + chunk])
+        for resample in resamples(p, cfg.bootstrap_rounds, chunk, rng, _MAX_CHUNK_FLOATS):
+            counts = replicate_counts(p, resample, per_example)
             for s in scopes:
                 w, t = _scope_matrices(counts, s, cfg)
                 theta, _, _ = fit(w, t, s.model, cfg.ridge, theta0=s.theta, tau0=s.tau)
