@@ -3,8 +3,11 @@ matrices (B, K, K), so that all bootstrap replicates of a scope are fitted at on
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.linalg
+import scipy.sparse as sp
 from scipy.special import expit
 
 _CLIP_D = 60.0  # |strength difference| in nats beyond which probabilities are 0/1 to double precision
@@ -142,32 +145,159 @@ def fit(
         total = w.sum(axis=(1, 2)) + 0.5 * t.sum(axis=(1, 2))
         share = np.clip(0.5 * t.sum(axis=(1, 2)) / np.maximum(total, 1e-12), 1e-3, 0.99)
         tau = np.log(2 * share / (1 - share)) if model == "davidson" else np.log((1 + share) / (1 - share))
-    lo, hi = tau_bounds(model)
-    ll = _loglik(theta, tau, w, t, model, ridge)
+    tied = model != "bt"
+    z = np.concatenate([theta, tau[:, None]], axis=1) if tied else theta
+    z = _newton(z, lambda z, a: _loglik(z[:, :k], _tau_of(z, k, tied, tau, a), w[a], t[a], model, ridge),
+                lambda z, a: _grad_hess(z[:, :k], _tau_of(z, k, tied, tau, a), w[a], t[a], model, ridge),
+                k if tied else None, tau_bounds(model), max_iter, tol)
+    theta, tau = z[:, :k], (z[:, k] if tied else tau)
+    if want_hess:
+        _, hess = _grad_hess(theta, tau, w, t, model, ridge)
+    return theta, tau, hess if want_hess else None
+
+
+def _tau_of(z: np.ndarray, k: int, tied: bool, tau: np.ndarray, active: np.ndarray) -> np.ndarray:
+    """The tie parameter of the active replicates: z's last column, or the fixed (zero) tau of plain Bradley-Terry."""
+    return z[:, k] if tied else tau[active]
+
+
+def _newton(z: np.ndarray, loglik, grad_hess, tau_col: int | None, bounds: tuple[float, float], max_iter: int,
+            tol: float) -> np.ndarray:
+    """Damped Newton ascent of a batch of concave log-likelihoods in the parameters z (B, n), with step halving.
+
+    loglik(z_active, active) and grad_hess(z_active, active) see the replicates still moving (active: their indices);
+    the tie parameter (column tau_col, if any) is kept within bounds.
+    """
+    nb = len(z)
+    idx = np.arange(nb)
+    ll = loglik(z, idx)
     active = np.ones(nb, dtype=bool)
     for _ in range(max_iter):
-        grad, hess = _grad_hess(theta[active], tau[active], w[active], t[active], model, ridge)
+        a = np.flatnonzero(active)
+        grad, hess = grad_hess(z[active], a)
         step = _solve(-hess, grad)
-        th_a, ta_a, ll_a = theta[active], tau[active], ll[active]
-        w_a, t_a = w[active], t[active]
-        size = np.ones(len(th_a))
+        z_a, ll_a = z[active], ll[active]
+        size = np.ones(len(z_a))
         for _half in range(30):
-            new_th = th_a + size[:, None] * step[:, :k]
-            new_ta = np.clip(ta_a + size * step[:, k], lo, hi) if model != "bt" else ta_a
-            new_ll = _loglik(new_th, new_ta, w_a, t_a, model, ridge)
+            new_z = z_a + size[:, None] * step
+            if tau_col is not None:
+                new_z[:, tau_col] = np.clip(new_z[:, tau_col], *bounds)
+            new_ll = loglik(new_z, a)
             worse = ~(new_ll >= ll_a - 1e-12 * np.abs(ll_a))
             if not worse.any():
                 break
             size[worse] /= 2
         done = (np.abs(size[:, None] * step).max(axis=1) < tol) | (new_ll - ll_a <= 1e-13 * np.abs(ll_a))
-        theta[active], tau[active], ll[active] = new_th, new_ta, new_ll
-        active_idx = np.flatnonzero(active)
-        active[active_idx[done]] = False
+        z[active], ll[active] = new_z, new_ll
+        active[a[done]] = False
         if not active.any():
             break
-    if want_hess:
-        _, hess = _grad_hess(theta, tau, w, t, model, ridge)
-    return theta, tau, hess if want_hess else None
+    return z
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Judgments one by one, for a fit with a per-judgment covariate: pair (i, j) in 0..k-1, outcome 0 (i won),
+    1 (j won) or 2 (tie), covariate x oriented i minus j; incidence matrices to sum per contender and per pair."""
+
+    i: np.ndarray
+    j: np.ndarray
+    out: np.ndarray
+    x: np.ndarray
+    k: int
+
+    @property
+    def sign(self) -> np.ndarray:
+        """+1 where i won or tied, -1 where j won: the row's log-likelihood is lw(sign * d) or lt(d)."""
+        return np.where(self.out == 1, -1.0, 1.0)
+
+    @property
+    def incidence(self) -> sp.csr_matrix:
+        """(rows, k): +1 at i, -1 at j, so that per-row terms @ incidence sum them per contender."""
+        n = len(self.i)
+        return sp.csr_matrix((np.r_[np.ones(n), -np.ones(n)], (np.r_[np.arange(n), np.arange(n)], np.r_[self.i, self.j])),
+                             shape=(n, self.k))
+
+    @property
+    def pairs(self) -> sp.csr_matrix:
+        """(rows, k*k): 1 at the row's pair i*k + j."""
+        n = len(self.i)
+        return sp.csr_matrix((np.ones(n), (np.arange(n), self.i * self.k + self.j)), shape=(n, self.k * self.k))
+
+
+def _row_terms(z: np.ndarray, rows: Rows, model: str, need: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per-row log-likelihood terms at d = theta_i - theta_j + beta x (z = [theta, beta, tau]), wins and ties merged."""
+    k = rows.k
+    d = z[:, rows.i] - z[:, rows.j] + z[:, k : k + 1] * rows.x
+    tau = z[:, k + 1] if model != "bt" else np.zeros(len(z))
+    s = rows.sign
+    f = _pair_terms((s * d)[:, None, :], tau, model, need)
+    tie = rows.out == 2
+    pick = {name[1:]: f[name][:, 0] for name in f if name.startswith("lw")}
+    if model != "bt":  # ties: lt at d itself (lt is even in d), never at sign * d (sign is +1 there anyway)
+        pick = {key: np.where(tie, f["lt" + key[1:]][:, 0], v) for key, v in pick.items()}
+    return pick, s
+
+
+def fit_rows(rows: Rows, weights: np.ndarray, model: str, ridge: float, z0: np.ndarray | None = None,
+             tau0: float | None = None, max_iter: int = 60, tol: float = 1e-9, want_hess: bool = False,
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Maximum (penalised) likelihood of strengths theta, a covariate coefficient beta and the tie parameter tau from
+    judgments one by one, weights (B, rows) for a batch of replicates: P(i beats j) as in fit() at
+    d = theta_i - theta_j + beta * x (Arena-Hard's style control, with Davidson or Rao-Kupper ties as here).
+
+    Returns z = [theta (k), beta, tau] per replicate (B, k + 2; tau 0 for plain Bradley-Terry) and the Hessian in
+    (theta, beta[, tau]) at the optimum when asked.
+    """
+    nb, k = len(weights), rows.k
+    tied = model != "bt"
+    if z0 is not None:
+        z = np.array(np.broadcast_to(z0, (nb, k + 2)), dtype=float)
+    else:
+        z = np.zeros((nb, k + 2))
+        if tied:  # start from the tie share, as fit() does (Davidson nu/(2+nu) = s, Rao-Kupper (eta-1)/(eta+1) = s)
+            share = np.clip((weights * (rows.out == 2)).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-12), 1e-3, 0.99)
+            z[:, k + 1] = np.log(2 * share / (1 - share)) if model == "davidson" else np.log((1 + share) / (1 - share))
+    if tau0 is not None and tied:
+        z[:, k + 1] = tau0
+    inc, pairs = rows.incidence, rows.pairs
+    m = k + 2 if tied else k + 1  # parameters moved: theta, beta (and tau)
+
+    def loglik(zz: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """Penalised log-likelihood of the active replicates."""
+        f, _ = _row_terms(_full(zz, nb=len(zz)), rows, model, "ll")
+        return (weights[a] * f["w"]).sum(axis=1) - 0.5 * ridge * (zz**2).sum(axis=1)
+
+    def _full(zz: np.ndarray, nb: int) -> np.ndarray:
+        """Parameters with a zero tau column appended for plain Bradley-Terry."""
+        return zz if tied else np.concatenate([zz, np.zeros((nb, 1))], axis=1)
+
+    def grad_hess(zz: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Gradient and Hessian of loglik in (theta, beta[, tau])."""
+        f, s = _row_terms(_full(zz, len(zz)), rows, model, "grad")
+        w = weights[a]
+        g, h = w * s * f["w1"], w * f["w2"]
+        hess = np.zeros((len(zz), m, m))
+        a_pair = np.asarray(pairs.T @ h.T).T.reshape(-1, k, k)
+        sym = a_pair + a_pair.transpose(0, 2, 1)
+        hess[:, :k, :k] = -sym
+        hess[:, np.arange(k), np.arange(k)] += sym.sum(axis=2)
+        hx = h * rows.x
+        hess[:, :k, k] = hess[:, k, :k] = np.asarray(inc.T @ hx.T).T
+        hess[:, k, k] = (hx * rows.x).sum(axis=1)
+        grad = [np.asarray(inc.T @ g.T).T, (g * rows.x).sum(axis=1)[:, None]]
+        if tied:
+            gt, htt, hdt = w * f["wt"], w * f["wtt"], w * s * f["wdt"]
+            hess[:, :k, k + 1] = hess[:, k + 1, :k] = np.asarray(inc.T @ hdt.T).T
+            hess[:, k, k + 1] = hess[:, k + 1, k] = (hdt * rows.x).sum(axis=1)
+            hess[:, k + 1, k + 1] = htt.sum(axis=1)
+            grad.append(gt.sum(axis=1)[:, None])
+        hess[:, np.arange(m), np.arange(m)] -= ridge
+        return np.concatenate(grad, axis=1) - ridge * zz, hess
+
+    zz = _newton(z[:, :m].copy(), loglik, grad_hess, k + 1 if tied else None, tau_bounds(model), max_iter, tol)
+    z[:, :m] = zz
+    return z, (grad_hess(zz, np.arange(nb))[1] if want_hess else None)
 
 
 def bradley_terry(winners: np.ndarray, losers: np.ndarray, n_items: int, ridge: float = 1e-4) -> np.ndarray:

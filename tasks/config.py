@@ -289,6 +289,13 @@ class RatingConfig(Frozen):
         "of 100 nats, negligible against real data. (A contender that wins or loses everything is not held in by it: "
         "it is reported unbounded, with a one-sided bound.)",
     )
+    length_control: bool = Field(
+        False,
+        description="Control for output length as Arena-Hard's style control does: the model gets a term beta * "
+        "(len_a - len_b) / (len_a + len_b) (lengths in characters), so a judge's taste for longer answers is not "
+        "credited to the longer-winded contender. `rating` (interval, rank) is then the controlled fit; `rating_raw`, "
+        "`ci_low_raw`, `ci_high_raw` keep the plain one and `length_coef` the length term in Elo per unit.",
+    )
 
 
 class BudgetConfig(Frozen):

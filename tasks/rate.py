@@ -29,6 +29,7 @@ from scipy.sparse.csgraph import connected_components
 from tasks import progress
 from tasks.bt import bradley_terry, fit, peel, sweep_bound, tau_bounds  # noqa: F401  (bradley_terry: importable too)
 from tasks.bootstrap import per_example_counts, replicate_counts, resamples
+from tasks.length_control import fit_controlled
 from tasks.config import RatingConfig  # defined with the rest of the config; importable from here too
 from tasks.rate_input import (  # noqa: F401  (REQUIRED_COLUMNS, WINNERS: importable from here too)
     REQUIRED_COLUMNS, WINNERS, _check_anchor, _common_error, _counts, _Judged, _prepare, _usable,
@@ -44,7 +45,14 @@ RATING_COLUMNS = [
     # are not comparable); `unbounded` is 'above' (unbeaten: lower bound only) or 'below' (never won); `note` says
     # why in words; `ci_method` and `ci_level` say how the intervals were made, so a report labels them truly.
     "group", "unbounded", "note", "ci_method", "ci_level",
+    # `rating_arena`: the same judgments as FastChat and Chatbot Arena rate them (a tie half a win for each side, all
+    # of a scope's judgments in one pool), on the same anchor: comparable with Arena's numbers, where the default
+    # Davidson ratings are stretched ~1.9x against half-win ties.
+    "rating_arena",
 ]
+# With rating.length_control: the plain fit beside the controlled one (which then fills rating, ci_low, ci_high,
+# rank), and the length term in Elo per unit of (len_a - len_b) / (len_a + len_b) with its interval, per scope.
+LENGTH_COLUMNS = ["rating_raw", "ci_low_raw", "ci_high_raw", "length_coef", "length_coef_low", "length_coef_high"]
 # Bootstrap replicates are materialised as dense (rounds, datasets, 3, K, K) counts in chunks of at most
 # this many floats (2e7 floats = 160 MB), so 1,000 contenders bootstrap in small batches instead of 2.4 GB.
 _MAX_CHUNK_FLOATS = 20_000_000
@@ -403,11 +411,54 @@ def rate(
     weighted = _counts(p, p.w)
     scopes = _scopes(p, raw, weighted, cfg)
     _fit_scopes(p, scopes, weighted, cfg)
+    table = _tables(p, scopes, raw, kinds, cfg)
+    table = table.merge(_arena(p, scopes, raw, weighted, cfg), on=["scope", "contender"], how="left")
+    if not cfg.length_control:
+        return table[RATING_COLUMNS]
+    controlled, coef = fit_controlled(p, scopes, cfg)
+    plain = table.set_index(["scope", "contender"])
+    lc = _tables(p, controlled, raw, kinds, cfg).drop(columns="rating_arena", errors="ignore")
+    key = pd.MultiIndex.from_frame(lc[["scope", "contender"]])
+    lc["rating_arena"] = plain["rating_arena"].reindex(key).to_numpy()
+    for col in ("rating", "ci_low", "ci_high"):
+        lc[f"{col}_raw"] = plain[col].reindex(key).to_numpy()
+    if len(p.datasets) == 1:
+        coef["overall"] = coef[scopes[0].name]
+    for k, col in enumerate(["length_coef", "length_coef_low", "length_coef_high"]):
+        lc[col] = lc["scope"].map({n: ELO_PER_NAT * c[k] for n, c in coef.items() if len(c) > k}).astype(float)
+    return lc[RATING_COLUMNS + LENGTH_COLUMNS]
+
+
+def _tables(p: _Judged, scopes: list[_Scope], raw: np.ndarray, kinds: Mapping[str, str], cfg: RatingConfig
+            ) -> pd.DataFrame:
+    """Every scope's table, the pooled one first."""
     tables = [_scope_table(p, s, raw, kinds, cfg) for s in scopes]
     if len(p.datasets) == 1:
         # One dataset: the pooled rating is that dataset's fit (its table made again for the failures of every dataset).
         tables.insert(0, _scope_table(p, dataclasses.replace(scopes[0], name="overall"), raw, kinds, cfg))
-    return pd.concat(tables, ignore_index=True)[RATING_COLUMNS]
+    return pd.concat(tables, ignore_index=True)
+
+
+def _arena(p: _Judged, scopes: list[_Scope], raw: np.ndarray, weighted: np.ndarray, cfg: RatingConfig) -> pd.DataFrame:
+    """Each scope's half-win-ties fit of all its judgments in one pool (FastChat's compute_bt): scope, contender,
+    rating_arena; each never-compared group on its own scale, unbeaten (never winning) contenders at +inf (-inf)."""
+    half = cfg.model_copy(update={"ties": "half"})
+    rows = []
+    for s in scopes:
+        pool = _scope_for(s.name, (s.mix > 0).astype(float), raw, weighted, half)
+        w, t = _scope_matrices(weighted[None], pool, half)
+        theta = fit(w, t, "bt", cfg.ridge)[0][0]
+        names = [str(x) for x in p.names[pool.members]]
+        met = w[0] + w[0].T
+        anchor = names.index(cfg.anchor) if cfg.anchor in names else None
+        elo = _grouped_elo(theta, _components(met), anchor, cfg)
+        rows += [(s.name, n, float(r)) for n, r in zip(names, elo)]
+        rows += [(s.name, str(p.names[c]), sign * math.inf) for sign, side in ((1, pool.above), (-1, pool.below))
+                 for c in side]
+    out = pd.DataFrame(rows, columns=["scope", "contender", "rating_arena"])
+    if len(p.datasets) == 1:
+        out = pd.concat([out.assign(scope="overall"), out], ignore_index=True)
+    return out
 
 
 def win_matrix(judgments: pd.DataFrame, scope: str | None = None) -> pd.DataFrame:

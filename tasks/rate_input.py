@@ -30,6 +30,7 @@ class _Judged:
     out: np.ndarray  # 0: i won, 1: j won, 2: tie
     w: np.ndarray  # weight of the verdict (strong_weight for strength 2)
     failed: pd.DataFrame  # the judgments dropped for an error (dataset, contenders, error), to report who lost all
+    x: np.ndarray | None = None  # rating.length_control: (len_i - len_j) / (len_i + len_j) per judgment, else None
 
 
 def _check_columns(judgments: pd.DataFrame, required: tuple[str, ...] = REQUIRED_COLUMNS) -> None:
@@ -113,9 +114,33 @@ def _prepare(judgments: pd.DataFrame, cfg: RatingConfig) -> _Judged:
     if "strength" in df.columns:
         strong = (pd.to_numeric(df["strength"], errors="coerce").to_numpy() == 2) & (out < 2)
         w[strong] = cfg.strong_weight
+    x = np.where(swap, -1.0, 1.0) * length_difference(df) if cfg.length_control else None
     if not keep.all():
         ds, ex, i, j, out, w = ds[keep], ex[keep], i[keep], j[keep], out[keep], w[keep]
-    return _Judged(names, datasets, ds, ex.astype(np.int64), ex_ds, i, j, out, w, failed)
+        x = x[keep] if x is not None else None
+    return _Judged(names, datasets, ds, ex.astype(np.int64), ex_ds, i, j, out, w, failed, x)
+
+
+LENGTH_COLUMNS = ("len_a", "len_b")
+
+
+def length_difference(df: pd.DataFrame) -> np.ndarray:
+    """(len_a - len_b) / (len_a + len_b) per judgment, from the output lengths in characters (0 when both are empty).
+
+    The normalised difference of Arena-Hard's style control: -1..1, the same for 2,000 vs 1,000 characters as for
+    200 vs 100 (1/3: A twice as long).
+    """
+    missing = [c for c in LENGTH_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"rating.length_control needs the outputs' lengths, but the judgments have no {', '.join(missing)} "
+                        "column (a run's judgments.parquet carries len_a and len_b, in characters, from this version on)")
+    la, lb = (pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float) for c in LENGTH_COLUMNS)
+    bad = ~(np.isfinite(la) & np.isfinite(lb)) | (la < 0) | (lb < 0)
+    if bad.any():
+        raise UserError(f"rating.length_control: {int(bad.sum())} judgments have no usable len_a/len_b (empty or "
+                        "negative); every usable judgment needs both output lengths")
+    total = la + lb
+    return np.where(total > 0, (la - lb) / np.maximum(total, 1.0), 0.0)
 
 
 def _counts(p: _Judged, weights: np.ndarray | None) -> np.ndarray:
