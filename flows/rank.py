@@ -10,7 +10,7 @@ import pandas as pd
 
 from tasks.errors import UserError
 from tasks.rate import RatingConfig, rate
-from tasks.report import ranking_rows, text_table
+from tasks.report import ranking_rows, scale_lines, text_table
 from tasks.store import Store
 
 
@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ci", choices=["bootstrap", "fisher"], default="bootstrap", help="interval method")
     p.add_argument("--rounds", type=int, default=200, help="bootstrap rounds (default 200)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--length-control", action="store_true",
+                   help="control for output length (needs the len_a, len_b columns a run's judgments.parquet carries)")
     return p
 
 
@@ -52,14 +54,19 @@ def _files(paths: list[str]) -> list[Path]:
     return found
 
 
-def _read(files: list[Path]) -> pd.DataFrame:
-    """Read and concatenate the judgment files, naming the file that is not Parquet."""
+def _read(files: list[Path], need: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read and concatenate the judgment files, naming the file that is not Parquet or lacks a needed column."""
     frames = []
     for f in files:
         try:
             frames.append(pd.read_parquet(f))
         except Exception as exc:  # pyarrow raises several types for a non-Parquet file
             raise UserError(f"{f}: not a readable Parquet file ({type(exc).__name__})") from exc
+        missing = [c for c in need if c not in frames[-1].columns]
+        if missing:
+            raise UserError(f"{f}: --length-control needs the outputs' lengths, but it has no {', '.join(missing)} "
+                            "column (a run's judgments.parquet carries len_a and len_b, in characters, from this "
+                            "version on)")
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
@@ -83,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         cfg = RatingConfig(
             anchor=args.anchor, anchor_rating=args.anchor_rating, ties=args.ties, ci=args.ci,
-            bootstrap_rounds=max(2, args.rounds), seed=args.seed,
+            bootstrap_rounds=max(2, args.rounds), seed=args.seed, length_control=args.length_control,
         )
-        judgments = _read(_files(args.judgments))
+        judgments = _read(_files(args.judgments), ("len_a", "len_b") if args.length_control else ())
         ratings = rate(judgments, _kinds(judgments), cfg)
         target = Store(args.out).write_parquet("ratings.parquet", ratings)
     except UserError as exc:
@@ -98,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     note = _top_note(ratings, cfg.confidence)
     if note:
         print(note)
+    for line in scale_lines(ratings, cfg.ties):
+        if line:
+            print(f"note: {line}")
     print(target)
     return 0
 

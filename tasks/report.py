@@ -77,6 +77,10 @@ def ranking_rows(ratings: pd.DataFrame, scope: str = "overall", confidence: floa
         f"{interval_label(r, confidence)} CI": [_interval_text(lo, hi) for lo, hi in zip(r["ci_low"], r["ci_high"])],
         "win rate": r["win_rate"].map(lambda x: "" if pd.isna(x) else f"{x:.0%}"), "n": r["n_comparisons"].astype(int),
     })
+    if "rating_raw" in r.columns:  # rating.length_control: the plain fit beside the controlled one
+        rows.insert(4, "without length control", [_rating_text(x) for x in r["rating_raw"]])
+    if "rating_arena" in r.columns and r["rating_arena"].notna().any():
+        rows["Arena scale"] = [_rating_text(x) for x in r["rating_arena"]]
     if "separated_from_next" in r.columns:
         rows["vs next"] = _next_marks(r)
     if "group" in r.columns and r.loc[r["rating"].notna(), "group"].nunique() > 1:
@@ -84,6 +88,30 @@ def ranking_rows(ratings: pd.DataFrame, scope: str = "overall", confidence: floa
     if "note" in r.columns and (r["note"].fillna("").astype(str) != "").any():
         rows["note"] = r["note"].fillna("").astype(str)
     return rows
+
+
+def scale_lines(ratings: pd.DataFrame, ties: str) -> list[str]:
+    """What the Arena-scale column is, how stretched the tie model's ratings are against it, and the length term."""
+    r = ratings[ratings["scope"] == "overall"]
+    lines = []
+    if "rating_arena" in r.columns:
+        both = r[np.isfinite(r["rating"].astype(float)) & np.isfinite(r["rating_arena"].astype(float))]
+        base = both["rating_raw"] if "rating_raw" in both.columns else both["rating"]
+        stretch = (f"; on these judgments its ratings spread {base.std() / both['rating_arena'].std():.2f}x as wide"
+                   if len(both) > 1 and both["rating_arena"].std() > 0 else "")
+        model = {"davidson": "Davidson's", "rao-kupper": "Rao-Kupper's"}.get(ties)
+        lines.append("`Arena scale` rates the same judgments as FastChat and Chatbot Arena do (a tie is half a win for "
+                     "each side, all judgments in one pool), so it compares with Arena's Elo numbers"
+                     + (f". The `rating` column counts ties with {model} tie model, which stretches the scale (about "
+                        f"1.9x against half-win ties in simulations){stretch}." if model else
+                        ": with rating.ties half, only the equal weighting of datasets differs."))
+    if "length_coef" in r.columns and len(r):
+        c, lo, hi = (float(r[k].iloc[0]) for k in ("length_coef", "length_coef_low", "length_coef_high"))
+        lines.append(f"Length-controlled (rating.length_control): the judge's preference for longer outputs is part of "
+                     f"the model, {c:+.0f} Elo per unit of (len_a - len_b) / (len_a + len_b) in characters (interval "
+                     f"{lo:+.0f}..{hi:+.0f}): an output twice as long as the other gets {c / 3:+.0f} Elo for its length "
+                     "alone. `rating` is the controlled fit, `without length control` the plain one.")
+    return [x for line in lines for x in (line, "")]
 
 
 def text_table(df: pd.DataFrame) -> str:
@@ -313,7 +341,7 @@ def markdown_report(
               md_table(ranking_rows(ratings)), "", winner_line(ratings), "",
               "Neighbours in the ranking (`>` separated at the configured confidence, `~` not separated, "
               "`not comparable`: never compared, in another group):", "",
-              *separation_rows(ratings), ""]
+              *separation_rows(ratings), "", *scale_lines(ratings, cfg.rating.ties)]
     parts += ["## Did a student beat its teacher?", "",
               "The teacher is the dataset's own assistant answers (in the demo: a noisy teacher standing in for "
               "logged GPT-4 answers).", ""] + (teacher_lines(ratings) or ["No teacher in this run."]) + [""]

@@ -87,3 +87,38 @@ def test_rank_missing_file_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     assert proc.stderr.strip().splitlines() == [f"error: {missing}: no such file or folder"]
+
+
+def test_rank_writes_what_rate_computes_and_the_arena_column(tmp_path, capsys):
+    """The command's ratings are rate()'s on the same judgments, bit for bit (the speed work changed no number)."""
+    from tasks.rate import RatingConfig, rate
+
+    df = judgments(800, seed=3)
+    df.to_parquet(tmp_path / "j.parquet")
+    assert main(["--judgments", str(tmp_path / "j.parquet"), "--out", str(tmp_path / "o"), "--rounds", "60"]) == 0
+    printed = capsys.readouterr().out
+    assert "Arena scale" in printed.splitlines()[0] and "note: `Arena scale` rates the same judgments" in printed
+    got = pd.read_parquet(tmp_path / "o" / "ratings.parquet")
+    want = rate(df, {"A": "candidate", "B": "merge", "C": "candidate", "teacher": "reference"},
+                RatingConfig(bootstrap_rounds=60))
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+
+
+def test_rank_length_control(tmp_path, capsys):
+    from tests.test_rate_lc import verbose_judge
+
+    df = verbose_judge(3000, seed=7)
+    df.to_parquet(tmp_path / "j.parquet")
+    out = tmp_path / "o"
+    assert main(["--judgments", str(tmp_path / "j.parquet"), "--out", str(out), "--rounds", "40",
+                 "--length-control"]) == 0
+    printed = capsys.readouterr().out
+    assert "without length control" in printed.splitlines()[0] and "Elo per unit of (len_a - len_b)" in printed
+    r = pd.read_parquet(out / "ratings.parquet")
+    assert {"rating_raw", "ci_low_raw", "ci_high_raw", "length_coef", "rating_arena"} <= set(r.columns)
+    assert (r["length_coef"] > 150).all()  # the simulated judge's taste: 347 Elo per unit
+    df.drop(columns=["len_b"]).to_parquet(tmp_path / "old.parquet")
+    assert main(["--judgments", str(tmp_path / "old.parquet"), "--out", str(tmp_path / "o2"), "--length-control"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'old.parquet'}: --length-control needs") and \
+        "len_b" in err[0]
