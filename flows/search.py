@@ -39,6 +39,7 @@ from tasks.references import reference_key, reference_outputs
 from tasks.candidates import candidate_task, zoo_task
 from tasks.prepare import DatasetInfo, Prepared, held_out, prepared
 from tasks.rate import rate
+from tasks.rate_input import with_lengths
 from tasks.report import html_report, markdown_report, plot_ratings, ranking_rows, text_table
 from tasks.report_tables import evidence_lines, examples_table, finetune_table, top_contenders
 from tasks.store import Store, content_key, resolve_store
@@ -238,9 +239,11 @@ def execute(config: SearchConfig, prep: Prepared, store: str, run_id: str, log: 
                    for ds, data in prep.datasets.items()}
     batches = judge_all(prep.datasets, all_outputs, config, store, log, guard)
 
+    # every outputs table read once, for the judged outputs' lengths, the verdict, the scores, the formats, the examples
+    frames = {ds: {c: st.read_parquet(rel) for c, (rel, _) in outs.items()} for ds, outs in all_outputs.items()}
     with log.stage("rate") as row:
         kinds = config.model_kinds()
-        judgments = load_judgments(st, batches)
+        judgments = with_lengths(load_judgments(st, batches), frames)  # len_a, len_b: for rating.length_control
         # kind_a/kind_b travel with the run's judgments, so `python -m flows.rank` re-rates them with their kinds.
         judgments = judgments.assign(kind_a=judgments["contender_a"].map(kinds), kind_b=judgments["contender_b"].map(kinds))
         ratings = rate(judgments, kinds, config.rating)
@@ -253,11 +256,9 @@ def execute(config: SearchConfig, prep: Prepared, store: str, run_id: str, log: 
         st.write_json(f"{run_rel}/validation.json", validation)
 
     with log.stage("report"):
-        frames = {ds: {c: st.read_parquet(rel) for c, (rel, _) in outs.items()} for ds, outs in all_outputs.items()}
         verdict = [*recommendation(ratings, validation, config.rating.confidence),
                    *verdict_lines(verdicts(config, ratings, judgments, frames), config.rating.confidence)]
         png = plot_ratings(ratings)
-        # every outputs table read once, for the verdict, the scores, the formats and the examples
         md = markdown_report(config, run_id, ratings, scores_table(prep, frames), validation, log.rows,
                              judgments, formats_table(prep, frames, config.generate.max_new_tokens), verdict,
                              evidence(config, prep, ratings, frames, st))

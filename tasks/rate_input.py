@@ -161,3 +161,19 @@ def _check_anchor(p: _Judged, cfg: RatingConfig) -> None:
     listed = ", ".join(known[:20]) + (f" and {len(known) - 20} more" if len(known) > 20 else "")
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise UserError(f"rating.anchor {cfg.anchor!r} is not a contender in the judgments (contenders: {listed}){hint}")
+
+
+def with_lengths(judgments: pd.DataFrame, outputs: dict[str, dict[str, pd.DataFrame]]) -> pd.DataFrame:
+    """The judgments with len_a, len_b: characters of each judged output (NaN where it has none), from the outputs
+    tables (dataset -> contender -> table), so rating.length_control and `flows.rank --length-control` can use them."""
+    parts = [pd.DataFrame({"dataset": ds, "contender": c, "example_id": df["example_id"].astype(str),
+                           "chars": [len(v) if isinstance(v, str) else np.nan for v in df["output"]]})
+             for ds, tables in outputs.items() for c, df in tables.items()]
+    if not parts or not len(judgments):
+        return judgments.assign(len_a=np.nan, len_b=np.nan)
+    chars = pd.concat(parts).drop_duplicates(["dataset", "contender", "example_id"])
+    chars = chars.set_index(["dataset", "contender", "example_id"])["chars"]
+    ids = judgments["example_id"].astype(str)
+    found = {f"len_{s}": chars.reindex(pd.MultiIndex.from_arrays(
+        [judgments["dataset"].astype(str), judgments[f"contender_{s}"].astype(str), ids])).to_numpy() for s in "ab"}
+    return judgments.assign(**found)

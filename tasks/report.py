@@ -78,7 +78,7 @@ def ranking_rows(ratings: pd.DataFrame, scope: str = "overall", confidence: floa
         "win rate": r["win_rate"].map(lambda x: "" if pd.isna(x) else f"{x:.0%}"), "n": r["n_comparisons"].astype(int),
     })
     if "rating_raw" in r.columns:  # rating.length_control: the plain fit beside the controlled one
-        rows.insert(4, "without length control", [_rating_text(x) for x in r["rating_raw"]])
+        rows.insert(5, "without length control", [_rating_text(x) for x in r["rating_raw"]])
     if "rating_arena" in r.columns and r["rating_arena"].notna().any():
         rows["Arena scale"] = [_rating_text(x) for x in r["rating_arena"]]
     if "separated_from_next" in r.columns:

@@ -118,3 +118,18 @@ def test_arena_column_follows_the_anchor_and_the_guards():
     r = _pooled(rate(pd.concat([df, sweep]), {}, RatingConfig(anchor="m2", anchor_rating=1200, ci="fisher")))
     assert r.loc["m2", "rating_arena"] == pytest.approx(1200)
     assert r.loc["top", "rating_arena"] == math.inf and r.loc["top", "rating"] == math.inf
+
+
+def test_with_lengths_reads_each_judged_output():
+    from tasks.rate_input import with_lengths
+
+    outputs = {"d0": {"A": pd.DataFrame({"example_id": [1, 2], "output": ["four", "sixsix"]}),
+                      "B": pd.DataFrame({"example_id": [1, 2], "output": ["", None]})},
+               "d1": {"A": pd.DataFrame({"example_id": [1], "output": ["x" * 10]}),
+                      "B": pd.DataFrame({"example_id": [1], "output": ["yyy"]})}}
+    j = pd.DataFrame({"dataset": ["d0", "d0", "d1", "d0"], "example_id": [1, 2, 1, 1],
+                      "contender_a": ["A", "B", "B", "B"], "contender_b": ["B", "A", "A", "A"]})
+    got = with_lengths(j, outputs)
+    assert got["len_b"].tolist() == [0, 6, 10, 4]
+    assert got["len_a"][[0, 2, 3]].tolist() == [4, 3, 0]
+    assert np.isnan(got["len_a"][1])  # B has no output on example 2 of d0

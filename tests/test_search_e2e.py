@@ -57,6 +57,8 @@ def test_mini_search_runs_and_reruns_from_store(mini_config, tmp_path, capsys):
     assert JUDGMENT_COLUMNS | {"kind_a", "kind_b"} <= set(judgments.columns)
     assert set(judgments["kind_a"]) | set(judgments["kind_b"]) == {"candidate", "merge", "reference"}
     assert set(judgments["order"]) == {"ab", "ba"}
+    # the judged outputs' lengths (characters) travel with the judgments, for rating.length_control and flows.rank
+    assert judgments[["len_a", "len_b"]].notna().all().all() and (judgments[["len_a", "len_b"]] >= 0).all().all()
     # 4 contenders -> 6 pairs, x 6 test rows x 2 orders, x 2 datasets
     assert len(judgments) == 6 * 6 * 2 * 2
     outputs = pd.concat(pd.read_parquet(p) for p in (store_dir / "outputs").glob("*.parquet"))
