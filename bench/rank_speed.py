@@ -62,11 +62,11 @@ print(f"start+read {{t1 - t0:.2f}} s, bootstrap {{t2 - t1:.2f}} s", file=sys.std
 """
 
 
-def timed(cmd: list[str]) -> tuple[float, str]:
-    """Wall seconds of a child process (must exit 0) and its stderr's last line."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def timed(cmd: list[str], root: Path = ROOT) -> tuple[float, str]:
+    """Wall seconds of a child process run in `root` (must exit 0) and its stderr's last line."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"{cmd[:3]} failed: {done.stderr[-2000:]}")
@@ -82,6 +82,8 @@ def main() -> int:
                     help="distinct examples (default 0: one per judgment, as Arena's battles each have their own prompt)")
     ap.add_argument("--rounds", type=int, default=100, help="bootstrap rounds of both (default 100)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each, interleaved; the best is reported")
+    ap.add_argument("--before", metavar="DIR", default=None,
+                    help="another checkout (e.g. `git archive 4723ccf | tar -x -C DIR`) whose flows.rank runs too")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         df = judgments(a.n, a.contenders, a.examples or a.n)
@@ -93,13 +95,23 @@ def main() -> int:
         ties = float((df["winner"] == "tie").mean())
         df_examples = df["example_id"].nunique()
         runs: dict[str, list[float]] = {"python -m flows.rank": [], "FastChat compute_bootstrap_bt": []}
+        rank = [sys.executable, "-m", "flows.rank", "--judgments", str(ours_in), "--rounds", str(a.rounds), "--out"]
+        if a.before:
+            runs[f"flows.rank of {Path(a.before).name}"] = []
         for _ in range(a.repeats):
-            wall, _ = timed([sys.executable, "-m", "flows.rank", "--judgments", str(ours_in), "--out",
-                             str(Path(tmp) / "out"), "--rounds", str(a.rounds)])
+            if a.before:
+                wall, _ = timed(rank + [str(Path(tmp) / "before")], Path(a.before).resolve())
+                runs[f"flows.rank of {Path(a.before).name}"].append(wall)
+            wall, _ = timed(rank + [str(Path(tmp) / "out")])
             runs["python -m flows.rank"].append(wall)
             script = FASTCHAT.format(root=str(ROOT), path=str(theirs_in), rounds=a.rounds)
             wall, inner = timed([sys.executable, "-c", script])
             runs["FastChat compute_bootstrap_bt"].append(wall)
+        same = ""
+        if a.before:  # the same ratings? (the bootstrap's draw changed above 2M examples x rounds: intervals differ)
+            old, new = (pd.read_parquet(Path(tmp) / d / "ratings.parquet") for d in ("before", "out"))
+            same = (f"# ratings identical to {Path(a.before).name}'s: {old['rating'].equals(new['rating'])}; largest "
+                    f"interval-end difference {np.abs(old['ci_low'] - new['ci_low']).max():.2f} Elo")
     try:
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
@@ -114,6 +126,8 @@ def main() -> int:
     for name, walls in runs.items():
         each = " ".join(f"{w:.2f}" for w in walls)
         print(f"| {name:<31} | {min(walls):6.2f} | {each:<20} | {base / min(walls):10.2f}x |")
+    if same:
+        print(same)
     return 0
 
 

@@ -1,4 +1,6 @@
-"""Rating speed: our Bradley-Terry fit (+100 bootstrap rounds) against choix.ilsr_pairwise, same judgments, same process.
+"""Rating speed: our Bradley-Terry solver against its fair peers on the same data, same process: choix's
+ilsr_pairwise_dense and FastChat's L-BFGS (bench/fastchat_bt.py) on the same counts, rate() against FastChat's
+compute_bt on the same judgments; also the earlier choix.ilsr_pairwise on raw pairs, and rate() with the bootstrap.
 
 python bench/rating_speed.py [--quick]
 """
@@ -58,50 +60,79 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
 
 
 def main() -> int:
-    """Run the benchmark and print one table."""
+    """Run the benchmark and print one table: each of our rows beside the peer it is measured against."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="100k judgments instead of 1M (seconds, for CI)")
     args = ap.parse_args()
     import choix  # test extra: pip install choix
 
+    from bench import fastchat_bt
+    from tasks.bt import fit
+
     n = 100_000 if args.quick else 1_000_000
     rows = []
+
+    def add(name: str, k: int, sec: float, peer: str = "", peer_sec: float = float("nan"), gap: float = float("nan")):
+        rows.append((name, k, sec, peer, peer_sec / sec if peer else float("nan"), gap))
+
+    def centred(theta: np.ndarray) -> np.ndarray:
+        return ELO_PER_NAT * (theta - theta.mean())
+
     df, win, lose = judgments(n, 100, n_examples=1000, n_datasets=1)
-    # choix gets its documented input, a list of [winner, loser] (3x faster for it than an ndarray).
-    data = np.stack([win, lose], axis=1).tolist()
-    t_choix, p_choix = best_of(lambda: choix.ilsr_pairwise(100, data), 3)
-    rows.append(("choix.ilsr_pairwise, list of (winner, loser)", 100, t_choix, 1.0, 0.0))
-    t_core, p_core = best_of(lambda: bradley_terry(win, lose, 100), 5)
-    gap = ELO_PER_NAT * np.abs((p_core - p_core.mean()) - (p_choix - p_choix.mean())).max()
-    rows.append(("ours: bradley_terry(winner, loser arrays)", 100, t_core, t_choix / t_core, gap))
+    # The same K x K count matrix for both: counts[i, j] = times i beat j.
+    counts = np.bincount(win * 100 + lose, minlength=100 * 100).reshape(100, 100).astype(float)
+    t_dense, p_dense = best_of(lambda: choix.ilsr_pairwise_dense(counts), 5)
+    add("choix.ilsr_pairwise_dense, count matrix", 100, t_dense)
+    t_ours_c, p_ours_c = best_of(lambda: fit(counts[None], np.zeros((1, 100, 100)), "bt", 1e-4)[0][0], 5)
+    add("ours: tasks.bt.fit, the same count matrix", 100, t_ours_c, "choix dense", t_dense,
+        np.abs(centred(p_ours_c) - centred(p_dense)).max())
+    # FastChat's L-BFGS on its preferred input: the distinct (a, b, outcome) rows of the battles with their counts
+    battles = fastchat_bt.battles_from_judgments(df)
+    m, o, models, wts = fastchat_bt.schedule(battles)
+    alpha = float(np.log(10.0))
+    t_lbfgs, p_lbfgs = best_of(lambda: fastchat_bt.fit(m, o, wts, len(models), alpha), 5)
+    add("FastChat fit_bt (L-BFGS), distinct rows + counts", 100, t_lbfgs)
+    order = [int(x.split("-")[1]) for x in models]
+    p_fc = np.empty(100)
+    p_fc[order] = p_lbfgs * alpha  # base-10 logits -> nats
+    add("ours: tasks.bt.fit, the same count matrix", 100, t_ours_c, "FastChat fit_bt", t_lbfgs,
+        np.abs(centred(p_ours_c) - centred(p_fc)).max())
+    t_fc, _ = best_of(lambda: fastchat_bt.compute_bt(battles), 3)
+    add("FastChat compute_bt(battles DataFrame)", 100, t_fc)
     t_fish, r = best_of(lambda: rate(df, {}, RatingConfig(ci="fisher")), 3)
     ours = r[r.scope == "overall"].sort_values("contender")["rating"].to_numpy()
-    gap = np.abs((ours - ours.mean()) - ELO_PER_NAT * (p_choix - p_choix.mean())).max()
-    rows.append(("ours: rate(DataFrame), Fisher CI", 100, t_fish, t_choix / t_fish, gap))
+    add("ours: rate(DataFrame), Fisher CI", 100, t_fish, "FastChat compute_bt", t_fc,
+        np.abs((ours - ours.mean()) - centred(p_dense)).max())
+    # choix's sparse solver fed the raw pairs, as the earlier table did: not the fair peer (it never counts them)
+    data = np.stack([win, lose], axis=1).tolist()
+    t_choix, _ = best_of(lambda: choix.ilsr_pairwise(100, data), 3)
+    add(f"choix.ilsr_pairwise, list of {n:,} (winner, loser)", 100, t_choix)
+    t_core, _ = best_of(lambda: bradley_terry(win, lose, 100), 5)
+    add("ours: bradley_terry(winner, loser arrays)", 100, t_core, "choix pairs", t_choix)
     cfg = RatingConfig(ci="bootstrap", bootstrap_rounds=100)
     t_boot, _ = best_of(lambda: rate(df, {}, cfg), 3)
-    rows.append(("ours: rate(DataFrame) + 100 bootstrap rounds", 100, t_boot, t_choix / t_boot, gap))
+    add("ours: rate(DataFrame) + 100 bootstrap rounds", 100, t_boot)
     df4, _, _ = judgments(n, 100, n_examples=250, n_datasets=4, seed=1)
     t_boot4, _ = best_of(lambda: rate(df4, {}, cfg), 3)
-    rows.append(("ours: same, 4 datasets (4 fits + pooled)", 100, t_boot4, float("nan"), float("nan")))
+    add("ours: same, 4 datasets (4 fits + pooled)", 100, t_boot4)
     df_k, win_k, lose_k = judgments(n, 1000, n_examples=1000, n_datasets=1, seed=2)
     t_k, _ = best_of(lambda: rate(df_k, {}, RatingConfig(ci="fisher")), 3)
-    rows.append(("ours: rate(DataFrame), Fisher CI", 1000, t_k, float("nan"), float("nan")))
+    add("ours: rate(DataFrame), Fisher CI", 1000, t_k)
     t_k_core, _ = best_of(lambda: bradley_terry(win_k, lose_k, 1000), 3)
-    rows.append(("ours: bradley_terry(winner, loser arrays)", 1000, t_k_core, float("nan"), float("nan")))
+    add("ours: bradley_terry(winner, loser arrays)", 1000, t_k_core)
 
-    print(f"# rating speed: {n:,} judgments (no ties), best of 3-5 runs each")
+    print(f"# rating speed: {n:,} judgments (no ties), best of 3-5 runs each, one process")
     print(
         f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}, "
         f"load average {os.getloadavg()[0]:.1f} at the end, numpy {np.__version__}, "
         f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}"
     )
     print(f"# command: python bench/rating_speed.py{' --quick' if args.quick else ''}")
-    print(f"{'method':<48} {'K':>5} {'seconds':>9} {'x choix':>8} {'max |dElo| vs choix':>20}")
-    for name, k, sec, ratio, d in rows:
-        ratio_s = "" if np.isnan(ratio) else f"{ratio:.0f}x"
+    print(f"{'method':<50} {'K':>5} {'seconds':>9} {'vs peer':>22} {'max |dElo|':>11}")
+    for name, k, sec, peer, ratio, d in rows:
+        vs = f"{ratio:.1f}x {peer}" if peer else ""
         d_s = "" if np.isnan(d) else f"{d:.4f}"
-        print(f"{name:<48} {k:>5} {sec:>9.3f} {ratio_s:>8} {d_s:>20}")
+        print(f"{name:<50} {k:>5} {sec:>9.4f} {vs:>22} {d_s:>11}")
     return 0
 
 

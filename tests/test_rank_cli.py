@@ -122,3 +122,13 @@ def test_rank_length_control(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'old.parquet'}: --length-control needs") and \
         "len_b" in err[0]
+
+
+def test_rank_speed_bench_small():
+    """bench/rank_speed.py's table: flows.rank and FastChat's compute_bootstrap_bt run side by side."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "bench/rank_speed.py", "--n", "3000", "--rounds", "4", "--repeats", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| python -m flows.rank " in proc.stdout and "| FastChat compute_bootstrap_bt " in proc.stdout
+    assert "3,000 examples" in proc.stdout  # one prompt per judgment, as Arena's battles
