@@ -275,9 +275,10 @@ class RatingConfig(Frozen):
         None, description="Contender pinned at anchor_rating (e.g. gpt-4); None or absent: the mean rating is pinned."
     )
     anchor_rating: float = Field(1000.0, description="Rating of the anchor contender, or the mean rating without one.")
-    ci: Literal["bootstrap", "fisher"] = Field(
+    ci: Literal["bootstrap", "fisher", "sandwich"] = Field(
         "bootstrap",
-        description="Interval method: bootstrap over examples (sound, default) or inverse Fisher information (fast).",
+        description="Interval method: bootstrap over examples (sound, default), inverse Fisher information (fast, too "
+        "narrow when examples differ), or 'sandwich' (fast and clustered by example: the adaptive planner's).",
     )
     bootstrap_rounds: int = Field(200, ge=2, description="Bootstrap replicates when ci is 'bootstrap'.")
     confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Two-sided confidence of intervals and separation.")

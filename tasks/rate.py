@@ -27,7 +27,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
 from tasks import progress
-from tasks.bt import bradley_terry, fit, peel, sweep_bound, tau_bounds  # noqa: F401  (bradley_terry: importable too)
+from tasks.bt import bradley_terry, cluster_cov, fit, peel, sweep_bound, tau_bounds  # noqa: F401  (bradley_terry: importable too)
 from tasks.config import RatingConfig  # defined with the rest of the config; importable from here too
 from tasks.rate_input import (  # noqa: F401  (REQUIRED_COLUMNS, WINNERS: importable from here too)
     REQUIRED_COLUMNS, WINNERS, _check_anchor, _common_error, _counts, _Judged, _prepare, _usable,
@@ -390,12 +390,20 @@ def _fit_scopes(p: _Judged, scopes: list[_Scope], weighted: np.ndarray, cfg: Rat
     """Point fits (and Fisher covariances) of every scope, then the bootstrap replicates if asked for."""
     for s in scopes:
         w, t = _scope_matrices(weighted[None], s, cfg)
-        theta, tau, hess = fit(w, t, s.model, cfg.ridge, want_hess=cfg.ci == "fisher")
+        theta, tau, hess = fit(w, t, s.model, cfg.ridge, want_hess=cfg.ci != "bootstrap")
         s.theta, s.tau = theta[0], tau[0]
+        k = len(s.members)
         if cfg.ci == "fisher":
             # Covariance of theta: the theta block of the inverse of the negative Hessian (tau profiled out).
-            k = len(s.members)
             s.cov = scipy.linalg.cho_solve(scipy.linalg.cho_factor(-hess[0]), np.eye(len(hess[0])))[:k, :k]
+        elif cfg.ci == "sandwich":
+            # The same fit, its gradient summed per (dataset, example): see tasks.bt.cluster_cov.
+            local = np.full(len(p.names), -1)
+            local[s.members] = np.arange(k)
+            a, b = local[p.i], local[p.j]
+            on = (a >= 0) & (b >= 0) & (s.mix[p.ds] > 0)
+            s.cov = cluster_cov(a[on], b[on], p.out[on], (p.w * s.mix[p.ds])[on], p.ex[on], s.theta, float(s.tau),
+                                s.model, -hess[0])[:k, :k]
     if cfg.ci != "bootstrap":
         return
     rng = np.random.default_rng(cfg.seed)
@@ -421,6 +429,16 @@ def rate(
     judgments: pd.DataFrame, kinds: Mapping[str, str] | None = None, cfg: RatingConfig = RatingConfig()
 ) -> pd.DataFrame:
     """Bradley-Terry ratings per dataset and pooled ('overall', datasets weighted equally), best first."""
+    return rate_with_cov(judgments, kinds, cfg)[0]
+
+
+def rate_with_cov(
+    judgments: pd.DataFrame, kinds: Mapping[str, str] | None = None, cfg: RatingConfig = RatingConfig()
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """rate() and the pooled scope's covariance of the fitted contenders' ratings (Elo^2; empty for the bootstrap).
+
+    Var(rating_a - rating_b) = C[a, a] + C[b, b] - 2 C[a, b]: the gap test of any two contenders (the planner's).
+    """
     kinds = kinds or {}
     p = _prepare(judgments, cfg)
     _check_anchor(p, cfg)
@@ -432,7 +450,10 @@ def rate(
     if len(p.datasets) == 1:
         # One dataset: the pooled rating is that dataset's fit (its table made again for the failures of every dataset).
         tables.insert(0, _scope_table(p, dataclasses.replace(scopes[0], name="overall"), raw, kinds, cfg))
-    return pd.concat(tables, ignore_index=True)[RATING_COLUMNS]
+    top = scopes[0] if scopes and scopes[0].cov is not None else None  # 'overall', or the only dataset
+    names = [str(x) for x in p.names[top.members]] if top is not None else []
+    cov = pd.DataFrame(ELO_PER_NAT**2 * top.cov if top is not None else np.empty((0, 0)), index=names, columns=names)
+    return pd.concat(tables, ignore_index=True)[RATING_COLUMNS], cov
 
 
 def win_matrix(judgments: pd.DataFrame, scope: str | None = None) -> pd.DataFrame:
