@@ -312,7 +312,8 @@ class BudgetConfig(Frozen):
         None, gt=0.0, description="GPU-hours fine-tuning and generation may take; a run whose plan alone takes more "
         "does not start, and the run stops before a stage that would cross it (None: no cap).")
     confidence: float = Field(
-        0.95, gt=0.0, lt=1.0, description="Stop when the leader's interval at this confidence overlaps no other's."
+        0.95, gt=0.0, lt=1.0, description="Adaptive: stop when the leader is separated from every other contender at "
+        "this confidence, all looks at the data together (each look tested at (1 - confidence) / looks)."
     )
 
 
