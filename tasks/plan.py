@@ -15,11 +15,11 @@ separated, the budget is spent, or nothing left could change the answer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.stats import t as student
 
 from tasks.config import BudgetConfig  # defined with the rest of the config; importable from here too
 from tasks.errors import UserError
@@ -28,6 +28,9 @@ from tasks.rate import RatingConfig, rate_with_cov
 PLAN_COLUMNS = ["dataset", "example_id", "contender_a", "contender_b"]
 # Looks at the data are made at judgment counts growing by this factor (see _checkpoints).
 LOOK_GROWTH = 1.25
+# Fewest degrees of freedom of a gap's t test (see standing): a pair judged on few examples still borrows
+# precision from common opponents, so its own examples alone would be too harsh.
+MIN_DF = 10
 
 
 class _Universe:
@@ -201,6 +204,16 @@ class Standing:
         return f"{self.leader} leads {self.second or 'nobody rated'}{by}, not separated at {confidence:.0%} ({how})"
 
 
+def _examples_met(judgments: pd.DataFrame, leader: str) -> dict[str, int]:
+    """Distinct (dataset, example) on which each contender was judged against the leader."""
+    a, b = judgments["contender_a"].astype(str), judgments["contender_b"].astype(str)
+    mine = judgments[(a == leader) | (b == leader)]
+    other = np.where(mine["contender_a"].astype(str) == leader, mine["contender_b"].astype(str),
+                     mine["contender_a"].astype(str))
+    key = mine["dataset"].astype(str) + "\x1f" + mine["example_id"].astype(str)
+    return pd.Series(key.to_numpy()).groupby(other).nunique().to_dict()
+
+
 def standing(judgments: pd.DataFrame, contenders: Sequence[str], level: float) -> Standing | None:
     """Test the pooled leader against every other contender at `level` (sandwich gap tests); None before any data.
 
@@ -220,7 +233,7 @@ def standing(judgments: pd.DataFrame, contenders: Sequence[str], level: float) -
     if len(table) == 0:
         return None
     lead = table.iloc[0]
-    z = NormalDist().inv_cdf(1.0 - (1.0 - level) / 2)
+    met = _examples_met(mine, str(lead["contender"]))
     score: dict[str, float] = {}  # gap in standard errors (-inf: not comparable, so a challenger whatever the gap)
     for _, c in table.iloc[1:].iterrows():
         a, b = str(lead["contender"]), str(c["contender"])
@@ -228,7 +241,10 @@ def standing(judgments: pd.DataFrame, contenders: Sequence[str], level: float) -
             score[b] = -np.inf  # never compared with the leader's group, directly or through others
         elif a in cov.index and b in cov.index:
             var = cov.loc[a, a] + cov.loc[b, b] - 2 * cov.loc[a, b]
-            score[b] = (lead["rating"] - c["rating"]) / np.sqrt(max(var, 1e-12)) / z
+            # Student's t, not the normal: the sandwich variance is itself estimated, from about as many clusters as
+            # the two have examples in common (few early on: the normal's z made early looks too bold).
+            crit = student.ppf(1.0 - (1.0 - level) / 2, df=max(met.get(b, 0) - 1, MIN_DF))
+            score[b] = (lead["rating"] - c["rating"]) / np.sqrt(max(var, 1e-12)) / crit
         else:  # an unbounded side has a one-sided bound only: separated when the intervals do not overlap
             score[b] = 2.0 if lead["ci_low"] > c["ci_high"] else -np.inf
     challengers = [b for b, v in score.items() if v <= 1.0] + sorted(names - set(table["contender"]))
