@@ -7,7 +7,8 @@ separated, the budget is spent, or nothing left could change the answer.
 "Separated at 95%" is a claim a user bets on, so it is tested to keep its promise (issue 13):
 - the gap between the leader and each other contender is tested with the cluster-robust (sandwich) covariance of
   the ratings, clustered by (dataset, example) (rate(ci='sandwich')): judgments of one example move together (its
-  difficulty, both orders, all its pairs), which the Fisher intervals ignored (66-83% coverage for a stated 95%);
+  difficulty, both orders, all its pairs), which the Fisher intervals ignored (66-83% coverage for a stated 95%),
+  against Student's t with as many degrees of freedom as the two have examples in common (at least 10);
 - the test is made only at a few looks fixed in advance, at judgment counts growing 25% apart, and each look is
   tested at alpha / L, L being the number of looks the budget allows (a union bound): see _checkpoints.
 """
@@ -160,9 +161,10 @@ def _checkpoints(uni: _Universe, cfg: BudgetConfig, orders: int) -> np.ndarray:
     chance that any is wrong is at most L * alpha / L = alpha (union bound, whatever the correlation between looks).
     E.g. 16 contenders, 600 examples, warm-up 4 per pair, both orders: first look at 4 * 120 * 2 = 960 judgments, at
     most 120 * 600 * 2 = 144,000: 960 * 1.25^m < 144,000 for m = 0..22, so L = 23 + 1 = 24 looks, each tested at
-    0.05 / 24 = 0.0021 two-sided (z = 3.08 instead of 1.96). Growing looks, not one per round: adjacent rounds share
-    most of their judgments, so a bound over all ~360 rounds would test at z = 3.8 for nothing; growing 25% apart
-    costs at most 25% more judgments than needed (about 12% on average).
+    0.05 / 24 = 0.0021 two-sided (z = 3.08 instead of 1.96; standing uses Student's t, a little wider).
+    Growing looks, not one per round: adjacent rounds share most of their judgments, so a bound over all ~360 rounds
+    would test at z = 3.8 for nothing; growing 25% apart costs at most 25% more judgments than needed (about 12% on
+    average). Looks are also at least a quarter round apart, so the rounds cut to end at a look are not tiny.
     """
     pairs = len(uni.pair_i)
     most = pairs * uni.n_examples * orders
@@ -223,7 +225,8 @@ def standing(judgments: pd.DataFrame, contenders: Sequence[str], level: float) -
     names = {str(c) for c in contenders}
     if judgments is None or len(judgments) == 0:
         return None
-    mine = judgments[judgments["contender_a"].astype(str).isin(names) & judgments["contender_b"].astype(str).isin(names)]
+    both = judgments["contender_a"].astype(str).isin(names) & judgments["contender_b"].astype(str).isin(names)
+    mine = judgments[both]
     try:
         r, cov = rate_with_cov(mine, {}, RatingConfig(ci="sandwich", confidence=level))
     except UserError:

@@ -27,7 +27,9 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
 from tasks import progress
-from tasks.bt import bradley_terry, cluster_cov, fit, peel, sweep_bound, tau_bounds  # noqa: F401  (bradley_terry: importable too)
+from tasks.bt import (  # noqa: F401  (bradley_terry: importable too)
+    bradley_terry, cluster_cov, fit, peel, sweep_bound, tau_bounds,
+)
 from tasks.config import RatingConfig  # defined with the rest of the config; importable from here too
 from tasks.rate_input import (  # noqa: F401  (REQUIRED_COLUMNS, WINNERS: importable from here too)
     REQUIRED_COLUMNS, WINNERS, _check_anchor, _common_error, _counts, _Judged, _prepare, _usable,
