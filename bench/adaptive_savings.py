@@ -1,16 +1,31 @@
-"""Adaptive planning vs all pairs with a simulated judge: how often each names the true winner, and at what cost.
+"""Adaptive planning: are its "separated" claims right, and what does it save, against random allocation and all pairs?
 
-16 contenders, the best ahead of the second by 0.2 logit (--gap), outcomes drawn from the Bradley-Terry model.
-With --gap 0 the top two are exactly tied: every "top contender separated" stop is then a false claim, and the
-table's last line counts them (nominal: at most 1 - confidence = 5%).
-python bench/adaptive_savings.py [--quick] [--seeds N] [--gap G] [--adaptive-only]
+A simulated judge where examples differ (issue 13, "What it must reach": adaptive planning). On example e contender k
+plays at theta_k + u_ek (u ~ N(0, s_u^2)): every pair and both orders of one example share the example's shifts; an
+(example, pair) shift w ~ N(0, s_w^2) is shared by the two orders of one comparison; a per-example tie propensity
+log nu_e = log nu + v_e (v ~ N(0, s_v^2)); the contender shown first gains 0.3 nats; ties by Davidson's model (nu as in
+bench/coverage.py, ~1/3 of verdicts). Both orders are judged (orders=2, the LLM judge's default), so a budget counts
+both. Effects (s_u, s_w, s_v) = (1.0, 0.6, 1.0): bench/coverage.py's "strong" setting, where Fisher covered 81%.
+
+Cases (true log-strengths: the best `gap` nats above the second, the rest spread from 0.3 to 1.5 below the second):
+clear leader (8 contenders, gap 0.5), near-tie (8 contenders, the top two exactly equal: every "separated" claim is
+then wrong) and 24 contenders (gap 0.5). 3 datasets x 100 examples; warm-up 4 per pair, rounds of 200 comparisons.
+
+Strategies, on the same simulated judge (its random effects drawn once per search):
+- adaptive: tasks.plan.plan_round until it stops; its claim is the stop reason "top contender separated";
+- uniform, same n: every pair judged on random examples (all-pairs strategy capped at the adaptive search's own number
+  of judgments), then one test at 95% (tasks.plan.standing: the same sandwich gap test, one look);
+- all pairs: every pair on every example, both orders, then the same single test.
+A wrong-winner claim: "separated" said of a contender that is not strictly the best (in the near-tie: any claim).
+Its interval is Wilson's 95%. "true best on top": the top-rated contender at the end is a truly best one.
+
+python bench/adaptive_savings.py [--quick] [--searches N]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,81 +37,150 @@ import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.plan import PLAN_COLUMNS, BudgetConfig, plan_round  # noqa: E402
-from tasks.rate import RatingConfig, rate  # noqa: E402
+from bench import _machine  # noqa: E402
+from bench.coverage import BIAS, SETTINGS, calibrate_nu, davidson  # noqa: E402
+from tasks.plan import PLAN_COLUMNS, BudgetConfig, plan_round, standing  # noqa: E402
+
+EFFECTS = SETTINGS["strong"]  # (s_u, s_w, s_v) nats
+CASES = {"clear leader": (8, 0.5), "near-tie": (8, 0.0), "24 contenders": (24, 0.5)}  # (contenders, gap)
+DATASETS = 3
+COLUMNS = PLAN_COLUMNS + ["order", "winner", "strength", "error"]
 
 
-def field(k: int, gap: float) -> dict[str, float]:
-    """True log-strengths: best = gap, second = 0, the rest spread evenly from -0.1 down to -1.5 logit."""
-    theta = np.concatenate([[gap, 0.0], -np.linspace(0.1, 1.5, k - 2)])
-    return {f"model-{i:02d}": float(t) for i, t in enumerate(theta)}
+def field(k: int, gap: float) -> np.ndarray:
+    """True log-strengths (nats): best = gap, second = 0, the rest from -0.3 down to -1.5."""
+    return np.concatenate([[gap, 0.0], -np.linspace(0.3, 1.5, k - 2)])
 
 
-def judge(plan: pd.DataFrame, strength: dict[str, float], rng: np.random.Generator) -> pd.DataFrame:
-    """Simulated judge: A wins with probability sigma(theta_A - theta_B), no ties."""
-    d = plan.contender_a.map(strength).to_numpy() - plan.contender_b.map(strength).to_numpy()
-    win = np.where(rng.random(len(plan)) < 1.0 / (1.0 + np.exp(-d)), "a", "b")
-    return plan.assign(order="ab", winner=win, strength=1, error=None)
+class Judge:
+    """One simulated search's judge: per-example effects drawn once, so re-asking an example sees the same example."""
+
+    def __init__(self, theta: np.ndarray, per_dataset: int, nu: float, rng: np.random.Generator):
+        s_u, s_w, s_v = EFFECTS
+        k, e = len(theta), DATASETS * per_dataset
+        self.theta, self.nu, self.rng, self.k = theta, nu, rng, k
+        self.names = [f"model-{i:02d}" for i in range(k)]
+        self.pos = {n: i for i, n in enumerate(self.names)}
+        self.examples = {f"dataset-{d}": [f"ex-{i}" for i in range(per_dataset)] for d in range(DATASETS)}
+        self.u = rng.normal(0.0, s_u, (e, k))
+        self.w = rng.normal(0.0, s_w, (e, k, k))
+        self.w = np.triu(self.w, 1) - np.triu(self.w, 1).transpose(0, 2, 1)  # w[e, b, a] = -w[e, a, b]
+        self.v = rng.normal(0.0, s_v, e)
+        self.per_dataset = per_dataset
+
+    def __call__(self, plan: pd.DataFrame) -> pd.DataFrame:
+        """Both orders of every planned comparison, winner named as 'a' (contender_a) / 'b' / 'tie'."""
+        a = plan.contender_a.map(self.pos).to_numpy()
+        b = plan.contender_b.map(self.pos).to_numpy()
+        ds = plan.dataset.str.slice(8).astype(int).to_numpy()
+        e = ds * self.per_dataset + plan.example_id.str.slice(3).astype(int).to_numpy()
+        d = self.theta[a] - self.theta[b] + self.u[e, a] - self.u[e, b] + self.w[e, a, b]
+        d2 = np.stack([d + BIAS, d - BIAS], axis=1)  # order ab: a shown first; ba: b shown first
+        pa, _, pt = davidson(d2, (self.nu * np.exp(self.v[e]))[:, None])
+        r = self.rng.random(d2.shape)
+        winner = np.where(r < pa, "a", np.where(r < pa + pt, "tie", "b"))
+        both = pd.concat([plan.assign(order="ab", winner=winner[:, 0]), plan.assign(order="ba", winner=winner[:, 1])],
+                         ignore_index=True)
+        return both.assign(strength=np.where(both.winner == "tie", 0, 1), error=None)[COLUMNS]
 
 
-def search(strategy: str, seed: int, strength: dict[str, float], examples: dict[str, list[str]]) -> tuple[bool, int, int, str]:
-    """Plan, judge and re-plan until a stop reason; returns (true winner named?, judgments, rounds, reason)."""
+def searching(judge: Judge, cfg: BudgetConfig, rng: np.random.Generator) -> tuple[pd.DataFrame, str, int]:
+    """Plan, judge and re-plan until the planner stops: (judgments, stop reason, rounds)."""
+    done = pd.DataFrame(columns=COLUMNS)
+    rounds = 0
+    while True:
+        plan, reason = plan_round(judge.names, judge.examples, done, cfg, rng, orders=2)
+        if reason is not None:
+            return done, reason, rounds
+        rounds += 1
+        new = judge(plan)
+        done = new if len(done) == 0 else pd.concat([done, new], ignore_index=True)
+
+
+def outcome(judge: Judge, done: pd.DataFrame, claimed: bool, leader: str | None) -> dict:
+    """Did it claim separation, was the claim wrong, is the top-rated contender a true best?"""
+    best = set(np.flatnonzero(judge.theta == judge.theta.max()))
+    right_top = leader is not None and judge.pos[leader] in best
+    strict = len(best) == 1 and right_top
+    return {"n": len(done), "claim": claimed, "wrong": claimed and not strict, "top": right_top}
+
+
+def one_search(case: str, seed: int, per_dataset: int, nu: float) -> dict[str, dict]:
+    """Adaptive, uniform with the same number of judgments, and all pairs, on one simulated judge."""
+    k, gap = CASES[case]
+    judge = Judge(field(k, gap), per_dataset, nu, np.random.default_rng([13, k, int(gap * 100), seed]))
     rng = np.random.default_rng(seed)
-    cfg = BudgetConfig(strategy=strategy, warmup_per_pair=4, round_size=200)
-    done = pd.DataFrame(columns=PLAN_COLUMNS + ["order", "winner", "strength", "error"])
-    rounds, reason = 0, None
-    while reason is None:
-        plan, reason = plan_round(list(strength), examples, done, cfg, rng)
-        if len(plan):
-            rounds += 1
-            new = judge(plan, strength, rng)
-            done = new if len(done) == 0 else pd.concat([done, new], ignore_index=True)
-    table = rate(done, {}, RatingConfig(ci="fisher"))
-    named = table[table.scope == "overall"].iloc[0].contender
-    return named == max(strength, key=strength.get), len(done), rounds, reason or ""
+    cfg = BudgetConfig(warmup_per_pair=4, round_size=200)
+    out: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    done, reason, rounds = searching(judge, cfg, rng)
+    at = reason.find("top contender separated")  # the stop itself, or the last look when the slots ran out
+    claimed = at >= 0
+    leader = reason[at:].split("(")[1].split(",")[0].split(";")[0] if claimed else None
+    if leader is None:
+        st = standing(done, judge.names, 0.95)
+        leader = st.leader if st else None
+    out["adaptive"] = outcome(judge, done, claimed, leader) | {"rounds": rounds, "sec": time.perf_counter() - t0,
+                                                               "reason": reason.split(" (")[0].split(";")[0]}
+    for name, cap in (("uniform, same n", len(done)), ("all pairs", None)):
+        t0 = time.perf_counter()
+        plan, _ = plan_round(judge.names, judge.examples, done.iloc[:0],
+                             BudgetConfig(strategy="all-pairs", max_comparisons=cap), rng, orders=2)
+        fixed = judge(plan)
+        st = standing(fixed, judge.names, 0.95)  # one look, at the stated confidence
+        out[name] = outcome(judge, fixed, st is not None and not st.challengers, st.leader if st else None) | {
+            "rounds": 1, "sec": time.perf_counter() - t0, "reason": ""}
+    return out
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> str:
+    """k/n with its Wilson 95% interval, e.g. '2/100 = 2.0% (0.6-7.0%)'."""
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return f"{k}/{n} = {p:.1%} ({max(mid - half, 0):.1%}-{min(mid + half, 1):.1%})"
 
 
 def main() -> int:
-    """Run both strategies over the seeds and print one table."""
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="3 seeds and 50 examples per dataset (seconds)")
-    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 20, quick 3)")
-    ap.add_argument("--gap", type=float, default=0.2, help="logit lead of the best over the second (0: a tie)")
-    ap.add_argument("--adaptive-only", action="store_true", help="skip the all-pairs baseline")
+    """Run every case and print one table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="3 searches per case, 20 examples per dataset (seconds)")
+    ap.add_argument("--searches", type=int, default=None, help="simulated searches per case (default 100, quick 3)")
     args = ap.parse_args()
-    seeds = args.seeds or (3 if args.quick else 20)
-    per_dataset = 50 if args.quick else 200
-    strength = field(16, args.gap)
-    examples = {f"dataset-{d}": [f"ex-{i}" for i in range(per_dataset)] for d in range(3)}
-    results: dict[str, list[tuple[bool, int, int, str]]] = {}
-    times: dict[str, float] = {}
-    for strategy in ("adaptive",) if args.adaptive_only else ("all-pairs", "adaptive"):
-        t0 = time.perf_counter()
-        results[strategy] = [search(strategy, seed, strength, examples) for seed in range(seeds)]
-        times[strategy] = time.perf_counter() - t0
-
-    n_all = np.mean([r[1] for r in results["all-pairs"]]) if "all-pairs" in results else 120 * 3 * per_dataset
-    cmd = "python bench/adaptive_savings.py" + (" --quick" if args.quick else "") + (
-        f" --seeds {args.seeds}" if args.seeds else "") + (f" --gap {args.gap}" if args.gap != 0.2 else "") + (
-        " --adaptive-only" if args.adaptive_only else "")
-    print(f"# adaptive savings: 16 contenders, best ahead of second by {args.gap} logit, BT judge, {seeds} seeds,")
-    print(f"#   3 datasets x {per_dataset} examples = {120 * 3 * per_dataset:,} (pair, example) slots; warm-up 4/pair, rounds of 200")
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}")
-    print(f"# command: {cmd}")
-    print(f"{'strategy':<10} {'right':>7} {'judgments mean':>15} {'median':>8} {'min':>7} {'max':>7} {'saved':>7} {'rounds':>7} {'sec':>6}")
-    for strategy, res in results.items():
-        n = np.array([r[1] for r in res])
-        right = sum(r[0] for r in res)
-        saved = 1.0 - n.mean() / n_all
-        print(
-            f"{strategy:<10} {right:>3}/{len(res):<3} {n.mean():>15,.0f} {np.median(n):>8,.0f} {n.min():>7,} {n.max():>7,} "
-            f"{saved:>7.0%} {np.mean([r[2] for r in res]):>7.1f} {times[strategy]:>6.1f}"
-        )
-    reasons = pd.Series([r[3].split(" (")[0] for r in results["adaptive"]]).value_counts()
-    print("# adaptive stop reasons: " + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
-    if args.gap == 0:  # the top two are equal: any claim that the leader is separated is false
-        false = sum(r[3].startswith("top contender separated") for r in results["adaptive"])
-        print(f"# false 'separated' claims with the top two tied: {false}/{seeds} = {false / seeds:.1%} (nominal <= 5%)")
+    searches = args.searches or (3 if args.quick else 100)
+    per_dataset = 20 if args.quick else 100
+    nu = calibrate_nu(EFFECTS)
+    t_start = time.perf_counter()
+    rows, reasons = [], []
+    for case in CASES:
+        res = [one_search(case, s, per_dataset, nu) for s in range(searches)]
+        for strategy in ("adaptive", "uniform, same n", "all pairs"):
+            r = [x[strategy] for x in res]
+            n = np.array([x["n"] for x in r])
+            rows.append({
+                "case": case, "strategy": strategy, "searches": len(r),
+                "judgments mean": f"{n.mean():,.0f}", "median": f"{np.median(n):,.0f}",
+                "separated claims": f"{sum(x['claim'] for x in r)}",
+                "wrong-winner claims (Wilson 95%)": wilson(sum(x["wrong"] for x in r), len(r)),
+                "true best on top": f"{np.mean([x['top'] for x in r]):.0%}",
+                "rounds": f"{np.mean([x['rounds'] for x in r]):.1f}",
+                "sec": f"{sum(x['sec'] for x in r):.0f}",
+            })
+        counts = pd.Series([x["adaptive"]["reason"] for x in res]).value_counts()
+        reasons.append(f"# {case}, adaptive stops: " + "; ".join(f"{k}: {v}" for k, v in counts.items()))
+    k_all = {c: k * (k - 1) // 2 * DATASETS * per_dataset * 2 for c, (k, _) in CASES.items()}
+    print(_machine.header())
+    print()
+    print(f"# adaptive planning vs uniform allocation of the same judgments vs all pairs: {searches} simulated searches"
+          f" per case, {DATASETS} datasets x {per_dataset} examples, both orders; per-example effects (s_u, s_w, s_v) ="
+          f" {EFFECTS}, position bias {BIAS} nats, Davidson ties (nu {nu:.2f}); all pairs = "
+          + ", ".join(f"{c} {n:,}" for c, n in k_all.items()) + " judgments")
+    print("# wrong-winner claim: 'separated at 95%' said of a contender that is not strictly the best (nominal <= 5%)")
+    print()
+    print(_machine.table(rows, list(rows[0])))
+    print()
+    print("\n".join(reasons))
+    print(f"# total {time.perf_counter() - t_start:.0f} s")
     return 0
 
 

@@ -13,6 +13,8 @@ Settings: none (s_u = s_w = s_v = 0), moderate (0.5, 0.3, 0.5) and strong (1.0, 
 
 Methods, all through the public rate() on the same judgments:
 - example bootstrap: RatingConfig() as users get it (ci='bootstrap' over examples, its default rounds);
+- sandwich: ci='sandwich' (the cluster-robust covariance H^-1 (sum_e g_e g_e^T) H^-1, score contributions summed per
+  (dataset, example); as fast as Fisher; what the adaptive planner stops on);
 - fisher: ci='fisher' (inverse observed information, every judgment independent);
 - battle bootstrap: FastChat's `compute_bootstrap_bt` resampling unit, each judgment row redrawn independently,
   done by giving every row its own example_id so that rate()'s own bootstrap resamples rows (same rounds, same
@@ -65,7 +67,7 @@ BIAS = 0.3  # nats for the contender shown first
 TIE_SHARE = 0.34
 STRONG = 0.35  # share of decisive verdicts that are strong (~23% of all verdicts)
 SETTINGS = {"none": (0.0, 0.0, 0.0), "moderate": (0.5, 0.3, 0.5), "strong": (1.0, 0.6, 1.0)}  # (s_u, s_w, s_v)
-METHODS = ("example bootstrap", "fisher", "battle bootstrap")
+METHODS = ("example bootstrap", "sandwich", "fisher", "battle bootstrap")
 PAIRS = [(i, j) for i in range(len(THETA)) for j in range(i + 1, len(THETA))]
 
 
@@ -218,12 +220,14 @@ def main() -> int:
             battle = df.assign(example_id=np.arange(len(df)))  # every row its own resampling unit
             cfgs = {
                 "example bootstrap": (df, RatingConfig(bootstrap_rounds=rounds, seed=s)),
+                "sandwich": (df, RatingConfig(ci="sandwich")),
                 "fisher": (df, RatingConfig(ci="fisher")),
                 "battle bootstrap": (battle, RatingConfig(bootstrap_rounds=rounds, seed=s)),
             }
             for m, (data, cfg) in cfgs.items():
+                t1 = time.perf_counter()
                 diffs, table = intervals(data, cfg)
-                res[m].append(score(diffs, table, truth))
+                res[m].append(score(diffs, table, truth) | {"ms": 1000 * (time.perf_counter() - t1) / (len(THETA) - 1)})
         sec = time.perf_counter() - t0
         check = "-"
         if not args.quick:  # the estimand, checked: one search with 20,000 examples lands on the pseudo-truth
@@ -255,6 +259,7 @@ def main() -> int:
                 "false flags (equal pairs)": cell([r["false_flag"] for r in rs]),
                 "wrong marks / marks": f"{wrong}/{marks} = {wrong / max(marks, 1):.1%}",
                 "mean width (Elo)": f"{np.mean([r['width'] for r in rs]):.1f}",
+                "ms per rate()": f"{np.mean([r['ms'] for r in rs]):.0f}",
             })
     total = time.perf_counter() - t_start
     print(_machine.header())

@@ -275,9 +275,10 @@ class RatingConfig(Frozen):
         None, description="Contender pinned at anchor_rating (e.g. gpt-4); None or absent: the mean rating is pinned."
     )
     anchor_rating: float = Field(1000.0, description="Rating of the anchor contender, or the mean rating without one.")
-    ci: Literal["bootstrap", "fisher"] = Field(
+    ci: Literal["bootstrap", "fisher", "sandwich"] = Field(
         "bootstrap",
-        description="Interval method: bootstrap over examples (sound, default) or inverse Fisher information (fast).",
+        description="Interval method: bootstrap over examples (sound, default), inverse Fisher information (fast, too "
+        "narrow when examples differ), or 'sandwich' (fast and clustered by example: the adaptive planner's).",
     )
     bootstrap_rounds: int = Field(200, ge=2, description="Bootstrap replicates when ci is 'bootstrap'.")
     confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Two-sided confidence of intervals and separation.")
@@ -318,7 +319,8 @@ class BudgetConfig(Frozen):
         None, gt=0.0, description="GPU-hours fine-tuning and generation may take; a run whose plan alone takes more "
         "does not start, and the run stops before a stage that would cross it (None: no cap).")
     confidence: float = Field(
-        0.95, gt=0.0, lt=1.0, description="Stop when the leader's interval at this confidence overlaps no other's."
+        0.95, gt=0.0, lt=1.0, description="Adaptive: stop when the leader is separated from every other contender at "
+        "this confidence, all looks at the data together (each look tested at (1 - confidence) / looks)."
     )
 
 

@@ -27,8 +27,10 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
 from tasks import progress
-from tasks.bt import bradley_terry, fit, peel, sweep_bound, tau_bounds  # noqa: F401  (bradley_terry: importable too)
 from tasks.bootstrap import per_example_counts, replicate_counts, resamples
+from tasks.bt import (  # noqa: F401  (bradley_terry: importable too)
+    bradley_terry, cluster_cov, fit, peel, sweep_bound, tau_bounds,
+)
 from tasks.length_control import fit_controlled
 from tasks.config import RatingConfig  # defined with the rest of the config; importable from here too
 from tasks.rate_input import (  # noqa: F401  (REQUIRED_COLUMNS, WINNERS: importable from here too)
@@ -373,12 +375,20 @@ def _fit_scopes(p: _Judged, scopes: list[_Scope], weighted: np.ndarray, cfg: Rat
     """Point fits (and Fisher covariances) of every scope, then the bootstrap replicates if asked for."""
     for s in scopes:
         w, t = _scope_matrices(weighted[None], s, cfg)
-        theta, tau, hess = fit(w, t, s.model, cfg.ridge, want_hess=cfg.ci == "fisher")
+        theta, tau, hess = fit(w, t, s.model, cfg.ridge, want_hess=cfg.ci != "bootstrap")
         s.theta, s.tau = theta[0], tau[0]
+        k = len(s.members)
         if cfg.ci == "fisher":
             # Covariance of theta: the theta block of the inverse of the negative Hessian (tau profiled out).
-            k = len(s.members)
             s.cov = scipy.linalg.cho_solve(scipy.linalg.cho_factor(-hess[0]), np.eye(len(hess[0])))[:k, :k]
+        elif cfg.ci == "sandwich":
+            # The same fit, its gradient summed per (dataset, example): see tasks.bt.cluster_cov.
+            local = np.full(len(p.names), -1)
+            local[s.members] = np.arange(k)
+            a, b = local[p.i], local[p.j]
+            on = (a >= 0) & (b >= 0) & (s.mix[p.ds] > 0)
+            s.cov = cluster_cov(a[on], b[on], p.out[on], (p.w * s.mix[p.ds])[on], p.ex[on], s.theta, float(s.tau),
+                                s.model, -hess[0])[:k, :k]
     if cfg.ci != "bootstrap":
         return
     rng = np.random.default_rng(cfg.seed)
@@ -404,6 +414,16 @@ def rate(
     judgments: pd.DataFrame, kinds: Mapping[str, str] | None = None, cfg: RatingConfig = RatingConfig()
 ) -> pd.DataFrame:
     """Bradley-Terry ratings per dataset and pooled ('overall', datasets weighted equally), best first."""
+    return rate_with_cov(judgments, kinds, cfg)[0]
+
+
+def rate_with_cov(
+    judgments: pd.DataFrame, kinds: Mapping[str, str] | None = None, cfg: RatingConfig = RatingConfig()
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """rate() and the pooled scope's covariance of the fitted contenders' ratings (Elo^2; empty for the bootstrap).
+
+    Var(rating_a - rating_b) = C[a, a] + C[b, b] - 2 C[a, b]: the gap test of any two contenders (the planner's).
+    """
     kinds = kinds or {}
     p = _prepare(judgments, cfg)
     _check_anchor(p, cfg)
@@ -413,8 +433,11 @@ def rate(
     _fit_scopes(p, scopes, weighted, cfg)
     table = _tables(p, scopes, raw, kinds, cfg)
     table = table.merge(_arena(p, scopes, raw, weighted, cfg), on=["scope", "contender"], how="left")
+    top = scopes[0] if scopes and scopes[0].cov is not None else None  # 'overall', or the only dataset
+    names = [str(x) for x in p.names[top.members]] if top is not None else []
+    cov = pd.DataFrame(ELO_PER_NAT**2 * top.cov if top is not None else np.empty((0, 0)), index=names, columns=names)
     if not cfg.length_control:
-        return table[RATING_COLUMNS]
+        return table[RATING_COLUMNS], cov
     controlled, coef = fit_controlled(p, scopes, cfg)
     plain = table.set_index(["scope", "contender"])
     lc = _tables(p, controlled, raw, kinds, cfg).drop(columns="rating_arena", errors="ignore")
@@ -426,7 +449,7 @@ def rate(
         coef["overall"] = coef[scopes[0].name]
     for k, col in enumerate(["length_coef", "length_coef_low", "length_coef_high"]):
         lc[col] = lc["scope"].map({n: ELO_PER_NAT * c[k] for n, c in coef.items() if len(c) > k}).astype(float)
-    return lc[RATING_COLUMNS + LENGTH_COLUMNS]
+    return lc[RATING_COLUMNS + LENGTH_COLUMNS], cov
 
 
 def _tables(p: _Judged, scopes: list[_Scope], raw: np.ndarray, kinds: Mapping[str, str], cfg: RatingConfig

@@ -82,4 +82,13 @@ def test_families_quick():
 def test_coverage_quick():
     out = run("bench/coverage.py", "--quick")
     assert "| example bootstrap |" in out and "| battle bootstrap  |" in out and "| strong   | fisher" in out
+    assert "| strong   | sandwich" in out
     assert "pseudo-true Elo m0..m5" in out
+
+
+def test_adaptive_savings_quick():
+    out = run("bench/adaptive_savings.py", "--quick")
+    for case in ("clear leader", "near-tie", "24 contenders"):
+        for strategy in ("adaptive", "uniform, same n", "all pairs"):
+            assert f"| {case:<13} | {strategy:<15} | 3 " in out
+    assert "wrong-winner claims (Wilson 95%)" in out and "adaptive stops:" in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import numpy as np
 import pandas as pd
 import pytest
@@ -119,6 +120,9 @@ def test_comparison_cap_counts_judgments_when_both_orders_are_judged(cfg):
         assert len(done) <= cfg.max_comparisons
     assert reason.startswith("comparison budget spent") and f"of {cfg.max_comparisons} judgments" in reason
     assert cfg.max_comparisons - 1 <= len(done) <= cfg.max_comparisons  # an odd cap leaves one judgment unused
+    if cfg.strategy == "adaptive":  # the budget ended first: the stop says the leader is not separated, and by how much
+        assert re.search(r"; \w leads \w by \d+ Elo, not separated at 95% \(tested at 99\.\d\d% at each of \d+ looks\)$",
+                         reason), reason
 
 
 def test_planner_challenges_contenders_never_compared_with_the_leader():
@@ -150,3 +154,72 @@ def test_budget_config_is_strict():
     with pytest.raises(Exception):
         BudgetConfig(strategy="random")  # type: ignore[arg-type]
     assert all(f.description for f in BudgetConfig.model_fields.values())
+
+
+def test_looks_are_fixed_in_advance_and_tested_at_alpha_over_their_number():
+    # The arithmetic in _checkpoints' docstring: 16 contenders, 3 x 200 examples, warm-up 4, both orders.
+    from tasks.plan import _checkpoints, _look_level, _Universe
+
+    uni = _Universe([f"m{i:02d}" for i in range(16)], {f"d{d}": [str(i) for i in range(200)] for d in range(3)})
+    grid = _checkpoints(uni, BudgetConfig(), orders=2)
+    assert grid[0] == 4 * 120 * 2 and grid[-1] < 120 * 600 * 2 and len(grid) == 23
+    assert (grid % 2 == 0).all() and (np.diff(grid) >= 0.25 * grid[:-1] - 2).all()
+    assert _look_level(0.95, len(grid) + 1) == pytest.approx(1 - 0.05 / 24)
+    capped = _checkpoints(uni, BudgetConfig(max_comparisons=3000), orders=2)
+    assert capped[-1] < 3000 and len(capped) < len(grid)
+
+
+def test_sandwich_intervals_count_an_example_once_however_often_it_is_judged():
+    # Judging every comparison 4 times on the same example adds nothing: Fisher's interval halves, the sandwich
+    # (clustered by example) stays as it was.
+    from tasks.rate import RatingConfig, rate
+
+    rng = np.random.default_rng(11)
+    plan = plan_round(["a", "b", "c"], EXAMPLES, pd.DataFrame(columns=PLAN_COLUMNS), BudgetConfig(strategy="all-pairs"),
+                      rng)[0]
+    once = judge(plan, {"a": 0.5, "b": 0.0, "c": -0.5}, rng)
+    four = pd.concat([once] * 4, ignore_index=True)
+
+    def width(df, ci):
+        r = rate(df, {}, RatingConfig(ci=ci))
+        return (r.ci_high - r.ci_low)[r.scope == "overall"].to_numpy()
+
+    assert width(four, "fisher") == pytest.approx(width(once, "fisher") / 2, rel=1e-3)
+    assert width(four, "sandwich") == pytest.approx(width(once, "sandwich"), rel=1e-3)
+    assert width(once, "sandwich") == pytest.approx(width(once, "fisher"), rel=0.25)  # independent: about Fisher's
+
+
+def judge_with_examples(seed: int):
+    """A judge whose examples differ: contender k plays theta_k + u[example, k], the same on every re-ask."""
+    u = np.random.default_rng([99, seed]).normal(0.0, 1.5, (40, 4))
+    col = {"a": 0, "b": 1, "c": 2, "d": 3}
+
+    def judge_fx(plan, strength, rng):
+        e = np.array([int(x[1:]) + (30 if x[0] == "y" else 0) for x in plan.example_id])
+        ua = u[e, plan.contender_a.map(col).to_numpy()]
+        ub = u[e, plan.contender_b.map(col).to_numpy()]
+        d = plan.contender_a.map(strength).to_numpy() + ua - plan.contender_b.map(strength).to_numpy() - ub
+        win = np.where(rng.random(len(plan)) < 1 / (1 + np.exp(-d)), "a", "b")
+        return plan.assign(order="ab", winner=win, strength=1, error=None, cost_usd=0.01)
+    return judge_fx
+
+
+def test_exact_tie_is_never_claimed_separated_and_a_clear_leader_is(monkeypatch):
+    # Seeded searches with per-example effects. With the top two exactly equal, no stop may claim a separated
+    # leader (each search may be wrong with probability <= 5%); the stop says who leads by how much instead.
+    # Seeds 19 and 27 are two where the rule before (Fisher intervals, a look every round at 95%) claimed one.
+    # A clear leader is separated, at a planned look.
+    import tests.test_plan as me
+    from tasks.plan import _checkpoints, _Universe
+
+    tie, clear = {"a": 0.0, "b": 0.0, "c": -1.0, "d": -1.5}, {"a": 4.0, "b": 0.0, "c": -1.0, "d": -1.5}
+    cfg = BudgetConfig(warmup_per_pair=2, round_size=20)
+    grid = _checkpoints(_Universe(list(tie), EXAMPLES), cfg, orders=1)
+    for seed in (19, 27, 0, 1):
+        monkeypatch.setattr(me, "judge", judge_with_examples(seed))
+        done, _, reason = run(tie, cfg, seed=seed)
+        assert "top contender separated" not in reason, reason
+        assert "not separated at 95%" in reason and " leads " in reason and " Elo" in reason
+        done, _, reason = run(clear, cfg, seed=seed)
+        assert reason.startswith("top contender separated at 95% (a, ahead of "), reason
+        assert len(done) in grid and len(done) < 6 * 40
