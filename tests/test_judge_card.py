@@ -1,0 +1,107 @@
+"""The judge card on a small judgments table, every number computed by hand; the combined judge and several judges
+against the fake OpenAI-compatible server (tests/fake_openai.py); their config errors in one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.data import Example
+from tasks.judge_card import (agreement, card_section, card_table, metric_winners, output_lengths,
+                              position_consistency, shown_winner)
+
+LLM = "openai:judge-model@prompt-v1"
+
+# Four examples of one pair (x, y), expected answer and each contender's output (lengths chosen: x is the longer on
+# e1 and e2, y on e3 and e4). The exact metric: e1 x right, e2 y right, e3 x right, e4 both wrong (a tie).
+EXPECTED = {"e1": "long answer", "e2": "ok", "e3": "yes", "e4": "zzz"}
+OUT_X = {"e1": "long answer", "e2": "wrong wrong", "e3": "yes", "e4": "aa"}
+OUT_Y = {"e1": "short", "e2": "ok", "e3": "no no no no", "e4": "bbbbbbbb"}
+# The LLM's verdicts (A = the output shown first; order ba shows y first):
+#   e1 ab A>B -> x, ba B>A -> x: consistent      e2 ab A>B -> x, ba A>B -> y: inconsistent (position bias)
+#   e3 ab A=B, ba A=B: consistent (ties)          e4 ab B>>A -> y, ba A>>B -> y: consistent
+VERDICTS = {("e1", "ab"): ("A>B", "a"), ("e1", "ba"): ("B>A", "a"), ("e2", "ab"): ("A>B", "a"),
+            ("e2", "ba"): ("A>B", "b"), ("e3", "ab"): ("A=B", "tie"), ("e3", "ba"): ("A=B", "tie"),
+            ("e4", "ab"): ("B>>A", "b"), ("e4", "ba"): ("A>>B", "b")}
+METRIC = {"e1": "a", "e2": "b", "e3": "a", "e4": "tie"}
+
+
+def _table() -> pd.DataFrame:
+    """8 LLM rows (disagreeing orders settled as ties in `winner`, as the judge stores them), 8 metric rows, 1 failed."""
+    rows = []
+    for (ex, order), (verdict, shown) in VERDICTS.items():
+        settled = "tie" if ex == "e2" else shown
+        rows.append({"dataset": "d", "example_id": ex, "contender_a": "x", "contender_b": "y", "order": order,
+                     "winner": settled, "strength": 0 if settled == "tie" else 1, "judge": LLM, "error": None,
+                     "verdict": verdict, "raw": "{}", "hash_first": f"h{ex}{order}", "hash_second": f"k{ex}{order}"})
+    for ex, w in METRIC.items():
+        for order in ("ab", "ba"):
+            rows.append({"dataset": "d", "example_id": ex, "contender_a": "x", "contender_b": "y", "order": order,
+                         "winner": w, "strength": 0 if w == "tie" else 2, "judge": "metric:exact", "error": None,
+                         "verdict": None, "raw": "{}", "hash_first": None, "hash_second": None})
+    rows.append({"dataset": "d", "example_id": "e1", "contender_a": "x", "contender_b": "z", "order": "ab",
+                 "winner": "tie", "strength": 0, "judge": LLM, "error": "timeout", "verdict": None, "raw": "",
+                 "hash_first": "p", "hash_second": "q"})
+    return pd.DataFrame(rows)
+
+
+def _world() -> tuple[dict, dict, dict]:
+    """(examples, metrics, outputs) of the table above."""
+    examples = {"d": [Example(ex, [{"role": "user", "content": ex}], "teacher", want) for ex, want in EXPECTED.items()]}
+    outputs = {"d": {c: pd.DataFrame({"example_id": list(o), "output": list(o.values()), "error": None})
+                     for c, o in (("x", OUT_X), ("y", OUT_Y))}}
+    return examples, {"d": "exact"}, outputs
+
+
+def test_card_numbers_match_the_hand_count():
+    df = _table()
+    examples, metrics, outputs = _world()
+    # the verdicts as given, not the settled winners: e2's two rows name x then y
+    assert shown_winner(df[df.judge == LLM]).tolist()[:4] == ["a", "a", "a", "b"]
+    assert position_consistency(df) == (0.75, 4)  # e1, e3, e4 of 4 pairs seen both ways
+    win = metric_winners(df, examples, metrics, outputs)
+    assert win[df.judge == LLM].tolist()[:8] == ["a", "a", "b", "b", "a", "a", "tie", "tie"]
+    assert pd.isna(win.iloc[-1])  # contender z has no outputs: no metric verdict
+    card = card_table(df, output_lengths(outputs), win).set_index("judge")
+    llm, metric = card.loc[LLM], card.loc["metric"]
+    assert (llm["judgments"], llm["failed"], metric["judgments"]) == (8, 1, 8)
+    # 6 decisive verdicts (e1 x2, e2 x2, e4 x2); the longer output won e1 x2, e2's ab and e4 x2
+    assert (llm["longer_won"], llm["longer_won_n"]) == (5 / 6, 6)
+    # where the metric separates (e1, e2, e3: 6 rows): agrees on e1 x2 and e2's ba; e3's ties do not agree
+    assert (llm["agreement_share"], llm["agreement_n"], llm["agreement_examples"]) == (0.5, 6, 3)
+    assert llm["agreement_ties"] == pytest.approx(2 / 6)
+    # 3 examples with 2, 1, 0 agreeing: drawing e3 three times (1/27 = 3.7% > 2.5%) gives 0, e1 three times 1
+    assert (llm["agreement_low"], llm["agreement_high"]) == (0.0, 1.0)
+    assert pd.isna(metric["consistency"]) and metric["agreement_n"] == 0  # the metric is not checked against itself
+
+
+def test_agreement_interval_resamples_examples_not_judgments():
+    # 20 examples, 2 judgments each that agree or disagree together (15 of 20 agree): the interval must be that of
+    # 20 draws, not 40. Wilson on 40 independent judgments is 0.59..0.86 (0.26 wide); 20 clusters give ~0.38.
+    rows = [{"dataset": "d", "example_id": str(i), "contender_a": "x", "contender_b": "y", "order": o,
+             "winner": "a" if i < 15 else "b", "judge": LLM, "error": None} for i in range(20) for o in ("ab", "ba")]
+    df = pd.DataFrame(rows)
+    out = agreement(df, pd.Series("a", index=df.index), 0.95, rounds=2000, seed=1)
+    assert out["share"] == 0.75 and out["n"] == 40 and out["examples"] == 20
+    assert out["low"] < 0.75 < out["high"] and out["high"] - out["low"] > 0.3
+
+
+def test_card_section_warns_below_the_threshold_and_names_it():
+    examples, metrics, outputs = _world()
+    lines, warnings = card_section(_table(), examples, metrics, outputs, confidence=0.95)
+    text = "\n".join(lines)
+    assert "## Judge card" in text and "75% (4)" in text and "83% (6)" in text  # consistency, longer output won
+    assert "50% (95% CI 0%-100%, 6)" in text
+    assert len(warnings) == 1 and "50%" in warnings[0] and "below 70%" in warnings[0] and "\n" not in warnings[0]
+    assert "**Warning:**" in text
+    metric_only = _table()[lambda d: d.judge != LLM]
+    assert card_section(metric_only, examples, metrics, outputs) == ([], [])  # no LLM judge, no card
+
+
+def test_a_failed_output_scores_zero_for_the_metric():
+    examples, metrics, outputs = _world()
+    x = outputs["d"]["x"]
+    x.loc[x.example_id == "e1", "error"] = "generation failed"  # its text, the right answer, is not scored
+    win = metric_winners(_table(), examples, metrics, outputs)
+    assert win.iloc[0] == "tie"  # x 0 (failed) against y 0 (wrong)
