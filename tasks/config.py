@@ -235,6 +235,13 @@ class JudgeConfig(Frozen):
         "to the store every 500 as they come, so a killed run loses at most that many."
     )
 
+    @model_validator(mode="after")
+    def _llm_needs_a_model(self) -> "JudgeConfig":
+        """An openai or combined judge names its model (checked here, so the error names the file and line)."""
+        if self.kind != "metric" and not self.model:
+            raise ValueError(f"the {self.kind} judge needs a model id (model: e.g. gpt-4o)")
+        return self
+
 
 class ComputeConfig(Frozen):
     """Where the GPU stages (merge, fine-tune, generate) run."""

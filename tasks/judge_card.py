@@ -295,14 +295,16 @@ def card_section(judgments: pd.DataFrame, examples: Mapping[str, list[Example]],
              f"the metric's winner (a tie counts as not agreeing), with a {confidence:.0%} bootstrap interval over "
              "examples. Each judge's judgments and their share of all used are counted here.", "", md_table(shown), ""]
     per_ds = agreement_by_dataset(judgments, win, confidence, seed)
-    lines += [f"- **{r.judge}** on **{r.dataset}**: agrees with the metric on "
-              f"{_agreement_text(r.share, r.low, r.high, int(r.n), confidence)} judgments, {r.examples} examples; "
-              f"ties there {_pct(r.ties)}." for r in per_ds.itertuples(index=False) if r.n]
-    if not (win.notna() & pd.Series(_llm(judgments), index=judgments.index)).any():
-        combined = (~pd.Series(_llm(judgments), index=judgments.index)).any() and win.isin(["a", "b"]).any()
-        lines.append("- Agreement with ground truth is not measured: " + (
-            "the metric decided every comparison its ground truth separates (combined judge), so the LLM judged only "
-            "where it ties." if combined else "no dataset's test rows have `expected`."))
+    lines += [f"- **{r.judge}** on **{r.dataset}**: names the metric's winner in {r.share:.0%} of {int(r.n)} "
+              f"judgments on {r.examples} examples ({confidence:.0%} CI {r.low:.0%}-{r.high:.0%}); ties there "
+              f"{_pct(r.ties)}." for r in per_ds.itertuples(index=False) if r.n]
+    llm = pd.Series(_llm(judgments), index=judgments.index)
+    if not (win.isin(["a", "b"]) & llm).any():
+        why = ("no dataset's test rows have `expected`" if not win.notna().any() else
+               "the metric decided every comparison its ground truth separates (combined judge), so the LLM judged "
+               "only where it ties" if (~llm & win.isin(["a", "b"])).any() else
+               "ground truth separates none of the outputs the LLM judged")
+        lines.append(f"- Agreement with ground truth is not measured: {why}.")
     warnings = [f"judge {r.judge} agrees with ground truth on only {r.share:.0%} of {int(r.n)} judgments on "
                 f"{r.dataset} (below {threshold:.0%}; {confidence:.0%} CI {r.low:.0%}-{r.high:.0%}): check its "
                 "prompt, reference setting and model before trusting its ranking"

@@ -191,8 +191,6 @@ def check_api_models(cfg: SearchConfig) -> None:
         if judge.kind == "metric":
             continue
         where = f"judges[{i}]" if cfg.judges else "judge"
-        if not judge.model:
-            raise UserError(f"{where}.model: the {judge.kind} judge needs a model id (e.g. gpt-4o)")
         if cfg.budget.max_usd is not None and judge.model not in cfg.prices:
             raise UserError(f"budget.max_usd needs the price of {where}.model: add prices.{judge.model}: "
                             "{input: USD per 1M tokens, output: USD per 1M tokens}")

@@ -92,7 +92,8 @@ def test_card_section_warns_below_the_threshold_and_names_it():
     lines, warnings = card_section(_table(), examples, metrics, outputs, confidence=0.95)
     text = "\n".join(lines)
     assert "## Judge card" in text and "75% (4)" in text and "83% (6)" in text  # consistency, longer output won
-    assert "50% (95% CI 0%-100%, 6)" in text
+    assert "50% (95% CI 0%-100%, 6)" in text  # the table's cell
+    assert "names the metric's winner in 50% of 6 judgments on 3 examples (95% CI 0%-100%); ties there 33%" in text
     assert len(warnings) == 1 and "50%" in warnings[0] and "below 70%" in warnings[0] and "\n" not in warnings[0]
     assert "**Warning:**" in text
     metric_only = _table()[lambda d: d.judge != LLM]
@@ -105,3 +106,136 @@ def test_a_failed_output_scores_zero_for_the_metric():
     x.loc[x.example_id == "e1", "error"] = "generation failed"  # its text, the right answer, is not scored
     win = metric_winners(_table(), examples, metrics, outputs)
     assert win.iloc[0] == "tie"  # x 0 (failed) against y 0 (wrong)
+
+
+# ------------------------------------------------------------------------------- against the fake server
+
+from tests.test_llm_judge import ALL, ENV, KEY, _cfg, _judge_flow, _outputs, server  # noqa: E402,F401
+
+
+def _truth_contest(combined: bool = True):
+    """best right everywhere, half right on even examples, worst never; example 7 has no `expected`."""
+    from tasks.llm_judge import Contest
+
+    examples = [Example(str(i), [{"role": "user", "content": f"Name item {i}."}], f"item {i} teacher",
+                        None if i == 7 else f"item {i} red box") for i in range(8)]
+    outs = {"best": _outputs("best", [f"item {i} red box" for i in range(8)]),
+            "half": _outputs("half", [f"item {i} red box" if i % 2 == 0 else f"item {i} blue" for i in range(8)]),
+            "worst": _outputs("worst", ["no idea at all"] * 8)}
+    return Contest({"d": examples}, {"d": outs}, {"d": "exact"} if combined else {})
+
+
+def test_combined_judge_asks_the_llm_only_where_the_metric_ties(server, tmp_path):
+    from tasks.rate import rate
+
+    run = _judge_flow(_truth_contest(), _cfg(server).model_copy(update={"kind": "combined"}), ALL, None, str(tmp_path / "a"))
+    # LLM calls, by hand: half vs worst on the odd examples (both wrong: 0 = 0), 4 x 2 orders = 8; example 7 (no
+    # `expected`) for best-half and best-worst, 2 x 2 = 4. best-half on the even examples are identical outputs:
+    # tied without a call (8). The metric decides the other 28 of the 3 pairs x 8 examples x 2 orders = 48.
+    assert server.stats()["chat"] == 12 and run.requests == 12
+    df = run.judgments
+    assert len(df) == 48 and run.metric_decided == 28 and run.stats()["metric_decided"] == 28
+    assert df["judge"].value_counts().to_dict() == {"metric:exact": 28, "openai:judge-model@prompt-v1": 20}
+    metric = df[df["judge"] == "metric:exact"]
+    assert set(metric["example_id"]) == set("0123456") and metric["cost_usd"].sum() == 0
+    overall = rate(df).query("scope == 'overall'").set_index("contender")["rank"]
+    assert overall.to_dict() == {"best": 1, "half": 2, "worst": 3}
+    # the plain LLM judge on the same outputs: every pair whose outputs differ, 48 - 8 identical = 40 judgments,
+    # of which half vs worst on the even examples repeat best vs worst's prompts (half = best there): 32 calls
+    server.reset()
+    _judge_flow(_truth_contest(False), _cfg(server), ALL, None, str(tmp_path / "b"))
+    assert server.stats()["chat"] == 32
+
+
+# ------------------------------------------------------------------------------------------ config errors
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("both", "give either judge: (one judge) or judges: (several, pooled), not both"),
+    ("combined-in-list", "judges[1]: kind combined is a judge of its own"),
+    ("twice", "judges[1]: the same judge as judges[0] (openai, model judge-model)"),
+    ("empty", "judges: List should have at least 1 item"),
+    ("no-model", "judges.1: the openai judge needs a model id"),
+    ("combined-no-model", "judge: the combined judge needs a model id"),
+])
+def test_judge_config_errors_are_one_line(tmp_path, tiny_models, tiny_data, case, expected):
+    from tests.conftest import config_error, mini_config_dict, write_config
+
+    cfg = mini_config_dict(tiny_models, tiny_data)
+    llm = {"kind": "openai", "model": "judge-model", "base_url": "http://127.0.0.1:9/v1", "api_key_env": ENV}
+    cfg["judges"] = {"both": [{"kind": "metric"}], "combined-in-list": [{"kind": "metric"}, llm | {"kind": "combined"}],
+                     "twice": [llm, llm], "empty": [], "no-model": [{"kind": "metric"}, {"kind": "openai"}],
+                     "combined-no-model": None}[case]
+    if case == "both":
+        cfg["judge"] = llm
+    if case == "combined-no-model":
+        cfg["judge"] = {"kind": "combined"}
+        del cfg["judges"]
+    msg = config_error(write_config(tmp_path, cfg))
+    assert expected in msg and "search.yaml" in msg, msg
+
+
+# ------------------------------------------------------------------------------------------ whole searches
+
+
+def test_two_judges_pooled_then_the_combined_judge_on_the_same_store(server, tmp_path, tiny_models, tiny_data,
+                                                                    capsys, caplog):
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    from flows.cli import main
+    from tasks.store import Store
+    from tests.conftest import mini_config_dict
+
+    caplog.set_level("DEBUG")
+    cfg = mini_config_dict(tiny_models, tiny_data)
+    cfg.update(merges=[], datasets=cfg["datasets"][:1])
+    cfg["finetune"]["max_steps"] = 1
+    llm = {"kind": "openai", "model": "judge-model", "base_url": server.base_url, "api_key_env": ENV}
+    cfg["judges"] = [{"kind": "metric"}, llm]
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    store_dir = tmp_path / "store"
+    assert main(["--config", str(path), "--store", str(store_dir)]) == 0
+    store = Store(str(store_dir))
+    run = store.read_text("runs/LATEST").strip()
+    judgments = store.read_parquet(f"runs/{run}/judgments.parquet")
+    label = "openai:judge-model@prompt-v1"
+    assert set(judgments["judge"]) == {"metric:json", label}
+    pooled = store.read_parquet(f"runs/{run}/ratings.parquet")
+    by_judge = store.read_parquet(f"runs/{run}/ratings_by_judge.parquet")
+    assert set(by_judge["judge"]) == {"metric", label}
+    assert {"scope", "contender", "kind", "rating", "ci_low", "ci_high", "n_comparisons", "win_rate", "rank"} <= set(
+        pooled.columns)
+    # the pooled fit counts every judge's judgments; each judge's own fit only its own
+    n = lambda df: df[df.scope == "overall"].groupby("contender")["n_comparisons"].sum()  # noqa: E731
+    pd.testing.assert_series_equal(n(pooled), n(by_judge), check_names=False)
+    report = store.read_text(f"runs/{run}/report.md")
+    assert "Judges (pooled): `metric`, `openai judge-model`" in report
+    assert "## Judge card" in report and "### Ratings per judge" in report and "names the metric's winner in" in report
+    first = server.stats()["chat"]
+    assert first > 0
+
+    # The same search with the combined judge: outputs and LLM verdicts are all in the store, and the LLM is asked
+    # only where the metric ties, so not one request is sent.
+    cfg.pop("judges")
+    cfg["judge"] = llm | {"kind": "combined"}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    server.reset()
+    assert main(["--config", str(path), "--store", str(store_dir)]) == 0
+    assert server.stats()["chat"] == 0
+    run2 = store.read_text("runs/LATEST").strip()
+    j2 = store.read_parquet(f"runs/{run2}/judgments.parquet")
+    counts = j2["judge"].value_counts()
+    assert counts["metric:json"] > 0 and counts[label] > 0
+    assert not store.exists(f"runs/{run2}/ratings_by_judge.parquet")
+    report2 = store.read_text(f"runs/{run2}/report.md")
+    assert "judgments decided by the metric where ground truth separated the outputs" in report2
+    assert "not measured: the metric decided every comparison its ground truth separates" in report2
+
+    out = capsys.readouterr()
+    leaks = [p for p in store_dir.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
+    leaks += [p for p in Path(os.environ["PREFECT_HOME"]).rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
+    assert leaks == [] and KEY not in out.out + out.err + caplog.text
