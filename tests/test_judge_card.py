@@ -110,6 +110,7 @@ def test_a_failed_output_scores_zero_for_the_metric():
 
 # ------------------------------------------------------------------------------- against the fake server
 
+from tests.fake_openai import Faults  # noqa: E402
 from tests.test_llm_judge import ALL, ENV, KEY, _cfg, _judge_flow, _outputs, server  # noqa: E402,F401
 
 
@@ -198,7 +199,9 @@ def test_two_judges_pooled_then_the_combined_judge_on_the_same_store(server, tmp
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     store_dir = tmp_path / "store"
+    server.faults = Faults(prefer_first=True)  # a position-biased judge: "A>B" whatever it is shown
     assert main(["--config", str(path), "--store", str(store_dir)]) == 0
+    warned = capsys.readouterr().err + caplog.text
     store = Store(str(store_dir))
     run = store.read_text("runs/LATEST").strip()
     judgments = store.read_parquet(f"runs/{run}/judgments.parquet")
@@ -215,8 +218,11 @@ def test_two_judges_pooled_then_the_combined_judge_on_the_same_store(server, tmp
     report = store.read_text(f"runs/{run}/report.md")
     assert "Judges (pooled): `metric`, `openai judge-model`" in report
     assert "## Judge card" in report and "### Ratings per judge" in report and "names the metric's winner in" in report
-    first = server.stats()["chat"]
-    assert first > 0
+    assert server.stats()["chat"] > 0
+    # half its verdicts name the first shown: it agrees with ground truth on about half, and the run says so
+    assert "**Warning:** judge openai:judge-model@prompt-v1 agrees with ground truth on only" in report
+    assert "agrees with ground truth on only" in warned and "below 70%" in warned
+    assert "| openai:judge-model@prompt-v1 | 36 | 50% | 0% (18) |" in report  # no comparison consistent
 
     # The same search with the combined judge: outputs and LLM verdicts are all in the store, and the LLM is asked
     # only where the metric ties, so not one request is sent.
@@ -238,4 +244,4 @@ def test_two_judges_pooled_then_the_combined_judge_on_the_same_store(server, tmp
     out = capsys.readouterr()
     leaks = [p for p in store_dir.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
     leaks += [p for p in Path(os.environ["PREFECT_HOME"]).rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
-    assert leaks == [] and KEY not in out.out + out.err + caplog.text
+    assert leaks == [] and KEY not in out.out + out.err + caplog.text + warned
