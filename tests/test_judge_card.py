@@ -245,3 +245,28 @@ def test_two_judges_pooled_then_the_combined_judge_on_the_same_store(server, tmp
     leaks = [p for p in store_dir.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
     leaks += [p for p in Path(os.environ["PREFECT_HOME"]).rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
     assert leaks == [] and KEY not in out.out + out.err + caplog.text + warned
+
+
+def test_the_plan_counts_every_judge_at_its_own_price(mini_config, tmp_path):
+    from tasks.config import SearchConfig, load_config
+    from tasks.jobs import build_plan
+    from tasks.prepare import prepare
+    from tasks.store import Store
+
+    base = load_config(mini_config)
+    prep, store = prepare(base), Store(str(tmp_path / "store"))  # metric judge: no endpoint is asked
+    llm = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}
+    raw = base.model_dump() | {"prices": {"m1": {"input": 10.0, "output": 10.0}, "m2": {"input": 1.0, "output": 1.0}}}
+    pooled = SearchConfig.model_validate(raw | {"judges": [{"kind": "metric"}, llm | {"model": "m1"},
+                                                           llm | {"model": "m2"}]})
+    plan = build_plan(pooled, prep, store)
+    usd = {m: sum(j.usd for j in plan.jobs if m in j.name) for m in ("LLM judge m1", "LLM judge m2")}
+    # 2 datasets + the held-out one, each judge; same comparisons, prices 10x apart
+    assert sum("LLM judge m1" in j.name for j in plan.jobs) == 3 and sum("LLM judge m2" in j.name for j in plan.jobs) == 3
+    assert usd["LLM judge m1"] == pytest.approx(10 * usd["LLM judge m2"]) and usd["LLM judge m2"] > 0
+    metric = [j for j in plan.jobs if j.stage == "judge" and j.rel]  # the metric judge's batches, as with judge: metric
+    assert metric == [j for j in build_plan(base, prep, store).jobs if j.stage == "judge"]
+    combined = SearchConfig.model_validate(raw | {"judge": llm | {"model": "m1", "kind": "combined"}})
+    plan = build_plan(combined, prep, store)
+    assert sum(j.usd for j in plan.jobs if "combined judge" in j.name) == pytest.approx(usd["LLM judge m1"])
+    assert any("the combined judge pays only where the metric ties" in a for a in plan.assumptions)
