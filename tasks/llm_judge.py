@@ -27,7 +27,7 @@ from tasks.columns import JUDGMENT_COLUMNS
 from tasks.failures import Tally
 from tasks.judge_card import consistency_stats, longer_won, metric_verdict, output_lengths
 from tasks.llm_batch import EXTRA_COLUMNS, Call, check_judge_failures, judge_batch_task
-from tasks.llm_prompt import (SHOWN, conversation_text, judge_label, judge_messages, judgment_key, shown_to_row,
+from tasks.llm_prompt import (conversation_text, judge_label, judge_messages, judgment_key, shown_to_row,
                               text_hash)
 from tasks.metrics import METRICS
 from tasks.store import Store, content_key

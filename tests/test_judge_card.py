@@ -3,7 +3,6 @@ against the fake OpenAI-compatible server (tests/fake_openai.py); their config e
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import pytest
 
