@@ -35,6 +35,7 @@ from tasks.finetune import adapter_key
 from tasks.generate import finish_reasons, outputs_key, teacher_key, teacher_outputs
 from tasks.jobs import BudgetStop, Guard, check_budget, plan_lines, search_plan
 from tasks.judge import judge_task, load_judgments, metric_scores, run_openai_judge
+from tasks.judge_card import card_section, ratings_by_judge
 from tasks.references import reference_key, reference_outputs
 from tasks.candidates import candidate_task, zoo_task
 from tasks.prepare import DatasetInfo, Prepared, held_out, prepared
@@ -133,25 +134,32 @@ def judge_all(
     datasets: dict[str, DatasetInfo], all_outputs: dict[str, dict[str, tuple[str, str]]], cfg: SearchConfig,
     store: str, log: StageLog, guard: Guard, pairs_with: str | None = None,
 ) -> list:
-    """Judge the outputs: the metric judge every pair per dataset (it is free), or the LLM judge in budget.strategy's
-    rounds over all datasets at once. `pairs_with` (validation) judges all of that contender's pairs, no other.
+    """Judge the outputs with every judge of the search (cfg.judge_list()): the metric judge every pair per dataset (it
+    is free), an LLM judge (openai, or combined: the metric where ground truth separates, the LLM the rest) in
+    budget.strategy's rounds over all datasets at once. `pairs_with` (validation) judges all of that contender's
+    pairs, no other.
 
-    Returns metric batches [(path, A, B)] or the LLM judge's [table], for load_judgments.
+    Returns metric batches [(path, A, B)] and the LLM judges' [table]s, for load_judgments.
     """
-    if cfg.judge.kind == "metric":
-        batches = []
-        for ds, data in datasets.items():
-            with log.stage(f"judge:{ds}") as row:
-                found, reused = judge_task(ds, data.test, data.metric, data.test_fp, all_outputs[ds], cfg.judge,
-                                           store, pairs_with)
-                row["computed"], row["reused"] = len(found) - reused, reused
-            batches += found
-        return batches
-    with log.stage(f"judge:{next(iter(datasets)) if pairs_with else cfg.budget.strategy}") as row:
-        run = run_openai_judge({ds: d.test for ds, d in datasets.items()}, all_outputs, cfg, store,
-                               all_pairs=pairs_with is not None, spent_usd=guard.usd, pairs_with=pairs_with)
-        _judge_row(row, run, guard)
-    return [run.judgments]
+    batches: list = []
+    judges = cfg.judge_list()
+    for judge in judges:
+        if judge.kind == "metric":
+            for ds, data in datasets.items():
+                with log.stage(f"judge:{ds}") as row:
+                    found, reused = judge_task(ds, data.test, data.metric, data.test_fp, all_outputs[ds], judge,
+                                               store, pairs_with)
+                    row["computed"], row["reused"] = len(found) - reused, reused
+                batches += found
+            continue
+        name = f"judge:{next(iter(datasets)) if pairs_with else cfg.budget.strategy}"
+        with log.stage(name + (f":{judge.model}" if len(judges) > 1 else "")) as row:
+            run = run_openai_judge({ds: d.test for ds, d in datasets.items()}, all_outputs, cfg, store,
+                                   all_pairs=pairs_with is not None, spent_usd=guard.usd, pairs_with=pairs_with,
+                                   judge=judge, metrics={ds: d.metric for ds, d in datasets.items()})
+            _judge_row(row, run, guard)
+        batches.append(run.judgments)
+    return batches
 
 
 def _judge_row(row: dict[str, Any], run: Any, guard: Guard) -> None:
@@ -247,8 +255,12 @@ def execute(config: SearchConfig, prep: Prepared, store: str, run_id: str, log: 
         # kind_a/kind_b travel with the run's judgments, so `python -m flows.rank` re-rates them with their kinds.
         judgments = judgments.assign(kind_a=judgments["contender_a"].map(kinds), kind_b=judgments["contender_b"].map(kinds))
         ratings = rate(judgments, kinds, config.rating)
+        # Several judges: the ratings above are their pooled fit; each judge's own fit goes beside them.
+        by_judge = ratings_by_judge(judgments, kinds, config.rating) if len(config.judge_list()) > 1 else None
         st.write_parquet(f"{run_rel}/judgments.parquet", judgments)
         st.write_parquet(f"{run_rel}/ratings.parquet", ratings)
+        if by_judge is not None and len(by_judge):
+            st.write_parquet(f"{run_rel}/ratings_by_judge.parquet", by_judge)
         row["computed"] = len(judgments)
 
     validation = validate_winner(config, prep, ratings, paths, store, run_rel, log, guard)
@@ -259,9 +271,14 @@ def execute(config: SearchConfig, prep: Prepared, store: str, run_id: str, log: 
         verdict = [*recommendation(ratings, validation, config.rating.confidence),
                    *verdict_lines(verdicts(config, ratings, judgments, frames), config.rating.confidence)]
         png = plot_ratings(ratings)
+        card, warnings = card_section(judgments, {ds: d.test for ds, d in prep.datasets.items()},
+                                      {ds: d.metric for ds, d in prep.datasets.items()}, frames,
+                                      config.rating.confidence, config.rating.seed, ratings, by_judge)
+        for line in warnings:
+            get_run_logger().warning(line)
         md = markdown_report(config, run_id, ratings, scores_table(prep, frames), validation, log.rows,
                              judgments, formats_table(prep, frames, config.generate.max_new_tokens), verdict,
-                             evidence(config, prep, ratings, frames, st))
+                             evidence(config, prep, ratings, frames, st), card)
         st.write_bytes(f"{run_rel}/ratings.png", png)
         st.write_text(f"{run_rel}/report.md", md)
         report = st.write_text(f"{run_rel}/report.html", html_report(md, png))

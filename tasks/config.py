@@ -195,8 +195,10 @@ class GenerateConfig(Frozen):
 class JudgeConfig(Frozen):
     """Who decides each pairwise comparison."""
 
-    kind: Literal["metric", "openai"] = Field(
-        default="metric", description="metric: free, deterministic score against the expected answer; openai: an LLM judge."
+    kind: Literal["metric", "openai", "combined"] = Field(
+        default="metric", description="metric: free, deterministic score against the expected answer; openai: an LLM "
+        "judge; combined: the metric decides where a row's `expected` separates the two outputs (different scores), "
+        "the LLM judge (the openai settings below) decides the rest, so only those are paid for.",
     )
     model: str | None = Field(default=None, description="Judge model id (openai judge).")
     base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint (openai judge).")
@@ -232,6 +234,13 @@ class JudgeConfig(Frozen):
         default=5000, ge=1, description="openai judge: most comparisons per Prefect task; its judgments are written "
         "to the store every 500 as they come, so a killed run loses at most that many."
     )
+
+    @model_validator(mode="after")
+    def _llm_needs_a_model(self) -> "JudgeConfig":
+        """An openai or combined judge names its model (checked here, so the error names the file and line)."""
+        if self.kind != "metric" and not self.model:
+            raise ValueError(f"the {self.kind} judge needs a model id (model: e.g. gpt-4o)")
+        return self
 
 
 class ComputeConfig(Frozen):
@@ -345,6 +354,11 @@ class SearchConfig(Frozen):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="LoRA hyper-parameters.")
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Generation settings.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The pairwise judge.")
+    judges: list[JudgeConfig] | None = Field(
+        default=None, min_length=1, description="Several judges instead of `judge` (give one or the other): each "
+        "judges every comparison it is planned, and the ratings are fitted on all their judgments pooled, and per judge "
+        "beside them. Each is a metric or openai judge, no two alike.",
+    )
     rating: RatingConfig = Field(default_factory=RatingConfig, description="Bradley-Terry settings.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Comparison planning and spending caps.")
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Where GPU stages run.")
@@ -375,10 +389,19 @@ class SearchConfig(Frozen):
             for b in self.validation.baselines:
                 if b not in models:
                     raise ValueError(f"validation.baselines: unknown model '{b}'{hint(b, models)}")
+        _check_judges(self)
         anchor, everyone = self.rating.anchor, [*contenders, TEACHER]
         if anchor is not None and anchor not in everyone:  # before any money is spent, not at rating time
             raise ValueError(f"rating.anchor: '{anchor}' is not a contender{hint(anchor, everyone)}")
         return self
+
+    def judge_list(self) -> list[JudgeConfig]:
+        """The judges of the search: `judges`, else the one `judge`."""
+        return list(self.judges) if self.judges else [self.judge]
+
+    def llm_judges(self) -> list[JudgeConfig]:
+        """The judges that call an OpenAI-compatible endpoint (openai and combined)."""
+        return [j for j in self.judge_list() if j.kind != "metric"]
 
     def model_kinds(self) -> dict[str, str]:
         """Contender name -> kind, for every model and reference."""
@@ -386,6 +409,25 @@ class SearchConfig(Frozen):
         kinds |= {m.name: "merge" for m in self.merges}
         kinds |= {r.name: "reference" for r in self.references}
         return kinds | {TEACHER: "reference"}
+
+
+def _check_judges(cfg: SearchConfig) -> None:
+    """`judge` or `judges`, not both; a list holds metric and openai judges, no two alike."""
+    if cfg.judges is None:
+        return
+    # A form (the Prefect UI) may send `judge` at its default beside `judges`: only a judge set to something is a clash.
+    if "judge" in cfg.model_fields_set and cfg.judge != JudgeConfig():
+        raise ValueError("give either judge: (one judge) or judges: (several, pooled), not both")
+    seen: dict[tuple[str, str | None], int] = {}
+    for i, j in enumerate(cfg.judges):
+        if j.kind == "combined":
+            raise ValueError(f"judges[{i}]: kind combined is a judge of its own (judge: {{kind: combined, ...}}); to "
+                             "pool the metric and an LLM judge, list them: judges: [{kind: metric}, {kind: openai, ...}]")
+        who = (j.kind, j.model if j.kind == "openai" else None)
+        if who in seen:
+            raise ValueError(f"judges[{i}]: the same judge as judges[{seen[who]}] ({j.kind}"
+                             + (f", model {j.model}" if j.model else "") + "): each judge must differ")
+        seen[who] = i
 
 
 def _no_duplicates(names: list[str], where: str) -> None:

@@ -28,7 +28,7 @@ from tasks.rates import conversation_chars, measured_rate, param_count
 from tasks.store import Store
 
 if TYPE_CHECKING:
-    from tasks.config import ModelPrice, SearchConfig
+    from tasks.config import JudgeConfig, ModelPrice, SearchConfig
     from tasks.prepare import DatasetInfo, Prepared
 
 CHARS_PER_TOKEN = 4  # the usual English ratio for BPE vocabularies; only the dollar estimates use it
@@ -105,9 +105,10 @@ def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "c
         _dataset_jobs(plan, cfg, prep, store, data, models, (train_rate, gen_rate))
     if cfg.validation:
         _validation_jobs(plan, cfg, prep, store, (train_rate, gen_rate))
-    if cfg.judge.kind == "openai":
+    if cfg.llm_judges():
         _llm_judge_jobs(plan, cfg, prep, models)
-    elif cfg.budget.strategy != "all-pairs" or cfg.budget.max_comparisons:
+    if any(j.kind == "metric" for j in cfg.judge_list()) and (cfg.budget.strategy != "all-pairs" or
+                                                              cfg.budget.max_comparisons):
         # Its verdicts cost nothing and take milliseconds, so stopping early would only lose information.
         plan.assumptions.append("judge: the metric judge is free, so it judges every pair of every dataset; "
                                 "budget.strategy and budget.max_comparisons apply to the LLM judge")
@@ -132,11 +133,14 @@ def reference_usd(cfg: SearchConfig, ref: Any, rows: list[Any]) -> float:
     return _usd(cfg.prices.get(ref.model), prompt, answer)
 
 
-def _judge_usd(cfg: SearchConfig, rows: list[Any], pairs: int, share: float = 1.0) -> tuple[float, float]:
-    """(comparisons, dollars) of the LLM judge on `pairs` pairs of contenders over `rows` (`share` of them)."""
-    count = pairs * len(rows) * (2 if cfg.judge.both_orders else 1) * share
+def _judge_usd(cfg: SearchConfig, rows: list[Any], pairs: int, share: float = 1.0,
+               judge: JudgeConfig | None = None) -> tuple[float, float]:
+    """(comparisons, dollars) of an LLM judge (default cfg.judge) on `pairs` pairs of contenders over `rows` (`share`
+    of them)."""
+    judge = judge or cfg.judge
+    count = pairs * len(rows) * (2 if judge.both_orders else 1) * share
     prompt = JUDGE_PROMPT_TOKENS * CHARS_PER_TOKEN + 3 * _chars(rows)  # conversation, two answers, reference
-    return count, count * _usd(cfg.prices.get(cfg.judge.model or ""), prompt, 30)  # a verdict: ~30 tokens of JSON
+    return count, count * _usd(cfg.prices.get(judge.model or ""), prompt, 30)  # a verdict: ~30 tokens of JSON
 
 
 def _dataset_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, data: DatasetInfo, models: list[str],
@@ -165,10 +169,11 @@ def _dataset_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, d
         keys[ref.name] = rkey
         plan.jobs.append(Job("references", f"{ref.name} on {name}", f"outputs/{rkey}.parquet",
                              store.exists(f"outputs/{rkey}.parquet"), usd=reference_usd(cfg, ref, data.test)))
-    if cfg.judge.kind != "metric":
+    metric = next((j for j in cfg.judge_list() if j.kind == "metric"), None)
+    if metric is None:
         return
     for a, b in combinations(sorted(keys, key=keys.get), 2):
-        rel = f"judgments/{judgment_key(cfg.judge, data.metric, data.test_fp, keys[a], keys[b])}.parquet"
+        rel = f"judgments/{judgment_key(metric, data.metric, data.test_fp, keys[a], keys[b])}.parquet"
         plan.jobs.append(Job("judge", f"{a} vs {b} on {name}", rel, store.exists(rel)))
 
 
@@ -202,11 +207,12 @@ def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store
                              generate_seconds(test, n, rates[1])))
     teacher = f"outputs/{teacher_key(test_fp)}.parquet"
     plan.jobs.append(Job("validation", f"teacher on {spec.name}", teacher, store.exists(teacher)))
-    if cfg.judge.kind != "openai":
-        return  # the metric judge's validation batches are free
-    # the winner against each opponent and the teacher: the pairs validation reports (flows/search.validate_winner)
-    count, usd = _judge_usd(cfg, test, 1 + len(cfg.validation.baselines))
-    plan.jobs.append(Job("validation", f"LLM judge on {spec.name}: {count:.0f} comparisons", None, False, usd=usd))
+    # the metric judge's validation batches are free; an LLM judge's are the winner against each opponent and the
+    # teacher: the pairs validation reports (flows/search.validate_winner)
+    for judge in cfg.llm_judges():
+        count, usd = _judge_usd(cfg, test, 1 + len(cfg.validation.baselines), judge=judge)
+        plan.jobs.append(Job("validation", f"{_judge_name(cfg, judge)} on {spec.name}: {count:.0f} comparisons", None,
+                             False, usd=usd))
 
 
 def _llm_judge_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, models: list[str]) -> None:
@@ -216,13 +222,23 @@ def _llm_judge_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, models: list[
     total = sum(_judge_usd(cfg, d.test, pairs)[0] for d in prep.datasets.values())
     cap = cfg.budget.max_comparisons
     share = min(1.0, cap / total) if cap else 1.0
-    for d in prep.datasets.values():
-        count, usd = _judge_usd(cfg, d.test, pairs, share)
-        plan.jobs.append(Job("judge", f"LLM judge on {d.spec.name}: up to {count:.0f} comparisons", None, False,
-                             usd=usd))
+    for judge in cfg.llm_judges():  # each LLM judge plans its own rounds, under the same cap
+        for d in prep.datasets.values():
+            count, usd = _judge_usd(cfg, d.test, pairs, share, judge)
+            plan.jobs.append(Job("judge", f"{_judge_name(cfg, judge)} on {d.spec.name}: up to {count:.0f} comparisons",
+                                 None, False, usd=usd))
+    combined = any(j.kind == "combined" for j in cfg.llm_judges())
     plan.assumptions.append("judge: every comparison is counted as a paid request; identical outputs tie without "
                             "one" + (" and adaptive planning stops once the leader is separated" if
-                                     cfg.budget.strategy == "adaptive" else "") + ", so the dollars are an upper bound")
+                                     cfg.budget.strategy == "adaptive" else "") +
+                            (", the combined judge pays only where the metric ties (rows without `expected`, or equal "
+                             "scores)" if combined else "") + ", so the dollars are an upper bound")
+
+
+def _judge_name(cfg: SearchConfig, judge: JudgeConfig) -> str:
+    """How the plan names an LLM judge: 'LLM judge', or with its model when there are several."""
+    kind = "combined judge" if judge.kind == "combined" else "LLM judge"
+    return f"{kind} {judge.model}" if len(cfg.llm_judges()) > 1 else kind
 
 
 def planning_device(cfg: SearchConfig) -> str:

@@ -16,6 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.columns import JUDGMENT_COLUMNS  # shared with tasks.llm_judge, which imports nothing of this module
+from tasks.judge_card import metric_verdict  # shared with the combined judge (tasks.llm_judge)
 from tasks.metrics import METRICS
 from tasks.store import Store, content_key
 
@@ -25,14 +26,6 @@ if TYPE_CHECKING:
     from tasks.llm_judge import JudgeRun as LLMRun
 
 STAGE_VERSION = "1"
-
-
-def _verdict(score_a: float, score_b: float, strong_margin: float) -> tuple[str, int]:
-    """(winner, strength) from two scores: equal scores tie; a gap >= strong_margin is a strong win."""
-    if score_a == score_b:
-        return "tie", 0
-    winner = "a" if score_a > score_b else "b"
-    return winner, 2 if abs(score_a - score_b) >= strong_margin else 1
 
 
 def metric_judgments(
@@ -49,7 +42,7 @@ def metric_judgments(
         # A generation that failed has no answer to score: it scores 0, and the error is kept beside it.
         sa = 0.0 if a.at[ex.id, "error"] else score(a.at[ex.id, "output"], ex.truth)
         sb = 0.0 if b.at[ex.id, "error"] else score(b.at[ex.id, "output"], ex.truth)
-        winner, strength = _verdict(sa, sb, cfg.strong_margin)
+        winner, strength = metric_verdict(sa, sb, cfg.strong_margin)
         raw = json.dumps({"score_a": round(sa, 4), "score_b": round(sb, 4)})
         for order in ("ab", "ba"):
             rows.append({
@@ -126,13 +119,16 @@ def load_judgments(store: Store, batches: list[tuple[str, str, str] | pd.DataFra
 def run_openai_judge(
     datasets: dict[str, list[Example]], outputs: dict[str, dict[str, tuple[str, str]]], cfg: SearchConfig,
     store_root: str, all_pairs: bool = False, spent_usd: float = 0.0, pairs_with: str | None = None,
+    judge: JudgeConfig | None = None, metrics: dict[str, str] | None = None,
 ) -> LLMRun:
     """The LLM judge over every dataset at once: adaptive rounds (or all pairs) pooled across datasets.
 
     `outputs` maps dataset -> contender -> (outputs Parquet path, outputs key), as for judge_task; `spent_usd`
     is what earlier judging in the same run cost, counted against budget.max_usd; `pairs_with` (with `all_pairs`)
-    judges only that contender's pairs.
+    judges only that contender's pairs. `judge`: one of the search's judges (default: cfg.judge); `metrics`
+    (dataset -> metric) is the ground truth's scorer for the combined judge.
     """
+    judge = judge or cfg.judge
     from tasks.llm_judge import Contest, run_llm_judge
 
     store = Store(store_root)
@@ -140,8 +136,9 @@ def run_openai_judge(
         examples=datasets,
         outputs={ds: {c: load_outputs(store, rel, c).set_index("example_id") for c, (rel, _) in outs.items()}
                  for ds, outs in outputs.items()},
+        metrics=dict(metrics or {}),
     )
     budget = cfg.budget.model_copy(update={"strategy": "all-pairs"}) if all_pairs else cfg.budget
-    price = cfg.prices.get(str(cfg.judge.model))
-    return run_llm_judge(contest, cfg.judge, budget, price, store_root, seed=cfg.rating.seed, spent_before=spent_usd,
+    price = cfg.prices.get(str(judge.model))
+    return run_llm_judge(contest, judge, budget, price, store_root, seed=cfg.rating.seed, spent_before=spent_usd,
                          pairs_with=pairs_with)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -25,9 +25,11 @@ from prefect.utilities.annotations import quote
 
 from tasks.columns import JUDGMENT_COLUMNS
 from tasks.failures import Tally
+from tasks.judge_card import consistency_stats, longer_won, metric_verdict, output_lengths
 from tasks.llm_batch import EXTRA_COLUMNS, Call, check_judge_failures, judge_batch_task
-from tasks.llm_prompt import (SHOWN, conversation_text, judge_label, judge_messages, judgment_key, shown_to_row,
+from tasks.llm_prompt import (conversation_text, judge_label, judge_messages, judgment_key, shown_to_row,
                               text_hash)
+from tasks.metrics import METRICS
 from tasks.store import Store, content_key
 
 if TYPE_CHECKING:
@@ -83,6 +85,7 @@ class Contest:
 
     examples: dict[str, list[Example]]  # dataset -> test rows
     outputs: dict[str, dict[str, pd.DataFrame]]  # dataset -> contender -> outputs indexed by example_id
+    metrics: dict[str, str] = field(default_factory=dict)  # dataset -> metric (the combined judge's ground truth)
 
 
 @dataclass
@@ -94,7 +97,8 @@ class JudgeRun:
     requests: int = 0
     new: int = 0
     reused: int = 0
-    free: int = 0  # identical outputs, failed generations: decided without a call
+    free: int = 0  # identical outputs, failed generations, metric verdicts: decided without a call
+    metric_decided: int = 0  # combined judge: judgments the metric decided (its scores differed), of `free`
     cost_usd: float = 0.0  # dollars of every judgment used (cached ones included: paid by earlier runs)
     new_cost_usd: float = 0.0  # dollars spent by this run: the only ones counted against budget.max_usd
     longer_won: float | None = None  # share of decided judgments won by the longer output
@@ -102,9 +106,10 @@ class JudgeRun:
 
     def stats(self) -> dict[str, Any]:
         """The numbers for the report's stage table."""
-        return {"requests": self.requests, "cost_usd": round(self.new_cost_usd, 4),
-                "judge_usd_total": round(self.cost_usd, 4), "stop": self.stop_reason,
-                **consistency_stats(self.judgments), "longer_won": self.longer_won}
+        out = {"requests": self.requests, "cost_usd": round(self.new_cost_usd, 4),
+               "judge_usd_total": round(self.cost_usd, 4), "stop": self.stop_reason,
+               **consistency_stats(self.judgments), "longer_won": self.longer_won}
+        return out | ({"metric_decided": self.metric_decided} if self.metric_decided else {})
 
 
 def reference_text(ex: Example, mode: str) -> str | None:
@@ -123,14 +128,35 @@ def _orders(cfg: JudgeConfig, slot_key: str) -> list[str]:
     return ["ab" if int(slot_key[:8], 16) % 2 == 0 else "ba"]
 
 
+def _metric_row(base: dict[str, Any], ex: Example, metric: str | None, oa: dict[str, Any], ob: dict[str, Any],
+                cfg: JudgeConfig) -> dict[str, Any] | None:
+    """Combined judge: the metric's verdict (without the order) where the row's `expected` separates the two outputs.
+
+    A failed output scores 0, as with the metric judge. None: no metric here, no `expected`, or equal scores (the LLM
+    judge decides those).
+    """
+    if metric is None or ex.expected is None:
+        return None
+    score = METRICS[metric]
+    sa = 0.0 if oa["error"] else score(oa["output"], ex.expected)
+    sb = 0.0 if ob["error"] else score(ob["output"], ex.expected)
+    if sa == sb:
+        return None
+    winner, strength = metric_verdict(sa, sb, cfg.strong_margin)
+    return base | {"winner": winner, "strength": strength, "judge": f"metric:{metric}", "error": None, "key": None,
+                   "verdict": None, "raw": json.dumps({"score_a": round(sa, 4), "score_b": round(sb, 4)})}
+
+
 def _expand(plan: pd.DataFrame, contest: Contest, cfg: JudgeConfig) -> tuple[list[Call], list[dict[str, Any]]]:
-    """Planned comparisons -> calls to make, and rows decided without a call (identical or failed outputs)."""
+    """Planned comparisons -> calls to make, and rows decided without a call (identical or failed outputs, and with
+    the combined judge the metric's verdicts where ground truth separates the outputs)."""
     model = str(cfg.model)
     label = judge_label(model)
     calls: list[Call] = []
     free: list[dict[str, Any]] = []
     by_id = {ds: {e.id: e for e in exs} for ds, exs in contest.examples.items()}
     table = _output_table(contest)
+    metrics = contest.metrics if cfg.kind == "combined" else {}
     conv_cache: dict[tuple[str, str], tuple[str, str | None, str]] = {}
     for ds, ex_id, ca, cb in plan[["dataset", "example_id", "contender_a", "contender_b"]].itertuples(index=False):
         if (ds, ex_id) not in conv_cache:
@@ -142,9 +168,13 @@ def _expand(plan: pd.DataFrame, contest: Contest, cfg: JudgeConfig) -> tuple[lis
         ha, hb = oa["hash"], ob["hash"]
         base = {"dataset": ds, "example_id": ex_id, "contender_a": ca, "contender_b": cb, "judge": label,
                 "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
+        decided = _metric_row(base, by_id[ds][ex_id], metrics.get(ds), oa, ob, cfg) if metrics else None
         for order in _orders(cfg, content_key(ds, ex_id, *sorted([ha, hb]))):
             first, second = (oa, ob) if order == "ab" else (ob, oa)
             hf, hs = (ha, hb) if order == "ab" else (hb, ha)
+            if decided is not None:
+                free.append(decided | {"order": order, "hash_first": hf, "hash_second": hs})
+                continue
             key = judgment_key(model, ds, ex_id, ex_hash, hf, hs)
             failed = [n for n, o in ((ca, oa), (cb, ob)) if o["error"]]
             if failed:
@@ -242,6 +272,7 @@ def run_llm_judge(
         calls, free = _expand(plan, contest, cfg)
         hits, todo = _from_cache(calls, cache)
         run.free += len(free)
+        run.metric_decided += sum(r["judge"] != label for r in free)
         run.reused += len(hits)
         # Two contenders with the same output make the same prompt: it is asked once and answers both.
         first: dict[str, Call] = {}
@@ -282,7 +313,7 @@ def run_llm_judge(
     done = done.sort_values(["dataset", "example_id", "contender_a", "contender_b", "order"], kind="stable")
     done = done.reset_index(drop=True)
     run.judgments = settle_disagreements(done) if len(done) else done
-    run.longer_won = longer_won(done, contest_lengths(contest))  # from the verdicts as given
+    run.longer_won = longer_won(done, output_lengths(contest.outputs))  # from the verdicts as given
     return run
 
 
@@ -300,41 +331,3 @@ def settle_disagreements(df: pd.DataFrame) -> pd.DataFrame:
     out.loc[mask, "winner"] = "tie"
     out.loc[mask, "strength"] = 0
     return out
-
-
-def consistency_stats(df: pd.DataFrame) -> dict[str, Any]:
-    """Position consistency (both orders name the same winner, from the raw verdicts) and how often the longer won."""
-    if len(df) == 0 or "verdict" not in df.columns:
-        return {}
-    ok = df[df["verdict"].notna() & (df["error"].isna() | (df["error"].astype(str) == ""))]
-    shown = ok["verdict"].map(lambda v: SHOWN[v][0])
-    # The winner by contender, from the verdict as given (before disagreements were settled as ties).
-    first_is_a = ok["order"] == "ab"
-    by_name = np.where(shown == "tie", "tie",
-                       np.where((shown == "first") == first_is_a, ok["contender_a"], ok["contender_b"]))
-    g = ok.assign(by_name=by_name).groupby(["dataset", "example_id", "contender_a", "contender_b"])["by_name"]
-    pairs = g.agg(lambda s: (len(s) == 2, len(set(s)) == 1))
-    both = [same for two, same in pairs if two]
-    out: dict[str, Any] = {"consistency": round(float(np.mean(both)), 3) if both else None}
-    return out
-
-
-def longer_won(df: pd.DataFrame, lengths: Mapping[tuple[str, str, str], int]) -> float | None:
-    """Share of decided judgments (no tie, no error) won by the longer output; lengths: (dataset, example, contender)."""
-    ok = df[(df["winner"] != "tie") & (df["error"].isna() | (df["error"].astype(str) == ""))]
-    wins = 0
-    n = 0
-    for ds, ex, ca, cb, w in ok[["dataset", "example_id", "contender_a", "contender_b", "winner"]].itertuples(index=False):
-        la, lb = lengths.get((ds, ex, ca)), lengths.get((ds, ex, cb))
-        if la is None or lb is None or la == lb:
-            continue
-        n += 1
-        wins += (la > lb) == (w == "a")
-    return round(wins / n, 3) if n else None
-
-
-def contest_lengths(contest: Contest) -> dict[tuple[str, str, str], int]:
-    """Output length in characters of every (dataset, example, contender)."""
-    return {(ds, ex, c): len(str(o))
-            for ds, outs in contest.outputs.items() for c, df in outs.items() for ex, o in df["output"].items()}
-

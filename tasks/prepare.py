@@ -56,7 +56,7 @@ def _dataset_info(spec: DatasetSpec, train: list[Example], test: list[Example]) 
 def no_expected_warning(spec: DatasetSpec, test: list[Example], cfg: SearchConfig) -> list[str]:
     """A warning when the metric judge would score test rows against the teacher's own answers."""
     missing = sum(e.expected is None for e in test)
-    if cfg.judge.kind != "metric" or not missing:
+    if all(j.kind != "metric" for j in cfg.judge_list()) or not missing:
         return []  # an LLM judge needs no ground truth
     return [f"dataset '{spec.name}': {missing} of {len(test)} test rows have no \"expected\", so the metric judge "
             "scores them against the teacher's own answer: there the teacher cannot lose and the others rank by how "
@@ -120,7 +120,7 @@ def prepare(cfg: SearchConfig, cheap_checks_passed: Callable[[], None] | None = 
     tok_folders = {n: tokenizer_folder(by_name[n], folder, sources) for n, (folder, _) in inspected.items()}
     loads, format_warnings = check_formats(cfg, tok_folders, rendered)
     warnings += format_warnings
-    if cfg.judge.kind == "openai" or cfg.references:  # only then: its import of the API client costs time
+    if cfg.llm_judges() or cfg.references:  # only then: its import of the API client costs time
         check_api_models(cfg)
     if cfg.compute.mode == "pool":
         from tasks.compute import check_pool  # imported here: it pulls in Prefect's client
@@ -187,13 +187,14 @@ def check_api_models(cfg: SearchConfig) -> None:
     """The LLM judge and the references: settings make sense, keys are there, endpoints answer (tasks.openai_api.preflight)."""
     from tasks.openai_api import endpoint_of, preflight
 
-    if cfg.judge.kind == "openai":
-        if not cfg.judge.model:
-            raise UserError("judge.model: the openai judge needs a model id (e.g. gpt-4o)")
-        if cfg.budget.max_usd is not None and cfg.judge.model not in cfg.prices:
-            raise UserError(f"budget.max_usd needs the judge's price: add prices.{cfg.judge.model}: "
+    for i, judge in enumerate(cfg.judge_list()):
+        if judge.kind == "metric":
+            continue
+        where = f"judges[{i}]" if cfg.judges else "judge"
+        if cfg.budget.max_usd is not None and judge.model not in cfg.prices:
+            raise UserError(f"budget.max_usd needs the price of {where}.model: add prices.{judge.model}: "
                             "{input: USD per 1M tokens, output: USD per 1M tokens}")
-        preflight(endpoint_of(cfg.judge), "judge")
+        preflight(endpoint_of(judge), where)
     for i, ref in enumerate(cfg.references):
         preflight(endpoint_of(ref), f"references[{i}] ({ref.name})")
 

@@ -199,6 +199,12 @@ def winner_line(ratings: pd.DataFrame) -> str:
             "configured confidence: treat the top of the table as a tie until more judgments separate it." + others)
 
 
+def judges_text(cfg: SearchConfig) -> str:
+    """'Judge: `metric`', or the judges pooled, each with its model."""
+    names = [j.kind + (f" {j.model}" if j.kind != "metric" and j.model else "") for j in cfg.judge_list()]
+    return ("Judge: " if len(names) == 1 else "Judges (pooled): ") + ", ".join(f"`{n}`" for n in names)
+
+
 def judge_lines(stages: list[dict[str, Any]]) -> list[str]:
     """The judge's bill and behaviour: requests, dollars, position consistency, longer-output wins, why it stopped."""
     lines = []
@@ -206,6 +212,9 @@ def judge_lines(stages: list[dict[str, Any]]) -> list[str]:
         if not row["stage"].startswith(("judge:", "references:")) or "requests" not in row:
             continue
         parts = [f"{row['requests']} requests", f"${row.get('cost_usd', 0.0):.4f}"]
+        if row.get("metric_decided"):
+            parts.append(f"{row['metric_decided']} judgments decided by the metric where ground truth separated the "
+                         "outputs (free), the LLM asked only where it tied")
         if row.get("consistency") is not None:
             parts.append(f"position consistency {row['consistency']:.0%} (both orders agree)")
         if row.get("longer_won") is not None:
@@ -326,7 +335,7 @@ def win_rate_table(judgments: pd.DataFrame, order: list[str] | None = None) -> s
 def markdown_report(
     cfg: SearchConfig, run_id: str, ratings: pd.DataFrame, scores: pd.DataFrame, validation: dict[str, Any] | None,
     stages: list[dict[str, Any]], judgments: pd.DataFrame | None = None, formats: pd.DataFrame | None = None,
-    verdict: list[str] | None = None, evidence: list[str] | None = None,
+    verdict: list[str] | None = None, evidence: list[str] | None = None, judge_card: list[str] | None = None,
 ) -> str:
     """The whole report as Markdown, the verdict first (tasks/verdict.py: the recommendation, then per scope the
     best fine-tune's win rates, cost and latency); `formats` is each model's prompt format and outputs cut short."""
@@ -336,7 +345,7 @@ def markdown_report(
     if verdict:
         parts += ["## Verdict", "", f"**{verdict[0][0].upper() + verdict[0][1:]}.**", "",
                   *[f"- {line}." for line in verdict[1:]], ""]
-    parts += [f"Run `{run_id}`. Judge: `{cfg.judge.kind}`. Ratings are Bradley-Terry on the Elo scale with {how}.", "",
+    parts += [f"Run `{run_id}`. {judges_text(cfg)}. Ratings are Bradley-Terry on the Elo scale with {how}.", "",
               "![ratings](ratings.png)", "", "## Ranking (pooled, each dataset weighted equally)", "",
               md_table(ranking_rows(ratings)), "", winner_line(ratings), "",
               "Neighbours in the ranking (`>` separated at the configured confidence, `~` not separated, "
@@ -350,6 +359,7 @@ def markdown_report(
     judge = judge_lines(stages)
     if judge:
         parts += ["## Judge", ""] + judge + [""]
+    parts += judge_card or []
     parts += ["## Validation on the held-out dataset", ""] + validation_lines(validation) + [""]
     if judgments is not None and len(judgments):
         parts += ["## Win rates, all datasets pooled (row against column, in ranking order)", "", win_rate_table(judgments, ranking_rows(ratings)["contender"].tolist()), ""]

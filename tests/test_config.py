@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.candidates and cfg.datasets
-    if cfg.judge.kind == "metric" and not cfg.references:
+    if not cfg.llm_judges() and not cfg.references:
         prepare(cfg)  # API-judged configs make a first call to their endpoint in prepare(): no network here
 
 
