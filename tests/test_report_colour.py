@@ -12,7 +12,7 @@ from tasks.report_tables import WIN_RATES_CAPTION, WIN_RATES_HEADING, colour_win
 def test_win_colour_runs_from_red_through_white_to_blue():
     assert win_colour(0.0) == "#f4a582" and win_colour(0.5) == "#f7f7f7" and win_colour(1.0) == "#92c5de"
     # halfway between white and each end
-    assert win_colour(0.25) == "#f6cebc" and win_colour(0.75) == "#c5deeb"
+    assert win_colour(0.25) == "#f6cebc" and win_colour(0.75) == "#c4deea"
 
 
 def test_the_html_matrix_is_coloured_and_has_a_legend():
