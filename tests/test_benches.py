@@ -83,3 +83,8 @@ def test_coverage_quick():
     out = run("bench/coverage.py", "--quick")
     assert "| example bootstrap |" in out and "| battle bootstrap  |" in out and "| strong   | fisher" in out
     assert "pseudo-true Elo m0..m5" in out
+
+
+def test_zoo_copying_small():
+    out = run("bench/zoo_copying.py", "--steps", "2", "--every", "1")
+    assert "| zoo (4x96, 4/2 heads, untied) |" in out and "| 2x96, 4/4 heads, tied |" in out
