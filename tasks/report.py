@@ -118,8 +118,10 @@ def teacher_lines(ratings: pd.DataFrame) -> list[str]:
         word = "beat" if gap > 0 else "trailed"
         if not np.isfinite(gap):  # one side unbeaten (rated by a bound only), or not rated at all
             if not np.isnan(gap):
-                lines.append(f"- **{scope}**: best student {best['contender']} {word} the teacher with no finite gap "
-                             "(one of them is unbeaten: rated by a bound only).")
+                who = ("the teacher won" if t["rating"] == np.inf else f"{best['contender']} won" if best["rating"] ==
+                       np.inf else f"{best['contender']} lost" if best["rating"] == -np.inf else "the teacher lost")
+                lines.append(f"- **{scope}**: best student {best['contender']} {word} the teacher: {who} every "
+                             "judgment it was in, so the gap has no finite size (rated by a bound only).")
             continue
         sure = "intervals overlap, so not a clear result" if _overlap(best, t) else "intervals separate"
         lines.append(f"- **{scope}**: best student {best['contender']} {word} the teacher by {abs(gap):.0f} Elo ({sure}).")

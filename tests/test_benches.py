@@ -87,4 +87,4 @@ def test_coverage_quick():
 
 def test_zoo_copying_small():
     out = run("bench/zoo_copying.py", "--steps", "2", "--every", "1")
-    assert "| zoo (4x96, 4/2 heads, untied) |" in out and "| 2x96, 4/4 heads, tied |" in out
+    assert "| zoo (tasks.zoo.SHAPE: 4x96, 4/2 heads, untied) |" in out and "| 2x128, 8/8 heads, tied |" in out

@@ -1,4 +1,4 @@
-"""The HTML report colours the win-rate matrix by win rate, with a legend; the Markdown says how to read it."""
+"""The report reads as an answer: the HTML win-rate matrix coloured with a legend, an unbeaten teacher in words."""
 
 from __future__ import annotations
 
@@ -29,3 +29,18 @@ def test_the_html_matrix_is_coloured_and_has_a_legend():
     assert sorted(cells) == sorted([(win_colour(0.88), "88"), (win_colour(0.12), "12")])
     assert "win rate of the row against the column" in html and "<td>5%</td>" in html  # other tables untouched
     assert colour_win_rates("<p>no matrix</p>") == "<p>no matrix</p>"
+
+
+def test_an_unbeaten_teacher_is_said_in_words():
+    import numpy as np
+
+    from tasks.report import teacher_lines
+
+    ratings = pd.DataFrame({
+        "scope": "extraction", "contender": ["teacher", "a", "b"], "kind": ["reference", "candidate", "candidate"],
+        "rating": [np.inf, 1200.0, 900.0], "ci_low": [3000.0, 1100.0, 800.0], "ci_high": [np.inf, 1300.0, 1000.0],
+        "n_comparisons": 10, "win_rate": [1.0, 0.4, 0.3], "rank": [1, 2, 3], "separated_from_next": [True, False, False],
+    })
+    [line] = teacher_lines(ratings)
+    assert line == ("- **extraction**: best student a trailed the teacher: the teacher won every judgment it was in, "
+                    "so the gap has no finite size (rated by a bound only).")
