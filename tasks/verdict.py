@@ -134,11 +134,11 @@ def _outcome(low: float, high: float) -> str:
 
 
 def win_words(a: dict[str, Any], ref: str, confidence: float, n: int | None = None) -> str:
-    """"wins 48% (95% CI 44%-52%, 40 examples) against REF"; "loses every one of the 40 examples to REF" where the
+    """"wins 48% (95% CI 44%-52%, 40 examples) against REF"; "wins none of the 40 examples against REF" where the
     interval is 0%-0% (and "wins every one ... against" at 100%-100%), which says the same in words."""
     n = n or a.get("n_examples")
     if a["ci_high"] <= 0.0 and n:
-        return f"loses every one of the {n} examples to {ref}"
+        return f"wins none of the {n} examples against {ref}"
     if a["ci_low"] >= 1.0 and n:
         return f"wins every one of the {n} examples against {ref}"
     return (f"wins {a['win_rate']:.0%} ({confidence:.0%} CI {a['ci_low']:.0%}-{a['ci_high']:.0%}"

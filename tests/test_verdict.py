@@ -83,7 +83,7 @@ def test_verdicts_name_the_best_fine_tune_and_its_win_rates():
     assert any(line.startswith("x: gpt costs $10.00 per 1,000 requests") for line in lines)
     lost = verdict_lines(verdicts(CFG, ratings("a"), judgments(a_wins=0), outs), 0.95)
     # a 0%-0% interval said in words (every example lost), not as "wins 0% (95% CI 0%-0%)"
-    assert any("a loses every one of the 8 examples to the teacher (worse)" in line for line in lost), lost
+    assert any("a wins none of the 8 examples against the teacher (worse)" in line for line in lost), lost
     assert not any("CI 0%-0%" in line for line in lost)
 
 
