@@ -193,6 +193,7 @@ def test_the_search_form_starts_from_the_demo_config(deployments):
 def test_a_users_mistake_fails_the_flow_run_in_one_line(tmp_path, tiny_models, tiny_data):
     import logging
 
+    import flows.cli  # noqa: F401  (conftest stops the temporary server this test starts through it)
     from flows.failures import DropOneLineTracebacks
     from flows.search import search
     from tasks.config import SearchConfig
