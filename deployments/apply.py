@@ -6,6 +6,11 @@
 
 Run it where the workers will find the code (deployments record this folder; see infra/README.md).
 PREFECT_API_URL (and PREFECT_API_AUTH_STRING when the server has one) say which server.
+
+The search deployment's `config` default in prefect.yaml names a YAML file; this script deploys that file's
+checked values instead (deployment_spec), so the UI's typed form starts filled in with them (the demo's LoRA rank,
+learning rate, merge recipes...) rather than empty with the library's defaults. A plain `prefect deploy` gets
+the path, which the flow reads the same way.
 """
 
 from __future__ import annotations
@@ -14,19 +19,53 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: entrypoints are relative to it
 PREFECT_FILE = Path("deployments/prefect.yaml")
 K8S_TEMPLATE = Path("infra/k8s-gpu-job-template.json")
+SEARCH_ENTRYPOINT = "flows/search.py:search"  # its `config` takes a typed form or a path
+FORM_NOTE = (" The form starts from {path}'s values. Its paths (datasets, templates) are relative to the worker's "
+             "working folder: the repository root the deployments were applied from.")
 
 
 def work_pools(prefect_file: Path) -> dict[str, str]:
     """Pool name -> role ('cpu' or 'gpu', the key under definitions.work_pools) in a prefect.yaml."""
     spec = yaml.safe_load((ROOT / prefect_file).read_text())
     return {pool["name"]: role for role, pool in spec["definitions"]["work_pools"].items()}
+
+
+def relative_to_root(value: Any) -> Any:
+    """`value` with every absolute path under the repository root made relative to it (walks dicts and lists)."""
+    if isinstance(value, dict):
+        return {k: relative_to_root(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relative_to_root(v) for v in value]
+    if isinstance(value, str) and value.startswith(f"{ROOT}{os.sep}"):
+        return Path(value).relative_to(ROOT).as_posix()
+    return value
+
+
+def config_form(path: str | Path) -> dict[str, Any]:
+    """A config file as the search flow's typed form: load_config's checked values, paths relative to the root."""
+    from tasks.config import load_config
+
+    return relative_to_root(load_config(ROOT / path).model_dump(mode="json"))
+
+
+def deployment_spec(prefect_file: Path = PREFECT_FILE) -> dict[str, Any]:
+    """prefect.yaml as deployed: the search deployments' `config` path replaced by that config's form."""
+    spec = yaml.safe_load((ROOT / prefect_file).read_text())
+    for d in spec["deployments"]:
+        path = (d.get("parameters") or {}).get("config")
+        if d["entrypoint"] == SEARCH_ENTRYPOINT and isinstance(path, str):
+            d["parameters"]["config"] = config_form(path)
+            d["description"] = d.get("description", "").rstrip() + FORM_NOTE.format(path=path)
+    return spec
 
 
 def prefect(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -71,8 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         kind = args.gpu_pool_type if role == "gpu" else args.cpu_pool_type
         if ensure_pool(name, kind, K8S_TEMPLATE if gpu_k8s else None):
             print(f"created work pool '{name}' ({kind})")
-    prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE))
-    count = len(yaml.safe_load((ROOT / PREFECT_FILE).read_text())["deployments"])
+    spec = deployment_spec()
+    with tempfile.TemporaryDirectory() as tmp:  # prefect reads its file only: entrypoints are relative to ROOT
+        resolved = Path(tmp) / "prefect.yaml"
+        resolved.write_text(yaml.safe_dump(spec, sort_keys=False))
+        prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(resolved))
+    count = len(spec["deployments"])
     print(f"applied {count} deployments from {PREFECT_FILE} to {url}")
     print("start the workers:  " + "   ".join(f"prefect worker start --pool {p}" for p in work_pools(PREFECT_FILE)))
     return 0

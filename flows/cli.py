@@ -147,13 +147,21 @@ class _OneLineFailures(logging.Filter):
     flow they passed through. Other exceptions (bugs of ours) keep their tracebacks.
     """
 
+    seen_one_line = False  # a flow logged its one-line failure (flows/failures.py): its "Finished" lines go too
+
     def filter(self, record: logging.LogRecord) -> bool:
         """False for a record about one of our one-line failures."""
+        from flows.failures import MARK
+
         exc = record.exc_info[1] if record.exc_info else None
+        if getattr(record, MARK, False):
+            _OneLineFailures.seen_one_line = True  # said by the command line's own `error:` line
+            return False
         if isinstance(exc, (UserError, EnvironmentFailure)) or _oom_or_disk(exc) is not None:
             return False
         msg = record.getMessage()
-        return not ("Finished in state Failed" in msg and any(n in msg for n in ("UserError", "EnvironmentFailure")))
+        return not ("Finished in state Failed" in msg and (
+            _OneLineFailures.seen_one_line or any(n in msg for n in ("UserError", "EnvironmentFailure"))))
 
 
 def quiet_one_line_failures() -> None:

@@ -65,10 +65,13 @@ if __name__ == "__main__":
 
 # Below the command line: it never waits for Prefect's import.
 from prefect import flow, get_run_logger
+
+from flows.failures import one_line_failures
 from prefect.artifacts import create_markdown_artifact
 
 
 @flow(name="export", flow_run_name="export-{run}", log_prints=False)
+@one_line_failures  # a user's mistake: Failed with its one line, no traceback
 def export(run: str, out: str, dataset: str | None = None, merged: bool = False, store: str | None = None,
            check: bool = True, model: str | None = None) -> dict[str, Any]:
     """Export run `run`'s winner (or `model`) into the new folder `out` on the worker, checked against the search's

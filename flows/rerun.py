@@ -25,6 +25,7 @@ import yaml
 from prefect import flow, get_run_logger
 from pydantic import Field, ValidationError
 
+from flows.failures import one_line_failures
 from tasks.config import Candidate, Frozen, SearchConfig, load_config
 from tasks.errors import UserError
 from tasks.store import resolve_store
@@ -114,6 +115,7 @@ def rerun_name() -> str:
 
 
 @flow(name="search-rerun", flow_run_name=rerun_name, log_prints=False)
+@one_line_failures  # a user's mistake: Failed with its one line, no traceback
 def search_rerun(
     config: str, candidates: str | None = None, store: str | None = None, hub: HubQuery | None = None
 ) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 import yaml
+from flows.failures import one_line_failures
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -325,6 +326,7 @@ def search_run_name() -> str:
 
 
 @flow(name="search", flow_run_name=search_run_name, log_prints=False)
+@one_line_failures  # a user's mistake: the run ends Failed with the one line, no traceback (flows/failures.py)
 def search(config: SearchConfig | str, store: str | None = None, dry_run: bool = False) -> dict[str, Any]:
     """Run a whole search and return the run id, the report's path and the pooled ranking.
 

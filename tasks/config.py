@@ -118,8 +118,9 @@ class DatasetSpec(Frozen):
     """One customer task: train and test rows in the OpenAI fine-tuning format."""
 
     name: Name = Field(description="Short name of the dataset.")
-    train: PathText = Field(description="JSONL, Parquet or a `datasets` folder of training rows.")
-    test: PathText = Field(description="JSONL, Parquet or a `datasets` folder of test rows.")
+    train: PathText = Field(description="JSONL, Parquet or a `datasets` folder of training rows; relative to the "
+                            "config file, or in the Prefect UI's form to the worker's working folder.")
+    test: PathText = Field(description="JSONL, Parquet or a `datasets` folder of test rows; relative like `train`.")
     metric: Literal["exact", "json", "rouge"] | None = Field(
         default=None, description="How the metric judge scores an output; inferred from the data when absent."
     )

@@ -11,6 +11,7 @@ import pandas as pd
 
 from tasks.config import MODEL_KINDS, TEACHER, SearchConfig, recipe_models
 from tasks.rate import win_matrix
+from tasks.report_tables import WIN_RATES_CAPTION, WIN_RATES_HEADING, colour_win_rates
 
 
 def interval_label(ratings: pd.DataFrame, confidence: float | None = None) -> str:
@@ -145,8 +146,10 @@ def teacher_lines(ratings: pd.DataFrame) -> list[str]:
         word = "beat" if gap > 0 else "trailed"
         if not np.isfinite(gap):  # one side unbeaten (rated by a bound only), or not rated at all
             if not np.isnan(gap):
-                lines.append(f"- **{scope}**: best student {best['contender']} {word} the teacher with no finite gap "
-                             "(one of them is unbeaten: rated by a bound only).")
+                who = ("the teacher won" if t["rating"] == np.inf else f"{best['contender']} won" if best["rating"] ==
+                       np.inf else f"{best['contender']} lost" if best["rating"] == -np.inf else "the teacher lost")
+                lines.append(f"- **{scope}**: best student {best['contender']} {word} the teacher: {who} every "
+                             "judgment it was in, so the gap has no finite size (rated by a bound only).")
             continue
         sure = "intervals overlap, so not a clear result" if _overlap(best, t) else "intervals separate"
         lines.append(f"- **{scope}**: best student {best['contender']} {word} the teacher by {abs(gap):.0f} Elo ({sure}).")
@@ -362,7 +365,8 @@ def markdown_report(
     parts += judge_card or []
     parts += ["## Validation on the held-out dataset", ""] + validation_lines(validation) + [""]
     if judgments is not None and len(judgments):
-        parts += ["## Win rates, all datasets pooled (row against column, in ranking order)", "", win_rate_table(judgments, ranking_rows(ratings)["contender"].tolist()), ""]
+        parts += [f"## {WIN_RATES_HEADING} (row against column, in ranking order)", "", WIN_RATES_CAPTION, "",
+                  win_rate_table(judgments, ranking_rows(ratings)["contender"].tolist()), ""]
     parts += ["## Per dataset", ""]
     for scope in [s for s in dict.fromkeys(ratings["scope"]) if s != "overall"]:
         parts += [f"### {scope}", "", md_table(ranking_rows(ratings, scope)), ""]
@@ -382,7 +386,7 @@ def html_report(markdown_text: str, png: bytes) -> str:
     """The Markdown report as one self-contained HTML page (the plot inlined)."""
     import markdown
 
-    body = markdown.markdown(markdown_text, extensions=["tables"])
+    body = colour_win_rates(markdown.markdown(markdown_text, extensions=["tables"]))
     body = body.replace('src="ratings.png"', f'src="data:image/png;base64,{base64.b64encode(png).decode()}"')
     style = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .5rem}img{max-width:100%}")

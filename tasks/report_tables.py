@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 
@@ -70,3 +71,32 @@ def evidence_lines(finetunes: pd.DataFrame, examples: dict[str, pd.DataFrame]) -
         for ds, table in examples.items():
             lines += [f"### {ds}", "", md_table(table), ""]
     return lines
+
+
+WIN_RATES_HEADING = "Win rates, all datasets pooled"  # the section whose table colour_win_rates colours
+# Light ends of ColorBrewer's RdBu scale (colour-blind safe), as RGB: red where the row loses, blue where it wins.
+LOSES, EVEN, WINS = (244, 165, 130), (247, 247, 247), (146, 197, 222)
+WIN_RATES_CAPTION = ("Each cell is the share of judgments the row's contender won against the column's, ties "
+                     "counted half; report.html colours it from red (0%: the row always lost) through white (50%) to "
+                     "blue (100%: the row always won).")
+
+
+def win_colour(rate: float) -> str:
+    """CSS background of a win rate in [0, 1]: LOSES at 0, EVEN at 0.5, WINS at 1, linear in between."""
+    end, t = (LOSES, 1 - 2 * rate) if rate < 0.5 else (WINS, 2 * rate - 1)
+    r, g, b = (round(e + (x - e) * t) for e, x in zip(EVEN, end))
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def colour_win_rates(html: str) -> str:
+    """The HTML report with each cell of the win-rate matrix coloured by its rate, and a legend under the table."""
+    at = html.find(WIN_RATES_HEADING)
+    start = html.find("<table>", at) if at >= 0 else -1
+    if start < 0:
+        return html
+    end = html.find("</table>", start) + len("</table>")
+    table = re.sub(r"<td>(\d+)%</td>",
+                   lambda m: f'<td style="background:{win_colour(int(m[1]) / 100)}">{m[1]}%</td>', html[start:end])
+    legend = "<p>" + " ".join(f'<span style="background:{win_colour(r)};padding:0 .6rem">{r:.0%}</span>'
+                              for r in (0, 0.25, 0.5, 0.75, 1)) + " win rate of the row against the column</p>"
+    return html[:start] + table + legend + html[end:]

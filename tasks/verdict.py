@@ -133,6 +133,18 @@ def _outcome(low: float, high: float) -> str:
     return "better" if low > 0.5 else "worse" if high < 0.5 else "no clear difference"
 
 
+def win_words(a: dict[str, Any], ref: str, confidence: float, n: int | None = None) -> str:
+    """"wins 48% (95% CI 44%-52%, 40 examples) against REF"; "wins none of the 40 examples against REF" where the
+    interval is 0%-0% (and "wins every one ... against" at 100%-100%), which says the same in words."""
+    n = n or a.get("n_examples")
+    if a["ci_high"] <= 0.0 and n:
+        return f"wins none of the {n} examples against {ref}"
+    if a["ci_low"] >= 1.0 and n:
+        return f"wins every one of the {n} examples against {ref}"
+    return (f"wins {a['win_rate']:.0%} ({confidence:.0%} CI {a['ci_low']:.0%}-{a['ci_high']:.0%}"
+            + (f", {n} examples" if n else "") + f") against {ref}")
+
+
 def verdict_lines(rows: list[dict[str, Any]], confidence: float) -> list[str]:
     """The verdicts in words: one line per scope and reference, then one line of the fine-tune's own figures."""
     lines = []
@@ -145,9 +157,8 @@ def verdict_lines(rows: list[dict[str, Any]], confidence: float) -> list[str]:
             ref = "the teacher" if a["reference"] == TEACHER else a["reference"]
             theirs: Serving = a["serving"]
             extra = _compare(sv, theirs)
-            lines.append(f"{label}: {row['model']} wins {a['win_rate']:.0%} ({confidence:.0%} CI {a['ci_low']:.0%}-"
-                         f"{a['ci_high']:.0%}, {a['n']} examples) against {ref} ({_outcome(a['ci_low'], a['ci_high'])})"
-                         + (", at " + " and ".join(extra) if extra else ""))
+            lines.append(f"{label}: {row['model']} {win_words(a, ref, confidence, a['n'])} "
+                         f"({_outcome(a['ci_low'], a['ci_high'])})" + (", at " + " and ".join(extra) if extra else ""))
         if sv.p50_s is not None:
             lines.append(f"{label}: {row['model']} serves at {_money(sv.usd_per_1k)} per 1,000 requests, "
                          f"{_money(sv.usd_per_1m_out)} per 1M output tokens ({sv.where}); latency median "
@@ -178,7 +189,6 @@ def recommendation(ratings: pd.DataFrame, validation: dict[str, Any] | None, con
         line += ")"
     if not validation:
         return [line]
-    held = [f"wins {r['win_rate']:.0%} ({confidence:.0%} CI {r['ci_low']:.0%}-{r['ci_high']:.0%}) against "
-            f"{'the teacher' if r['opponent'] == TEACHER else r['opponent']}: {r['verdict']}"
+    held = [f"{win_words(r, 'the teacher' if r['opponent'] == TEACHER else r['opponent'], confidence)}: {r['verdict']}"
             for r in validation["against"]]
     return [line, f"validation on the held-out {validation['dataset']}: {validation['winner']} " + "; ".join(held)]

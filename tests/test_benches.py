@@ -92,3 +92,8 @@ def test_adaptive_savings_quick():
         for strategy in ("adaptive", "uniform, same n", "all pairs"):
             assert f"| {case:<13} | {strategy:<15} | 3 " in out
     assert "wrong-winner claims (Wilson 95%)" in out and "adaptive stops:" in out
+
+
+def test_zoo_copying_small():
+    out = run("bench/zoo_copying.py", "--steps", "2", "--every", "1")
+    assert "| zoo (tasks.zoo.SHAPE: 4x96, 4/2 heads, untied) |" in out and "| 2x128, 8/8 heads, tied |" in out

@@ -150,3 +150,77 @@ def test_search_takes_a_typed_form_or_a_path():
 
     form = load_config(ROOT / "configs" / "demo.yaml").model_dump(mode="json")
     assert search.validate_parameters({"config": form})["config"].name == "demo"
+
+
+def _apply_module():
+    """deployments/apply.py as a module (the folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deployments_apply", ROOT / "deployments" / "apply.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_search_form_starts_from_the_demo_config(deployments):
+    from flows.search import search
+    from tasks.config import FinetuneConfig, SearchConfig, load_config
+
+    spec = _apply_module().deployment_spec()
+    deployed = next(d for d in spec["deployments"] if d["entrypoint"] == "flows/search.py:search")
+    assert next(d for d in deployments if d["entrypoint"] == "flows/search.py:search")["parameters"]["config"] == \
+        "configs/demo.yaml"  # the file names the config; apply.py deploys its values
+    form = deployed["parameters"]["config"]
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    # The form's paths are relative to the repository root (the worker's working folder); resolved there, the form
+    # is exactly what load_config makes of the demo.
+    assert form["datasets"][0]["train"] == "configs/demo_data/extraction_train.jsonl"
+    absolute = json.loads(json.dumps(form))
+    for d in [*absolute["datasets"], absolute["validation"]["dataset"]]:
+        d["train"], d["test"] = str(ROOT / d["train"]), str(ROOT / d["test"])
+        assert Path(d["train"]).is_file() and Path(d["test"]).is_file()
+    assert SearchConfig.model_validate(absolute) == demo
+    # the demo's values, not the library's defaults; the merge recipes filled in
+    assert form["finetune"]["lora_r"] == 16 != FinetuneConfig().lora_r
+    assert form["finetune"]["learning_rate"] == 0.003 != FinetuneConfig().learning_rate
+    assert [m["recipe"]["merge_method"] for m in form["merges"]] == ["slerp", "ties"]
+    assert search.validate_parameters({"config": form})["config"].name == "demo"  # the flow accepts it as a form
+    assert "working folder" in deployed["description"]
+    assert "working folder" in SearchConfig.model_json_schema()["$defs"]["DatasetSpec"]["properties"]["train"][
+        "description"]
+
+
+def test_a_users_mistake_fails_the_flow_run_in_one_line(tmp_path, tiny_models, tiny_data):
+    import logging
+
+    import flows.cli  # noqa: F401  (conftest stops the temporary server this test starts through it)
+    from flows.failures import DropOneLineTracebacks
+    from flows.search import search
+    from tasks.config import SearchConfig
+    from tasks.errors import UserError
+    from tests.conftest import mini_config_dict
+
+    cfg = mini_config_dict(tiny_models, tiny_data)
+    cfg["datasets"][0]["train"] = str(tmp_path / "missing.jsonl")  # a wrong path typed into the UI's form
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("prefect.flow_runs").addHandler(handler)
+    try:
+        state = search(SearchConfig.model_validate(cfg), str(tmp_path / "store"), return_state=True)
+        with pytest.raises(UserError, match="missing.jsonl: dataset file not found"):  # what the command line prints
+            search(SearchConfig.model_validate(cfg), str(tmp_path / "store"))
+    finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(handler)
+    assert state.is_failed() and state.message == f"{tmp_path / 'missing.jsonl'}: dataset file not found"
+    assert [r.getMessage() for r in records if r.levelno >= logging.ERROR][0] == f"error: {state.message}"
+    assert not [r for r in records if r.exc_info], "a traceback in the flow run's log"
+    # the worker's engine re-raises the Failed state's exception and logs it with a traceback: that record is left out
+    with pytest.raises(UserError) as raised:
+        state.result()
+    engine_record = logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1,
+                                      "Engine execution exited with unexpected exception", None,
+                                      (UserError, raised.value, raised.value.__traceback__))
+    assert not DropOneLineTracebacks().filter(engine_record)
+    assert DropOneLineTracebacks().filter(logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "bug",
+                                                            None, (ValueError, ValueError("x"), None)))

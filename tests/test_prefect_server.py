@@ -201,3 +201,31 @@ def test_waiting_on_stage_runs_never_hangs(monkeypatch):
     broken = Client({ids["a"]: Completed(), ids["b"]: Failed(message="CUDA out of memory")})
     with pytest.raises(RuntimeError, match=r"finetune-b-d \(Failed: CUDA out of memory\)"):
         compute._wait(broken, runs, calls, "gpu", progress)
+
+
+def test_the_ui_form_starts_from_the_demo_and_a_wrong_path_fails_in_one_line(stack, tiny_models, tiny_data, tmp_path):
+    """The deployed search/ui form holds the demo's values; a wrong dataset path typed into it ends the run Failed
+    with the command line's one line as its message, and no traceback anywhere in the run's log."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.config import load_config
+
+    cfg = small_config(tiny_models, tiny_data)
+    cfg["datasets"][0]["train"] = "no/such/train.jsonl"  # relative: the worker's working folder, the repository root
+    with temporary_settings({PREFECT_API_URL: stack["api_url"]}), get_client(sync_client=True) as client:
+        deployed = client.read_deployment_by_name("search/ui").parameters["config"]
+        assert deployed["finetune"] == load_config(ROOT / "configs" / "demo.yaml").finetune.model_dump(mode="json")
+        run = run_deployment("search/ui", timeout=0, parameters={"config": cfg, "store": str(tmp_path / "store")})
+        t0 = time.monotonic()
+        while not (run := client.read_flow_run(run.id)).state.is_final():
+            assert time.monotonic() - t0 < 300, f"run still {run.state.name} after 300 s"
+            time.sleep(1)
+        time.sleep(3)  # the worker's last log lines
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    message = "no/such/train.jsonl: dataset file not found"
+    assert run.state.is_failed() and run.state.message == message, run.state
+    text = "\n".join(log.message for log in logs)
+    assert f"error: {message}" in text and "Traceback" not in text, text
