@@ -74,7 +74,7 @@ class Loop:
         with self.log.stage("search:rate") as row:
             judgments = load_judgments(self.st, self.batches).drop_duplicates(JUDGMENT_ID)
             self.ratings = rate(judgments, self.kinds, self.dev_cfg.rating)
-            row["computed"] = len(judgments)
+            row["judgments"] = len(judgments)  # a rating is not a result of the store: counted neither way
         return self.ratings
 
     def add(self, point: Point) -> None:
