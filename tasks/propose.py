@@ -3,7 +3,8 @@
 Deterministic (a restart with the same ratings proposes the same merges), and plain: every proposal is a point of a
 *family* (a merge method over fixed parents, one parameter in [0, 1]: slerp's `t`, TIES' or DARE's `density`):
 - refine: a leader that is a point of a family (an earlier proposal, or a config merge of that simple form) gets its
-  two neighbours at +- its step, each with half the step: a bisection towards the family's best parameter;
+  two neighbours at +- its step, each with half the step (those tried already: at +- step/2, then step/4): a
+  bisection towards the family's best parameter;
 - slerp of the top two leaders at t = 0.5, 0.25, 0.75 (the points of that family not yet tried);
 - ties / dare_ties of the top three leaders other than the base model, at density 0.5, 0.25, 0.75.
 The lists are interleaved (first of each, then second of each...) up to `search.proposals`, skipping any point tried
@@ -149,9 +150,10 @@ def propose(ratings: pd.DataFrame, points: list[Point], cfg: MergeSearchConfig, 
             continue
         why = (f"refine {name} (leader #{rank} on dev, rating {rows[name]['rating']:.0f}): "
                f"{'t' if p.method == 'slerp' else 'density'} {p.param:.4g} +- {p.step:.4g}")
-        queues.append([replace(p, param=p.param + d, step=p.step / 2, round=round_no, rule="refine", reason=why,
+        # its neighbours at +-step; where those were tried already (it stayed the leader), closer: +-step/2, +-step/4
+        queues.append([replace(p, param=p.param + d, step=abs(d) / 2, round=round_no, rule="refine", reason=why,
                                parent_ratings=mark(p.parents))
-                       for d in (-p.step, p.step) if _in_range(p.method, p.param + d)])
+                       for s in (p.step, p.step / 2, p.step / 4) for d in (-s, s) if _in_range(p.method, p.param + d)])
     pairs = [(a, b) for i, a in enumerate(leaders) for b in leaders[i + 1:] if mergeable((a, b))]
     if "slerp" in cfg.methods and pairs:
         a, b = pairs[0]

@@ -83,3 +83,8 @@ def test_coverage_quick():
     out = run("bench/coverage.py", "--quick")
     assert "| example bootstrap |" in out and "| battle bootstrap  |" in out and "| strong   | fisher" in out
     assert "pseudo-true Elo m0..m5" in out
+
+
+def test_merge_search_quick():
+    out = run("bench/merge_search.py", "--quick")
+    assert "20 landscapes" in out and "| rule, 5 rounds x 4" in out and "| grid, spacing 0.1" in out
