@@ -179,8 +179,14 @@ def evolve(config: SearchConfig, prep: Prepared, paths: dict[str, str], store: s
             break
     final = kept(loop.ratings, proposed, s.keep)
     chosen = [p for p in points if p.name in final]
-    st.write_text(f"{loop.rel}/kept.yaml", yaml.safe_dump([{"name": p.name, "recipe": p.recipe()} for p in chosen],
-                                                          sort_keys=False))
+    # with the proposals they were merged from, in the order they were made: what rebuilds them (flows.export)
+    needed, by_name = set(final), {p.name: p for p in points if p.round}
+    for p in reversed([p for p in points if p.round]):
+        if p.name in needed:
+            needed |= {n for n in (*p.parents, p.base) if n in by_name}
+    st.write_text(f"{loop.rel}/kept.yaml", yaml.safe_dump(
+        [{"name": p.name, "recipe": p.recipe(), "kept": p.name in final} for p in points if p.name in needed
+         and p.round], sort_keys=False))
     st.write_json(f"{loop.rel}/search.json", {"dev_share": s.dev_share, "rounds": rounds, "stop": stop, "kept": final,
                                               "base_model": base, "dev_ratings": f"{loop.rel}/ratings-round-"
                                               f"{rounds[-1]['round'] if rounds else 0}.parquet"})

@@ -169,6 +169,7 @@ def propose(ratings: pd.DataFrame, points: list[Point], cfg: MergeSearchConfig, 
         why = f"{method} of the top {len(three)} leaders on dev other than the base {base} ({', '.join(three)})"
         queues.append([Point("", method, three, base, d, GRID_STEP, round_no, f"{method}-top3",
                              f"{why} at density {d}", dtype, mark(three)) for d in GRID])
+    queues.append(_explore(points, rows, round_no, mark))
     out: list[Point] = []
     while len(out) < cfg.proposals and any(queues):
         for q in queues:
@@ -181,6 +182,26 @@ def propose(ratings: pd.DataFrame, points: list[Point], cfg: MergeSearchConfig, 
                     break
             if len(out) == cfg.proposals:
                 break
+    return out
+
+
+def _explore(points: list[Point], rows: dict[str, pd.Series], round_no: int,
+             mark: Callable[[tuple[str, ...]], dict[str, list[float]]]) -> list[Point]:
+    """Per family tried (best-rated first): the middle of its widest untried gap, so that a bisection stuck around
+    the wrong place still samples the rest of [0, 1]."""
+    families: dict[tuple[Any, ...], list[Point]] = {}
+    for p in points:
+        families.setdefault(p.family, []).append(p)
+    best = lambda ps: max(float(rows[p.name]["rating"]) if p.name in rows else -1e18 for p in ps)  # noqa: E731
+    out = []
+    for fam in sorted(families.values(), key=lambda ps: (-best(ps), ps[0].name)):
+        edges = sorted({0.0, 1.0, *(p.param for p in fam)})
+        p = fam[0]
+        # widest gap first (the next one when its middle is taken this round)
+        out += [replace(p, param=(lo + hi) / 2, step=(hi - lo) / 4, round=round_no, rule="explore",
+                        reason=f"explore {p.method} of {', '.join(p.parents)}: the middle of its widest untried gap "
+                        f"{lo:.4g}..{hi:.4g}", parent_ratings=mark(p.parents))
+                for lo, hi in sorted(zip(edges, edges[1:]), key=lambda g: (g[0] - g[1], g[0]))]
     return out
 
 

@@ -21,11 +21,13 @@ def _interval(x: list[float] | None) -> str:
 
 
 def kept_merges(store: Store, run_rel: str) -> list[Merge]:
-    """The proposals a run kept (its search/kept.yaml) as merges of its config; none when the run had no search."""
+    """The proposals a run kept, and those they were merged from (its search/kept.yaml), as merges of its config;
+    none when the run had no search."""
     import yaml
 
     rel = f"{run_rel}/search/kept.yaml"
-    return [Merge(**m) for m in yaml.safe_load(store.read_text(rel)) or []] if store.exists(rel) else []
+    rows = yaml.safe_load(store.read_text(rel)) or [] if store.exists(rel) else []
+    return [Merge(name=m["name"], recipe=m["recipe"]) for m in rows]
 
 
 def path_rows(path: dict[str, Any]) -> pd.DataFrame:

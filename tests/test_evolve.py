@@ -52,9 +52,11 @@ def test_rule_is_deterministic_refines_its_leader_and_skips_tried_points():
     ok = lambda names: True  # noqa: E731
     first = propose(r, points, cfg, "base", ok, 1)
     assert [p.name for p in first] == [p.name for p in propose(r, points, cfg, "base", ok, 1)]
-    # interleaved: the leader's refinement, slerp of the top two, TIES of the top three other than base, ...
-    assert [p.rule for p in first] == ["refine", "slerp-top2", "ties-top3", "refine"]
-    assert {p.param for p in first if p.rule == "refine"} == {0.25, 0.75}
+    # interleaved: the leader's refinement, slerp of the top two, TIES of the top three other than base, the middle
+    # of the best family's widest untried gap
+    assert [p.rule for p in first] == ["refine", "slerp-top2", "ties-top3", "explore"]
+    assert [p.param for p in first if p.rule == "refine"] == [0.25]
+    assert first[3].family == points[0].family and first[3].param == 0.75  # 0.25 is taken by the refinement
     assert first[2].recipe()["base_model"] == "base" and first[2].parents == ("hermes", "hermes-zephyr-slerp", "zephyr")
     assert "1050" in first[0].reason and first[0].record()["recipe"]["merge_method"] == "slerp"
     # round 2: a proposal leads -> its neighbours at half the step; tried points are never proposed again
@@ -64,8 +66,8 @@ def test_rule_is_deterministic_refines_its_leader_and_skips_tried_points():
     tried = {(p.family, round(p.param, 6)) for p in points + first}
     assert all((p.family, round(p.param, 6)) not in tried for p in second)
     assert second[0].rule == "refine" and abs(second[0].param - best.param) == pytest.approx(best.step)
-    # nothing mergeable: nothing but refinements of existing families
-    assert all(p.rule == "refine" for p in propose(r, points, cfg, "base", lambda names: False, 1))
+    # nothing mergeable: nothing but refinements and exploration of the families there are
+    assert all(p.rule in ("refine", "explore") for p in propose(r, points, cfg, "base", lambda names: False, 1))
     # the stop rule and the kept set
     assert improved(r2, [best.name])[0] and not improved(r2, ["zephyr"])[0]
     assert kept(r2, [p.name for p in first], 1) == [best.name]
@@ -132,7 +134,11 @@ def test_search_killed_mid_round_resumes_with_the_same_proposals(tiny_models, ti
     section = report.split("## The search's own merges")[1].split("\n## ")[0]
     assert "| round | proposal | rule |" in section and "best hand-written model" in section and "Held out" in section
     kept_recipe = yaml.safe_load(store.read_text(f"runs/{run}/search/kept.yaml"))
-    assert [k["name"] for k in kept_recipe] == path["kept"]
+    assert [k["name"] for k in kept_recipe if k["kept"]] == path["kept"]
+    # a kept proposal is a model of the run for flows.export
+    from tasks.export import open_run
+
+    assert set(path["kept"]) <= {m.name for m in open_run(store, run).config.merges}
 
     capsys.readouterr()
     assert main(["--config", str(config), "--store", str(store_dir)]) == 0
