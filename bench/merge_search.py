@@ -105,8 +105,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="20 landscapes (the test's mode)")
     args = ap.parse_args()
     n = 20 if args.quick else args.landscapes
-    methods = {f"rule, {args.rounds} rounds x 4": lambda l, g: run_rule(l, g, args.noise, args.rounds, False),
-               f"rule, up to {args.rounds} rounds, stop rule": lambda l, g: run_rule(l, g, args.noise, args.rounds, True),
+    rounds = args.rounds
+    methods = {f"rule, {rounds} rounds x 4": lambda l, g: run_rule(l, g, args.noise, rounds, False),
+               f"rule, up to {rounds} rounds, stop rule": lambda l, g: run_rule(l, g, args.noise, rounds, True),
                "grid, spacing 0.05": lambda l, g: run_grid(l, g, args.noise, 0.05),
                "grid, spacing 0.1": lambda l, g: run_grid(l, g, args.noise, 0.1),
                "grid, spacing 0.25": lambda l, g: run_grid(l, g, args.noise, 0.25)}

@@ -110,7 +110,8 @@ class Loop:
                 akey = adapter_key(info.fingerprint, data.train_fp, self.cfg.finetune)
                 if info.finetuned and not self.st.exists(f"adapters/{akey}"):
                     need += g.finetune_s(data.train, info.signature)
-                if info.finetuned and not self.st.exists(f"outputs/{outputs_key(akey, data.test_fp, self.cfg.generate)}.parquet"):
+                okey = outputs_key(akey, data.test_fp, self.cfg.generate)
+                if info.finetuned and not self.st.exists(f"outputs/{okey}.parquet"):
                     need += g.generate_s(data.test, info.signature)
         return (g.gpu_s + need) / 3600 <= cap
 

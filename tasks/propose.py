@@ -103,7 +103,7 @@ def config_point(merge: Merge) -> Point | None:
 
 
 def task_base(cfg: MergeSearchConfig, merges: list[Merge]) -> str | None:
-    """The model ties/dare proposals take differences from: search.base_model, else the first config ties/dare merge's."""
+    """What ties/dare proposals take differences from: search.base_model, else that of the first ties/dare merge."""
     if cfg.base_model:
         return cfg.base_model
     return next((m.recipe.get("base_model") for m in merges if m.recipe.get("merge_method") in TASK_METHODS

@@ -55,8 +55,9 @@ def _versus(ratings: pd.DataFrame, judgments: pd.DataFrame, ours: str, theirs: s
     else:
         word = "is not separated from"
     rate, low, high = win_rate_ci(scores(judgments, datasets, ours, theirs), confidence)
-    return [f"- On the test split (pooled), the best proposed merge **{ours}** rates {_interval([a['rating'], a['ci_low'], a['ci_high']])} "
-            f"and **{word}** the best hand-written model **{theirs}** {_interval([b['rating'], b['ci_low'], b['ci_high']])} "
+    mine, best = (_interval([x["rating"], x["ci_low"], x["ci_high"]]) for x in (a, b))
+    return [f"- On the test split (pooled), the best proposed merge **{ours}** rates {mine} "
+            f"and **{word}** the best hand-written model **{theirs}** {best} "
             f"({confidence:.0%} intervals).",
             f"- Head to head on the test rows: {ours} wins {rate:.0%} against {theirs} "
             f"({confidence:.0%} CI {low:.0%}..{high:.0%}, ties half)."]
@@ -71,8 +72,9 @@ def _held_out(validation: dict[str, Any] | None, kept: list[str]) -> str:
     if validation["winner"] in kept:
         return (f"- Held out ({validation['dataset']}): the winner frozen before it was read is the proposal "
                 f"**{validation['winner']}**; its win rates there: {against}.")
-    return (f"- Held out ({validation['dataset']}): the winner frozen before it was read is **{validation['winner']}**, "
-            f"not a proposal, so the held-out set does not test the proposal; the winner's win rates there: {against}.")
+    return (f"- Held out ({validation['dataset']}): the winner frozen before it was read is "
+            f"**{validation['winner']}**, not a proposal, so the held-out set does not test the proposal; the "
+            f"winner's win rates there: {against}.")
 
 
 def search_lines(cfg: SearchConfig, store: Store, run_rel: str, ratings: pd.DataFrame, judgments: pd.DataFrame,
