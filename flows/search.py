@@ -29,6 +29,7 @@ from flows.failures import one_line_failures
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.evolve import evolve
 from tasks.config import MODEL_KINDS, TEACHER, ZOO_PREFIX, SearchConfig, load_config
 from tasks.errors import UserError
 from tasks.compute import FinetuneJob, GenerateJob, finetune_all, generate_all, merge_models
@@ -43,6 +44,7 @@ from tasks.prepare import DatasetInfo, Prepared, held_out, prepared
 from tasks.rate import rate
 from tasks.rate_input import with_lengths
 from tasks.report import html_report, markdown_report, plot_ratings, ranking_rows, text_table
+from tasks.search_report import search_lines
 from tasks.report_tables import evidence_lines, examples_table, finetune_table, top_contenders
 from tasks.store import Store, content_key, resolve_store
 from tasks.validate import freeze_winner, runner_up, summarize
@@ -243,6 +245,8 @@ def execute(config: SearchConfig, prep: Prepared, store: str, run_id: str, log: 
             paths[m.name], reused = merge_models(m, paths, prep.models[m.name].fingerprint, config.compute, store)
             _count(row, reused)
 
+    # search.rounds: merges proposed and scored on the development splits; the kept ones join the models below
+    config, prep = evolve(config, prep, paths, store, run_rel, log, guard, train_and_answer, judge_all)
     models = [n for n, info in prep.models.items() if info.finetuned]
     all_outputs = {ds: train_and_answer(models, data, paths, prep, config, store, log, guard)
                    for ds, data in prep.datasets.items()}
@@ -279,7 +283,8 @@ def execute(config: SearchConfig, prep: Prepared, store: str, run_id: str, log: 
             get_run_logger().warning(line)
         md = markdown_report(config, run_id, ratings, scores_table(prep, frames), validation, log.rows,
                              judgments, formats_table(prep, frames, config.generate.max_new_tokens), verdict,
-                             evidence(config, prep, ratings, frames, st), card)
+                             [*search_lines(config, st, run_rel, ratings, judgments, validation),
+                              *evidence(config, prep, ratings, frames, st)], card)
         st.write_bytes(f"{run_rel}/ratings.png", png)
         st.write_text(f"{run_rel}/report.md", md)
         report = st.write_text(f"{run_rel}/report.html", html_report(md, png))

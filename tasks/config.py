@@ -334,6 +334,37 @@ class BudgetConfig(Frozen):
     )
 
 
+class MergeSearchConfig(Frozen):
+    """The search's own merges: rounds that propose merges of the leaders, scored on a development split."""
+
+    rounds: int = Field(
+        default=0, ge=0, description="Rounds of proposals after the first rating on the development split (0: off)."
+    )
+    proposals: int = Field(default=4, ge=1, description="Most merges proposed per round.")
+    dev_share: float = Field(
+        default=0.2, gt=0.0, lt=1.0, description="Share of each dataset's training rows set aside as its development "
+        "split, chosen by a hash of each row's content (never the test split); proposals and the leaders train on the "
+        "rest and are judged and rated there.",
+    )
+    leaders: int = Field(
+        default=3, ge=2, description="Best-rated models (on the development split) the rule merges and each round's "
+        "proposals are judged against.",
+    )
+    keep: int = Field(
+        default=1, ge=1, description="Best proposals (by development rating) fine-tuned on the full training rows and "
+        "rated on the test split with every other contender.",
+    )
+    methods: list[Literal["slerp", "ties", "dare_ties"]] = Field(
+        default_factory=lambda: ["slerp", "ties"], min_length=1,
+        description="Merge methods the rule proposes: slerp of the top two at several t; ties / dare_ties of the top "
+        "three (other than base_model) at several densities.",
+    )
+    base_model: Name | None = Field(
+        default=None, description="Common ancestor that ties and dare_ties proposals take differences from; None: "
+        "the base_model of the config's first ties/dare merge, else no ties/dare proposals.",
+    )
+
+
 class SearchConfig(Frozen):
     """A whole search: what to try, what to score it on, and how."""
 
@@ -366,6 +397,10 @@ class SearchConfig(Frozen):
     prices: dict[str, ModelPrice] = Field(
         default_factory=dict, description="API model id -> USD per 1M input/output tokens, for the judge and references."
     )
+    search: MergeSearchConfig = Field(
+        default_factory=MergeSearchConfig, description="Rounds in which the search proposes its own merges (off by "
+        "default)."
+    )
 
     @model_validator(mode="after")
     def _names_are_consistent(self) -> "SearchConfig":
@@ -391,6 +426,9 @@ class SearchConfig(Frozen):
                 if b not in models:
                     raise ValueError(f"validation.baselines: unknown model '{b}'{hint(b, models)}")
         _check_judges(self)
+        base = self.search.base_model
+        if base is not None and base not in models + [i.name for i in self.ingredients]:
+            raise ValueError(f"search.base_model: unknown model '{base}'{hint(base, models)}")
         anchor, everyone = self.rating.anchor, [*contenders, TEACHER]
         if anchor is not None and anchor not in everyone:  # before any money is spent, not at rating time
             raise ValueError(f"rating.anchor: '{anchor}' is not a contender{hint(anchor, everyone)}")

@@ -88,6 +88,9 @@ def open_run(store: Store, run: str) -> Run:
         config = SearchConfig.model_validate(yaml.safe_load(text))
     except (ValidationError, yaml.YAMLError) as e:
         raise UserError(f"{store.path(rel)}/config.yaml: not a config this version reads ({first_line(e)})") from None
+    from tasks.search_report import kept_merges  # the search's own merges that the run rated (search.rounds)
+
+    config = config.model_copy(update={"merges": [*config.merges, *kept_merges(store, rel)]})
     validation = store.read_json(f"{rel}/validation.json") if store.exists(f"{rel}/validation.json") else None
     return Run(run, config, text, store.read_parquet(f"{rel}/ratings.parquet"), validation)
 

@@ -105,6 +105,13 @@ def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "c
         _dataset_jobs(plan, cfg, prep, store, data, models, (train_rate, gen_rate))
     if cfg.validation:
         _validation_jobs(plan, cfg, prep, store, (train_rate, gen_rate))
+    if cfg.search.rounds:  # what the loop tries depends on ratings not yet made: said, not counted
+        s = cfg.search
+        plan.assumptions.append(
+            f"search: the loop's work is not counted above: every model once, then up to {s.rounds} rounds x "
+            f"{s.proposals} proposals, fine-tuned on {1 - s.dev_share:.0%} of each dataset's training rows and answering "
+            f"the other {s.dev_share:.0%}, and the {s.keep} kept on the full rows; budget.max_gpu_hours stops it before "
+            "a round that would not fit")
     if cfg.llm_judges():
         _llm_judge_jobs(plan, cfg, prep, models)
     if any(j.kind == "metric" for j in cfg.judge_list()) and (cfg.budget.strategy != "all-pairs" or

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tasks.config import DatasetSpec, FinetuneConfig, LoadOptions, Merge, SearchConfig, recipe_models
+from tasks.devsplit import check_dev_split
 from tasks.data import Example, check_lengths, check_test_size, dataset_fingerprint, infer_metric, load_examples
 from tasks.errors import UserError
 from tasks.models import ModelInfo, candidate_fingerprint, check_mergeable, inspect_candidate, tokenizer_folder
@@ -93,6 +94,9 @@ def prepare(cfg: SearchConfig, cheap_checks_passed: Callable[[], None] | None = 
     take seconds (endpoints, the work pool, mergekit): the command line starts Prefect's server there.
     """
     rows = {d.name: _checked_rows(d, cfg.finetune) for d in cfg.datasets}
+    if cfg.search.rounds:  # the search's own merges train and rate on a share of the training rows
+        for d in cfg.datasets:
+            check_dev_split(d.name, rows[d.name][0], cfg.search.dev_share)
     warnings = [w for d in cfg.datasets for w in no_expected_warning(d, rows[d.name][1], cfg)]
     rendered = {d.name: (d, *rows[d.name]) for d in cfg.datasets}
     if cfg.validation:
@@ -171,16 +175,20 @@ def _fingerprinted_models(
                                 role="ingredient" if c.name in ingredients else "candidate",
                                 load=loads[c.name][0], template=loads[c.name][1])
               for c in sources}
-    if cfg.merges:
-        from tasks.merge import recipe_fingerprint
-        from tasks.store import content_key
-
-        for m in cfg.merges:
-            fps = {n: i.fingerprint for n, i in models.items()}
-            load, template = _merge_load(m, models)
-            models[m.name] = ModelInfo(m.name, content_key("merge", recipe_fingerprint(m, fps)), signatures[m.name],
-                                       role="merge", load=load, template=template)
+    for m in cfg.merges:
+        models[m.name] = merge_info(m, models, signatures[m.name])
     return models
+
+
+def merge_info(m: Merge, models: dict[str, ModelInfo], signature: dict[str, Any]) -> ModelInfo:
+    """A merge as the search sees it: the key of its recipe over its parents' fingerprints, its shape, how it loads."""
+    from tasks.merge import recipe_fingerprint  # mergekit's version is part of the key
+    from tasks.store import content_key
+
+    fps = {n: i.fingerprint for n, i in models.items()}
+    load, template = _merge_load(m, models)
+    return ModelInfo(m.name, content_key("merge", recipe_fingerprint(m, fps)), signature, role="merge", load=load,
+                     template=template)
 
 
 def check_api_models(cfg: SearchConfig) -> None:

@@ -97,3 +97,8 @@ def test_adaptive_savings_quick():
 def test_zoo_copying_small():
     out = run("bench/zoo_copying.py", "--steps", "2", "--every", "1")
     assert "| zoo (tasks.zoo.SHAPE: 4x96, 4/2 heads, untied) |" in out and "| 2x128, 8/8 heads, tied |" in out
+
+
+def test_merge_search_quick():
+    out = run("bench/merge_search.py", "--quick")
+    assert "20 landscapes" in out and "| rule, 5 rounds x 4" in out and "| grid, spacing 0.1" in out

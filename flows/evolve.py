@@ -1,0 +1,197 @@
+"""The search's own merges: rounds of propose -> merge -> fine-tune and answer on dev -> judge -> re-rate.
+
+Composed from the search's stages (handed in by flows/search.py, so that this module does not import it). Everything
+runs on each dataset's development split (tasks/devsplit.py): the configured models and every proposal are fine-tuned
+on the training rows minus the development rows and answer the development rows; the test split is not read here.
+Only the best `search.keep` proposals leave the loop: flows/search.py fine-tunes them on the full training rows and
+rates them on the test split with every other contender, and validation freezes its winner from that rating as before.
+
+Every result goes through the store's content keys, and the proposals are a function of the ratings, which are a
+function of stored judgments: a search killed mid-round proposes the same merges when started again and recomputes
+nothing it had finished.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pandas as pd
+import yaml
+from prefect import get_run_logger
+
+from tasks.compute import merge_models
+from tasks.config import TEACHER, SearchConfig
+from tasks.devsplit import dev_split
+from tasks.errors import UserError
+from tasks.finetune import adapter_key
+from tasks.generate import outputs_key
+from tasks.jobs import Guard
+from tasks.judge import load_judgments
+from tasks.models import check_mergeable
+from tasks.prepare import Prepared, merge_info
+from tasks.propose import Point, config_point, improved, kept, propose, ranked, task_base
+from tasks.rate import rate
+from tasks.store import Store
+
+JUDGMENT_ID = ["dataset", "example_id", "contender_a", "contender_b", "order"]
+
+
+class Loop:
+    """One search's state: the development splits, the models so far, their outputs, judgments and ratings."""
+
+    def __init__(self, config: SearchConfig, prep: Prepared, paths: dict[str, str], store: str, run_rel: str,
+                 log: Any, guard: Guard, train: Callable[..., dict], judge: Callable[..., list]) -> None:
+        """Set the loop up and write the development splits (reused from the store when there)."""
+        self.cfg, self.prep, self.paths, self.store, self.st = config, prep, paths, store, Store(store)
+        self.rel, self.log, self.guard, self.train, self.judge = f"{run_rel}/search", log, guard, train, judge
+        self.devs = {d.spec.name: d for d in (dev_split(data, config.search.dev_share, self.st)
+                                              for data in prep.datasets.values())}
+        # no reference answers the development rows (each would be paid for): a reference anchor becomes the teacher
+        anchor = config.rating.anchor
+        if anchor is not None and config.model_kinds().get(anchor) == "reference":
+            anchor = TEACHER
+        self.dev_cfg = config.model_copy(update={"references": [],
+                                                 "rating": config.rating.model_copy(update={"anchor": anchor})})
+        self.models = dict(prep.models)
+        self.kinds = config.model_kinds()
+        self.outputs: dict[str, dict[str, tuple[str, str]]] = {ds: {} for ds in self.devs}
+        self.batches: list[Any] = []
+        self.ratings = pd.DataFrame()
+
+    def answer(self, names: list[str]) -> None:
+        """Fine-tune `names` on every development split's training rows and answer its development rows."""
+        todo = [n for n in names if any(n not in outs for outs in self.outputs.values())]
+        if not todo:
+            return
+        prep = Prepared(self.models, self.devs)
+        for ds, data in self.devs.items():
+            self.outputs[ds] |= self.train(todo, data, self.paths, prep, self.dev_cfg, self.store, self.log, self.guard)
+
+    def judge_and_rate(self, names: list[str]) -> pd.DataFrame:
+        """Judge `names` (and the teacher) pairwise on every development split, then rate every judgment so far."""
+        outs = {ds: {n: o[n] for n in [*names, TEACHER]} for ds, o in self.outputs.items()}
+        self.batches += self.judge(self.devs, outs, self.dev_cfg, self.store, self.log, self.guard)
+        with self.log.stage("search:rate") as row:
+            judgments = load_judgments(self.st, self.batches).drop_duplicates(JUDGMENT_ID)
+            self.ratings = rate(judgments, self.kinds, self.dev_cfg.rating)
+            row["judgments"] = len(judgments)  # a rating is not a result of the store: counted neither way
+        return self.ratings
+
+    def add(self, point: Point) -> None:
+        """Make a proposal a model of the search: its fingerprint, and its merged folder (merged once, in the store)."""
+        merge = point.merge()
+        if merge.name in self.models:
+            raise UserError(f"search: the proposal name '{merge.name}' is taken by a model of the config; rename it")
+        self.models[merge.name] = merge_info(merge, self.models, self.models[point.parents[0]].signature)
+        self.kinds[merge.name] = "merge"
+        with self.log.stage(f"search:merge r{point.round}") as row:
+            self.paths[merge.name], reused = merge_models(merge, self.paths, self.models[merge.name].fingerprint,
+                                                          self.cfg.compute, self.store)
+            row["reused" if reused else "computed"] += 1
+
+    def mergeable(self, names: tuple[str, ...]) -> bool:
+        """Whether mergekit can merge these models as the rule's recipes ask (same architecture and vocabulary)."""
+        try:
+            check_mergeable("proposal", [self.models[n] for n in dict.fromkeys(names)])
+        except UserError:
+            return False
+        return True
+
+    def fits(self, k: int) -> bool:
+        """Whether a round of `k` proposals, the final set and the test stages still to run fit budget.max_gpu_hours."""
+        cap = self.cfg.budget.max_gpu_hours
+        if cap is None:
+            return True
+        g, sig = self.guard, next(iter(self.models.values())).signature
+        need = sum(k * (g.finetune_s(d.train, sig) + g.generate_s(d.test, sig)) for d in self.devs.values())
+        for data in self.prep.datasets.values():
+            need += self.cfg.search.keep * (g.finetune_s(data.train, sig) + g.generate_s(data.test, sig))
+            for name, info in self.prep.models.items():
+                akey = adapter_key(info.fingerprint, data.train_fp, self.cfg.finetune)
+                if info.finetuned and not self.st.exists(f"adapters/{akey}"):
+                    need += g.finetune_s(data.train, info.signature)
+                okey = outputs_key(akey, data.test_fp, self.cfg.generate)
+                if info.finetuned and not self.st.exists(f"outputs/{okey}.parquet"):
+                    need += g.generate_s(data.test, info.signature)
+        return (g.gpu_s + need) / 3600 <= cap
+
+    def leaders(self) -> list[str]:
+        """The best-rated models on the development splits, best first."""
+        return list(ranked(self.ratings)["contender"][: self.cfg.search.leaders])
+
+
+def _ratings_of(ratings: pd.DataFrame, names: list[str]) -> dict[str, list[float]]:
+    """name -> [rating, low, high] on the pooled development rating."""
+    r = ratings[ratings["scope"] == "overall"].set_index("contender")
+    return {n: [round(float(r.at[n, k]), 1) for k in ("rating", "ci_low", "ci_high")] for n in names if n in r.index}
+
+
+def evolve(config: SearchConfig, prep: Prepared, paths: dict[str, str], store: str, run_rel: str, log: Any,
+           guard: Guard, train: Callable[..., dict], judge: Callable[..., list]) -> tuple[SearchConfig, Prepared]:
+    """Run search.rounds rounds of proposals on the development splits; return the config and models with the kept
+    proposals added as merges (unchanged when search.rounds is 0). `paths` gains every proposal's merged folder."""
+    s = config.search
+    if not s.rounds:
+        return config, prep
+    logger = get_run_logger()
+    loop = Loop(config, prep, paths, store, run_rel, log, guard, train, judge)
+    st = loop.st
+    st.write_json(f"{loop.rel}/split.json", [{"dataset": ds, "dev_share": s.dev_share, "train_rows": len(d.train),
+                                              "dev_rows": len(d.test), "dev_ids": [e.id for e in d.test],
+                                              "train_file": d.spec.train, "dev_file": d.spec.test}
+                                             for ds, d in loop.devs.items()])
+    tuned = [n for n, i in prep.models.items() if i.finetuned]
+    loop.answer(tuned)
+    loop.judge_and_rate(tuned)
+    st.write_parquet(f"{loop.rel}/ratings-round-0.parquet", loop.ratings)
+    points = [p for p in (config_point(m) for m in config.merges) if p is not None]
+    base = task_base(s, config.merges)
+    dtype = next((m.recipe["dtype"] for m in config.merges if m.recipe.get("dtype")), None)
+    rounds: list[dict[str, Any]] = []
+    proposed: list[str] = []
+    stop = f"ran all {s.rounds} rounds"
+    for r in range(1, s.rounds + 1):
+        if not loop.fits(s.proposals):
+            stop = f"budget.max_gpu_hours: round {r} would not leave room for the final fine-tunes; stopped before it"
+            break
+        leaders = loop.leaders()
+        new = propose(loop.ratings, points, s, base, loop.mergeable, r, dtype)
+        if not new:
+            stop = f"round {r}: the rule has nothing new to propose (every point tried, or no mergeable leaders)"
+            break
+        # written before anything is computed: a killed run leaves what it was about to try
+        st.write_text(f"{loop.rel}/round-{r}.yaml", yaml.safe_dump([p.record() for p in new], sort_keys=False))
+        logger.info(f"search round {r}: proposing {', '.join(p.name for p in new)}")
+        for p in new:
+            loop.add(p)
+        names = [p.name for p in new]
+        loop.answer(names)
+        loop.judge_and_rate([*leaders, *names])
+        st.write_parquet(f"{loop.rel}/ratings-round-{r}.parquet", loop.ratings)
+        points += new
+        proposed += names
+        beat, line = improved(loop.ratings, names)
+        rounds.append({"round": r, "leaders": _ratings_of(loop.ratings, leaders), "check": line,
+                       "proposals": [p.record() | {"dev": _ratings_of(loop.ratings, [p.name]).get(p.name)}
+                                     for p in new]})
+        logger.info(f"search round {r}: {line}")
+        if not beat:
+            stop = f"round {r}: no proposal beat the leader's interval ({line})"
+            break
+    final = kept(loop.ratings, proposed, s.keep)
+    chosen = [p for p in points if p.name in final]
+    # with the proposals they were merged from, in the order they were made: what rebuilds them (flows.export)
+    needed, by_name = set(final), {p.name: p for p in points if p.round}
+    for p in reversed([p for p in points if p.round]):
+        if p.name in needed:
+            needed |= {n for n in (*p.parents, p.base) if n in by_name}
+    st.write_text(f"{loop.rel}/kept.yaml", yaml.safe_dump(
+        [{"name": p.name, "recipe": p.recipe(), "kept": p.name in final} for p in points if p.name in needed
+         and p.round], sort_keys=False))
+    st.write_json(f"{loop.rel}/search.json", {"dev_share": s.dev_share, "rounds": rounds, "stop": stop, "kept": final,
+                                              "base_model": base, "dev_ratings": f"{loop.rel}/ratings-round-"
+                                              f"{rounds[-1]['round'] if rounds else 0}.parquet"})
+    logger.info(f"search: {stop}; kept {', '.join(final) or 'none'}")
+    merges = [p.merge() for p in chosen]
+    return (config.model_copy(update={"merges": [*config.merges, *merges]}),
+            Prepared(prep.models | {m.name: loop.models[m.name] for m in merges}, prep.datasets, prep.warnings))

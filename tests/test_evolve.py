@@ -1,0 +1,145 @@
+"""The search's own merges: the development split, the proposal rule, and a miniature search killed mid-round and
+resumed (same proposals, nothing finished recomputed), then run again (nothing computed)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import yaml
+
+from flows.cli import main
+from tasks.config import MergeSearchConfig, load_config
+from tasks.data import load_examples
+from tasks.devsplit import split_rows
+from tasks.propose import config_point, improved, kept, propose
+from tasks.store import Store
+from tests.conftest import mini_config_dict, write_config, write_jsonl
+
+
+def content(rows) -> set[str]:
+    """Rows as comparable text of their content."""
+    return {repr((r.prompt, r.answer, r.expected)) for r in rows}
+
+
+def test_dev_split_is_stable_by_content_and_never_test(tiny_data, tmp_path):
+    train_path, test_path = tiny_data["extraction"]
+    rows = load_examples(str(train_path))
+    train, dev = split_rows(rows, 0.4)
+    assert dev and train and len(train) + len(dev) == len(rows) and not content(train) & content(dev)
+    # the same rows reversed and renumbered: the same development rows (content, not position or id)
+    raw = [yaml.safe_load(line) for line in train_path.read_text().splitlines()]
+    shuffled = write_jsonl(tmp_path / "rev.jsonl", [{**r, "id": f"x{i}"} for i, r in enumerate(reversed(raw))])
+    assert content(split_rows(load_examples(str(shuffled)), 0.4)[1]) == content(dev)
+    # a larger share keeps every development row of a smaller one (a threshold on a fixed hash)
+    assert content(dev) <= content(split_rows(rows, 0.6)[1])
+    # development rows come from the training file only
+    test_rows = content(load_examples(str(test_path)))
+    assert not (content(dev) - content(rows)) and not ((content(dev) & test_rows) - content(rows))
+
+
+def ratings(values: dict[str, float], width: float = 10.0) -> pd.DataFrame:
+    """A pooled ratings table of models with +-width intervals."""
+    return pd.DataFrame([{"scope": "overall", "contender": n, "kind": "merge" if "-" in n else "candidate",
+                          "rating": v, "ci_low": v - width, "ci_high": v + width} for n, v in values.items()])
+
+
+def test_rule_is_deterministic_refines_its_leader_and_skips_tried_points():
+    cfg = MergeSearchConfig(rounds=2, proposals=4, methods=["slerp", "ties"])
+    merges = [m for m in load_config("configs/demo.yaml").merges]
+    points = [config_point(m) for m in merges]
+    assert [(p.method, p.param) for p in points] == [("slerp", 0.5), ("ties", 0.5)]
+    r = ratings({"hermes-zephyr-slerp": 1050, "zephyr": 1040, "hermes": 1030, "neural": 1000, "base": 990})
+    ok = lambda names: True  # noqa: E731
+    first = propose(r, points, cfg, "base", ok, 1)
+    assert [p.name for p in first] == [p.name for p in propose(r, points, cfg, "base", ok, 1)]
+    # interleaved: the leader's refinement, slerp of the top two, TIES of the top three other than base, the middle
+    # of the best family's widest untried gap
+    assert [p.rule for p in first] == ["refine", "slerp-top2", "ties-top3", "explore"]
+    assert [p.param for p in first if p.rule == "refine"] == [0.25]
+    assert first[3].family == points[0].family and first[3].param == 0.75  # 0.25 is taken by the refinement
+    assert first[2].recipe()["base_model"] == "base" and first[2].parents == ("hermes", "hermes-zephyr-slerp", "zephyr")
+    assert "1050" in first[0].reason and first[0].record()["recipe"]["merge_method"] == "slerp"
+    # round 2: a proposal leads -> its neighbours at half the step; tried points are never proposed again
+    best = first[1]
+    r2 = ratings({best.name: 1100, "hermes-zephyr-slerp": 1050, "zephyr": 1040})
+    second = propose(r2, points + first, cfg, "base", ok, 2)
+    tried = {(p.family, round(p.param, 6)) for p in points + first}
+    assert all((p.family, round(p.param, 6)) not in tried for p in second)
+    assert second[0].rule == "refine" and abs(second[0].param - best.param) == pytest.approx(best.step)
+    # nothing mergeable: nothing but refinements and exploration of the families there are
+    assert all(p.rule in ("refine", "explore") for p in propose(r, points, cfg, "base", lambda names: False, 1))
+    # the stop rule and the kept set
+    assert improved(r2, [best.name])[0] and not improved(r2, ["zephyr"])[0]
+    assert kept(r2, [p.name for p in first], 1) == [best.name]
+
+
+def search_config(tiny_models, tiny_data, tmp_path, rounds: int):
+    """The miniature search with the loop on: one dataset, two proposals a round."""
+    cfg = mini_config_dict(tiny_models, tiny_data)
+    cfg["datasets"] = cfg["datasets"][:1]
+    cfg["search"] = {"rounds": rounds, "proposals": 2, "dev_share": 0.4}
+    return write_config(tmp_path, cfg)
+
+
+def test_dev_share_too_small_is_one_line(tiny_models, tiny_data, tmp_path, capsys):
+    cfg = mini_config_dict(tiny_models, tiny_data)
+    cfg["search"] = {"rounds": 1, "dev_share": 0.05}
+    assert main(["--config", str(write_config(tmp_path, cfg)), "--store", str(tmp_path / "s"), "--dry-run"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "search.dev_share: 0.05 of dataset 'extraction'" in err[0] and "fewer than the 5" in err[0]
+
+
+def test_search_killed_mid_round_resumes_with_the_same_proposals(tiny_models, tiny_data, tmp_path, monkeypatch,
+                                                                  capsys):
+    import flows.search
+
+    config, store_dir = search_config(tiny_models, tiny_data, tmp_path, 2), tmp_path / "store"
+    store = Store(str(store_dir))
+    real_judge = flows.search.judge_all
+
+    def killed(datasets, outputs, *args, **kw):
+        """Die at round 1's judging, after its proposals were merged, fine-tuned and answered."""
+        if any(name.startswith("r1-") for outs in outputs.values() for name in outs):
+            raise RuntimeError("killed mid-round")
+        return real_judge(datasets, outputs, *args, **kw)
+
+    monkeypatch.setattr(flows.search, "judge_all", killed)
+    with pytest.raises(RuntimeError, match="killed mid-round"):
+        main(["--config", str(config), "--store", str(store_dir)])
+    killed_run = max((store_dir / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    proposed = yaml.safe_load((killed_run / "search" / "round-1.yaml").read_text())
+    assert len(proposed) == 2 and all(p["reason"] and p["parents"] and p["recipe"]["merge_method"] for p in proposed)
+    monkeypatch.setattr(flows.search, "judge_all", real_judge)
+
+    assert main(["--config", str(config), "--store", str(store_dir)]) == 0
+    run = store.read_text("runs/LATEST").strip()
+    assert yaml.safe_load(store.read_text(f"runs/{run}/search/round-1.yaml")) == proposed
+    stages = store.read_json(f"runs/{run}/stages.json")
+    dev = [s for s in stages if s["stage"] in ("finetune:extraction.dev", "generate:extraction.dev")]
+    # round 0 (3 models) and round 1 (2 proposals) were finished before the kill: reused, not recomputed
+    assert [(s["computed"], s["reused"]) for s in dev[:4]] == [(0, 3), (0, 3), (0, 2), (0, 2)]
+    assert all(s["computed"] == 0 for s in stages if s["stage"] == "search:merge r1")
+    path = store.read_json(f"runs/{run}/search/search.json")
+    assert path["kept"] and path["stop"] and path["rounds"][0]["proposals"][0]["dev"]
+    split = store.read_json(f"runs/{run}/search/split.json")[0]
+    test_ids = {e.id for e in load_examples(str(tiny_data["extraction"][1]))}
+    train_ids = {e.id for e in load_examples(str(tiny_data["extraction"][0]))}
+    assert split["dev_share"] == 0.4 and split["dev_rows"] >= 5 and set(split["dev_ids"]) <= train_ids
+    assert split["dev_file"].endswith("/dev.jsonl") and f"{store_dir}/splits/" in split["dev_file"] and test_ids
+    assert not {e.id for e in load_examples(split["dev_file"])} - train_ids
+    # the kept proposal is rated on the test split with every other contender, and the report tells the path
+    ratings = store.read_parquet(f"runs/{run}/ratings.parquet")
+    assert set(path["kept"]) <= set(ratings.loc[ratings["scope"] == "extraction", "contender"])
+    report = store.read_text(f"runs/{run}/report.md")
+    section = report.split("## The search's own merges")[1].split("\n## ")[0]
+    assert "| round | proposal | rule |" in section and "best hand-written model" in section and "Held out" in section
+    kept_recipe = yaml.safe_load(store.read_text(f"runs/{run}/search/kept.yaml"))
+    assert [k["name"] for k in kept_recipe if k["kept"]] == path["kept"]
+    # a kept proposal is a model of the run for flows.export
+    from tasks.export import open_run
+
+    assert set(path["kept"]) <= {m.name for m in open_run(store, run).config.merges}
+
+    capsys.readouterr()
+    assert main(["--config", str(config), "--store", str(store_dir)]) == 0
+    assert "0 results computed" in capsys.readouterr().out
