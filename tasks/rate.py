@@ -33,8 +33,8 @@ from tasks.bt import (  # noqa: F401  (bradley_terry: importable too)
 )
 from tasks.length_control import fit_controlled
 from tasks.config import RatingConfig  # defined with the rest of the config; importable from here too
-from tasks.rate_input import (  # noqa: F401  (REQUIRED_COLUMNS, WINNERS: importable from here too)
-    REQUIRED_COLUMNS, WINNERS, _check_anchor, _common_error, _counts, _Judged, _prepare, _usable,
+from tasks.rate_input import (  # noqa: F401  (REQUIRED_COLUMNS, WINNERS, win_matrix: importable from here too)
+    REQUIRED_COLUMNS, WINNERS, _check_anchor, _common_error, _counts, _Judged, _prepare, _usable, win_matrix,
 )
 
 # 400 Elo per factor of 10 in odds: one natural-log unit of strength is 400 / ln(10) ~= 173.7 Elo.
@@ -482,24 +482,6 @@ def _arena(p: _Judged, scopes: list[_Scope], raw: np.ndarray, weighted: np.ndarr
     if len(p.datasets) == 1:
         out = pd.concat([out.assign(scope="overall"), out], ignore_index=True)
     return out
-
-
-def win_matrix(judgments: pd.DataFrame, scope: str | None = None) -> pd.DataFrame:
-    """Row contender's win rate against the column contender (ties as half; NaN where never compared)."""
-    df = _usable(judgments)
-    if scope not in (None, "overall"):
-        df = df.loc[df["dataset"].astype(str) == scope]
-    p = _prepare(df, RatingConfig()) if len(df) else None
-    if p is None:
-        return pd.DataFrame()
-    x = _counts(p, None).sum(axis=0)
-    wins = x[0] + x[1].T
-    ties = x[2] + x[2].T
-    n = wins + wins.T + ties
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rate_ = np.where(n > 0, (wins + 0.5 * ties) / n, np.nan)
-    names = [str(v) for v in p.names]
-    return pd.DataFrame(rate_, index=pd.Index(names, name="contender"), columns=names)
 
 
 def separated(ratings: pd.DataFrame) -> pd.DataFrame:

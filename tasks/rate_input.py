@@ -177,3 +177,21 @@ def with_lengths(judgments: pd.DataFrame, outputs: dict[str, dict[str, pd.DataFr
     found = {f"len_{s}": chars.reindex(pd.MultiIndex.from_arrays(
         [judgments["dataset"].astype(str), judgments[f"contender_{s}"].astype(str), ids])).to_numpy() for s in "ab"}
     return judgments.assign(**found)
+
+
+def win_matrix(judgments: pd.DataFrame, scope: str | None = None) -> pd.DataFrame:
+    """Row contender's win rate against the column contender (ties as half; NaN where never compared)."""
+    df = _usable(judgments)
+    if scope not in (None, "overall"):
+        df = df.loc[df["dataset"].astype(str) == scope]
+    p = _prepare(df, RatingConfig()) if len(df) else None
+    if p is None:
+        return pd.DataFrame()
+    x = _counts(p, None).sum(axis=0)
+    wins = x[0] + x[1].T
+    ties = x[2] + x[2].T
+    n = wins + wins.T + ties
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate_ = np.where(n > 0, (wins + 0.5 * ties) / n, np.nan)
+    names = [str(v) for v in p.names]
+    return pd.DataFrame(rate_, index=pd.Index(names, name="contender"), columns=names)
