@@ -45,7 +45,9 @@ class RealServer:
         from tasks.zoo import build_tokenizer
 
         tok = build_tokenizer()
-        self.judge_model = str(make_tiny_model(root / "judge", 0, tok))
+        # The judge's prompt is ~840 tokens: transformers serve (5.25) refuses a prompt longer than the model's
+        # max_position_embeddings (256 in TINY_SHAPE) with a 400 before the model ever answers.
+        self.judge_model = str(make_tiny_model(root / "judge", 0, tok, max_position_embeddings=2048))
         self.unlisted_model = str(make_tiny_model(root / "unlisted", 1, tok))
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
