@@ -3,8 +3,11 @@
 Composed from the search's stages (handed in by flows/search.py, so that this module does not import it). Everything
 runs on each dataset's development split (tasks/devsplit.py): the configured models and every proposal are fine-tuned
 on the training rows minus the development rows and answer the development rows; the test split is not read here.
-Only the best `search.keep` proposals leave the loop: flows/search.py fine-tunes them on the full training rows and
-rates them on the test split with every other contender, and validation freezes its winner from that rating as before.
+Only the best `search.keep` proposals leave the loop: flows/search.py rates them on the test split with every other
+contender, and validation freezes its winner from that rating as before. With `search.refit` off (the default) every
+fine-tune of the search trains on the same rows (training minus development, tasks/devsplit.fit_datasets), so the
+loop's first rating and the kept proposals reuse the fine-tunes the store already holds: they only answer other rows.
+With it on, the final set is fine-tuned again on all training rows.
 
 Every result goes through the store's content keys, and the proposals are a function of the ratings, which are a
 function of stored judgments: a search killed mid-round proposes the same merges when started again and recomputes
@@ -104,8 +107,9 @@ class Loop:
             return True
         g, sig = self.guard, next(iter(self.models.values())).signature
         need = sum(k * (g.finetune_s(d.train, sig) + g.generate_s(d.test, sig)) for d in self.devs.values())
-        for data in self.prep.datasets.values():
-            need += self.cfg.search.keep * (g.finetune_s(data.train, sig) + g.generate_s(data.test, sig))
+        for data in self.prep.datasets.values():  # the kept proposals: fine-tuned again only with search.refit
+            need += self.cfg.search.keep * (g.finetune_s(data.train, sig) * self.cfg.search.refit
+                                            + g.generate_s(data.test, sig))
             for name, info in self.prep.models.items():
                 akey = adapter_key(info.fingerprint, data.train_fp, self.cfg.finetune)
                 if info.finetuned and not self.st.exists(f"adapters/{akey}"):
@@ -149,7 +153,7 @@ def evolve(config: SearchConfig, prep: Prepared, paths: dict[str, str], store: s
     dtype = next((m.recipe["dtype"] for m in config.merges if m.recipe.get("dtype")), None)
     rounds: list[dict[str, Any]] = []
     proposed: list[str] = []
-    stop = f"ran all {s.rounds} rounds"
+    stop, idle = f"ran all {s.rounds} rounds", 0  # idle: rounds in a row with no proposal above the leader's interval
     for r in range(1, s.rounds + 1):
         if not loop.fits(s.proposals):
             stop = f"budget.max_gpu_hours: round {r} would not leave room for the final fine-tunes; stopped before it"
@@ -175,8 +179,10 @@ def evolve(config: SearchConfig, prep: Prepared, paths: dict[str, str], store: s
                        "proposals": [p.record() | {"dev": _ratings_of(loop.ratings, [p.name]).get(p.name)}
                                      for p in new]})
         logger.info(f"search round {r}: {line}")
-        if not beat:
-            stop = f"round {r}: no proposal beat the leader's interval ({line})"
+        idle = 0 if beat else idle + 1
+        if idle >= s.patience:
+            stop = (f"round {r}: no proposal beat the leader's interval "
+                    f"{f'for {idle} rounds in a row ' if idle > 1 else ''}({line})")
             break
     final = kept(loop.ratings, proposed, s.keep)
     chosen = [p for p in points if p.name in final]

@@ -40,6 +40,7 @@ from tasks.judge import judge_task, load_judgments, metric_scores, run_openai_ju
 from tasks.judge_card import card_section, ratings_by_judge
 from tasks.references import reference_key, reference_outputs
 from tasks.candidates import candidate_task, zoo_task
+from tasks.devsplit import fit_datasets
 from tasks.prepare import DatasetInfo, Prepared, held_out, prepared
 from tasks.rate import rate
 from tasks.rate_input import with_lengths
@@ -350,6 +351,7 @@ def search(config: SearchConfig | str, store: str | None = None, dry_run: bool =
     for warning in prep.warnings:
         logger.warning(warning)
     st = Store(store)
+    prep = fit_datasets(config, prep, st)  # search.rounds with search.refit off: every fine-tune trains on train - dev
     plan = search_plan(config, prep, st)
     create_table_artifact(plan.table().astype(str).to_dict("records"), key="plan",
                           description="What the search computes, what the store holds, what the rest costs")

@@ -19,6 +19,7 @@ from tasks.recipes import recipe_models, recipe_problem
 from tasks.config_base import (  # noqa: F401
     MODEL_KINDS, NAME_MAX, TEACHER, ZOO_PREFIX, Frozen, Name, PathText, name_problem, not_utf8,
 )
+from tasks.config_search import MergeSearchConfig  # noqa: F401  (the `search:` section; importable from here too)
 
 
 class Candidate(Frozen):
@@ -282,37 +283,6 @@ class BudgetConfig(Frozen):
     confidence: float = Field(
         0.95, gt=0.0, lt=1.0, description="Adaptive: stop when the leader is separated from every other contender at "
         "this confidence, all looks at the data together (each look tested at (1 - confidence) / looks)."
-    )
-
-
-class MergeSearchConfig(Frozen):
-    """The search's own merges: rounds that propose merges of the leaders, scored on a development split."""
-
-    rounds: int = Field(
-        default=0, ge=0, description="Rounds of proposals after the first rating on the development split (0: off)."
-    )
-    proposals: int = Field(default=4, ge=1, description="Most merges proposed per round.")
-    dev_share: float = Field(
-        default=0.2, gt=0.0, lt=1.0, description="Share of each dataset's training rows set aside as its development "
-        "split, chosen by a hash of each row's content (never the test split); proposals and the leaders train on the "
-        "rest and are judged and rated there.",
-    )
-    leaders: int = Field(
-        default=3, ge=2, description="Best-rated models (on the development split) the rule merges and each round's "
-        "proposals are judged against.",
-    )
-    keep: int = Field(
-        default=1, ge=1, description="Best proposals (by development rating) fine-tuned on the full training rows and "
-        "rated on the test split with every other contender.",
-    )
-    methods: list[Literal["slerp", "ties", "dare_ties"]] = Field(
-        default_factory=lambda: ["slerp", "ties"], min_length=1,
-        description="Merge methods the rule proposes: slerp of the top two at several t; ties / dare_ties of the top "
-        "three (other than base_model) at several densities.",
-    )
-    base_model: Name | None = Field(
-        default=None, description="Common ancestor that ties and dare_ties proposals take differences from; None: "
-        "the base_model of the config's first ties/dare merge, else no ties/dare proposals.",
     )
 
 

@@ -5,12 +5,17 @@ and not its position) falls below `search.dev_share`: the same row lands on the 
 and a row copied twice cannot sit on both sides. The test split is never touched. The two parts are written to the
 store (splits/<key>/train.jsonl and dev.jsonl) so that the fine-tuning and generation stages read them as they read a
 user's files, and their fingerprints key every result made from them.
+
+With search.refit off (the default), every fine-tune of the search trains on that same train.jsonl (fit_datasets):
+the loop's first rating then answers the development rows with the fine-tunes the test rating uses.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import DatasetSpec
@@ -19,7 +24,8 @@ from tasks.errors import UserError
 from tasks.keys import content_key
 
 if TYPE_CHECKING:
-    from tasks.prepare import DatasetInfo
+    from tasks.config import SearchConfig
+    from tasks.prepare import DatasetInfo, Prepared
     from tasks.store import Store
 
 SPLIT_VERSION = "1"  # bump when the rule that assigns rows changes
@@ -61,11 +67,8 @@ def _jsonl(rows: list[Example]) -> str:
     return "".join(json.dumps(_row_json(r), ensure_ascii=False) + "\n" for r in rows)
 
 
-def dev_split(data: DatasetInfo, share: float, store: Store) -> DatasetInfo:
-    """The dataset as the search's own merges see it: train = its training rows minus the development rows, test =
-    the development rows; written once to the store under a key of the training file and the share."""
-    from tasks.prepare import DatasetInfo
-
+def _split_folder(data: DatasetInfo, share: float, store: Store) -> tuple[Path, list[Example], list[Example]]:
+    """The split's folder in the store (train.jsonl, dev.jsonl, split.json; written once, a few KB) and its rows."""
     rel = f"splits/{content_key('dev-split', data.train_fp, share, SPLIT_VERSION)}"
     train, dev = split_rows(data.train, share)
     with store.claim(rel) as todo:
@@ -74,10 +77,40 @@ def dev_split(data: DatasetInfo, share: float, store: Store) -> DatasetInfo:
                 (tmp / "train.jsonl").write_text(_jsonl(train), encoding="utf-8")
                 (tmp / "dev.jsonl").write_text(_jsonl(dev), encoding="utf-8")
                 (tmp / "split.json").write_text(json.dumps(split_record(data, share, train, dev), indent=1))
-    folder = store.local_dir(rel)
+    return store.local_dir(rel), train, dev
+
+
+def dev_split(data: DatasetInfo, share: float, store: Store) -> DatasetInfo:
+    """The dataset as the search's own merges see it: train = its training rows minus the development rows, test =
+    the development rows (the same training file, so the same fine-tunes, as fit_split's)."""
+    from tasks.prepare import DatasetInfo
+
+    data = data.source or data
+    folder, train, dev = _split_folder(data, share, store)
     spec = DatasetSpec(name=data.spec.name + DEV_SUFFIX, train=str(folder / "train.jsonl"),
                        test=str(folder / "dev.jsonl"), metric=data.metric)
     return DatasetInfo(spec, train, dev, dataset_fingerprint(spec.train), dataset_fingerprint(spec.test), data.metric)
+
+
+def fit_split(data: DatasetInfo, share: float, store: Store) -> DatasetInfo:
+    """The dataset with its training rows minus the development rows, and its test split as it is (search.refit
+    false: what every fine-tune of the search trains on)."""
+    from tasks.prepare import DatasetInfo
+
+    if data.source is not None:  # already split
+        return data
+    folder, train, _ = _split_folder(data, share, store)
+    spec = data.spec.model_copy(update={"train": str(folder / "train.jsonl")})
+    return DatasetInfo(spec, train, data.test, dataset_fingerprint(spec.train), data.test_fp, data.metric, source=data)
+
+
+def fit_datasets(cfg: SearchConfig, prep: Prepared, store: Store) -> Prepared:
+    """The search's datasets as its fine-tunes see them: with search.rounds on and search.refit off, each trains on
+    its training rows minus its development rows (the loop's first rating then reuses the search's fine-tunes);
+    otherwise unchanged. Idempotent; writes the splits to the store (also on --dry-run, so the plan keys as the run)."""
+    if not cfg.search.rounds or cfg.search.refit:
+        return prep
+    return replace(prep, datasets={n: fit_split(d, cfg.search.dev_share, store) for n, d in prep.datasets.items()})
 
 
 def split_record(data: DatasetInfo, share: float, train: list[Example], dev: list[Example]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import yaml
 from pydantic import ValidationError
 
 from tasks.config import MODEL_KINDS, ComputeConfig, JudgeConfig, LoadOptions, SearchConfig
+from tasks.devsplit import fit_datasets
 from tasks.errors import UserError, first_line
 from tasks.store import Store, resolve_store
 from tasks.store_guards import tmp_name
@@ -297,11 +298,18 @@ def serve_lines(w: Winner, out: Path, merged: bool, fmt: PromptFormat, cfg: Sear
         'print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())', "```", ""]
 
 
+def _train_file(d: Any) -> str:
+    """The training file a dataset's fine-tunes read: a split one (search.refit off) also names its configured file."""
+    if d.source is None:
+        return d.spec.train
+    return f"{d.spec.train} ({len(d.train)} rows of {d.source.spec.train}: its development rows left out)"
+
+
 def data_rows(cfg: SearchConfig, prep: Prepared) -> list[str]:
     """Markdown table rows of every dataset's files and fingerprints (the held-out one as its files are now)."""
     from tasks.data import dataset_fingerprint
 
-    rows = [f"| {n} | search | {d.spec.train} | `{d.train_fp}` | {d.spec.test} | `{d.test_fp}` | {d.metric} |"
+    rows = [f"| {n} | search | {_train_file(d)} | `{d.train_fp}` | {d.spec.test} | `{d.test_fp}` | {d.metric} |"
             for n, d in prep.datasets.items()]
     if cfg.validation:
         spec = cfg.validation.dataset
@@ -370,7 +378,7 @@ def export_run(run: str, out: str, store: str | None = None, dataset: str | None
     name, chosen = pick_model(r, dataset, model)
     target = out_folder(out)
     log(f"run {r.id}: exporting {name} ({chosen}); its adapter trained on {ds} ({ds_why})")
-    prep = prepare_offline(r.config)
+    prep = fit_datasets(r.config, prepare_offline(r.config), st)  # the training rows the search's fine-tunes used
     w = locate(r, prep, st, name, chosen, ds, ds_why, check, log)
     log(f"base model: {w.base_name}")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,9 @@ def _usd(price: ModelPrice | None, prompt_chars: float, answer_tokens: float) ->
 
 def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "cpu") -> Plan:
     """Every job the config implies, from the checked config and fingerprints alone; loads no model."""
+    from tasks.devsplit import fit_datasets
+
+    prep = fit_datasets(cfg, prep, store)  # the datasets as the fine-tunes see them (a no-op when already so)
     plan = Plan()
     train_rate = measured_rate(store, "finetune", device, plan.assumptions)
     gen_rate = measured_rate(store, "generate", device, plan.assumptions)
@@ -105,13 +108,8 @@ def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "c
         _dataset_jobs(plan, cfg, prep, store, data, models, (train_rate, gen_rate))
     if cfg.validation:
         _validation_jobs(plan, cfg, prep, store, (train_rate, gen_rate))
-    if cfg.search.rounds:  # what the loop tries depends on ratings not yet made: said, not counted
-        s = cfg.search
-        plan.assumptions.append(
-            f"search: the loop's work is not counted above: every model once, then up to {s.rounds} rounds x "
-            f"{s.proposals} proposals, fine-tuned on {1 - s.dev_share:.0%} of each dataset's training rows and answering "
-            f"the other {s.dev_share:.0%}, and the {s.keep} kept on the full rows; budget.max_gpu_hours stops it before "
-            "a round that would not fit")
+    if cfg.search.rounds:
+        _search_jobs(plan, cfg, prep, store, models)
     if cfg.llm_judges():
         _llm_judge_jobs(plan, cfg, prep, models)
     if any(j.kind == "metric" for j in cfg.judge_list()) and (cfg.budget.strategy != "all-pairs" or
@@ -182,6 +180,41 @@ def _dataset_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, d
     for a, b in combinations(sorted(keys, key=keys.get), 2):
         rel = f"judgments/{judgment_key(metric, data.metric, data.test_fp, keys[a], keys[b])}.parquet"
         plan.jobs.append(Job("judge", f"{a} vs {b} on {name}", rel, store.exists(rel)))
+
+
+def _search_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, models: list[str]) -> None:
+    """The loop's work (search.rounds): every model answering the development rows, then at most rounds x proposals
+    fine-tunes and answers, and the kept proposals' test work. The proposals depend on ratings not yet made: they are
+    planned at their most (every round run) as the largest model, with no key."""
+    from tasks.devsplit import dev_split
+    from tasks.finetune import adapter_key
+    from tasks.generate import outputs_key
+
+    s, (train_rate, gen_rate) = cfg.search, plan.rates
+    largest = max(param_count(prep.models[m].signature) for m in models)
+    for data in prep.datasets.values():
+        dev = dev_split(data, s.dev_share, store)
+        for m in models:  # round 0; its fine-tunes are the search's own unless search.refit
+            n, akey = param_count(prep.models[m].signature), adapter_key(prep.models[m].fingerprint, dev.train_fp,
+                                                                          cfg.finetune)
+            if akey != adapter_key(prep.models[m].fingerprint, data.train_fp, cfg.finetune):
+                plan.jobs.append(Job("search", f"{m} on {dev.spec.name}", f"adapters/{akey}",
+                                     store.exists(f"adapters/{akey}"), finetune_seconds(cfg, dev.train, n, train_rate)))
+            okey = f"outputs/{outputs_key(akey, dev.test_fp, cfg.generate)}.parquet"
+            plan.jobs.append(Job("search", f"{m} answering {dev.spec.name}", okey, store.exists(okey),
+                                 generate_seconds(dev.test, n, gen_rate)))
+        for r in range(1, s.rounds + 1):
+            plan.jobs += [Job("search", f"round {r} proposal {i} on {dev.spec.name}", None, False,
+                              finetune_seconds(cfg, dev.train, largest, train_rate)
+                              + generate_seconds(dev.test, largest, gen_rate)) for i in range(1, s.proposals + 1)]
+        plan.jobs += [Job("search", f"kept proposal {i} on {data.spec.name}", None, False,
+                          finetune_seconds(cfg, data.train, largest, train_rate) * s.refit
+                          + generate_seconds(data.test, largest, gen_rate)) for i in range(1, s.keep + 1)]
+    plan.assumptions.append(
+        f"search: up to {s.rounds} rounds x {s.proposals} proposals per dataset, each fine-tuned on the training rows "
+        f"minus the development rows ({s.dev_share:.0%}) and answering those, counted as if every round ran (the loop "
+        "stops early when no proposal beats the leader, and budget.max_gpu_hours stops it before a round that would "
+        "not fit)" + ("" if s.refit else "; the first rating and the kept proposals reuse the search's fine-tunes"))
 
 
 def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, rates: tuple[float, float]) -> None:

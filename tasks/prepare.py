@@ -28,6 +28,7 @@ class DatasetInfo:
     train_fp: str
     test_fp: str
     metric: str
+    source: DatasetInfo | None = None  # the dataset as configured, when this one trains on a share of its rows
 
 
 @dataclass(frozen=True)

@@ -88,8 +88,11 @@ def search_lines(cfg: SearchConfig, store: Store, run_rel: str, ratings: pd.Data
              f"Proposed from the ratings on a development split ({path['dev_share']:.0%} of each dataset's training "
              "rows, chosen by a hash of each row's content; see search/split.json): proposals and the leaders they "
              "are judged against are fine-tuned on the other training rows and judged on the development rows. "
-             "The test split played no part in choosing them; only the kept proposal is fine-tuned on the full "
-             "training rows and rated on it with every other contender.", ""]
+             "The test split played no part in choosing them; only the kept proposal is rated on it with every "
+             "other contender, " + ("after a fine-tune on all the training rows, as every contender's final one "
+                                    "(search.refit)." if cfg.search.refit else "with the same fine-tune: every "
+                                    "contender's fine-tunes, the test rating's too, train on those other rows "
+                                    "(search.refit off)."), ""]
     rows = path_rows(path)
     lines += [md_table(rows) if len(rows) else "No proposal was made.", "", f"Stopped: {path['stop']}.", ""]
     kept = path["kept"]

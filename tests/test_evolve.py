@@ -119,6 +119,10 @@ def test_search_killed_mid_round_resumes_with_the_same_proposals(tiny_models, ti
     # round 0 (3 models) and round 1 (2 proposals) were finished before the kill: reused, not recomputed
     assert [(s["computed"], s["reused"]) for s in dev[:4]] == [(0, 3), (0, 3), (0, 2), (0, 2)]
     assert all(s["computed"] == 0 for s in stages if s["stage"] == "search:merge r1")
+    # search.refit off: the test rating's fine-tunes are the loop's (configured models from round 0, the kept
+    # proposal from its round): none is trained again, they only answer the test rows
+    main_ft = [s for s in stages if s["stage"] == "finetune:extraction"]
+    assert main_ft and main_ft[0]["computed"] == 0 and main_ft[0]["reused"] == 4
     path = store.read_json(f"runs/{run}/search/search.json")
     assert path["kept"] and path["stop"] and path["rounds"][0]["proposals"][0]["dev"]
     split = store.read_json(f"runs/{run}/search/split.json")[0]
@@ -143,3 +147,27 @@ def test_search_killed_mid_round_resumes_with_the_same_proposals(tiny_models, ti
     capsys.readouterr()
     assert main(["--config", str(config), "--store", str(store_dir)]) == 0
     assert "0 results computed" in capsys.readouterr().out
+
+
+def test_plan_counts_the_loop_and_with_refit_off_trains_each_model_once(tiny_models, tiny_data, tmp_path):
+    from tasks.jobs import search_plan
+    from tasks.prepare import prepare
+
+    cfg = mini_config_dict(tiny_models, tiny_data)
+    cfg["datasets"] = cfg["datasets"][:1]
+    plans = {}
+    for refit in (False, True):
+        cfg["search"] = {"rounds": 2, "proposals": 3, "dev_share": 0.4, "refit": refit}
+        config = load_config(write_config(tmp_path, cfg))
+        plans[refit] = search_plan(config, prepare(config), Store(str(tmp_path / "store")))
+    loop = {r: [j for j in p.jobs if j.stage == "search"] for r, p in plans.items()}
+    main_ft = {r: {j.rel for j in p.jobs if j.stage == "finetune"} for r, p in plans.items()}
+    dev_ft = {r: {j.rel for j in jobs if j.rel and j.rel.startswith("adapters/")} for r, jobs in loop.items()}
+    # refit off: the 3 models' fine-tunes are the loop's round 0 (so it only answers the development rows); on: the
+    # loop fine-tunes them on the training rows minus the development rows, the adapters refit-off trains for the test
+    assert not dev_ft[False] and len(main_ft[False]) == 3 and dev_ft[True] == main_ft[False] != main_ft[True]
+    for r in (False, True):
+        assert sum("answering extraction.dev" in j.name for j in loop[r]) == 3
+        assert sum(j.name.startswith("round ") for j in loop[r]) == 2 * 3  # every round at its most
+        assert sum(j.name.startswith("kept proposal") for j in loop[r]) == 1 and all(j.gpu_s > 0 for j in loop[r])
+    assert any("reuse the search's fine-tunes" in a for a in plans[False].assumptions)
