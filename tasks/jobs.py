@@ -45,6 +45,7 @@ class Job:
     done: bool
     gpu_s: float = 0.0
     usd: float = 0.0
+    optional: bool = False  # run only while the budget allows (the search loop's proposals): no cap refuses a plan for it
 
 
 @dataclass
@@ -66,9 +67,9 @@ class Plan:
                          "USD": round(sum(j.usd for j in todo), 4)})
         return pd.DataFrame(rows)
 
-    def gpu_hours(self) -> float:
-        """Estimated GPU-hours of everything still to compute."""
-        return sum(j.gpu_s for j in self.jobs if not j.done) / 3600
+    def gpu_hours(self, required: bool = False) -> float:
+        """Estimated GPU-hours of everything still to compute (`required`: without the optional jobs)."""
+        return sum(j.gpu_s for j in self.jobs if not j.done and not (required and j.optional)) / 3600
 
     def usd(self) -> float:
         """Estimated dollars of everything still to compute."""
@@ -206,15 +207,17 @@ def _search_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, mo
         for r in range(1, s.rounds + 1):
             plan.jobs += [Job("search", f"round {r} proposal {i} on {dev.spec.name}", None, False,
                               finetune_seconds(cfg, dev.train, largest, train_rate)
-                              + generate_seconds(dev.test, largest, gen_rate)) for i in range(1, s.proposals + 1)]
+                              + generate_seconds(dev.test, largest, gen_rate), optional=True)
+                          for i in range(1, s.proposals + 1)]
         plan.jobs += [Job("search", f"kept proposal {i} on {data.spec.name}", None, False,
                           finetune_seconds(cfg, data.train, largest, train_rate) * s.refit
-                          + generate_seconds(data.test, largest, gen_rate)) for i in range(1, s.keep + 1)]
+                          + generate_seconds(data.test, largest, gen_rate), optional=True) for i in range(1, s.keep + 1)]
     plan.assumptions.append(
         f"search: up to {s.rounds} rounds x {s.proposals} proposals per dataset, each fine-tuned on the training rows "
         f"minus the development rows ({s.dev_share:.0%}) and answering those, counted as if every round ran (the loop "
         "stops early when no proposal beats the leader, and budget.max_gpu_hours stops it before a round that would "
-        "not fit)" + ("" if s.refit else "; the first rating and the kept proposals reuse the search's fine-tunes"))
+        "not fit, so a cap refuses no run for them)" + ("" if s.refit else "; the first rating and the kept "
+                                                           "proposals reuse the search's fine-tunes"))
 
 
 def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, rates: tuple[float, float]) -> None:
@@ -302,9 +305,10 @@ def check_budget(plan: Plan, cfg: SearchConfig) -> None:
         raise UserError(f"budget.max_usd: the plan's judge and reference requests are estimated at "
                         f"${plan.usd():.2f}, ${plan.usd() - b.max_usd:.2f} over the cap of ${b.max_usd:.2f}; raise it, "
                         "or cut references, contenders or budget.max_comparisons")
-    if b.max_gpu_hours is not None and plan.gpu_hours() > b.max_gpu_hours:
+    need = plan.gpu_hours(required=True)  # the search loop's proposals stop themselves before a round over the cap
+    if b.max_gpu_hours is not None and need > b.max_gpu_hours:
         raise UserError(f"budget.max_gpu_hours: the plan's fine-tunes and generations are estimated at "
-                        f"{plan.gpu_hours():.3f} GPU-hours, {plan.gpu_hours() - b.max_gpu_hours:.3f} over the cap of "
+                        f"{need:.3f} GPU-hours, {need - b.max_gpu_hours:.3f} over the cap of "
                         f"{b.max_gpu_hours}; raise it, or cut candidates, datasets or finetune steps")
 
 
@@ -325,6 +329,7 @@ class Guard:
     rates: tuple[float, float]
     gpu_s: float = 0.0
     usd: float = 0.0
+    validation_s: float = 0.0  # the plan's estimate of validation's GPU work, which the search loop leaves room for
 
     def finetune_s(self, rows: list[Any], signature: dict[str, Any]) -> float:
         """Estimated seconds of one fine-tune of a model with this signature on these training rows."""

@@ -42,6 +42,22 @@ def test_the_dollar_cap_covers_judge_and_references():
     check_budget(plan, Cfg())  # what the store already holds costs nothing
 
 
+def test_the_search_loops_proposals_never_refuse_a_plan():
+    from tasks.config import BudgetConfig
+
+    plan = Plan([Job("finetune", "a on x", "adapters/k", False, gpu_s=1800),
+                 Job("search", "round 1 proposal 1 on x.dev", None, False, gpu_s=3600, optional=True)])
+
+    class Cfg:
+        budget = BudgetConfig(max_gpu_hours=1.0)
+
+    assert plan.gpu_hours() == 1.5 and plan.gpu_hours(required=True) == 0.5
+    check_budget(plan, Cfg())  # the loop stops itself before a round that would not fit
+    Cfg.budget = BudgetConfig(max_gpu_hours=0.4)
+    with pytest.raises(UserError, match=r"estimated at 0.500 GPU-hours, 0.100 over the cap of 0.4"):
+        check_budget(plan, Cfg())
+
+
 def test_estimates_use_measured_rates(mini_config, tmp_path):
     cfg = load_config(mini_config)
     prep, store = prepare(cfg), Store(str(tmp_path / "store"))
