@@ -325,6 +325,30 @@ def test_search_with_openai_judge_and_reference_reruns_free_and_never_leaks_the_
     assert KEY not in caplog.text
 
 
+def test_search_loop_judged_by_the_llm_never_asks_a_reference_the_development_rows(server, tmp_path, tiny_models,
+                                                                                   tiny_data):
+    from flows.cli import main
+    from tasks.store import Store
+
+    config = _search_config(tmp_path, tiny_models, tiny_data, server.base_url)
+    raw = yaml.safe_load(config.read_text())
+    raw["search"] = {"rounds": 1, "proposals": 1, "dev_share": 0.4}
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert main(["--config", str(config), "--store", str(tmp_path / "store")]) == 0
+    store = Store(str(tmp_path / "store"))
+    run = store.read_text("runs/LATEST").strip()
+    dev = store.read_parquet(f"runs/{run}/search/ratings-round-1.parquet")
+    path = store.read_json(f"runs/{run}/search/search.json")
+    # the LLM judge rated the proposal on the development rows, against the teacher, with no reference there
+    assert {"alpha", "beta", "teacher", *path["kept"]} == set(dev.loc[dev.scope == "overall", "contender"])
+    assert path["rounds"][0]["proposals"][0]["dev"] and len(path["kept"]) == 1
+    judgments = store.read_parquet(f"runs/{run}/judgments.parquet")  # the test rating: the kept proposal is in it
+    assert judgments["judge"].str.startswith("openai:judge-model").all()
+    assert set(path["kept"]) <= set(judgments["contender_a"]) | set(judgments["contender_b"])
+    assert {"gpt-ref"} <= set(judgments["contender_a"]) | set(judgments["contender_b"])
+    assert server.stats()["paid_twice"] == 0
+
+
 def test_search_with_wrong_key_fails_at_once_with_one_line(server, tmp_path, tiny_models, tiny_data, monkeypatch,
                                                            capsys):
     from flows.cli import main
