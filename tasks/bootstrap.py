@@ -9,13 +9,13 @@ from typing import Iterator
 import numpy as np
 import scipy.sparse as sp
 
-from tasks.rate_input import _Judged
+from tasks.rate_input import Judged
 
 # Bootstrap draws (rounds x examples) up to which numpy's multinomial is used as before: ~0.1 s at ~50 ns a draw.
 EXACT_DRAWS = 2_000_000
 
 
-def multinomial_weights(p: _Judged, rounds: int, rng: np.random.Generator) -> np.ndarray:
+def multinomial_weights(p: Judged, rounds: int, rng: np.random.Generator) -> np.ndarray:
     """(rounds, examples) multinomial counts: each dataset's examples are redrawn with replacement."""
     e = len(p.ex_ds)
     r = np.zeros((rounds, e))
@@ -25,7 +25,7 @@ def multinomial_weights(p: _Judged, rounds: int, rng: np.random.Generator) -> np
     return r
 
 
-def drawn_weights(p: _Judged, rounds: int, rng: np.random.Generator) -> np.ndarray:
+def drawn_weights(p: Judged, rounds: int, rng: np.random.Generator) -> np.ndarray:
     """The same redraw as multinomial_weights by counting uniform index draws: O(examples) per round, not one binomial
     per example (20 rounds of 632,000 examples: 1.1-2.0 s for numpy's multinomial, 0.26-0.32 s for this, load 5)."""
     r = np.zeros((rounds, len(p.ex_ds)))
@@ -38,7 +38,7 @@ def drawn_weights(p: _Judged, rounds: int, rng: np.random.Generator) -> np.ndarr
     return r
 
 
-def resamples(p: _Judged, rounds: int, chunk: int, rng: np.random.Generator, max_floats: int) -> Iterator[np.ndarray]:
+def resamples(p: Judged, rounds: int, chunk: int, rng: np.random.Generator, max_floats: int) -> Iterator[np.ndarray]:
     """Bootstrap resampling weights, (chunk, examples) at a time.
 
     Up to EXACT_DRAWS examples x rounds the multinomial draw of before (the same seed gives the same intervals as
@@ -55,7 +55,7 @@ def resamples(p: _Judged, rounds: int, chunk: int, rng: np.random.Generator, max
         yield drawn_weights(p, min(chunk, rounds - start), rng)
 
 
-def per_example_counts(p: _Judged) -> tuple[sp.csr_matrix, np.ndarray]:
+def per_example_counts(p: Judged) -> tuple[sp.csr_matrix, np.ndarray]:
     """(used cells x examples) sparse weighted counts, and which of the (datasets, 3, K, K) cells are used."""
     k, nd = len(p.names), len(p.datasets)
     flat = ((p.ds * 3 + p.out) * k + p.i) * k + p.j
@@ -65,7 +65,7 @@ def per_example_counts(p: _Judged) -> tuple[sp.csr_matrix, np.ndarray]:
     return sp.csr_matrix((p.w, (col, p.ex)), shape=(int(used.sum()), len(p.ex_ds))), used
 
 
-def replicate_counts(p: _Judged, resample: np.ndarray, per_example: tuple[sp.csr_matrix, np.ndarray]) -> np.ndarray:
+def replicate_counts(p: Judged, resample: np.ndarray, per_example: tuple[sp.csr_matrix, np.ndarray]) -> np.ndarray:
     """Counts of every bootstrap replicate at once: (B, E) resampling @ (E, cells) per-example counts."""
     k, nd = len(p.names), len(p.datasets)
     matrix, used = per_example

@@ -17,14 +17,14 @@ import scipy.linalg
 from tasks.bootstrap import resamples
 from tasks.bt import Rows, fit_rows
 from tasks.config import RatingConfig
-from tasks.rate_input import _Judged
+from tasks.rate_input import Judged
 
 # Bootstrap replicates are fitted (rounds x judgments) weights at a time, at most this many floats: each Newton step
 # holds ~15 arrays of that size, so 2e6 floats keep it near 240 MB.
 _MAX_ROW_FLOATS = 2_000_000
 
 
-def _scope_rows(p: _Judged, scope: Any, half: bool) -> tuple[Rows, np.ndarray, np.ndarray]:
+def _scope_rows(p: Judged, scope: Any, half: bool) -> tuple[Rows, np.ndarray, np.ndarray]:
     """The scope's judgments between its fitted members as Rows, their weights (verdict weight x the dataset's mix)
     and their example codes; with half-win ties a tie is two rows, half a win each way."""
     assert p.x is not None
@@ -41,7 +41,7 @@ def _scope_rows(p: _Judged, scope: Any, half: bool) -> tuple[Rows, np.ndarray, n
     return Rows(i, j, out, x, len(scope.members)), w, ex
 
 
-def fit_controlled(p: _Judged, scopes: list[Any], cfg: RatingConfig) -> tuple[list[Any], dict[str, tuple]]:
+def fit_controlled(p: Judged, scopes: list[Any], cfg: RatingConfig) -> tuple[list[Any], dict[str, tuple]]:
     """Copies of the fitted scopes with the length-controlled theta, tau, covariance or bootstrap, and per scope the
     length coefficient (nats per unit of normalised length difference) with its interval."""
     alpha = 1.0 - cfg.confidence

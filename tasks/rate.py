@@ -34,7 +34,7 @@ from tasks.bt import (  # noqa: F401  (bradley_terry: importable too)
 from tasks.length_control import fit_controlled
 from tasks.config import RatingConfig  # defined with the rest of the config; importable from here too
 from tasks.rate_input import (  # noqa: F401  (REQUIRED_COLUMNS, WINNERS, win_matrix: importable from here too)
-    REQUIRED_COLUMNS, WINNERS, _check_anchor, _common_error, _counts, _Judged, _prepare, _usable, win_matrix,
+    REQUIRED_COLUMNS, WINNERS, check_anchor, common_error, outcome_counts, Judged, prepare_judgments, usable, win_matrix,
 )
 
 # 400 Elo per factor of 10 in odds: one natural-log unit of strength is 400 / ln(10) ~= 173.7 Elo.
@@ -92,7 +92,7 @@ def _scope_matrices(counts: np.ndarray, scope: _Scope, cfg: RatingConfig) -> tup
     return w, t
 
 
-def _scopes(p: _Judged, raw: np.ndarray, weighted: np.ndarray, cfg: RatingConfig) -> list[_Scope]:
+def _scopes(p: Judged, raw: np.ndarray, weighted: np.ndarray, cfg: RatingConfig) -> list[_Scope]:
     """The per-dataset scopes and the pooled 'overall' scope (datasets weighted equally)."""
     nd = len(p.datasets)
     totals = weighted.sum(axis=(1, 2, 3))
@@ -211,7 +211,7 @@ class _Rows:
     note: np.ndarray
 
 
-def _distinct_examples(p: _Judged, mix: np.ndarray) -> np.ndarray:
+def _distinct_examples(p: Judged, mix: np.ndarray) -> np.ndarray:
     """(K, K) symmetric count of the distinct examples on which each pair was judged, in the scope's datasets."""
     k = len(p.names)
     sel = (mix > 0)[p.ds]
@@ -220,7 +220,7 @@ def _distinct_examples(p: _Judged, mix: np.ndarray) -> np.ndarray:
     return c + c.T
 
 
-def _place_peeled(p: _Judged, scope: _Scope, pos: dict[int, int], met: np.ndarray, rows: _Rows,
+def _place_peeled(p: Judged, scope: _Scope, pos: dict[int, int], met: np.ndarray, rows: _Rows,
                   cfg: RatingConfig) -> None:
     """Group and bound every peeled contender, the last peeled first (the opponents it swept are placed by then).
 
@@ -293,7 +293,7 @@ def _group_numbers(rows: _Rows, met: np.ndarray) -> np.ndarray:
 
 
 def _scope_table(
-    p: _Judged, scope: _Scope, raw: np.ndarray, kinds: Mapping[str, str], cfg: RatingConfig
+    p: Judged, scope: _Scope, raw: np.ndarray, kinds: Mapping[str, str], cfg: RatingConfig
 ) -> pd.DataFrame:
     """Ratings rows of one scope: point estimate, interval, counts, win rate, rank, separation and the guards."""
     every = scope.everyone
@@ -352,7 +352,7 @@ def _scope_table(
     return table.assign(ci_method=cfg.ci, ci_level=cfg.confidence)
 
 
-def _failed_rows(p: _Judged, scope: _Scope, rated: set[str], kinds: Mapping[str, str], after: int) -> pd.DataFrame:
+def _failed_rows(p: Judged, scope: _Scope, rated: set[str], kinds: Mapping[str, str], after: int) -> pd.DataFrame:
     """Rows for the scope's contenders with no usable judgment: no rating, ranked last, the reason in `note`."""
     f = p.failed
     if scope.name != "overall":
@@ -367,11 +367,11 @@ def _failed_rows(p: _Judged, scope: _Scope, rated: set[str], kinds: Mapping[str,
         out.append({"scope": scope.name, "contender": name, "kind": kinds.get(name, "candidate") or "candidate",
                     "rating": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n_comparisons": 0, "win_rate": np.nan,
                     "rank": after + len(out) + 1, "separated_from_next": False, "group": 0, "unbounded": "",
-                    "note": f"not rated: all {len(errs)} judgments failed ({_common_error(errs.to_frame())})"})
+                    "note": f"not rated: all {len(errs)} judgments failed ({common_error(errs.to_frame())})"})
     return pd.DataFrame(out)
 
 
-def _fit_scopes(p: _Judged, scopes: list[_Scope], weighted: np.ndarray, cfg: RatingConfig) -> None:
+def _fit_scopes(p: Judged, scopes: list[_Scope], weighted: np.ndarray, cfg: RatingConfig) -> None:
     """Point fits (and Fisher covariances) of every scope, then the bootstrap replicates if asked for."""
     for s in scopes:
         w, t = _scope_matrices(weighted[None], s, cfg)
@@ -425,10 +425,10 @@ def rate_with_cov(
     Var(rating_a - rating_b) = C[a, a] + C[b, b] - 2 C[a, b]: the gap test of any two contenders (the planner's).
     """
     kinds = kinds or {}
-    p = _prepare(judgments, cfg)
-    _check_anchor(p, cfg)
-    raw = _counts(p, None)
-    weighted = _counts(p, p.w)
+    p = prepare_judgments(judgments, cfg)
+    check_anchor(p, cfg)
+    raw = outcome_counts(p, None)
+    weighted = outcome_counts(p, p.w)
     scopes = _scopes(p, raw, weighted, cfg)
     _fit_scopes(p, scopes, weighted, cfg)
     table = _tables(p, scopes, raw, kinds, cfg)
@@ -452,7 +452,7 @@ def rate_with_cov(
     return lc[RATING_COLUMNS + LENGTH_COLUMNS], cov
 
 
-def _tables(p: _Judged, scopes: list[_Scope], raw: np.ndarray, kinds: Mapping[str, str], cfg: RatingConfig
+def _tables(p: Judged, scopes: list[_Scope], raw: np.ndarray, kinds: Mapping[str, str], cfg: RatingConfig
             ) -> pd.DataFrame:
     """Every scope's table, the pooled one first."""
     tables = [_scope_table(p, s, raw, kinds, cfg) for s in scopes]
@@ -462,7 +462,7 @@ def _tables(p: _Judged, scopes: list[_Scope], raw: np.ndarray, kinds: Mapping[st
     return pd.concat(tables, ignore_index=True)
 
 
-def _arena(p: _Judged, scopes: list[_Scope], raw: np.ndarray, weighted: np.ndarray, cfg: RatingConfig) -> pd.DataFrame:
+def _arena(p: Judged, scopes: list[_Scope], raw: np.ndarray, weighted: np.ndarray, cfg: RatingConfig) -> pd.DataFrame:
     """Each scope's half-win-ties fit of all its judgments in one pool (FastChat's compute_bt): scope, contender,
     rating_arena; each never-compared group on its own scale, unbeaten (never winning) contenders at +inf (-inf)."""
     half = cfg.model_copy(update={"ties": "half"})

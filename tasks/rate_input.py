@@ -17,7 +17,7 @@ WINNERS = ("a", "b", "tie")
 
 
 @dataclass(frozen=True)
-class _Judged:
+class Judged:
     """Judgments reduced to integer codes: one entry per usable judgment, pairs canonicalised to i < j."""
 
     names: np.ndarray  # contender names, sorted
@@ -42,7 +42,7 @@ def _check_columns(judgments: pd.DataFrame, required: tuple[str, ...] = REQUIRED
         raise UserError(f"judgments are missing column(s): {', '.join(missing)} (need {', '.join(required)})")
 
 
-def _usable(judgments: pd.DataFrame) -> pd.DataFrame:
+def usable(judgments: pd.DataFrame) -> pd.DataFrame:
     """Drop judgments with a non-empty error; check contenders and winner values."""
     return _split(judgments)[0]
 
@@ -69,7 +69,7 @@ def _split(judgments: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return df, dropped
 
 
-def _common_error(failed: pd.DataFrame) -> str:
+def common_error(failed: pd.DataFrame) -> str:
     """The most frequent error of failed judgments, its first line, e.g. 'timeout'."""
     return first_line(Exception(str(failed["error"].astype(str).value_counts().index[0])))[:120]
 
@@ -80,7 +80,7 @@ def _codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.int64), np.asarray(uniques, dtype=object)
 
 
-def _prepare(judgments: pd.DataFrame, cfg: RatingConfig) -> _Judged:
+def prepare_judgments(judgments: pd.DataFrame, cfg: RatingConfig) -> Judged:
     """Validate the judgments and encode them as integer arrays; self-comparisons are dropped."""
     df, failed = _split(judgments)
     ca, ua = _codes(df["contender_a"])
@@ -88,7 +88,7 @@ def _prepare(judgments: pd.DataFrame, cfg: RatingConfig) -> _Judged:
     names = np.array(sorted({str(v) for v in ua} | {str(v) for v in ub}), dtype=object)
     if len(names) < 2:
         found = ", ".join(map(str, names)) or "none"
-        why = f"; {len(failed)} judgments with an error were dropped ({_common_error(failed)})" if len(failed) else ""
+        why = f"; {len(failed)} judgments with an error were dropped ({common_error(failed)})" if len(failed) else ""
         raise UserError(f"judgments compare fewer than two contenders (found: {found}){why}; need at least two to rate")
     pos = {n: k for k, n in enumerate(names)}
     a = np.array([pos[str(n)] for n in ua], dtype=np.int64)[ca]
@@ -118,7 +118,7 @@ def _prepare(judgments: pd.DataFrame, cfg: RatingConfig) -> _Judged:
     if not keep.all():
         ds, ex, i, j, out, w = ds[keep], ex[keep], i[keep], j[keep], out[keep], w[keep]
         x = x[keep] if x is not None else None
-    return _Judged(names, datasets, ds, ex.astype(np.int64), ex_ds, i, j, out, w, failed, x)
+    return Judged(names, datasets, ds, ex.astype(np.int64), ex_ds, i, j, out, w, failed, x)
 
 
 LENGTH_COLUMNS = ("len_a", "len_b")
@@ -143,14 +143,14 @@ def length_difference(df: pd.DataFrame) -> np.ndarray:
     return np.where(total > 0, (la - lb) / np.maximum(total, 1.0), 0.0)
 
 
-def _counts(p: _Judged, weights: np.ndarray | None) -> np.ndarray:
+def outcome_counts(p: Judged, weights: np.ndarray | None) -> np.ndarray:
     """Dense (datasets, 3, K, K) counts: [d, 0, i, j] i beat j, [d, 1, i, j] j beat i, [d, 2, i, j] ties (i < j)."""
     k, nd = len(p.names), len(p.datasets)
     flat = ((p.ds * 3 + p.out) * k + p.i) * k + p.j
     return np.bincount(flat, weights=weights, minlength=nd * 3 * k * k).reshape(nd, 3, k, k)
 
 
-def _check_anchor(p: _Judged, cfg: RatingConfig) -> None:
+def check_anchor(p: Judged, cfg: RatingConfig) -> None:
     """A named anchor must be a contender of the judgments: a misspelt one would silently pin the mean instead."""
     if cfg.anchor is None:
         return
@@ -181,13 +181,13 @@ def with_lengths(judgments: pd.DataFrame, outputs: dict[str, dict[str, pd.DataFr
 
 def win_matrix(judgments: pd.DataFrame, scope: str | None = None) -> pd.DataFrame:
     """Row contender's win rate against the column contender (ties as half; NaN where never compared)."""
-    df = _usable(judgments)
+    df = usable(judgments)
     if scope not in (None, "overall"):
         df = df.loc[df["dataset"].astype(str) == scope]
-    p = _prepare(df, RatingConfig()) if len(df) else None
+    p = prepare_judgments(df, RatingConfig()) if len(df) else None
     if p is None:
         return pd.DataFrame()
-    x = _counts(p, None).sum(axis=0)
+    x = outcome_counts(p, None).sum(axis=0)
     wins = x[0] + x[1].T
     ties = x[2] + x[2].T
     n = wins + wins.T + ties

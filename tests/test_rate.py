@@ -265,7 +265,7 @@ def test_fast_bootstrap_draw_matches_the_multinomial(monkeypatch):
     to Monte Carlo noise, each dataset's examples redrawn exactly as many times as it has."""
     import tasks.bootstrap as boot
     import tasks.rate as rate_mod
-    from tasks.rate_input import _prepare
+    from tasks.rate_input import prepare_judgments
 
     df = simulate(6000, k=5, seed=31, nu=0.5, n_examples=600, datasets=("d0", "d1"))
     cfg = RatingConfig(bootstrap_rounds=400)
@@ -277,7 +277,7 @@ def test_fast_bootstrap_draw_matches_the_multinomial(monkeypatch):
     width = lambda r: (r.ci_high - r.ci_low).to_numpy()  # noqa: E731
     assert np.abs(width(fast) / width(exact) - 1).max() < 0.2  # 400 rounds: the 2.5% quantiles move ~5-10%
     assert not np.array_equal(exact["ci_low"], fast["ci_low"])  # it is a different draw
-    p = _prepare(df, cfg)
+    p = prepare_judgments(df, cfg)
     w = boot.drawn_weights(p, 7, np.random.default_rng(0))
     for d in range(2):
         assert (w[:, p.ex_ds == d].sum(axis=1) == (p.ex_ds == d).sum()).all()
