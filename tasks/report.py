@@ -11,6 +11,7 @@ import pandas as pd
 
 from tasks.config import MODEL_KINDS, TEACHER, SearchConfig, recipe_models
 from tasks.rate import win_matrix
+from tasks.validate import intervals_overlap
 from tasks.report_tables import WIN_RATES_CAPTION, WIN_RATES_HEADING, colour_win_rates
 
 
@@ -128,11 +129,6 @@ def md_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _overlap(a: pd.Series, b: pd.Series) -> bool:
-    """True when two contenders' rating intervals overlap."""
-    return not (a["ci_low"] > b["ci_high"] or b["ci_low"] > a["ci_high"])
-
-
 def teacher_lines(ratings: pd.DataFrame) -> list[str]:
     """Per scope: did the best fine-tune beat the teacher whose answers it was trained on?"""
     lines = []
@@ -151,7 +147,7 @@ def teacher_lines(ratings: pd.DataFrame) -> list[str]:
                 lines.append(f"- **{scope}**: best student {best['contender']} {word} the teacher: {who} every "
                              "judgment it was in, so the gap has no finite size (rated by a bound only).")
             continue
-        sure = "intervals overlap, so not a clear result" if _overlap(best, t) else "intervals separate"
+        sure = "intervals overlap, so not a clear result" if intervals_overlap(best, t) else "intervals separate"
         lines.append(f"- **{scope}**: best student {best['contender']} {word} the teacher by {abs(gap):.0f} Elo ({sure}).")
     return lines
 
@@ -168,7 +164,7 @@ def merge_lines(cfg: SearchConfig, ratings: pd.DataFrame) -> list[str]:
         gap = pooled.at[m.name, "rating"] - pooled.at[best, "rating"]
         if not np.isfinite(gap):  # an unbeaten or unrated side: no gap in Elo to state
             continue
-        clear = not _overlap(pooled.loc[m.name], pooled.loc[best])
+        clear = not intervals_overlap(pooled.loc[m.name], pooled.loc[best])
         lines.append(
             f"- **{m.name}** ({m.recipe.get('merge_method', '?')} of {', '.join(parents)}): "
             f"{gap:+.0f} Elo against its best parent {best}" + (" (separated)" if clear else " (within noise)")

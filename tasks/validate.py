@@ -19,6 +19,11 @@ def pooled_models(ratings: pd.DataFrame, scope: str = "overall") -> pd.DataFrame
     return pooled.sort_values("rating", ascending=False)
 
 
+def intervals_overlap(a: pd.Series, b: pd.Series) -> bool:
+    """True when two ratings rows' intervals overlap (neither lies wholly above the other)."""
+    return not (a["ci_low"] > b["ci_high"] or b["ci_low"] > a["ci_high"])
+
+
 def pick_winner(ratings: pd.DataFrame) -> pd.Series:
     """The best-rated model (candidate or merge) in the pooled scope."""
     return pooled_models(ratings).iloc[0]

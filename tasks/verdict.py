@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import MODEL_KINDS, TEACHER, SearchConfig
-from tasks.validate import per_example_score, pooled_models, win_rate_ci
+from tasks.validate import intervals_overlap, per_example_score, pooled_models, win_rate_ci
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def recommendation(ratings: pd.DataFrame, validation: dict[str, Any] | None, con
     line = f"recommended base model: {best['contender']} ({best['kind']}, best pooled rating"
     if len(ranked) > 1:
         second = ranked.iloc[1]
-        clear = best["ci_low"] > second["ci_high"]  # conservative: the two intervals do not even overlap
+        clear = not intervals_overlap(best, second)  # conservative: the two intervals do not even overlap
         line += (f", its {confidence:.0%} interval clear of {second['contender']}'s)" if clear else
                  f", its {confidence:.0%} interval overlaps {second['contender']}'s: a tie until more judgments)")
     else:
