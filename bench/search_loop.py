@@ -32,8 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def run(config: Path, store: Path) -> tuple[float, str]:
     """(wall seconds, run id) of one `python -m flows.search` run."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "flows.search", "--config", str(config), "--store", str(store)], cwd=ROOT,
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-m", "flows.search", "--config", str(config), "--store", str(store)],
+                          cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"the search on {store} failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
     return time.perf_counter() - t0, (store / "runs" / "LATEST").read_text().strip()
 
 
