@@ -35,9 +35,9 @@ MODELS = {"A": 0.60, "B": 0.55, "C": 0.50, "base": 0.30}
 class Landscape:
     """True fitness of every model and merge of one random landscape."""
 
-    def __init__(self, rng: np.random.Generator) -> None:
-        """Draw the two bumps."""
-        self.bumps = {m: (rng.uniform(0.05, 0.15), rng.uniform(0.05, 0.95), rng.uniform(0.08, 0.25))
+    def __init__(self, rng: np.random.Generator, widths: tuple[float, float] = (0.08, 0.25)) -> None:
+        """Draw the two bumps (height, centre, width)."""
+        self.bumps = {m: (rng.uniform(0.05, 0.15), rng.uniform(0.05, 0.95), rng.uniform(*widths))
                       for m in ("slerp", "ties")}
 
     def fitness(self, method: str, p: float) -> float:
@@ -103,17 +103,20 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=0.005, help="sd of one evaluation's measured fitness")
     ap.add_argument("--margin", type=float, default=0.01, help="success: within this of the optimum's fitness")
     ap.add_argument("--quick", action="store_true", help="20 landscapes (the test's mode)")
+    ap.add_argument("--seed", type=int, default=0, help="first landscape's seed (landscapes seed..seed+n-1)")
+    ap.add_argument("--widths", type=float, nargs=2, default=(0.08, 0.25), metavar=("LO", "HI"),
+                    help="range of the bumps' widths")
     args = ap.parse_args()
     n = 20 if args.quick else args.landscapes
-    rounds = args.rounds
-    methods = {f"rule, {rounds} rounds x 4": lambda l, g: run_rule(l, g, args.noise, rounds, False),
-               f"rule, up to {rounds} rounds, stop rule": lambda l, g: run_rule(l, g, args.noise, rounds, True),
-               "grid, spacing 0.05": lambda l, g: run_grid(l, g, args.noise, 0.05),
-               "grid, spacing 0.1": lambda l, g: run_grid(l, g, args.noise, 0.1),
-               "grid, spacing 0.25": lambda l, g: run_grid(l, g, args.noise, 0.25)}
+    sd = args.noise
+    methods = {f"rule, {r} rounds x 4": (lambda r: lambda l, g: run_rule(l, g, sd, r, False))(r)
+               for r in range(2, args.rounds + 1)}
+    methods[f"rule, up to {args.rounds} rounds, stop rule"] = lambda l, g: run_rule(l, g, sd, args.rounds, True)
+    methods |= {f"grid, spacing {s}": (lambda s: lambda l, g: run_grid(l, g, sd, s))(s)
+                for s in (0.05, 0.0625, 0.075, 0.1, 0.125, 0.25)}
     found: dict[str, list[tuple[float, int]]] = {k: [] for k in methods}
-    for seed in range(n):
-        land = Landscape(np.random.default_rng(seed))
+    for seed in range(args.seed, args.seed + n):
+        land = Landscape(np.random.default_rng(seed), tuple(args.widths))
         best = land.optimum()
         for name, fn in methods.items():
             fit, evals = fn(land, np.random.default_rng(10_000 + seed))
@@ -125,7 +128,8 @@ def main() -> None:
                      f"within {args.margin} of optimum": f"{np.mean(gaps <= args.margin):.0%}",
                      "mean gap": f"{gaps.mean():.4f}", "worst gap": f"{gaps.max():.4f}"})
     print(header())
-    print(f"{n} landscapes, evaluation noise sd {args.noise}, margin {args.margin}")
+    print(f"{n} landscapes (seeds {args.seed}..{args.seed + n - 1}, bump widths {args.widths[0]}..{args.widths[1]}), "
+          f"evaluation noise sd {sd}, margin {args.margin}")
     print(table(rows, list(rows[0])))
 
 
