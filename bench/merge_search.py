@@ -1,16 +1,19 @@
-"""The search's proposal rule (tasks/propose.py) against a grid, on synthetic fitness landscapes with noise.
+"""The search's proposal rule (tasks/propose.py) against grids, on synthetic fitness landscapes with noise.
 
-    python bench/merge_search.py [--landscapes 300] [--quick]
+    python bench/merge_search.py [--landscapes 300] [--rounds 5] [--noise 0.005] [--margin 0.01] [--seed 0]
+                                 [--widths 0.08 0.25] [--quick]
 
 Each landscape: three models A (0.60), B (0.55), C (0.50) and their common base (0.30); slerp(A, B) at t is the
-line between its parents plus a bump of random height (0.05..0.15), centre (0.05..0.95) and width (0.08..0.25);
-TIES(A, B, C | base) at density d is 0.55 plus such a bump. An evaluation (a fine-tune judged on dev) returns the
-true fitness plus Gaussian noise (sd --noise), with a 95% interval of +-1.96 sd; the pick is the best *measured*
-point. Success: the pick's *true* fitness within --margin of the landscape's optimum (the best of both curves on a
-grid of 1001 points, and the models themselves). The rule runs with the search's defaults (4 proposals a round,
-3 leaders, slerp and ties) for --rounds rounds (no early stop), and again with the search's stop rule (stop when no
-proposal beats the leader's interval); merges of merges are not proposed here (the landscape defines only the two
-families). The grids evaluate every t and density at the given spacing, side by side in one run.
+line between its parents plus a bump of random height (0.05..0.15), centre (0.05..0.95) and width (--widths,
+0.08..0.25); TIES(A, B, C | base) at density d is 0.55 plus such a bump. An evaluation (a fine-tune judged on dev)
+returns the true fitness plus Gaussian noise (sd --noise), with a 95% interval of +-1.96 sd; the pick is the best
+*measured* point. Success: the pick's *true* fitness within --margin of the landscape's optimum (the best of both
+curves on a grid of 1001 points). The rule runs with the search's defaults (4 proposals a round, 3 leaders, slerp and
+ties) for 2..--rounds rounds (no early stop; its config's `rounds` is that number, so its last round exploits), and
+again with the search's stop rule (stop when no proposal beats the leader's interval); merges of merges are not
+proposed here (the landscape defines only the two families). The grids evaluate every t and density at spacings
+0.05..0.25, on the same landscapes and noise draws, side by side in one run. --seed and --widths (and --noise) give
+landscapes the rule was not developed on.
 """
 
 from __future__ import annotations

@@ -1,14 +1,19 @@
 """The search's proposal rule: from the ratings on the development split, the next merges to try.
 
-Deterministic (a restart with the same ratings proposes the same merges), and plain: every proposal is a point of a
-*family* (a merge method over fixed parents, one parameter in [0, 1]: slerp's `t`, TIES' or DARE's `density`):
-- refine: a leader that is a point of a family (an earlier proposal, or a config merge of that simple form) gets its
-  two neighbours at +- its step, each with half the step (those tried already: at +- step/2, then step/4): a
-  bisection towards the family's best parameter;
-- slerp of the top two leaders at t = 0.5, 0.25, 0.75 (the points of that family not yet tried);
-- ties / dare_ties of the top three leaders other than the base model, at density 0.5, 0.25, 0.75.
-The lists are interleaved (first of each, then second of each...) up to `search.proposals`, skipping any point tried
-before. Only mergeable parents are combined (same architecture, checked by the caller).
+Every proposal is a point of a *family*: a merge method over fixed parents with one parameter in [0, 1] (slerp's `t`,
+TIES' or DARE's `density`), on a lattice of 0.01. The families the rule models each round: every family tried so far
+(earlier proposals, and config merges of that simple form), slerp of the top two mergeable leaders, and ties /
+dare_ties of the top three leaders other than the base model. Only mergeable parents are combined (the caller checks).
+
+Each family's rating as a function of its parameter is a Gaussian process (squared-exponential kernel, length 0.1 of
+the range: a merge's quality may change that fast; amplitude: the sd of the models' ratings, at least the noise;
+prior mean: the parents' mean rating), fitted to the family's rated points with each one's noise sd read off its
+95% interval (a slerp family also knows its parents at t 0 and 1). A round's proposals are picked one at a time:
+the untried lattice point with the highest upper bound (posterior mean + 2 sd; 0.5 sd in the last round, which only
+exploits) over every family, then that point is believed to rate its mean (kriging believer) so the next one goes
+elsewhere. A family never tried gets its first point before any family gets another in that round (equal bounds:
+the point nearest 0.5). Deterministic: a pure function of the ratings and the points tried (no random draw), so a
+restarted search proposes the same merges; a point tried before is never proposed again.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ from tasks.keys import content_key
 CONFIG_STEP = 0.25  # a config merge's step (recorded only)
 LATTICE = 0.01  # proposals' parameters are multiples of this
 LATTICE_POINTS = [round(i * LATTICE, 6) for i in range(1, 101)]
-LENGTH = 0.1  # kernel length scale
-BETA = 2.0  # upper bound = mean + BETA sd while rounds are left
-BETA_LAST = 0.5  # in the last round
+LENGTH = 0.1  # kernel length scale, in parameter units (a bump of width ~0.1 is still seen from 0.2 away)
+BETA = 2.0  # a point's upper bound: posterior mean + BETA sd while rounds are left (exploration)
+BETA_LAST = 0.5  # ... in the last round (its best rated proposal is the one kept: exploit)
 TASK_METHODS = ("ties", "dare_ties")  # methods that take differences from a base model
 
 
@@ -257,10 +262,11 @@ def propose(ratings: pd.DataFrame, points: list[Point], cfg: MergeSearchConfig, 
         seen.add((t.family, x))
         # the batch's next point must go elsewhere: believe this one measures its mean (kriging believer)
         models[i].xs.append(x), models[i].ys.append(mu), models[i].sds.append(noise)
-        what = ('t' if t.method == 'slerp' else 'density')
-        why = (f"{t.reason}: {what} {x:.4g} has the highest upper bound "
-               f"of every family's untried points, model {mu:.0f} +- {sd:.0f} (bound {score:.0f}, "
-               f"{'last round' if not left else f'{left} rounds left'})")
+        what = "t" if t.method == "slerp" else "density"
+        tail = "; last round" if not left else f"; {left} round{'s' if left > 1 else ''} left"
+        why = (f"{t.reason}: {what} {x:.4g}, predicted rating {mu:.0f} (sd {sd:.0f}), the highest upper bound "
+               f"{score:.0f} (mean + {beta:g} sd) of every family's untried points"
+               f"{tail}")
         out.append(_named(replace(t, param=x, step=LATTICE, reason=why), round_no))
     return out
 
