@@ -212,8 +212,10 @@ def propose(ratings: pd.DataFrame, points: list[Point], cfg: MergeSearchConfig, 
             mergeable: Callable[[tuple[str, ...]], bool], round_no: int, dtype: str | None = None) -> list[Point]:
     """Up to cfg.proposals new points for round `round_no`, from the ratings and every point tried so far."""
     order = ranked(ratings)
-    rows = {r["contender"]: r for _, r in order.iterrows()}
-    rated = order["rating"].dropna()
+    # only finite ratings and intervals inform the model (a contender without judgments has none)
+    rows = {r["contender"]: r for _, r in order.iterrows()
+            if np.isfinite([float(r[k]) for k in ("rating", "ci_low", "ci_high")]).all()}
+    rated = pd.Series([float(r["rating"]) for r in rows.values()], dtype=float)
     # a rating's noise: the median interval's sd; how far a merge may stray from its parents' mean rating (the
     # kernel's amplitude): as far as the models stray from one another (their sd), at least the noise
     noise = float(np.median([_sd(r) for r in rows.values()])) if rows else 1.0

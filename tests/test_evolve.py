@@ -70,6 +70,9 @@ def test_rule_is_deterministic_tries_each_new_family_and_skips_tried_points():
     assert all((p.family, round(p.param, 6)) not in tried for p in second)
     near = [p for p in second if p.family == best.family]
     assert near and all(abs(p.param - best.param) <= 0.1 for p in near) and "last round" in near[0].reason
+    # a contender without a rating (no judgments) informs nothing and breaks nothing
+    r_nan = pd.concat([r, ratings({"late": float("nan")})], ignore_index=True)
+    assert [p.name for p in propose(r_nan, points, cfg, "base", ok, 1)] == [p.name for p in first]
     # nothing mergeable: only the families tried before
     assert all(p.rule == "ucb" for p in propose(r, points, cfg, "base", lambda names: False, 1))
     # the stop rule and the kept set
