@@ -13,7 +13,8 @@ the untried lattice point with the highest upper bound (posterior mean + 2 sd; 0
 exploits) over every family, then that point is believed to rate its mean (kriging believer) so the next one goes
 elsewhere. A family never tried gets its first point before any family gets another in that round (equal bounds:
 the point nearest 0.5). Deterministic: a pure function of the ratings and the points tried (no random draw), so a
-restarted search proposes the same merges; a point tried before is never proposed again.
+restarted search proposes the same merges; a point tried before is never proposed again. Measured against grids
+by bench/merge_search.py (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from tasks.keys import content_key
 CONFIG_STEP = 0.25  # a config merge's step (recorded only)
 LATTICE = 0.01  # proposals' parameters are multiples of this
 LATTICE_POINTS = [round(i * LATTICE, 6) for i in range(1, 101)]
-LENGTH = 0.1  # kernel length scale, in parameter units (a bump of width ~0.1 is still seen from 0.2 away)
+LENGTH = 0.1  # kernel length, parameter units: correlation exp(-d^2 / 0.02) is 0.61 at d 0.1, 0.14 at 0.2, so
+# points 0.2 apart say little of each other and a round spreads over [0, 1] before it refines
 BETA = 2.0  # a point's upper bound: posterior mean + BETA sd while rounds are left (exploration)
 BETA_LAST = 0.5  # ... in the last round (its best rated proposal is the one kept: exploit)
 TASK_METHODS = ("ties", "dare_ties")  # methods that take differences from a base model
