@@ -1,16 +1,19 @@
-"""The search's proposal rule (tasks/propose.py) against a grid, on synthetic fitness landscapes with noise.
+"""The search's proposal rule (tasks/propose.py) against grids, on synthetic fitness landscapes with noise.
 
-    python bench/merge_search.py [--landscapes 300] [--quick]
+    python bench/merge_search.py [--landscapes 300] [--rounds 5] [--noise 0.005] [--margin 0.01] [--seed 0]
+                                 [--widths 0.08 0.25] [--quick]
 
 Each landscape: three models A (0.60), B (0.55), C (0.50) and their common base (0.30); slerp(A, B) at t is the
-line between its parents plus a bump of random height (0.05..0.15), centre (0.05..0.95) and width (0.08..0.25);
-TIES(A, B, C | base) at density d is 0.55 plus such a bump. An evaluation (a fine-tune judged on dev) returns the
-true fitness plus Gaussian noise (sd --noise), with a 95% interval of +-1.96 sd; the pick is the best *measured*
-point. Success: the pick's *true* fitness within --margin of the landscape's optimum (the best of both curves on a
-grid of 1001 points, and the models themselves). The rule runs with the search's defaults (4 proposals a round,
-3 leaders, slerp and ties) for --rounds rounds (no early stop), and again with the search's stop rule (stop when no
-proposal beats the leader's interval); merges of merges are not proposed here (the landscape defines only the two
-families). The grids evaluate every t and density at the given spacing, side by side in one run.
+line between its parents plus a bump of random height (0.05..0.15), centre (0.05..0.95) and width (--widths,
+0.08..0.25); TIES(A, B, C | base) at density d is 0.55 plus such a bump. An evaluation (a fine-tune judged on dev)
+returns the true fitness plus Gaussian noise (sd --noise), with a 95% interval of +-1.96 sd; the pick is the best
+*measured* point. Success: the pick's *true* fitness within --margin of the landscape's optimum (the best of both
+curves on a grid of 1001 points). The rule runs with the search's defaults (4 proposals a round, 3 leaders, slerp and
+ties) for 2..--rounds rounds (no early stop; its config's `rounds` is that number, so its last round exploits), and
+again with the search's stop rule (stop when no proposal beats the leader's interval); merges of merges are not
+proposed here (the landscape defines only the two families). The grids evaluate every t and density at spacings
+0.05..0.25, on the same landscapes and noise draws, side by side in one run. --seed and --widths (and --noise) give
+landscapes the rule was not developed on.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ MODELS = {"A": 0.60, "B": 0.55, "C": 0.50, "base": 0.30}
 class Landscape:
     """True fitness of every model and merge of one random landscape."""
 
-    def __init__(self, rng: np.random.Generator) -> None:
-        """Draw the two bumps."""
-        self.bumps = {m: (rng.uniform(0.05, 0.15), rng.uniform(0.05, 0.95), rng.uniform(0.08, 0.25))
+    def __init__(self, rng: np.random.Generator, widths: tuple[float, float] = (0.08, 0.25)) -> None:
+        """Draw the two bumps (height, centre, width)."""
+        self.bumps = {m: (rng.uniform(0.05, 0.15), rng.uniform(0.05, 0.95), rng.uniform(*widths))
                       for m in ("slerp", "ties")}
 
     def fitness(self, method: str, p: float) -> float:
@@ -103,17 +106,20 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=0.005, help="sd of one evaluation's measured fitness")
     ap.add_argument("--margin", type=float, default=0.01, help="success: within this of the optimum's fitness")
     ap.add_argument("--quick", action="store_true", help="20 landscapes (the test's mode)")
+    ap.add_argument("--seed", type=int, default=0, help="first landscape's seed (landscapes seed..seed+n-1)")
+    ap.add_argument("--widths", type=float, nargs=2, default=(0.08, 0.25), metavar=("LO", "HI"),
+                    help="range of the bumps' widths")
     args = ap.parse_args()
     n = 20 if args.quick else args.landscapes
-    rounds = args.rounds
-    methods = {f"rule, {rounds} rounds x 4": lambda l, g: run_rule(l, g, args.noise, rounds, False),
-               f"rule, up to {rounds} rounds, stop rule": lambda l, g: run_rule(l, g, args.noise, rounds, True),
-               "grid, spacing 0.05": lambda l, g: run_grid(l, g, args.noise, 0.05),
-               "grid, spacing 0.1": lambda l, g: run_grid(l, g, args.noise, 0.1),
-               "grid, spacing 0.25": lambda l, g: run_grid(l, g, args.noise, 0.25)}
+    sd = args.noise
+    methods = {f"rule, {r} rounds x 4": (lambda r: lambda l, g: run_rule(l, g, sd, r, False))(r)
+               for r in range(2, args.rounds + 1)}
+    methods[f"rule, up to {args.rounds} rounds, stop rule"] = lambda l, g: run_rule(l, g, sd, args.rounds, True)
+    methods |= {f"grid, spacing {s}": (lambda s: lambda l, g: run_grid(l, g, sd, s))(s)
+                for s in (0.05, 0.0625, 0.075, 0.1, 0.125, 0.25)}
     found: dict[str, list[tuple[float, int]]] = {k: [] for k in methods}
-    for seed in range(n):
-        land = Landscape(np.random.default_rng(seed))
+    for seed in range(args.seed, args.seed + n):
+        land = Landscape(np.random.default_rng(seed), tuple(args.widths))
         best = land.optimum()
         for name, fn in methods.items():
             fit, evals = fn(land, np.random.default_rng(10_000 + seed))
@@ -125,7 +131,8 @@ def main() -> None:
                      f"within {args.margin} of optimum": f"{np.mean(gaps <= args.margin):.0%}",
                      "mean gap": f"{gaps.mean():.4f}", "worst gap": f"{gaps.max():.4f}"})
     print(header())
-    print(f"{n} landscapes, evaluation noise sd {args.noise}, margin {args.margin}")
+    print(f"{n} landscapes (seeds {args.seed}..{args.seed + n - 1}, bump widths {args.widths[0]}..{args.widths[1]}), "
+          f"evaluation noise sd {sd}, margin {args.margin}")
     print(table(rows, list(rows[0])))
 
 

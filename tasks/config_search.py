@@ -41,8 +41,9 @@ class MergeSearchConfig(Frozen):
     )
     methods: list[Literal["slerp", "ties", "dare_ties"]] = Field(
         default_factory=lambda: ["slerp", "ties"], min_length=1,
-        description="Merge methods the rule proposes: slerp of the top two at several t; ties / dare_ties of the top "
-        "three (other than base_model) at several densities.",
+        description="Merge methods the rule proposes: slerp of the top two (over t); ties / dare_ties of the top "
+        "three (other than base_model) over density; points where a curve fitted to each family's development "
+        "ratings has the highest upper bound (tasks/propose.py).",
     )
     base_model: Name | None = Field(
         default=None, description="Common ancestor that ties and dare_ties proposals take differences from; None: "

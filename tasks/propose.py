@@ -1,14 +1,20 @@
 """The search's proposal rule: from the ratings on the development split, the next merges to try.
 
-Deterministic (a restart with the same ratings proposes the same merges), and plain: every proposal is a point of a
-*family* (a merge method over fixed parents, one parameter in [0, 1]: slerp's `t`, TIES' or DARE's `density`):
-- refine: a leader that is a point of a family (an earlier proposal, or a config merge of that simple form) gets its
-  two neighbours at +- its step, each with half the step (those tried already: at +- step/2, then step/4): a
-  bisection towards the family's best parameter;
-- slerp of the top two leaders at t = 0.5, 0.25, 0.75 (the points of that family not yet tried);
-- ties / dare_ties of the top three leaders other than the base model, at density 0.5, 0.25, 0.75.
-The lists are interleaved (first of each, then second of each...) up to `search.proposals`, skipping any point tried
-before. Only mergeable parents are combined (same architecture, checked by the caller).
+Every proposal is a point of a *family*: a merge method over fixed parents with one parameter in [0, 1] (slerp's `t`,
+TIES' or DARE's `density`), on a lattice of 0.01. The families the rule models each round: every family tried so far
+(earlier proposals, and config merges of that simple form), slerp of the top two mergeable leaders, and ties /
+dare_ties of the top three leaders other than the base model. Only mergeable parents are combined (the caller checks).
+
+Each family's rating as a function of its parameter is a Gaussian process (squared-exponential kernel, length 0.1 of
+the range: a merge's quality may change that fast; amplitude: the sd of the models' ratings, at least the noise;
+prior mean: the parents' mean rating), fitted to the family's rated points with each one's noise sd read off its
+95% interval (a slerp family also knows its parents at t 0 and 1). A round's proposals are picked one at a time:
+the untried lattice point with the highest upper bound (posterior mean + 2 sd; 0.5 sd in the last round, which only
+exploits) over every family, then that point is believed to rate its mean (kriging believer) so the next one goes
+elsewhere. A family never tried gets its first point before any family gets another in that round (equal bounds:
+the point nearest 0.5). Deterministic: a pure function of the ratings and the points tried (no random draw), so a
+restarted search proposes the same merges; a point tried before is never proposed again. Measured against grids
+by bench/merge_search.py (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -16,14 +22,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 
 from tasks.config import Merge, MergeSearchConfig
 from tasks.keys import content_key
 
-GRID = (0.5, 0.25, 0.75)  # a new family's first points, best guess first
-GRID_STEP = 0.125  # a grid point's step: its refinements fall halfway to its grid neighbours
-CONFIG_STEP = 0.25  # a config merge's step: its refinements are the grid's other points
+CONFIG_STEP = 0.25  # a config merge's step (recorded only)
+LATTICE = 0.01  # proposals' parameters are multiples of this
+LATTICE_POINTS = [round(i * LATTICE, 6) for i in range(1, 101)]
+LENGTH = 0.1  # kernel length, parameter units: correlation exp(-d^2 / 0.02) is 0.61 at d 0.1, 0.14 at 0.2, so
+# points 0.2 apart say little of each other and a round spreads over [0, 1] before it refines
+BETA = 2.0  # a point's upper bound: posterior mean + BETA sd while rounds are left (exploration)
+BETA_LAST = 0.5  # ... in the last round (its best rated proposal is the one kept: exploit)
 TASK_METHODS = ("ties", "dare_ties")  # methods that take differences from a base model
 
 
@@ -134,74 +145,133 @@ def _named(p: Point, round_no: int) -> Point:
                            f"{content_key(probe.recipe())[:4]}")
 
 
+def _best_mergeable(ranking: list[str], k: int, extra: tuple[str, ...],
+                    mergeable: Callable[[tuple[str, ...]], bool]) -> tuple[str, ...]:
+    """The best-rated `k` models (sorted by name) that merge together with `extra`, walking down the ranking; () if
+    fewer than 2 do (ties of two is still a merge, slerp needs two)."""
+    chosen: list[str] = []
+    for n in ranking:
+        if len(chosen) < k and mergeable((*chosen, n, *extra)):
+            chosen.append(n)
+    return tuple(sorted(chosen)) if len(chosen) >= 2 else ()
+
+
+def _families(ratings_rows: dict[str, pd.Series], ranking: list[str], points: list[Point], cfg: MergeSearchConfig,
+              base: str | None, mergeable: Callable[[tuple[str, ...]], bool], round_no: int,
+              dtype: str | None) -> list[Point]:
+    """One template point per family the rule models: every family tried so far, then slerp of the top two mergeable
+    leaders and ties / dare_ties of the top three other than the base (new families, once each)."""
+    mark = lambda names: {n: _interval(ratings_rows[n]) for n in names if n in ratings_rows}  # noqa: E731
+    out: dict[tuple[Any, ...], Point] = {}
+    for p in points:
+        what = f"{p.method} of {', '.join(p.parents)}" + (f" from {p.base}" if p.method in TASK_METHODS else "")
+        out.setdefault(p.family, replace(p, round=round_no, rule="ucb", reason=f"{what} (tried before)",
+                                         parent_ratings=mark(p.parents)))
+    pair = _best_mergeable(ranking[: cfg.leaders], 2, (), mergeable)
+    if "slerp" in cfg.methods and pair:
+        p = slerp_point("", *pair, 0.5, step=LATTICE, round=round_no, rule="slerp-top2", dtype=dtype,
+                        reason="slerp of the top two mergeable models on dev (new)", parent_ratings=mark(pair))
+        out.setdefault(p.family, p)
+    three = _best_mergeable([n for n in ranking[: cfg.leaders] if n != base], 3, (base,), mergeable) if base else ()
+    for method in [m for m in cfg.methods if m in TASK_METHODS]:
+        if three:
+            why = f"{method} of the top {len(three)} mergeable models on dev other than the base {base} (new)"
+            p = Point("", method, three, base, 0.5, LATTICE, round_no, f"{method}-top3", why, dtype, mark(three))
+            out.setdefault(p.family, p)
+    return list(out.values())
+
+
+@dataclass
+class Model:
+    """A Gaussian process over one family's parameter: its observations (parameter, rating, noise sd) and prior."""
+
+    mean: float  # prior mean: the parents' mean rating
+    xs: list[float]
+    ys: list[float]
+    sds: list[float]
+
+    def posterior(self, grid: np.ndarray, amp: float, length: float) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean and sd of the rating at `grid` (squared-exponential kernel, amplitude `amp`)."""
+        k = lambda a, b: amp ** 2 * np.exp(-0.5 * ((a[:, None] - b[None, :]) / length) ** 2)  # noqa: E731
+        if not self.xs:
+            return np.full(len(grid), self.mean), np.full(len(grid), amp)
+        x, y = np.array(self.xs), np.array(self.ys) - self.mean
+        gram = k(x, x) + np.diag(np.array(self.sds) ** 2 + 1e-9 * amp ** 2)
+        cross = k(grid, x)
+        chol = np.linalg.cholesky(gram)
+        alpha = np.linalg.solve(chol.T, np.linalg.solve(chol, y))
+        v = np.linalg.solve(chol, cross.T)
+        var = np.maximum(amp ** 2 - (v ** 2).sum(0), 1e-12 * amp ** 2)
+        return self.mean + cross @ alpha, np.sqrt(var)
+
+
+def _sd(row: pd.Series) -> float:
+    """A rating's noise sd from its 95% interval."""
+    return max(float(row["ci_high"] - row["ci_low"]) / (2 * 1.96), 1e-6)
+
+
 def propose(ratings: pd.DataFrame, points: list[Point], cfg: MergeSearchConfig, base: str | None,
             mergeable: Callable[[tuple[str, ...]], bool], round_no: int, dtype: str | None = None) -> list[Point]:
     """Up to cfg.proposals new points for round `round_no`, from the ratings and every point tried so far."""
     order = ranked(ratings)
-    rows = {r["contender"]: r for _, r in order.iterrows()}
-    leaders = list(order["contender"][: cfg.leaders])
-    by_name = {p.name: p for p in points}
+    # only finite ratings and intervals inform the model (a contender without judgments has none)
+    rows = {r["contender"]: r for _, r in order.iterrows()
+            if np.isfinite([float(r[k]) for k in ("rating", "ci_low", "ci_high")]).all()}
+    rated = pd.Series([float(r["rating"]) for r in rows.values()], dtype=float)
+    # a rating's noise: the median interval's sd; how far a merge may stray from its parents' mean rating (the
+    # kernel's amplitude): as far as the models stray from one another (their sd), at least the noise
+    noise = float(np.median([_sd(r) for r in rows.values()])) if rows else 1.0
+    amp = max(float(rated.std()) if len(rated) > 1 else 0.0, noise, 1.0)
+    left = max(cfg.rounds - round_no, 0)
+    beta = BETA_LAST if left == 0 else BETA
     seen = {(p.family, round(p.param, 6)) for p in points}
-    mark = lambda names: {n: _interval(rows[n]) for n in names if n in rows}  # noqa: E731
-    queues: list[list[Point]] = []
-    for rank, name in enumerate(leaders, 1):
-        p = by_name.get(name)
-        if p is None:
-            continue
-        why = (f"refine {name} (leader #{rank} on dev, rating {rows[name]['rating']:.0f}): "
-               f"{'t' if p.method == 'slerp' else 'density'} {p.param:.4g} +- {p.step:.4g}")
-        # its neighbours at +-step; where those were tried already (it stayed the leader), closer: +-step/2, +-step/4
-        queues.append([replace(p, param=p.param + d, step=abs(d) / 2, round=round_no, rule="refine", reason=why,
-                               parent_ratings=mark(p.parents))
-                       for s in (p.step, p.step / 2, p.step / 4) for d in (-s, s) if _in_range(p.method, p.param + d)])
-    pairs = [(a, b) for i, a in enumerate(leaders) for b in leaders[i + 1:] if mergeable((a, b))]
-    if "slerp" in cfg.methods and pairs:
-        a, b = pairs[0]
-        why = f"slerp of the top two mergeable leaders on dev ({a}, {b})"
-        queues.append([slerp_point("", a, b, t, step=GRID_STEP, round=round_no, rule="slerp-top2", dtype=dtype,
-                                   reason=f"{why} at t={t} towards {b}", parent_ratings=mark((a, b)))
-                       for t in GRID])
-    others = [n for n in leaders if n != base]
-    three = tuple(sorted(others[:3]))
-    for method in [m for m in cfg.methods if m in TASK_METHODS]:
-        if base is None or len(three) < 2 or not mergeable((*three, base)):
-            continue
-        why = f"{method} of the top {len(three)} leaders on dev other than the base {base} ({', '.join(three)})"
-        queues.append([Point("", method, three, base, d, GRID_STEP, round_no, f"{method}-top3",
-                             f"{why} at density {d}", dtype, mark(three)) for d in GRID])
-    queues.append(_explore(points, rows, round_no, mark))
+    models, templates = [], _families(rows, list(order["contender"]), points, cfg, base, mergeable, round_no, dtype)
+    for t in templates:
+        parents = [float(rows[n]["rating"]) for n in t.parents if n in rows]
+        m = Model(float(np.mean(parents)) if parents else float(rated.mean()) if len(rated) else 0.0, [], [], [])
+        if t.method == "slerp":  # slerp at t 0 and 1 is its parents
+            for x, n in ((0.0, t.parents[0]), (1.0, t.parents[1])):
+                if n in rows:
+                    m.xs.append(x), m.ys.append(float(rows[n]["rating"])), m.sds.append(_sd(rows[n]))
+        for p in points:
+            if p.family == t.family and p.name in rows:
+                m.xs.append(p.param), m.ys.append(float(rows[p.name]["rating"])), m.sds.append(_sd(rows[p.name]))
+        models.append(m)
+    # a family never tried gets its first point before any family gets another in this round: the demo's two rounds
+    # try every family at least once, even when one family's prior mean is a few points higher than another's
+    fresh = {i for i, t in enumerate(templates) if not any(p.family == t.family for p in points)}
     out: list[Point] = []
-    while len(out) < cfg.proposals and any(queues):
-        for q in queues:
-            while q:
-                p = _named(q.pop(0), round_no)
-                key = (p.family, round(p.param, 6))
-                if key not in seen:
-                    seen.add(key)
-                    out.append(p)
-                    break
-            if len(out) == cfg.proposals:
+    while len(out) < cfg.proposals:
+        best: tuple[float, int, float, float, float] | None = None
+        for i, (t, m) in enumerate(zip(templates, models)):
+            if fresh and i not in fresh:
+                continue
+            grid = np.array([x for x in LATTICE_POINTS if _in_range(t.method, x) and (t.family, x) not in seen])
+            if not len(grid):
+                continue
+            mu, sd = m.posterior(grid, amp, LENGTH)
+            score = np.round(mu + beta * sd, 6)
+            # equal bounds (a family with no observation yet): the point nearest the middle of the range
+            j = max(range(len(grid)), key=lambda k: (score[k], -abs(grid[k] - 0.5), -grid[k]))
+            if best is None or score[j] > best[0]:
+                best = (float(score[j]), i, float(grid[j]), float(mu[j]), float(sd[j]))
+        if best is None:
+            if not fresh:
                 break
-    return out
-
-
-def _explore(points: list[Point], rows: dict[str, pd.Series], round_no: int,
-             mark: Callable[[tuple[str, ...]], dict[str, list[float]]]) -> list[Point]:
-    """Per family tried (best-rated first): the middle of its widest untried gap, so that a bisection stuck around
-    the wrong place still samples the rest of [0, 1]."""
-    families: dict[tuple[Any, ...], list[Point]] = {}
-    for p in points:
-        families.setdefault(p.family, []).append(p)
-    best = lambda ps: max(float(rows[p.name]["rating"]) if p.name in rows else -1e18 for p in ps)  # noqa: E731
-    out = []
-    for fam in sorted(families.values(), key=lambda ps: (-best(ps), ps[0].name)):
-        edges = sorted({0.0, 1.0, *(p.param for p in fam)})
-        p = fam[0]
-        # widest gap first (the next one when its middle is taken this round)
-        out += [replace(p, param=(lo + hi) / 2, step=(hi - lo) / 4, round=round_no, rule="explore",
-                        reason=f"explore {p.method} of {', '.join(p.parents)}: the middle of its widest untried gap "
-                        f"{lo:.4g}..{hi:.4g}", parent_ratings=mark(p.parents))
-                for lo, hi in sorted(zip(edges, edges[1:]), key=lambda g: (g[0] - g[1], g[0]))]
+            fresh = set()
+            continue
+        score, i, x, mu, sd = best
+        fresh.discard(i)
+        t = templates[i]
+        seen.add((t.family, x))
+        # the batch's next point must go elsewhere: believe this one measures its mean (kriging believer)
+        models[i].xs.append(x), models[i].ys.append(mu), models[i].sds.append(noise)
+        what = "t" if t.method == "slerp" else "density"
+        tail = "; last round" if not left else f"; {left} round{'s' if left > 1 else ''} left"
+        why = (f"{t.reason}: {what} {x:.4g}, predicted rating {mu:.0f} (sd {sd:.0f}), the highest upper bound "
+               f"{score:.0f} (mean + {beta:g} sd) of every family's untried points"
+               f"{tail}")
+        out.append(_named(replace(t, param=x, step=LATTICE, reason=why), round_no))
     return out
 
 
