@@ -58,12 +58,17 @@ class TemporaryServer:
 
     def wait(self) -> None:
         """Return once the server answers; EnvironmentFailure at once when its process dies or it times out."""
+        failed: set[int] = set()  # ids of server processes that exited with code 3
         while self.thread.is_alive():
             proc = self.server.server_process
-            # Exit code 3 is uvicorn's "port taken": Prefect picks another port and starts again by itself.
-            if proc is not None and proc.poll() not in (None, 3):
-                raise EnvironmentFailure(f"Prefect's temporary server exited with code {proc.returncode} while "
-                                         f"starting; {SERVER_HINT}")
+            # Exit code 3 is uvicorn's "port taken": Prefect picks another port and starts again by itself. But uvicorn
+            # also exits 3 when the app cannot start (e.g. its database cannot be opened), and then Prefect would
+            # retry until the timeout: three such exits are a failure, not bad luck with ports.
+            if proc is not None and proc.poll() is not None:
+                if proc.returncode != 3 or len(failed | {id(proc)}) >= 3:
+                    raise EnvironmentFailure(f"Prefect's temporary server exited with code {proc.returncode} while "
+                                             f"starting{' (3 times)' if proc.returncode == 3 else ''}; {SERVER_HINT}")
+                failed.add(id(proc))
             self.thread.join(0.2)
         if self.error is not None:
             raise EnvironmentFailure(f"Prefect's temporary server did not start within {self.timeout_s} s "
@@ -78,6 +83,19 @@ class TemporaryServer:
             time.sleep(0.01)
         self.server.stop()  # the thread's wait for /health then ends too
         self.thread.join(5.0)
+
+
+def prefect_home() -> None:
+    """Make sure PREFECT_HOME (the temporary server's database lives there) exists, or say why it cannot in one line;
+    Prefect itself creates only its last folder, and its server then fails to open the database."""
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EnvironmentFailure(f"PREFECT_HOME {home}: cannot create it ({e.strerror}); set PREFECT_HOME to a "
+                                 "writable folder") from None
 
 
 def stop_temporary_server() -> None:
@@ -259,6 +277,7 @@ def _run(args: argparse.Namespace) -> int:
         from tasks.store import Store
 
         Store(store)
+        prefect_home()
 
         if not PREFECT_API_URL.value():
             say("starting Prefect's temporary server in the background (set PREFECT_API_URL to use a running one)")

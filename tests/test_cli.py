@@ -61,17 +61,29 @@ def test_server_slower_than_prefects_default_timeout_still_runs(tmp_path, tiny_m
     assert out.strip().splitlines()[-1].startswith("report: ")
 
 
-def test_server_that_cannot_start_is_one_line(tmp_path, tiny_models, tiny_data):
-    env = hooked_env(tmp_path, TEST_SERVER_EXIT="1")
+@pytest.mark.parametrize("code", ["1", "3"])  # 3: uvicorn's "port taken", but also its "startup failed"
+def test_server_that_cannot_start_is_one_line(tmp_path, tiny_models, tiny_data, code):
+    env = hooked_env(tmp_path, TEST_SERVER_EXIT=code)
     config = small_config(tmp_path, tiny_models, tiny_data)
     t0 = time.monotonic()
     rc, out = run_search(["--config", str(config), "--store", str(tmp_path / "store")], env, tmp_path / "cli.log", 300)
     assert rc == 1, out[-3000:]
     assert "Traceback" not in out
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "temporary server exited with code 1" in errors[0] and "PREFECT_API_URL" in errors[0]
+    assert len(errors) == 1 and f"temporary server exited with code {code}" in errors[0] and "PREFECT_API_URL" in errors[0]
     assert time.monotonic() - t0 < 240  # noticed when the process died, not after the 10-minute start timeout
     assert not (tmp_path / "store" / "adapters").exists()  # nothing was trained for a run that could not run
+
+
+def test_prefect_home_that_cannot_be_made_is_one_line(tmp_path, tiny_models, tiny_data):
+    (tmp_path / "a-file").write_text("")
+    env = hooked_env(tmp_path, PREFECT_HOME=str(tmp_path / "a-file" / "home"))
+    config = small_config(tmp_path, tiny_models, tiny_data)
+    rc, out = run_search(["--config", str(config), "--store", str(tmp_path / "store")], env, tmp_path / "cli.log", 300)
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert rc == 1 and "Traceback" not in out, out[-3000:]
+    assert errors == [f"error: PREFECT_HOME {tmp_path / 'a-file' / 'home'}: cannot create it (Not a directory); set "
+                      "PREFECT_HOME to a writable folder"]
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--config", "CONFIG"]])
