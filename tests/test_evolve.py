@@ -102,7 +102,7 @@ def search_config(tiny_models, tiny_data, tmp_path, rounds: int):
     """The miniature search with the loop on: one dataset, two proposals a round."""
     cfg = mini_config_dict(tiny_models, tiny_data)
     cfg["datasets"] = cfg["datasets"][:1]
-    cfg["search"] = {"rounds": rounds, "proposals": 2, "dev_share": 0.4}
+    cfg["search"] = {"rounds": rounds, "proposals": 2, "dev_share": 0.4, "patience": rounds}
     return write_config(tmp_path, cfg)
 
 
@@ -150,6 +150,7 @@ def test_search_killed_mid_round_resumes_with_the_same_proposals(tiny_models, ti
     assert main_ft and main_ft[0]["computed"] == 0 and main_ft[0]["reused"] == 4
     path = store.read_json(f"runs/{run}/search/search.json")
     assert path["kept"] and path["stop"] and path["rounds"][0]["proposals"][0]["dev"]
+    assert len(path["rounds"]) == 2  # patience 2: round 1's proposals, above the leader or not, do not end the loop
     split = store.read_json(f"runs/{run}/search/split.json")[0]
     test_ids = {e.id for e in load_examples(str(tiny_data["extraction"][1]))}
     train_ids = {e.id for e in load_examples(str(tiny_data["extraction"][0]))}
