@@ -126,7 +126,8 @@ def main() -> None:
     torch.set_num_threads(1)
     print(header())
     share = token_copyable_share(zoo.build_tokenizer(0))
-    print(f"zoo tokenizer: {share:.0%} of the extraction test values have the same tokens in the answer as in the prompt")
+    print(f"zoo tokenizer: {share:.0%} of the extraction test values have the same tokens in the answer as in the "
+          "prompt")
     print(f"trained on {args.layout} rows; each cell: copy accuracy on fixed/varied rows")
     cols = list(range(args.every, args.steps + 1, args.every))
     print("| shape | parameters | " + " | ".join(f"step {c}" for c in cols) + " | seconds |")
