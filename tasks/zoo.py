@@ -45,7 +45,9 @@ VOCAB = 1024
 
 ZOO: dict[str, ZooModel] = {
     "base": ZooModel(parent=None, mix=(("prose", 0.45), ("records", 0.3), ("chat", 0.25)), steps=500, lr=3e-3, seed=0),
-    "hermes": ZooModel(parent="base", mix=(("json", 0.6), ("chat", 0.4)), steps=200, lr=1e-3, seed=1),
+    # hermes: varied JSON answers and generic slot filling (values copied from the prompt), 800 steps; with 200
+    # steps of JSON and chat its demo students scored 0.033 on extraction, now 0.325 (BENCHMARKS.md, zoo section)
+    "hermes": ZooModel(parent="base", mix=(("json", 0.5), ("slots", 0.5)), steps=800, lr=1e-3, seed=1),
     "zephyr": ZooModel(parent="base", mix=(("labels", 0.6), ("chat", 0.4)), steps=200, lr=1e-3, seed=2),
     "neural": ZooModel(parent="base", mix=(("rewrite", 0.6), ("chat", 0.4)), steps=200, lr=1e-3, seed=3),
 }
@@ -97,6 +99,42 @@ def _json(rng: random.Random) -> list[dict[str, str]]:
             {"role": "assistant", "content": json.dumps({"job": p["job"], "city": p["city"]})}]
 
 
+# Slot names of the generic slot-filling corpus: none is a field of the demo's datasets (name, age, city, item,
+# quantity, unit_price), so hermes learns to copy values into JSON without seeing their schemas.
+SLOT_KEYS = ["who", "person", "place", "town", "years", "number", "thing", "word", "color", "tool", "when", "first",
+             "second", "owner", "buyer", "seller", "target", "from", "to", "count", "job_title", "origin", "value",
+             "title", "code", "pet", "team"]
+SYLLABLES = ["ka", "lo", "mi", "ren", "tu", "sa", "vel", "do", "pri", "zan", "ko", "ble", "mar", "ti", "nu", "gor"]
+
+
+def _slot_value(rng: random.Random) -> str:
+    """A value worth copying: a person, a city, a number, a job, a product, an item, an adjective or a made-up word."""
+    pick = rng.random()
+    for share, make in [(0.2, lambda: f"{rng.choice(w.FIRST)} {rng.choice(w.LAST)}"),
+                        (0.35, lambda: rng.choice(w.CITIES)), (0.5, lambda: str(rng.randint(1, 99))),
+                        (0.6, lambda: rng.choice(w.JOBS)),
+                        (0.7, lambda: rng.choice(w.PRODUCTS)), (0.8, lambda: rng.choice(w.ITEMS)),
+                        (0.9, lambda: rng.choice(w.GOOD))]:
+        if pick < share:
+            return make()
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
+
+
+def _slots(rng: random.Random) -> list[dict[str, str]]:
+    """Generic slot filling: a sentence of 2-5 named values, some of them asked back as JSON (values copied)."""
+    keys = rng.sample(SLOT_KEYS, rng.randint(2, 4))
+    if rng.random() < 0.5:  # a made-up slot name: the skill is copying what the sentence says, not knowing names
+        keys.append("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))))
+    pairs = [(k, _slot_value(rng)) for k in keys]
+    sentence = "; ".join(rng.choice(["the {k} is {v}", "{k}: {v}", "{v} is the {k}"]).format(k=k, v=v)
+                         for k, v in pairs) + "."
+    asked = rng.sample(pairs, rng.randint(1, len(pairs)))
+    system = rng.choice(["Answer with JSON.", "Reply in JSON only.", "Give a JSON object."])
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": sentence + " Give " + " and ".join(k for k, _ in asked) + "."},
+            {"role": "assistant", "content": json.dumps({k: int(v) if v.isdigit() else v for k, v in asked})}]
+
+
 def _labels(rng: random.Random) -> list[dict[str, str]]:
     """Say whether a remark is positive or negative."""
     good = rng.random() < 0.5
@@ -116,7 +154,11 @@ def _rewrite(rng: random.Random) -> list[dict[str, str]]:
 
 CORPORA: dict[str, Callable[[random.Random], Any]] = {
     "prose": _prose, "records": _records, "chat": _chat, "json": _json, "labels": _labels, "rewrite": _rewrite,
+    "slots": _slots,
 }
+# The corpora the tokenizer is trained on: the ones the zoo had when its tokenizer was made (a corpus added later
+# must not change the tokenizer, hence the base model and every store key built on it).
+TOKENIZER_CORPORA = ("prose", "records", "chat", "json", "labels", "rewrite")
 
 
 def _texts(tok: Any | None, corpus: str, n: int, rng: random.Random) -> list[str]:
@@ -137,7 +179,7 @@ def build_tokenizer(seed: int = 0) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     rng = random.Random(seed)
-    corpus = [t for c in CORPORA for t in _texts(None, c, 400, rng)]
+    corpus = [t for c in TOKENIZER_CORPORA for t in _texts(None, c, 400, rng)]
     corpus += [json.dumps(r) for task in w.TASKS for r in w.make_rows(task, 50, seed=99)]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
