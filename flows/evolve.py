@@ -107,7 +107,8 @@ class Loop:
         if cap is None:
             return True
         g, sig = self.guard, next(iter(self.models.values())).signature
-        need = g.validation_s + sum(k * (g.finetune_s(d.train, sig) + g.generate_s(d.test, sig)) for d in self.devs.values())
+        need = g.validation_s + sum(k * (g.finetune_s(d.train, sig) + g.generate_s(d.test, sig))
+                                    for d in self.devs.values())
         for data in self.prep.datasets.values():  # the kept proposals: fine-tuned again only with search.refit
             need += self.cfg.search.keep * (g.finetune_s(data.train, sig) * self.cfg.search.refit
                                             + g.generate_s(data.test, sig))
