@@ -10,7 +10,7 @@ from tasks.config import Merge, SearchConfig
 from tasks.report import md_table
 from tasks.store import Store
 from tasks.validate import pooled_models, win_rate_ci
-from tasks.verdict import scores
+from tasks.verdict import scores, win_words
 
 
 def _interval(x: list[float] | None) -> str:
@@ -63,18 +63,17 @@ def _versus(ratings: pd.DataFrame, judgments: pd.DataFrame, ours: str, theirs: s
             f"({confidence:.0%} CI {low:.0%}..{high:.0%}, ties half)."]
 
 
-def _held_out(validation: dict[str, Any] | None, kept: list[str]) -> str:
+def _held_out(validation: dict[str, Any] | None, kept: list[str], confidence: float) -> str:
     """What the held-out validation says about the kept proposals."""
     if not validation:
         return "- No held-out dataset is configured: the proposal is not validated."
-    against = "; ".join(f"{r['opponent']}: {r['win_rate']:.0%} ({r['ci_low']:.0%}..{r['ci_high']:.0%}), {r['verdict']}"
-                        for r in validation["against"])
+    against = "; ".join(f"{win_words(r, r['opponent'], confidence)}: {r['verdict']}" for r in validation["against"])
     if validation["winner"] in kept:
         return (f"- Held out ({validation['dataset']}): the winner frozen before it was read is the proposal "
-                f"**{validation['winner']}**; its win rates there: {against}.")
+                f"**{validation['winner']}**; there it {against}.")
     return (f"- Held out ({validation['dataset']}): the winner frozen before it was read is "
-            f"**{validation['winner']}**, not a proposal, so the held-out set does not test the proposal; the "
-            f"winner's win rates there: {against}.")
+            f"**{validation['winner']}**, not a proposal, so the held-out set does not test the proposal; there "
+            f"the winner {against}.")
 
 
 def search_lines(cfg: SearchConfig, store: Store, run_rel: str, ratings: pd.DataFrame, judgments: pd.DataFrame,
@@ -104,5 +103,5 @@ def search_lines(cfg: SearchConfig, store: Store, run_rel: str, ratings: pd.Data
     if len(best_kept) and len(hand):
         lines += _versus(ratings, judgments, str(best_kept.iloc[0]["contender"]), str(hand.iloc[0]["contender"]),
                          [d.name for d in cfg.datasets], cfg.rating.confidence)
-    lines += [_held_out(validation, kept), ""]
+    lines += [_held_out(validation, kept, cfg.rating.confidence), ""]
     return lines
