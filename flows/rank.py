@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--anchor", default=None, help="contender pinned at --anchor-rating (default: the mean is pinned)")
     p.add_argument("--anchor-rating", type=float, default=1000.0, help="rating of the anchor (default 1000)")
     p.add_argument("--ties", choices=["davidson", "rao-kupper", "half"], default="davidson", help="tie model")
-    p.add_argument("--ci", choices=["bootstrap", "fisher"], default="bootstrap", help="interval method")
+    p.add_argument("--ci", choices=["bootstrap", "fisher", "sandwich"], default="bootstrap",
+                   help="interval method: bootstrap over examples, fisher, or sandwich (clustered by example)")
     p.add_argument("--rounds", type=int, default=200, help="bootstrap rounds (default 200)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--length-control", action="store_true",

@@ -132,3 +132,18 @@ def test_rank_speed_bench_small():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| python -m flows.rank " in proc.stdout and "| FastChat compute_bootstrap_bt " in proc.stdout
     assert "3,000 examples" in proc.stdout  # one prompt per judgment, as Arena's battles
+
+
+def test_rank_sandwich_intervals_are_rates(tmp_path, capsys):
+    """--ci sandwich: the clustered intervals the adaptive planner stops on, as rate() computes them."""
+    from tasks.rate import RatingConfig, rate
+
+    df = judgments(800, seed=3)
+    df.to_parquet(tmp_path / "j.parquet")
+    assert main(["--judgments", str(tmp_path / "j.parquet"), "--out", str(tmp_path / "o"), "--ci", "sandwich"]) == 0
+    got = pd.read_parquet(tmp_path / "o" / "ratings.parquet")
+    want = rate(df, {"A": "candidate", "B": "merge", "C": "candidate", "teacher": "reference"},
+                RatingConfig(ci="sandwich"))
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+    boot = rate(df, {"A": "candidate", "B": "merge", "C": "candidate", "teacher": "reference"}, RatingConfig())
+    assert not got["ci_low"].equals(boot["ci_low"])  # a different method, not the default under another name
