@@ -26,8 +26,6 @@ from tasks.compute import merge_models
 from tasks.config import TEACHER, SearchConfig
 from tasks.devsplit import dev_split
 from tasks.errors import UserError
-from tasks.finetune import adapter_key
-from tasks.generate import outputs_key
 from tasks.jobs import Guard
 from tasks.judge import load_judgments
 from tasks.models import check_mergeable
@@ -101,24 +99,17 @@ class Loop:
         return True
 
     def fits(self, k: int) -> bool:
-        """Whether a round of `k` proposals, the final set, the test stages and validation still to run fit
-        budget.max_gpu_hours."""
+        """Whether a round of `k` proposals, the kept proposals and the plan's GPU jobs still to run (test stages,
+        validation, the loop's first answers) fit budget.max_gpu_hours."""
         cap = self.cfg.budget.max_gpu_hours
         if cap is None:
             return True
         g, sig = self.guard, next(iter(self.models.values())).signature
-        need = g.validation_s + sum(k * (g.finetune_s(d.train, sig) + g.generate_s(d.test, sig))
-                                    for d in self.devs.values())
+        need = g.planned_s(self.st) + sum(k * (g.finetune_s(d.train, sig) + g.generate_s(d.test, sig))
+                                          for d in self.devs.values())
         for data in self.prep.datasets.values():  # the kept proposals: fine-tuned again only with search.refit
             need += self.cfg.search.keep * (g.finetune_s(data.train, sig) * self.cfg.search.refit
                                             + g.generate_s(data.test, sig))
-            for name, info in self.prep.models.items():
-                akey = adapter_key(info.fingerprint, data.train_fp, self.cfg.finetune)
-                if info.finetuned and not self.st.exists(f"adapters/{akey}"):
-                    need += g.finetune_s(data.train, info.signature)
-                okey = outputs_key(akey, data.test_fp, self.cfg.generate)
-                if info.finetuned and not self.st.exists(f"outputs/{okey}.parquet"):
-                    need += g.generate_s(data.test, info.signature)
         return (g.gpu_s + need) / 3600 <= cap
 
     def leaders(self) -> list[str]:

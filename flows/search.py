@@ -366,8 +366,7 @@ def search(config: SearchConfig | str, store: str | None = None, dry_run: bool =
     st.write_text(f"{run_rel}/config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     logger.info(f"run {run_id}: {len(prep.models)} models x {len(prep.datasets)} datasets, store {st.root}")
 
-    guard = Guard(config, plan.rates, validation_s=sum(j.gpu_s for j in plan.jobs
-                                                        if j.stage == "validation" and not j.done))
+    guard = Guard(config, plan.rates, planned=[j for j in plan.jobs if j.gpu_s and not j.done and not j.optional])
     try:
         return execute(config, prep, store, run_id, log, guard)
     except BudgetStop as stop:  # recorded beside the run; what was computed is in the store for the next run

@@ -329,7 +329,11 @@ class Guard:
     rates: tuple[float, float]
     gpu_s: float = 0.0
     usd: float = 0.0
-    validation_s: float = 0.0  # the plan's estimate of validation's GPU work, which the search loop leaves room for
+    planned: list[Job] = field(default_factory=list)  # the plan's GPU jobs still to run: what the search loop leaves room for
+
+    def planned_s(self, store: Store) -> float:
+        """Estimated seconds of the planned GPU jobs whose result the store does not hold yet (keyless ones: all)."""
+        return sum(j.gpu_s for j in self.planned if j.rel is None or not store.exists(j.rel))
 
     def finetune_s(self, rows: list[Any], signature: dict[str, Any]) -> float:
         """Estimated seconds of one fine-tune of a model with this signature on these training rows."""

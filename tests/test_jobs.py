@@ -58,6 +58,20 @@ def test_the_search_loops_proposals_never_refuse_a_plan():
         check_budget(plan, Cfg())
 
 
+def test_the_guard_counts_only_planned_work_the_store_lacks(mini_config, tmp_path):
+    from tasks.jobs import Guard
+
+    store = Store(str(tmp_path / "store"))
+    import pandas as pd
+
+    store.write_parquet("outputs/done.parquet", pd.DataFrame({"example_id": ["1"], "output": ["x"]}))
+    guard = Guard(load_config(mini_config), (1.0, 1.0), planned=[
+        Job("generate", "a on x", "outputs/done.parquet", False, gpu_s=5.0),  # made since the plan: not counted
+        Job("finetune", "a on x", "adapters/k", False, gpu_s=2.0),
+        Job("validation", "finetune winner on y", None, False, gpu_s=3.0)])  # no key until the winner is known
+    assert guard.planned_s(store) == 5.0
+
+
 def test_estimates_use_measured_rates(mini_config, tmp_path):
     cfg = load_config(mini_config)
     prep, store = prepare(cfg), Store(str(tmp_path / "store"))
