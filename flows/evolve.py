@@ -30,7 +30,7 @@ from tasks.jobs import Guard
 from tasks.judge import load_judgments
 from tasks.models import check_mergeable
 from tasks.prepare import Prepared, merge_info
-from tasks.propose import Point, config_point, improved, kept, propose, ranked, task_base
+from tasks.propose import Point, config_point, improved, interval_of, kept, propose, ranked, task_base
 from tasks.rate import rate
 from tasks.store import Store
 
@@ -120,7 +120,7 @@ class Loop:
 def _ratings_of(ratings: pd.DataFrame, names: list[str]) -> dict[str, list[float]]:
     """name -> [rating, low, high] on the pooled development rating."""
     r = ratings[ratings["scope"] == "overall"].set_index("contender")
-    return {n: [round(float(r.at[n, k]), 1) for k in ("rating", "ci_low", "ci_high")] for n in names if n in r.index}
+    return {n: interval_of(r.loc[n]) for n in names if n in r.index}
 
 
 def evolve(config: SearchConfig, prep: Prepared, paths: dict[str, str], store: str, run_rel: str, log: Any,

@@ -128,7 +128,7 @@ def ranked(ratings: pd.DataFrame) -> pd.DataFrame:
     return r.sort_values(["_key", "contender"], ascending=[False, True]).drop(columns="_key")
 
 
-def _interval(row: pd.Series) -> list[float]:
+def interval_of(row: pd.Series) -> list[float]:
     """[rating, low, high] of a ratings row, rounded for the record."""
     return [round(float(row[k]), 1) for k in ("rating", "ci_low", "ci_high")]
 
@@ -161,7 +161,7 @@ def _families(ratings_rows: dict[str, pd.Series], ranking: list[str], points: li
               dtype: str | None) -> list[Point]:
     """One template point per family the rule models: every family tried so far, then slerp of the top two mergeable
     leaders and ties / dare_ties of the top three other than the base (new families, once each)."""
-    mark = lambda names: {n: _interval(ratings_rows[n]) for n in names if n in ratings_rows}  # noqa: E731
+    mark = lambda names: {n: interval_of(ratings_rows[n]) for n in names if n in ratings_rows}  # noqa: E731
     out: dict[tuple[Any, ...], Point] = {}
     for p in points:
         what = f"{p.method} of {', '.join(p.parents)}" + (f" from {p.base}" if p.method in TASK_METHODS else "")

@@ -9,7 +9,7 @@ import pandas as pd
 from tasks.config import Merge, SearchConfig
 from tasks.report import md_table
 from tasks.store import Store
-from tasks.validate import pooled_models, win_rate_ci
+from tasks.validate import intervals_overlap, pooled_models, win_rate_ci
 from tasks.verdict import scores, win_words
 
 
@@ -48,12 +48,8 @@ def _versus(ratings: pd.DataFrame, judgments: pd.DataFrame, ours: str, theirs: s
     """The kept proposal against the best hand-written model on the test split: ratings, and its win rate."""
     pooled = ratings[ratings["scope"] == "overall"].set_index("contender")
     a, b = pooled.loc[ours], pooled.loc[theirs]
-    if a["ci_low"] > b["ci_high"]:
-        word = "beats"
-    elif b["ci_low"] > a["ci_high"]:
-        word = "loses to"
-    else:
-        word = "is not separated from"
+    word = ("is not separated from" if intervals_overlap(a, b) else
+            "beats" if a["ci_low"] > b["ci_high"] else "loses to")
     rate, low, high = win_rate_ci(scores(judgments, datasets, ours, theirs), confidence)
     mine, best = (_interval([x["rating"], x["ci_low"], x["ci_high"]]) for x in (a, b))
     return [f"- On the test split (pooled), the best proposed merge **{ours}** rates {mine} "
