@@ -32,7 +32,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.evolve import evolve
 from tasks.config import MODEL_KINDS, TEACHER, ZOO_PREFIX, SearchConfig, load_config
 from tasks.errors import UserError
-from tasks.compute import FinetuneJob, GenerateJob, finetune_all, generate_all, merge_models
+from tasks.compute import Batch, FinetuneJob, GenerateJob, finetune_all, generate_all, merge_models
 from tasks.finetune import adapter_key
 from tasks.generate import finish_reasons, outputs_key, teacher_key, teacher_outputs
 from tasks.jobs import BudgetStop, Guard, check_budget, plan_lines, search_plan
@@ -78,9 +78,17 @@ def _count(row: dict[str, Any], reused: bool) -> None:
 
 
 def _gpu_spent(guard: Guard, log: StageLog) -> None:
-    """Count the last stage's wall time as GPU time spent when it computed something."""
-    if log.rows[-1]["computed"]:
-        guard.gpu_s += log.rows[-1]["seconds"]
+    """Count the last stage's GPU time as spent when it computed something: its pool runs' device time, or in local
+    mode its wall time (this machine's device was held throughout)."""
+    row = log.rows[-1]
+    if row["computed"]:
+        guard.gpu_s += row.get("device_s", row["seconds"])
+
+
+def _device_time(row: dict[str, Any], batch: Batch) -> None:
+    """Record a pool batch's device time in its stage's row (stages.json), beside the stage's wall time."""
+    if batch.device_s is not None:
+        row["device_s"] = round(batch.device_s, 2)
 
 
 def train_and_answer(
@@ -97,7 +105,9 @@ def train_and_answer(
     guard.gpu(f"fine-tuning on {name}", sum(guard.finetune_s(data.train, prep.models[j.model].signature)
                                             for j in ft_jobs if not st.exists(f"adapters/{j.key}")))
     with log.stage(f"finetune:{name}") as row:
-        adapters = finetune_all(ft_jobs, cfg.compute, store)
+        batch = finetune_all(ft_jobs, cfg.compute, store)
+        adapters = batch.results
+        _device_time(row, batch)
         for _, reused in adapters:
             _count(row, reused)
     _gpu_spent(guard, log)
@@ -109,7 +119,9 @@ def train_and_answer(
     guard.gpu(f"generation on {name}", sum(guard.generate_s(data.test, prep.models[j.model].signature)
                                            for j in gen_jobs if not st.exists(f"outputs/{j.key}.parquet")))
     with log.stage(f"generate:{name}") as row:
-        results = generate_all(gen_jobs, cfg.compute, store, rows_per_job=len(data.test))
+        batch = generate_all(gen_jobs, cfg.compute, store, rows_per_job=len(data.test))
+        results = batch.results
+        _device_time(row, batch)
         outputs = {job.model: (rel, job.key) for job, (rel, _) in zip(gen_jobs, results)}
         for _, reused in results:
             _count(row, reused)

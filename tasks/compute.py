@@ -70,6 +70,17 @@ class GenerateJob:
 
 
 @dataclass(frozen=True)
+class Batch:
+    """A batch of GPU-stage jobs done: each job's (store path, reused?) in order, and the device time they took."""
+
+    results: list[tuple[str, bool]]
+    # Pool mode: the stage runs' summed seconds in the Running state on their workers, so the time a run waited in
+    # the queue or for its machine to start is not counted as GPU time. Local mode: None, since this machine's
+    # device is held for the stage's whole wall time, which the caller measures.
+    device_s: float | None = None
+
+
+@dataclass(frozen=True)
 class StageCall:
     """One stage run to send to the pool: its flow, parameters, readable name, and result in the store."""
 
@@ -86,25 +97,25 @@ def merge_models(merge: Merge, paths: dict[str, str], key: str, compute: Compute
         return merge_task(merge, paths, key, store)
     call = StageCall("merge", f"merge-{merge.name}", {"merge": merge.model_dump(mode="json"), "paths": paths,
                                                       "key": key, "store_root": store}, f"models/{key}", key)
-    ((rel, reused),) = run_in_pool([call], compute, store)
+    ((rel, reused),) = run_in_pool([call], compute, store).results
     return str(Store(store).local_dir(rel)), reused
 
 
-def finetune_all(jobs: list[FinetuneJob], compute: ComputeConfig, store: str) -> list[tuple[str, bool]]:
-    """(adapter folder, reused?) for every job, in order."""
+def finetune_all(jobs: list[FinetuneJob], compute: ComputeConfig, store: str) -> Batch:
+    """(adapter folder, reused?) for every job, in order, and the pool's device time."""
     if compute.mode == "local":
-        return _local(jobs, finetune_task, store, "finetune", local_workers(compute))
+        return Batch(_local(jobs, finetune_task, store, "finetune", local_workers(compute)))
     calls = [StageCall("finetune", f"finetune-{j.model}-{j.dataset}", _params(j, store), f"adapters/{j.key}", j.key)
              for j in jobs]
-    st = Store(store)
-    return [(str(st.local_dir(rel)), reused) for rel, reused in run_in_pool(calls, compute, store)]
+    st, ran = Store(store), run_in_pool(calls, compute, store)
+    return Batch([(str(st.local_dir(rel)), reused) for rel, reused in ran.results], ran.device_s)
 
 
-def generate_all(jobs: list[GenerateJob], compute: ComputeConfig, store: str, rows_per_job: int = 0,
-                 ) -> list[tuple[str, bool]]:
-    """(outputs Parquet path, reused?) for every job, in order; `rows_per_job` (test rows) sizes the bar."""
+def generate_all(jobs: list[GenerateJob], compute: ComputeConfig, store: str, rows_per_job: int = 0) -> Batch:
+    """(outputs Parquet path, reused?) for every job, in order, and the pool's device time; `rows_per_job` (test
+    rows) sizes the bar."""
     if compute.mode == "local":
-        return _local(jobs, generate_task, store, "generate", rows_per_job=rows_per_job)
+        return Batch(_local(jobs, generate_task, store, "generate", rows_per_job=rows_per_job))
     calls = [StageCall("generate", f"generate-{j.model}-{j.dataset}", _params(j, store), f"outputs/{j.key}.parquet",
                        j.key) for j in jobs]
     return run_in_pool(calls, compute, store)
@@ -289,22 +300,24 @@ def check_pool(compute: ComputeConfig, merges: bool = True) -> None:
                             f"hint: prefect worker start --pool {compute.pool}")
 
 
-def run_in_pool(calls: list[StageCall], compute: ComputeConfig, store: str) -> list[tuple[str, bool]]:
-    """(store path, reused?) for every call: results already in the store are reused, the rest run in the pool."""
+def run_in_pool(calls: list[StageCall], compute: ComputeConfig, store: str) -> Batch:
+    """(store path, reused?) for every call, and the runs' device time: results already in the store are reused, the
+    rest run in the pool."""
     st = Store(store)
     todo = [c for c in calls if not st.exists(c.result_rel)]
+    run_s: dict[str, float] = {}
     if todo:
         assert compute.pool, "check_pool ran first"
         progress = Progress(_label(todo[0].flow, [c.parameters.get("dataset", "") for c in todo if "dataset" in c.parameters]),
                             len(todo))
         with _client() as client:
             runs = {c.key: _submit(client, c, compute.pool) for c in todo}
-            _wait(client, runs, todo, compute.pool, progress)
+            run_s = _wait(client, runs, todo, compute.pool, progress)
         failed = [c.name for c in todo if not st.exists(c.result_rel)]
         if failed:
             raise RuntimeError(f"{', '.join(failed)}: the stage run completed but its result is not in the store "
                                f"{st.root}; the workers must share the store (same folder at the same path, or a URL)")
-    return [(c.result_rel, c not in todo) for c in calls]
+    return Batch([(c.result_rel, c not in todo) for c in calls], sum(run_s.values()))
 
 
 def _submit(client: SyncPrefectClient, call: StageCall, pool: str) -> FlowRun:
@@ -323,18 +336,23 @@ def _submit(client: SyncPrefectClient, call: StageCall, pool: str) -> FlowRun:
 
 
 def _wait(client: SyncPrefectClient, runs: dict[str, FlowRun], calls: list[StageCall], pool: str,
-          progress: Progress) -> None:
-    """Poll the runs until all are final; raise on a failed run or when the pool has had no worker too long."""
+          progress: Progress) -> dict[str, float]:
+    """Poll the runs until all are final: each completed run's seconds in the Running state (Prefect's
+    total_run_time, queueing excluded); raise on a failed run or when the pool has had no worker too long."""
     pending = dict(runs)
+    run_s: dict[str, float] = {}
     by_key = {c.key: c for c in calls}
     failures: list[str] = []
     unattended_since: float | None = None
     while pending:
         time.sleep(POLL_S)
-        states = {key: client.read_flow_run(run.id).state for key, run in pending.items()}
+        read = {key: client.read_flow_run(run.id) for key, run in pending.items()}
+        states = {key: run.state for key, run in read.items()}
         finished = [key for key, state in states.items() if state is not None and state.is_final()]
         for key in finished:
             del pending[key]
+            took = getattr(read[key], "total_run_time", None)
+            run_s[key] = took.total_seconds() if took is not None else 0.0
             if not states[key].is_completed():
                 failures.append(f"{by_key[key].name} ({states[key].name}: {(states[key].message or '').strip()[:200]})")
         progress.done(len(finished))
@@ -349,3 +367,4 @@ def _wait(client: SyncPrefectClient, runs: dict[str, FlowRun], calls: list[Stage
             unattended_since = None
     if failures:
         raise RuntimeError(f"stage run(s) failed on pool '{pool}': {'; '.join(failures)}")
+    return run_s

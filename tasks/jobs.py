@@ -320,7 +320,8 @@ class BudgetStop(UserError):
 class Guard:
     """The budget caps checked before every stage that costs: what this run spent so far plus the stage's estimate.
 
-    GPU time spent is measured (the wall time of the fine-tuning and generation stages that computed something);
+    GPU time spent is measured: the wall time of the fine-tuning and generation stages that computed something, or
+    in pool mode their stage runs' time on the workers (queueing excluded: flows.search._gpu_spent);
     the stage's estimate is the plan's, for its results not yet in the store. Dollars spent are the references'
     and the LLM judge's new requests (the judge also stops itself at the cap, mid-stage).
     """

@@ -102,6 +102,12 @@ def test_pool_run_from_the_search_deployment_matches_local(stack, tiny_models, t
                                   local_store.read_parquet(f"runs/{local['run_id']}/ratings.parquet"))
     stage_rows = {r["stage"]: r for r in pool_store.read_json(f"runs/{pool_run}/stages.json")}
     assert stage_rows["finetune:extraction"]["computed"] == 3 and stage_rows["merges"]["computed"] == 1
+    # GPU time in pool mode is the stage runs' time on the worker, as the server recorded it, not the stage's wall
+    # time (which includes queueing); the local run has no such figure and counts its wall time.
+    ft = stage_rows["finetune:extraction"]
+    ran = sum(runs[f"finetune-{m}-extraction"].total_run_time.total_seconds() for m in ("alpha", "beta", "alpha-beta"))
+    assert ft["device_s"] == pytest.approx(ran, abs=0.01) and ft["device_s"] > 0
+    assert "device_s" not in {r["stage"]: r for r in local["stages"]}["finetune:extraction"]
 
 
 def test_pool_problems_give_one_line_and_a_hint(stack, tiny_models, tiny_data, tmp_path, capsys):
@@ -169,6 +175,7 @@ def test_server_that_refuses_the_credentials_is_named():
 
 def test_waiting_on_stage_runs_never_hangs(monkeypatch):
     """Runs queued on a pool whose workers are gone end the wait with a hint; a failed stage run is named."""
+    from datetime import timedelta
     from types import SimpleNamespace
     from uuid import uuid4
 
@@ -186,7 +193,7 @@ def test_waiting_on_stage_runs_never_hangs(monkeypatch):
             self.states = states
 
         def read_flow_run(self, run_id):
-            return SimpleNamespace(id=run_id, state=self.states[run_id])
+            return SimpleNamespace(id=run_id, state=self.states[run_id], total_run_time=timedelta(seconds=1.5))
 
         def read_workers_for_work_pool(self, pool):
             return []
@@ -201,6 +208,9 @@ def test_waiting_on_stage_runs_never_hangs(monkeypatch):
     broken = Client({ids["a"]: Completed(), ids["b"]: Failed(message="CUDA out of memory")})
     with pytest.raises(RuntimeError, match=r"finetune-b-d \(Failed: CUDA out of memory\)"):
         compute._wait(broken, runs, calls, "gpu", progress)
+    # Completed runs: each one's time in the Running state, which the budget counts as GPU time (not the wait)
+    done = Client({ids["a"]: Completed(), ids["b"]: Completed()})
+    assert compute._wait(done, runs, calls, "gpu", progress) == {"a": 1.5, "b": 1.5}
 
 
 def test_the_ui_form_starts_from_the_demo_and_a_wrong_path_fails_in_one_line(stack, tiny_models, tiny_data, tmp_path):

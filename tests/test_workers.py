@@ -30,7 +30,7 @@ def stop_server():
 
 @flow
 def finetune_flow(jobs: list[FinetuneJob], workers: int, store: str) -> list[tuple[str, bool]]:
-    return finetune_all(jobs, ComputeConfig(workers=workers), store)
+    return finetune_all(jobs, ComputeConfig(workers=workers), store).results
 
 
 def spawned_workers() -> int:
