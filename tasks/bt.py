@@ -372,10 +372,33 @@ def cluster_cov(i: np.ndarray, j: np.ndarray, out: np.ndarray, weight: np.ndarra
         rows.append(cluster)
         cols.append(np.full(len(i), k))
         vals.append(weight * np.select([out == 0, out == 1], [fp["lwt"], fn["lwt"]], fp["ltt"]))
+    return _sandwich(np.concatenate(rows), cols, vals, neg_hess)
+
+
+def rows_cluster_cov(rows: Rows, weights: np.ndarray, z: np.ndarray, model: str, neg_hess: np.ndarray,
+                     cluster: np.ndarray) -> np.ndarray:
+    """cluster_cov for fit_rows' parameters (theta, beta[, tau]) at its optimum z (k + 2,): the length-controlled
+    fit's clustered covariance. A row's score in d = theta_i - theta_j + beta x is its weight x sign x lw'(sign d)
+    (lt'(d) for a tie), so it adds to theta_i, takes from theta_j and adds x times itself to beta."""
+    f, sign = _row_terms(z[None], rows, model, "grad")
+    s_d = weights * sign * f["w1"][0]
+    k, c = rows.k, [cluster] * 3
+    cols, vals = [rows.i, rows.j, np.full(len(rows.i), k)], [s_d, -s_d, s_d * rows.x]
+    if model != "bt":
+        c.append(cluster)
+        cols.append(np.full(len(rows.i), k + 1))
+        vals.append(weights * f["wt"][0])
+    return _sandwich(np.concatenate(c), cols, vals, neg_hess)
+
+
+def _sandwich(cluster: np.ndarray, cols: list[np.ndarray], vals: list[np.ndarray], neg_hess: np.ndarray
+              ) -> np.ndarray:
+    """H^-1 (sum_c g_c g_c^T) H^-1 * C / (C - 1) from score entries: the concatenated cols and vals, each entry in the
+    cluster of the same position in `cluster` (its judgment's), summed per cluster into g_c."""
     n = len(neg_hess)
     _, c = np.unique(cluster, return_inverse=True)
     n_c = int(c.max()) + 1 if len(c) else 0
-    g = sp.csr_matrix((np.concatenate(vals), (np.tile(c, len(rows)), np.concatenate(cols))), shape=(n_c, n))
+    g = sp.csr_matrix((np.concatenate(vals), (c, np.concatenate(cols))), shape=(n_c, n))
     meat = (g.T @ g).toarray() * (n_c / max(n_c - 1, 1))
     bread = scipy.linalg.cho_solve(scipy.linalg.cho_factor(neg_hess), np.eye(n))
     return bread @ meat @ bread

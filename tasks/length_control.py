@@ -15,7 +15,7 @@ import numpy as np
 import scipy.linalg
 
 from tasks.bootstrap import resamples
-from tasks.bt import Rows, fit_rows
+from tasks.bt import Rows, fit_rows, rows_cluster_cov
 from tasks.config import RatingConfig
 from tasks.rate_input import Judged
 
@@ -49,12 +49,14 @@ def fit_controlled(p: Judged, scopes: list[Any], cfg: RatingConfig) -> tuple[lis
     parts: dict[str, list[np.ndarray]] = {}
     data = {s.name: _scope_rows(p, s, cfg.ties == "half") for s in scopes}
     for s in scopes:
-        rows, w, _ = data[s.name]
+        rows, w, ex = data[s.name]
         k = rows.k
-        z, hess = fit_rows(rows, w[None], s.model, cfg.ridge, want_hess=cfg.ci == "fisher")
+        z, hess = fit_rows(rows, w[None], s.model, cfg.ridge, want_hess=cfg.ci != "bootstrap")
         new = dataclasses.replace(s, theta=z[0, :k], tau=z[0, k + 1], cov=None, boot=None)
-        if cfg.ci == "fisher":
-            inv = scipy.linalg.cho_solve(scipy.linalg.cho_factor(-hess[0]), np.eye(len(hess[0])))
+        if cfg.ci != "bootstrap":
+            # Fisher: the inverse information; sandwich: clustered by example, as the plain fit's (tasks.bt)
+            inv = (scipy.linalg.cho_solve(scipy.linalg.cho_factor(-hess[0]), np.eye(len(hess[0]))) if cfg.ci == "fisher"
+                   else rows_cluster_cov(rows, w, z[0], s.model, -hess[0], ex))
             new.cov = inv[:k, :k]
             half_width = NormalDist().inv_cdf(1 - alpha / 2) * float(np.sqrt(max(inv[k, k], 0.0)))
             coef[s.name] = (float(z[0, k]), float(z[0, k]) - half_width, float(z[0, k]) + half_width)
