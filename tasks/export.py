@@ -323,7 +323,7 @@ def data_rows(cfg: SearchConfig, prep: Prepared) -> list[str]:
 def model_card(run: Run, prep: Prepared, w: Winner, out: Path, merged: bool, fmt: PromptFormat, rank: int | None,
                check: str) -> str:
     """README.md of the export: what it is, how to serve it, the check, ratings, validation, data, recipe, config."""
-    from tasks.report import md_table, ranking_rows
+    from tasks.report import md_table, ranking_rows, validation_lines
 
     cfg, info = run.config, prep.models[w.model]
     conf = cfg.rating.confidence
@@ -342,24 +342,13 @@ def model_card(run: Run, prep: Prepared, w: Winner, out: Path, merged: bool, fmt
               ""]
     for scope in dict.fromkeys(run.ratings["scope"]):
         lines += [f"### {scope}", "", md_table(ranking_rows(run.ratings, scope, conf)), ""]
-    lines += ["## Validation on the held-out dataset", "", *validation_lines(run.validation), ""]
+    lines += ["## Validation on the held-out dataset", "", *validation_lines(run.validation), ""]  # as the report's
     lines += ["## Data", "", *data_rows(cfg, prep), ""]
     recipe = w.base_dir / "mergekit_config.yml"
     if w.kind == "merge" and recipe.is_file():
         lines += ["## Merge recipe (mergekit)", "", "```yaml", recipe.read_text(encoding="utf-8").rstrip(), "```", ""]
     lines += ["## Search config", "", "```yaml", run.config_text.rstrip(), "```", ""]
     return "\n".join(lines)
-
-
-def validation_lines(val: dict[str, Any] | None) -> list[str]:
-    """The held-out result in words, one line per opponent."""
-    if not val:
-        return ["This search had no held-out dataset."]
-    lines = [f"Winner frozen before the held-out dataset {val.get('dataset')} was read: **{val['winner']}**.", ""]
-    for r in val.get("against", []):
-        lines.append(f"- against {r['opponent']}: win rate {r['win_rate']:.0%} ({val.get('confidence', 0.95):.0%} CI "
-                     f"{r['ci_low']:.0%}..{r['ci_high']:.0%}, {r['n_examples']} examples): {r['verdict']}")
-    return lines
 
 
 def export_run(run: str, out: str, store: str | None = None, dataset: str | None = None, merged: bool = False,

@@ -12,6 +12,7 @@ import pandas as pd
 from tasks.config import MODEL_KINDS, TEACHER, SearchConfig, recipe_models
 from tasks.rate import win_matrix
 from tasks.validate import intervals_overlap
+from tasks.verdict import win_words
 from tasks.report_tables import WIN_RATES_CAPTION, WIN_RATES_HEADING, colour_win_rates
 
 
@@ -234,17 +235,15 @@ def separation_rows(ratings: pd.DataFrame) -> list[str]:
 
 
 def validation_lines(val: dict[str, Any] | None) -> list[str]:
-    """The held-out check in words."""
+    """The held-out check in words, one line per opponent (the report's and the exported model card's)."""
     if not val:
         return ["No validation dataset was configured."]
-    lines = [f"Winner frozen before the held-out data was read: **{val['winner']}** (at {val['frozen_at']}).",
-             f"Held-out dataset: **{val['dataset']}**.", ""]
-    for row in val["against"]:
-        lines.append(
-            f"- against **{row['opponent']}**: win rate {row['win_rate']:.0%} "
-            f"(95% CI {row['ci_low']:.0%}..{row['ci_high']:.0%}, {row['n_examples']} examples): "
-            f"the advantage **{row['verdict']}**."
-        )
+    when = f" (at {val['frozen_at']})" if val.get("frozen_at") else ""
+    lines = [f"Winner frozen before the held-out dataset **{val.get('dataset')}** was read: **{val['winner']}**{when}.",
+             ""]
+    for row in val.get("against", []):
+        said = win_words(row, f"**{row['opponent']}**", val.get("confidence", 0.95))
+        lines.append(f"- {val['winner']} {said}: the advantage **{row['verdict']}**.")
     return lines
 
 

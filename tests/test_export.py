@@ -127,7 +127,7 @@ def test_adapter_export_reloads_and_reproduces_the_search(finished, tmp_path):
         shown = (f"| {round(r.rating)} | {r.ci_low:.0f}..{r.ci_high:.0f} |" if math.isfinite(r.rating) else
                  f"| {'unbeaten' if r.rating > 0 else 'never won'} | {'>=' if r.rating > 0 else '<='} ")
         assert f"| {r.contender} | {r.kind} {shown}" in card
-    assert f"**{name}**" in card.split("## Validation")[1] and "against teacher" in card
+    assert f"**{name}**" in card.split("## Validation")[1] and "against **teacher**: the advantage" in card
     assert "## Search config" in card and "name: mini" in card and "train fingerprint" in card
 
     # The card's transformers snippet runs as written.

@@ -39,7 +39,9 @@ def test_validation_verdicts():
     assert row["win_rate"] == 0.9 and row["ci_low"] > 0.5 and row["verdict"] == "held"
     assert verdict(0.55, 0.4) == "held, but not significantly" and verdict(0.4, 0.2) == "did not hold"
     text = "\n".join(validation_lines(result | {"frozen_at": "t", "dataset": "h"}))
-    assert "win rate 90%" in text and "**held**" in text
+    assert "w wins 90% (95% CI" in text and "against **b**: the advantage **held**" in text and "**h** was read" in text
+    none = summarize(judgments.assign(winner="b"), "w", ["b"], 0.95)
+    assert "w wins none of the 20 examples against **b**: the advantage **did not hold**" in validation_lines(none)[-1]
     # the interval is computed over examples, and narrows with more of them
     wide = win_rate_ci(pd.Series([1.0, 0.0] * 5))
     narrow = win_rate_ci(pd.Series([1.0, 0.0] * 500))
