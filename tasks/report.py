@@ -149,6 +149,9 @@ def teacher_lines(ratings: pd.DataFrame) -> list[str]:
                              "judgment it was in, so the gap has no finite size (rated by a bound only).")
             continue
         sure = "intervals overlap, so not a clear result" if intervals_overlap(best, t) else "intervals separate"
+        if round(abs(gap)) == 0:  # "trailed by 0 Elo" would name a loser where the ratings name none
+            lines.append(f"- **{scope}**: best student {best['contender']} matched the teacher (0 Elo apart; {sure}).")
+            continue
         lines.append(f"- **{scope}**: best student {best['contender']} {word} the teacher by {abs(gap):.0f} Elo ({sure}).")
     return lines
 

@@ -27,6 +27,9 @@ def test_winner_named_with_caveat():
 def test_student_against_teacher():
     (line,) = teacher_lines(_ratings(True))
     assert "m1 beat the teacher by 100 Elo" in line and "intervals separate" in line
+    level = _ratings(False).assign(rating=[1000.2, 1000.0, 900.0])  # equal to the Elo shown: neither beat nor trailed
+    assert teacher_lines(level) == ["- **overall**: best student m1 matched the teacher (0 Elo apart; intervals overlap, "
+                                    "so not a clear result)."]
 
 
 def test_validation_verdicts():
