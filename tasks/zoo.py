@@ -45,9 +45,12 @@ VOCAB = 1024
 
 ZOO: dict[str, ZooModel] = {
     "base": ZooModel(parent=None, mix=(("prose", 0.45), ("records", 0.3), ("chat", 0.25)), steps=500, lr=3e-3, seed=0),
-    # hermes: varied JSON answers and generic slot filling (values copied from the prompt), 800 steps; with 200
-    # steps of JSON and chat its demo students scored 0.033 on extraction, now 0.325 (BENCHMARKS.md, zoo section)
-    "hermes": ZooModel(parent="base", mix=(("json", 0.5), ("slots", 0.5)), steps=800, lr=1e-3, seed=1),
+    # hermes: varied JSON answers, generic slot filling and questions answered by repeating a value of the prompt
+    # (chat, ask), 1000 steps at 2e-3: its demo students copy the whole name and the city (BENCHMARKS.md, zoo
+    # section: extraction 0.308 -> 0.617 at 6 LoRA epochs; json + slots alone taught the city, chat the last name,
+    # ask the first name)
+    "hermes": ZooModel(parent="base", mix=(("json", 0.3), ("slots", 0.3), ("chat", 0.25), ("ask", 0.15)),
+                       steps=1000, lr=2e-3, seed=1),
     "zephyr": ZooModel(parent="base", mix=(("labels", 0.6), ("chat", 0.4)), steps=200, lr=1e-3, seed=2),
     "neural": ZooModel(parent="base", mix=(("rewrite", 0.6), ("chat", 0.4)), steps=200, lr=1e-3, seed=3),
 }
@@ -135,6 +138,29 @@ def _slots(rng: random.Random) -> list[dict[str, str]]:
             {"role": "assistant", "content": json.dumps({k: int(v) if v.isdigit() else v for k, v in asked})}]
 
 
+def _ask(rng: random.Random) -> list[dict[str, str]]:
+    """A question about a person named mid-sentence, answered by a sentence that repeats the name and the value.
+
+    "Who" is answered with the name and the job, which the prompt names only in some of its sentences.
+    """
+    p = w._person(rng)
+    name, city, age, job = p["name"], p["city"], p["age"], p["job"]
+    intro = rng.choice([f"Yesterday I met {name}.", f"This note is about {name}.",
+                        f"Everyone in the office knows {name}.", f"The new {job} is called {name}.",
+                        f"A letter came from {name}."])
+    facts = [rng.choice([f"The {job} moved to {city} last year.", f"Home is {city} now.",
+                         f"The family lives in {city}."]),
+             rng.choice([f"Next month will bring birthday number {age + 1}, so the age is {age}.",
+                         f"The age on the form is {age}.", f"At {age}, the {job} still runs every morning."])]
+    rng.shuffle(facts)
+    first = name.split()[0]
+    question, answer = rng.choice([("Who is the note about?", f"{name} is the {job}."),
+                                   (f"Where does {first} live?", f"{name} lives in {city}."),
+                                   (f"How old is {first}?", f"{name} is {age} years old.")])
+    return [{"role": "user", "content": " ".join([intro, *facts, question])},
+            {"role": "assistant", "content": answer}]
+
+
 def _labels(rng: random.Random) -> list[dict[str, str]]:
     """Say whether a remark is positive or negative."""
     good = rng.random() < 0.5
@@ -154,7 +180,7 @@ def _rewrite(rng: random.Random) -> list[dict[str, str]]:
 
 CORPORA: dict[str, Callable[[random.Random], Any]] = {
     "prose": _prose, "records": _records, "chat": _chat, "json": _json, "labels": _labels, "rewrite": _rewrite,
-    "slots": _slots,
+    "slots": _slots, "ask": _ask,
 }
 # The corpora the tokenizer is trained on: the ones the zoo had when its tokenizer was made (a corpus added later
 # must not change the tokenizer, hence the base model and every store key built on it).
