@@ -12,9 +12,9 @@ clear leader (8 contenders, gap 0.5), near-tie (8 contenders, the top two exactl
 then wrong) and 24 contenders (gap 0.5). 3 datasets x 100 examples; warm-up 4 per pair, rounds of 200 comparisons.
 
 Strategies, on the same simulated judge (its random effects drawn once per search):
-- adaptive: tasks.plan.plan_round until it stops; its claim is the stop reason "top contender separated";
+- adaptive: tasks.judge.rounds.plan_round until it stops; its claim is the stop reason "top contender separated";
 - uniform, same n: every pair judged on random examples (all-pairs strategy capped at the adaptive search's own number
-  of judgments), then one test at 95% (tasks.plan.standing: the same sandwich gap test, one look);
+  of judgments), then one test at 95% (tasks.judge.rounds.standing: the same sandwich gap test, one look);
 - all pairs: every pair on every example, both orders, then the same single test.
 A wrong-winner claim: "separated" said of a contender that is not strictly the best (in the near-tie: any claim).
 Its interval is Wilson's 95%. "true best on top": the top-rated contender at the end is a truly best one.
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import _machine  # noqa: E402
 from bench.coverage import BIAS, SETTINGS, calibrate_nu, davidson  # noqa: E402
-from tasks.plan import PLAN_COLUMNS, BudgetConfig, plan_round, standing  # noqa: E402
+from tasks.judge.rounds import PLAN_COLUMNS, BudgetConfig, plan_round, standing  # noqa: E402
 
 EFFECTS = SETTINGS["strong"]  # (s_u, s_w, s_v) nats
 CASES = {"clear leader": (8, 0.5), "near-tie": (8, 0.0), "24 contenders": (24, 0.5)}  # (contenders, gap)

@@ -33,8 +33,8 @@ from tests.conftest import make_tiny_model, mini_config_dict, write_jsonl  # noq
 
 def build_fixtures(root: Path) -> tuple[dict[str, Path], dict[str, tuple[Path, Path]], Path]:
     """Tiny models alpha and beta, the demo datasets, and the candidate to add (gamma)."""
-    from tasks.demo_data import make_rows
-    from tasks.zoo import build_tokenizer
+    from tasks.demo.data import make_rows
+    from tasks.demo.zoo import build_tokenizer
 
     tok = build_tokenizer()
     models = {name: make_tiny_model(root / name, seed, tok) for seed, name in enumerate(["alpha", "beta"])}
@@ -73,7 +73,7 @@ def main() -> int:
     from flows.rerun import search_rerun
     from flows.cli import stop_temporary_server
     from flows.search import search
-    from tasks.config import SearchConfig
+    from tasks.config.schema import SearchConfig
 
     root = Path(tempfile.mkdtemp(prefix="bench-add-"))
     models, data, gamma = build_fixtures(root)

@@ -24,7 +24,7 @@ The truth. With random effects and position bias the data are not Davidson-distr
 (Davidson) stretches the scale against plain win rates, so the generating theta is *not* what rate() estimates.
 The estimand is the pseudo-true parameter: the limit of rate()'s fit as the number of examples grows, i.e. the
 Davidson MLE of the *expected* counts of one example (the random effects integrated out by Gauss-Hermite quadrature,
-both orders), fitted by the same solver (tasks.bt.fit). This keeps the default tie model (what users get) instead of
+both orders), fitted by the same solver (tasks.rating.bt.fit). This keeps the default tie model (what users get) instead of
 switching to ties='half', and it also absorbs the attenuation that random effects cause; both would bias coverage if
 the generating theta were used (the settings table prints both scales). Contenders with equal theta stay equal in the
 pseudo-truth (they are exchangeable). The scale is pinned by RatingConfig(anchor='m5'): m5's rating is 1000 exactly, so
@@ -57,8 +57,8 @@ from numpy.polynomial.hermite_e import hermegauss
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import _machine
-from tasks.bt import fit
-from tasks.rate import ELO_PER_NAT, RatingConfig, rate
+from tasks.rating.bt import fit
+from tasks.rating.rate import ELO_PER_NAT, RatingConfig, rate
 
 THETA = np.array([0.4, 0.4, 0.1, 0.1, 0.1, -0.3])  # true log-strengths (nats); m0 = m1, m2 = m3 = m4
 NAMES = [f"m{k}" for k in range(len(THETA))]

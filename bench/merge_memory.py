@@ -1,5 +1,5 @@
 """Merge memory: two ~1B- (or ~7B-) parameter Mistral-shaped models (random bf16 weights, safetensors on disk)
-merged with the merge stage's own code (tasks.merge.run_merge, mergekit, SLERP t=0.5), in a child process whose peak
+merged with the merge stage's own code (tasks.models.merge.run_merge, mergekit, SLERP t=0.5), in a child process whose peak
 resident memory and wall time are reported against one model's size on disk.
 
 Two peaks: ru_maxrss (VmHWM: all resident pages, including the clean file-backed pages of the memory-mapped input
@@ -56,7 +56,7 @@ def make(folder: Path, shape: dict, seed: int) -> int:
     import torch
     from transformers import MistralForCausalLM
 
-    from tasks.zoo import build_tokenizer
+    from tasks.demo.zoo import build_tokenizer
 
     torch.manual_seed(seed)
     torch.set_default_dtype(torch.bfloat16)
@@ -97,7 +97,7 @@ def write_shards(folder: Path, shape: dict, seed: int) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from tasks.zoo import build_tokenizer
+    from tasks.demo.zoo import build_tokenizer
 
     gen = torch.Generator().manual_seed(seed)
     layout = shard_layout(shape)
@@ -126,8 +126,8 @@ def child_make(folder: str, shape: str, seed: str, sharded: str) -> None:
 
 def child_merge(a: str, b: str, out: str) -> None:
     """The measured process: import, merge, report own peak RSS and the merge's wall time."""
-    from tasks.config import Merge
-    from tasks.merge import run_merge
+    from tasks.config.schema import Merge
+    from tasks.models.merge import run_merge
 
     override = json.loads(os.environ.get("BENCH_MERGE_OPTIONS", "{}"))
     if override:  # try mergekit options the stage does not set yet (reported as such)
@@ -329,7 +329,7 @@ def main() -> None:
     print(f"Merge memory: SLERP of two random bf16 Mistral-shaped models {shape} "
           f"({params / 1e9:.2f}e9 params each{'' if params else ', made earlier'}; {writer}; made in {made:.0f} s) "
           f"with "
-          f"tasks.merge.run_merge (mergekit, lazy loading), inputs' page cache dropped first. "
+          f"tasks.models.merge.run_merge (mergekit, lazy loading), inputs' page cache dropped first. "
           f"peak RSS = the merge child's own ru_maxrss (VmHWM: anonymous + file-backed pages, so it includes the "
           f"mmap'd input safetensors' clean page cache, which the kernel can reclaim); peak anon RSS = the largest "
           f"RssAnon in /proc/<pid>/status sampled every 50 ms (tensors and heap: memory that cannot be reclaimed "

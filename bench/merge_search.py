@@ -1,4 +1,4 @@
-"""The search's proposal rule (tasks/propose.py) against grids, on synthetic fitness landscapes with noise.
+"""The search's proposal rule (tasks/plan/propose.py) against grids, on synthetic fitness landscapes with noise.
 
     python bench/merge_search.py [--landscapes 300] [--rounds 5] [--noise 0.005] [--margin 0.01] [--seed 0]
                                  [--widths 0.08 0.25] [--quick]
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _machine import header, table  # noqa: E402
 
-from tasks.config import MergeSearchConfig  # noqa: E402
-from tasks.propose import Point, improved, propose  # noqa: E402
+from tasks.config.schema import MergeSearchConfig  # noqa: E402
+from tasks.plan.propose import Point, improved, propose  # noqa: E402
 
 MODELS = {"A": 0.60, "B": 0.55, "C": 0.50, "base": 0.30}
 

@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench._machine import header  # noqa: E402
-from tasks.config import SearchConfig, load_config  # noqa: E402
-from tasks.jobs import build_plan  # noqa: E402
-from tasks.prepare import prepare  # noqa: E402
-from tasks.store import Store  # noqa: E402
+from tasks.config.schema import SearchConfig, load_config  # noqa: E402
+from tasks.plan.jobs import build_plan  # noqa: E402
+from tasks.plan.prepare import prepare  # noqa: E402
+from tasks.store.store import Store  # noqa: E402
 
 
 def estimate(cfg: SearchConfig, store: Path) -> dict[str, float]:

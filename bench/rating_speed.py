@@ -23,7 +23,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.rate import ELO_PER_NAT, RatingConfig, bradley_terry, rate  # noqa: E402
+from tasks.rating.rate import ELO_PER_NAT, RatingConfig, bradley_terry, rate  # noqa: E402
 
 
 def judgments(n: int, k: int, n_examples: int, n_datasets: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
@@ -67,7 +67,7 @@ def main() -> int:
     import choix  # test extra: pip install choix
 
     from bench import fastchat_bt
-    from tasks.bt import fit
+    from tasks.rating.bt import fit
 
     n = 100_000 if args.quick else 1_000_000
     rows = []
@@ -84,7 +84,7 @@ def main() -> int:
     t_dense, p_dense = best_of(lambda: choix.ilsr_pairwise_dense(counts), 5)
     add("choix.ilsr_pairwise_dense, count matrix", 100, t_dense)
     t_ours_c, p_ours_c = best_of(lambda: fit(counts[None], np.zeros((1, 100, 100)), "bt", 1e-4)[0][0], 5)
-    add("ours: tasks.bt.fit, the same count matrix", 100, t_ours_c, "choix dense", t_dense,
+    add("ours: tasks.rating.bt.fit, the same count matrix", 100, t_ours_c, "choix dense", t_dense,
         np.abs(centred(p_ours_c) - centred(p_dense)).max())
     # FastChat's L-BFGS on its preferred input: the distinct (a, b, outcome) rows of the battles with their counts
     battles = fastchat_bt.battles_from_judgments(df)
@@ -95,7 +95,7 @@ def main() -> int:
     order = [int(x.split("-")[1]) for x in models]
     p_fc = np.empty(100)
     p_fc[order] = p_lbfgs * alpha  # base-10 logits -> nats
-    add("ours: tasks.bt.fit, the same count matrix", 100, t_ours_c, "FastChat fit_bt", t_lbfgs,
+    add("ours: tasks.rating.bt.fit, the same count matrix", 100, t_ours_c, "FastChat fit_bt", t_lbfgs,
         np.abs(centred(p_ours_c) - centred(p_fc)).max())
     t_fc, _ = best_of(lambda: fastchat_bt.compute_bt(battles), 3)
     add("FastChat compute_bt(battles DataFrame)", 100, t_fc)

@@ -14,7 +14,7 @@ Why: the demo's students cannot copy a name or a city from the prompt into their
    always sits 11 positions back, so a head that looks a fixed distance back solves it). varied: 0-5 random
    tokens, then a span of 4-10, a separator, the span again: only a real induction head (find the previous
    occurrence of this token, predict what followed it) solves it.
-Shapes: the zoo's own (tasks.zoo.SHAPE, untied embeddings) and the alternatives tried for it.
+Shapes: the zoo's own (tasks.demo.zoo.SHAPE, untied embeddings) and the alternatives tried for it.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench._machine import header  # noqa: E402
-from tasks import zoo  # noqa: E402
+from tasks.demo import zoo  # noqa: E402
 
 SHAPES = {  # name -> MistralConfig shape
-    "zoo (tasks.zoo.SHAPE: 4x96, 4/2 heads, untied)": zoo.SHAPE | {"tie_word_embeddings": False},
+    "zoo (tasks.demo.zoo.SHAPE: 4x96, 4/2 heads, untied)": zoo.SHAPE | {"tie_word_embeddings": False},
     "4x96, 4/2 heads, tied": zoo.SHAPE | {"tie_word_embeddings": True},
     "4x96, 8/8 heads, tied": zoo.SHAPE | {"tie_word_embeddings": True, "num_attention_heads": 8, "num_key_value_heads": 8},
     "2x96, 4/4 heads, tied": zoo.SHAPE | {"tie_word_embeddings": True, "num_hidden_layers": 2, "num_key_value_heads": 4},
@@ -76,7 +76,7 @@ def token_copyable_share(tok: object) -> float:
     """Share of the extraction test values written with the same tokens in the answer JSON as in the prompt."""
     import json
 
-    from tasks.data import load_examples
+    from tasks.data.load import load_examples
 
     same = total = 0
     root = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 
     python bench/zoo_threads.py [--steps 40] [--repeats 3]
 
-Each measurement is `steps` full-parameter AdamW steps of the zoo's base recipe (tasks.zoo: 4 layers of width 96,
+Each measurement is `steps` full-parameter AdamW steps of the zoo's base recipe (tasks.demo.zoo: 4 layers of width 96,
 batches of 16 packed rows), the same rows for every thread count, run in turns (1, 2, 1, 2, ...) so that a
 change in the machine's load hits both alike. Prints wall and CPU seconds per step and the ratio.
 """
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench._machine import header  # noqa: E402
-from tasks import zoo  # noqa: E402
-from tasks.finetune import train_steps  # noqa: E402
+from tasks.demo import zoo  # noqa: E402
+from tasks.train.finetune import train_steps  # noqa: E402
 
 
 def cpu_s() -> float:

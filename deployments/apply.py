@@ -52,7 +52,7 @@ def relative_to_root(value: Any) -> Any:
 
 def config_form(path: str | Path) -> dict[str, Any]:
     """A config file as the search flow's typed form: load_config's checked values, paths relative to the root."""
-    from tasks.config import load_config
+    from tasks.config.schema import load_config
 
     return relative_to_root(load_config(ROOT / path).model_dump(mode="json"))
 
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="worker type of the GPU stages' pool (default process)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from tasks.compute import check_server
-    from tasks.errors import UserError
+    from tasks.plan.execute import check_server
+    from tasks.core.errors import UserError
 
     try:
         url = check_server()

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import EnvironmentFailure, UserError
+from tasks.core.errors import EnvironmentFailure, UserError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 SERVER_HINT = ("hint: start a server yourself (prefect server start) and point the search at it "
@@ -128,8 +128,8 @@ def run_command() -> None:
     """
     code = main()
     stop_temporary_server()  # drains first; already done after a search that finished
-    if "tasks.workers" in sys.modules:
-        sys.modules["tasks.workers"].stop_workers()
+    if "tasks.compute.workers" in sys.modules:
+        sys.modules["tasks.compute.workers"].stop_workers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -150,8 +150,8 @@ def exit_on_interrupt(signum: int, frame: Any) -> None:
 
 def _kill_children() -> None:
     """Terminate the worker processes and the temporary server, where they were started."""
-    if "tasks.workers" in sys.modules:
-        sys.modules["tasks.workers"].stop_workers()
+    if "tasks.compute.workers" in sys.modules:
+        sys.modules["tasks.compute.workers"].stop_workers()
     server_mod = sys.modules.get("prefect.server.api.server")
     for server in list(server_mod.SubprocessASGIServer._instances.values()) if server_mod else []:
         if server.server_process is not None and server.server_process.poll() is None:
@@ -240,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dry_run(config: Any, store: str) -> int:
     """--dry-run: the checks, then the plan printed; a cap the plan exceeds is said, not enforced."""
-    from tasks.jobs import check_budget, plan_lines, search_plan
-    from tasks.prepare import prepare
-    from tasks.store import Store
+    from tasks.plan.jobs import check_budget, plan_lines, search_plan
+    from tasks.plan.prepare import prepare
+    from tasks.store.store import Store
 
     prep = prepare(config)
     for warning in prep.warnings:
@@ -258,8 +258,8 @@ def _dry_run(config: Any, store: str) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """main's body: check, start the server, run the flow, print the ranking and the report's path."""
-    from tasks.config import load_config
-    from tasks.store import resolve_store
+    from tasks.config.schema import load_config
+    from tasks.store.store import resolve_store
 
     store = resolve_store(args.store)
     config = load_config(args.config)
@@ -274,7 +274,7 @@ def _run(args: argparse.Namespace) -> int:
         checks and the imports go on (none when PREFECT_API_URL names a server)."""
         from prefect.settings import PREFECT_API_URL
 
-        from tasks.store import Store
+        from tasks.store.store import Store
 
         Store(store)
         prefect_home()
@@ -285,20 +285,20 @@ def _run(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGINT, exit_on_interrupt)  # a real server outlives Ctrl-C; this one does not
 
     try:
-        from tasks.prepare import prepare
+        from tasks.plan.prepare import prepare
 
         # fail fast, before any model loads: datasets and candidate folders first (in a fraction of a second),
         # then merge recipes and API models
         prep = prepare(config, cheap_checks_passed=start_server)  # its warnings are logged by the flow
-        from tasks.jobs import check_budget, plan_lines, search_plan
-        from tasks.store import Store
+        from tasks.plan.jobs import check_budget, plan_lines, search_plan
+        from tasks.store.store import Store
 
         plan = search_plan(config, prep, Store(store))
         for line in plan_lines(plan):
             say(line)
         check_budget(plan, config)  # a plan over a cap stops here, before the flow starts
         from flows.search import search, summary_lines  # the heavy imports (torch, transformers), beside the server
-        from tasks.prepare import hand_over
+        from tasks.plan.prepare import hand_over
 
         hand_over(config, prep)  # the flow below starts from this check instead of repeating it
 

@@ -1,7 +1,7 @@
 """The search's own merges: rounds of propose -> merge -> fine-tune and answer on dev -> judge -> re-rate.
 
 Composed from the search's stages (handed in by flows/search.py, so that this module does not import it). Everything
-runs on each dataset's development split (tasks/devsplit.py): the configured models and every proposal are fine-tuned
+runs on each dataset's development split (tasks/data/devsplit.py): the configured models and every proposal are fine-tuned
 on the training rows minus the development rows and answer the development rows; the test split is not read here.
 Only the best `search.keep` proposals leave the loop: flows/search.py rates them on the test split with every other
 contender, and validation freezes its winner from that rating as before. With `search.refit` off (the default) every
@@ -22,17 +22,17 @@ import pandas as pd
 import yaml
 from prefect import get_run_logger
 
-from tasks.compute import merge_models
-from tasks.config import TEACHER, SearchConfig
-from tasks.devsplit import dev_split
-from tasks.errors import UserError
-from tasks.jobs import Guard
-from tasks.judge import load_judgments
-from tasks.models import check_mergeable
-from tasks.prepare import Prepared, merge_info
-from tasks.propose import Point, config_point, improved, interval_of, kept, propose, ranked, task_base
-from tasks.rate import rate
-from tasks.store import Store
+from tasks.plan.execute import merge_models
+from tasks.config.schema import TEACHER, SearchConfig
+from tasks.data.devsplit import dev_split
+from tasks.core.errors import UserError
+from tasks.plan.jobs import Guard
+from tasks.judge.judgments import load_judgments
+from tasks.models.fingerprint import check_mergeable
+from tasks.plan.prepare import Prepared, merge_info
+from tasks.plan.propose import Point, config_point, improved, interval_of, kept, propose, ranked, task_base
+from tasks.rating.rate import rate
+from tasks.store.store import Store
 
 JUDGMENT_ID = ["dataset", "example_id", "contender_a", "contender_b", "order"]
 

@@ -3,7 +3,7 @@
     python -m flows.export --run RUN_ID [--dataset NAME] [--merged] --out DIR [--store DIR]
 
 Writes DIR: the LoRA adapter (or with --merged full weights), the tokenizer with its chat template, and a model card
-(README.md) with the vllm serve and transformers commands. The Python API is tasks/export.py; the Prefect flow
+(README.md) with the vllm serve and transformers commands. The Python API is tasks/export/export.py; the Prefect flow
 `export` below runs it from the UI.
 """
 
@@ -13,8 +13,8 @@ import argparse
 import sys
 from typing import Any
 
-from tasks.errors import EnvironmentFailure, UserError
-from tasks.export import CheckFailed, export_run
+from tasks.core.errors import EnvironmentFailure, UserError
+from tasks.export.export import CheckFailed, export_run
 
 
 class _Parser(argparse.ArgumentParser):

@@ -16,7 +16,7 @@ import logging
 import typing
 from typing import Any, Callable, TypeVar
 
-from tasks.errors import EnvironmentFailure, UserError
+from tasks.core.errors import EnvironmentFailure, UserError
 
 ONE_LINE = (UserError, EnvironmentFailure)  # failures said in one line; anything else is a bug, with its traceback
 MARK = "basesearch_one_line"  # log record attribute: this record is the one line of such a failure

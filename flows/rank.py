@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.errors import UserError
-from tasks.rate import RatingConfig, rate
-from tasks.report import ranking_rows, scale_lines, text_table
-from tasks.store import Store
+from tasks.core.errors import UserError
+from tasks.rating.rate import RatingConfig, rate
+from tasks.report.report import ranking_rows, scale_lines, text_table
+from tasks.store.store import Store
 
 
 class _Parser(argparse.ArgumentParser):

@@ -26,9 +26,9 @@ from prefect import flow, get_run_logger
 from pydantic import Field, ValidationError
 
 from flows.failures import one_line_failures
-from tasks.config import Candidate, Frozen, SearchConfig, load_config
-from tasks.errors import UserError
-from tasks.store import resolve_store
+from tasks.config.schema import Candidate, Frozen, SearchConfig, load_config
+from tasks.core.errors import UserError
+from tasks.store.store import resolve_store
 
 
 class HubQuery(Frozen):

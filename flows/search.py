@@ -30,27 +30,27 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.evolve import evolve
-from tasks.config import MODEL_KINDS, TEACHER, ZOO_PREFIX, SearchConfig, load_config
-from tasks.errors import UserError
-from tasks.compute import Batch, FinetuneJob, GenerateJob, finetune_all, generate_all, merge_models
-from tasks.finetune import adapter_key
-from tasks.generate import finish_reasons, outputs_key, teacher_key, teacher_outputs
-from tasks.jobs import BudgetStop, Guard, check_budget, plan_lines, search_plan
-from tasks.judge import judge_task, load_judgments, metric_scores, run_openai_judge
-from tasks.judge_card import card_section, ratings_by_judge
-from tasks.references import reference_key, reference_outputs
-from tasks.candidates import candidate_task, zoo_task
-from tasks.devsplit import fit_datasets
-from tasks.prepare import DatasetInfo, Prepared, held_out, prepared
-from tasks.rate import rate
-from tasks.rate_input import with_lengths
-from tasks.report import html_report, markdown_report, plot_ratings, ranking_rows, text_table
-from tasks.search_report import search_lines
-from tasks.report_tables import evidence_lines, examples_table, finetune_table, top_contenders
-from tasks.store import Store, content_key, resolve_store
-from tasks.validate import freeze_winner, runner_up, summarize
-from tasks.verdict import recommendation, verdict_lines, verdicts
-from tasks.workers import local_workers
+from tasks.config.schema import MODEL_KINDS, TEACHER, ZOO_PREFIX, SearchConfig, load_config
+from tasks.core.errors import UserError
+from tasks.plan.execute import Batch, FinetuneJob, GenerateJob, finetune_all, generate_all, merge_models
+from tasks.train.finetune import adapter_key
+from tasks.generate.outputs import finish_reasons, outputs_key, teacher_key, teacher_outputs
+from tasks.plan.jobs import BudgetStop, Guard, check_budget, plan_lines, search_plan
+from tasks.judge.judgments import judge_task, load_judgments, metric_scores, run_openai_judge
+from tasks.judge.card import card_section, ratings_by_judge
+from tasks.generate.references import reference_key, reference_outputs
+from tasks.candidates.stage import candidate_task, zoo_task
+from tasks.data.devsplit import fit_datasets
+from tasks.plan.prepare import DatasetInfo, Prepared, held_out, prepared
+from tasks.rating.rate import rate
+from tasks.rating.judged import with_lengths
+from tasks.report.report import html_report, markdown_report, plot_ratings, ranking_rows, text_table
+from tasks.report.search import search_lines
+from tasks.report.tables import evidence_lines, examples_table, finetune_table, top_contenders
+from tasks.store.store import Store, content_key, resolve_store
+from tasks.rating.win_rates import freeze_winner, runner_up, summarize
+from tasks.report.verdict import recommendation, verdict_lines, verdicts
+from tasks.compute.workers import local_workers
 
 class StageLog:
     """Wall time and computed/reused counts of every stage, for the log, the report and BENCHMARKS.md."""

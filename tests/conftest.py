@@ -21,7 +21,7 @@ import json  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from tasks.demo_data import make_rows  # noqa: E402
+from tasks.demo.data import make_rows  # noqa: E402
 
 TINY_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256)
@@ -42,7 +42,7 @@ def make_tiny_model(folder: Path, seed: int, tokenizer=None, **shape) -> Path:
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
-    from tasks.zoo import build_tokenizer
+    from tasks.demo.zoo import build_tokenizer
 
     tok = tokenizer or build_tokenizer()
     torch.manual_seed(seed)
@@ -63,7 +63,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Two tiny random Mistral models sharing one tokenizer: {'alpha': dir, 'beta': dir}."""
-    from tasks.zoo import build_tokenizer
+    from tasks.demo.zoo import build_tokenizer
 
     root = tmp_path_factory.mktemp("models")
     tok = build_tokenizer()
@@ -116,9 +116,9 @@ def write_config(tmp_path: Path, cfg: dict) -> Path:
 
 def config_error(path: Path) -> str:
     """The one-line UserError that loading and checking the config at `path` raises."""
-    from tasks.config import load_config
-    from tasks.errors import UserError
-    from tasks.prepare import prepare
+    from tasks.config.schema import load_config
+    from tasks.core.errors import UserError
+    from tasks.plan.prepare import prepare
 
     with pytest.raises(UserError) as info:
         prepare(load_config(path))

@@ -15,8 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tasks.demo_data import TASKS, make_rows
-from tasks.templates import TEMPLATES
+from tasks.demo.data import TASKS, make_rows
+from tasks.models.templates import TEMPLATES
 
 VOCAB = 512  # base vocabulary of every family's tokenizer (special tokens included)
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -31,7 +31,7 @@ class Family:
     specials: tuple[str, ...]  # trained into the base vocabulary, ids 0..n-1, in this order
     bos: str | None
     eos: str
-    template: str | None  # a name in tasks/templates.py; None: a base model without a template
+    template: str | None  # a name in tasks/models/templates.py; None: a base model without a template
     adds_bos: bool = False  # the tokenizer puts BOS in front of every text (Llama, Mistral, Gemma do)
     extra_eos: tuple[str, ...] = ()  # generation_config.eos_token_id also stops at these (Llama 3's <|eot_id|>)
     added: tuple[str, ...] = ()  # tokens added after training (OpenHermes' two ChatML tokens)
@@ -125,8 +125,8 @@ def _config(fam: Family, tok: Any, **shape: Any) -> Any:
 
 
 def _chats(tok: Any, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
-    """n demo chats of every dataset, encoded in the tokenizer's own format (tasks/chat.py)."""
-    from tasks.chat import encode_row, prompt_format
+    """n demo chats of every dataset, encoded in the tokenizer's own format (tasks/models/chat.py)."""
+    from tasks.models.chat import encode_row, prompt_format
 
     fmt = prompt_format(tok)
     rows = [r for task in TASKS for r in make_rows(task, n, seed)]
@@ -149,7 +149,7 @@ def build_model(name: str, folder: Path, seed: int = 0, pretrain_steps: int = 0,
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_config(fam, tok, **shape), attn_implementation="eager")
     if pretrain_steps and tok.chat_template:
-        from tasks.finetune import train_steps
+        from tasks.train.finetune import train_steps
 
         rows = _chats(tok, 24, seed)
         random.Random(seed).shuffle(rows)

@@ -147,7 +147,7 @@ def slowed_search(prefix: str, seconds: float = 1.0) -> str:
     so that a test can catch the search in that stage."""
     return f"""
 import sys, time
-from tasks.store import Store
+from tasks.store.store import Store
 write = Store.write_parquet
 def slow(self, rel, df):
     if rel.startswith({prefix!r}):

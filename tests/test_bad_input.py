@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import Merge, load_config
-from tasks.data import MIN_TEST_ROWS
-from tasks.errors import UserError
-from tasks.models import describe
-from tasks.prepare import no_expected_warning, prepare
+from tasks.config.schema import Merge, load_config
+from tasks.data.load import MIN_TEST_ROWS
+from tasks.core.errors import UserError
+from tasks.models.fingerprint import describe
+from tasks.plan.prepare import no_expected_warning, prepare
 from tests.conftest import config_error as _error, mini_config_dict, write_config as _write, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def _run_python(code: str) -> str:
 
 
 def test_checking_modules_import_nothing_heavy():
-    code = ("import sys, tasks.config, tasks.data, tasks.models, tasks.prepare; "
+    code = ("import sys, tasks.config.schema, tasks.data.load, tasks.models.fingerprint, tasks.plan.prepare; "
             f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
     assert _run_python(code) == ""
 
@@ -66,9 +66,9 @@ def test_a_dataset_error_prints_fast_without_heavy_imports(tmp_path, cfg):
     path = _write(tmp_path, cfg)
     code = f"""
 import resource, sys
-from tasks.config import load_config
-from tasks.errors import UserError
-from tasks.prepare import prepare
+from tasks.config.schema import load_config
+from tasks.core.errors import UserError
+from tasks.plan.prepare import prepare
 try:
     prepare(load_config({str(path)!r}))
 except UserError as e:
@@ -170,7 +170,7 @@ def test_recipe_shapes(tmp_path, cfg, recipe, expected):
 
 
 def test_validate_recipe_refuses_a_bad_shape_made_in_code():
-    from tasks.merge import validate_recipe
+    from tasks.models.merge import validate_recipe
 
     merge = Merge.model_construct(name="m", recipe={"merge_method": "slerp", "models": "alpha"})  # skips the checks
     with pytest.raises(UserError, match=r"^merge 'm': recipe.models: should be a list"):
@@ -249,7 +249,7 @@ def test_datasets_dict_folder_points_at_a_split(tmp_path, cfg):
 
 
 def test_messages_text_that_is_not_json(tmp_path):
-    from tasks.data import _check_row
+    from tasks.data.load import _check_row
 
     with pytest.raises(UserError, match=r"^x:3: 'messages' is text but not JSON"):
         _check_row({"messages": "[{oops"}, "x", 3)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import load_config
-from tasks.prepare import prepare
+from tasks.config.schema import load_config
+from tasks.plan.prepare import prepare
 from tests.conftest import config_error as _error, make_tiny_model, mini_config_dict, write_config as _write, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.data import infer_metric, load_examples
-from tasks.demo_data import make_rows, write_demo_datasets
-from tasks.metrics import exact, json_f1, rouge_l
+from tasks.data.load import infer_metric, load_examples
+from tasks.demo.data import make_rows, write_demo_datasets
+from tasks.judge.metrics import exact, json_f1, rouge_l
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +49,7 @@ def test_ids_default_to_line_numbers(tmp_path):
 
 @pytest.mark.parametrize("task, metric", [("extraction", "json"), ("classification", "exact"), ("summarization", "rouge")])
 def test_metric_inference(task, metric):
-    from tasks.data import _check_row
+    from tasks.data.load import _check_row
 
     assert infer_metric([_check_row(r, "x", i) for i, r in enumerate(make_rows(task, 40, 1))]) == metric
 

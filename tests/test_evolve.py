@@ -9,11 +9,11 @@ import pytest
 import yaml
 
 from flows.cli import main
-from tasks.config import MergeSearchConfig, load_config
-from tasks.data import load_examples
-from tasks.devsplit import split_rows
-from tasks.propose import config_point, improved, kept, propose
-from tasks.store import Store
+from tasks.config.schema import MergeSearchConfig, load_config
+from tasks.data.load import load_examples
+from tasks.data.devsplit import split_rows
+from tasks.plan.propose import config_point, improved, kept, propose
+from tasks.store.store import Store
 from tests.conftest import mini_config_dict, write_config, write_jsonl
 
 
@@ -166,7 +166,7 @@ def test_search_killed_mid_round_resumes_with_the_same_proposals(tiny_models, ti
     kept_recipe = yaml.safe_load(store.read_text(f"runs/{run}/search/kept.yaml"))
     assert [k["name"] for k in kept_recipe if k["kept"]] == path["kept"]
     # a kept proposal is a model of the run for flows.export
-    from tasks.export import open_run
+    from tasks.export.export import open_run
 
     assert set(path["kept"]) <= {m.name for m in open_run(store, run).config.merges}
 
@@ -176,8 +176,8 @@ def test_search_killed_mid_round_resumes_with_the_same_proposals(tiny_models, ti
 
 
 def test_plan_counts_the_loop_and_with_refit_off_trains_each_model_once(tiny_models, tiny_data, tmp_path):
-    from tasks.jobs import search_plan
-    from tasks.prepare import prepare
+    from tasks.plan.jobs import search_plan
+    from tasks.plan.prepare import prepare
 
     cfg = mini_config_dict(tiny_models, tiny_data)
     cfg["datasets"] = cfg["datasets"][:1]

@@ -19,11 +19,11 @@ import pytest
 import yaml
 
 from flows.export import main
-from tasks.chat import load_tokenizer, prompt_format
-from tasks.config import LoadOptions
-from tasks.data import load_examples
-from tasks.store import Store
-from tasks.templates import TEMPLATES
+from tasks.models.chat import load_tokenizer, prompt_format
+from tasks.config.schema import LoadOptions
+from tasks.data.load import load_examples
+from tasks.store.store import Store
+from tasks.models.templates import TEMPLATES
 from tests.conftest import make_tiny_model, mini_config_dict
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -36,7 +36,7 @@ def finished(tmp_path_factory, tiny_data) -> dict:
     """One tiny search through the real flow: alpha (own template), beta (none: the config's default), their merge."""
     from flows.cli import stop_temporary_server
     from flows.search import search
-    from tasks.zoo import build_tokenizer
+    from tasks.demo.zoo import build_tokenizer
 
     root = tmp_path_factory.mktemp("export")
     tok = build_tokenizer()
@@ -74,9 +74,9 @@ def stored_outputs(finished: dict, model: str, dataset: str) -> pd.DataFrame:
 
 def answers(model, tok, finished: dict, dataset: str, name: str) -> pd.DataFrame:
     """Greedy answers of a model loaded by the test itself, with the search's own batched generation."""
-    from tasks.config import GenerateConfig
-    from tasks.generate import generate_loaded
-    from tasks.workers import threads_for, torch_threads
+    from tasks.config.schema import GenerateConfig
+    from tasks.generate.outputs import generate_loaded
+    from tasks.compute.workers import threads_for, torch_threads
 
     examples = load_examples(str(finished["data"][dataset][1]))
     fmt = prompt_format(tok, model.generation_config.eos_token_id)
@@ -183,15 +183,15 @@ def test_dataset_template_and_merge(finished, tmp_path):
 
 
 def test_a_difference_fails_the_export_in_one_line(finished, tmp_path, monkeypatch):
-    import tasks.export
+    import tasks.export.export
 
-    real = tasks.export.reproduce
+    real = tasks.export.export.reproduce
 
     def one_changed(*args, **kwargs):
         df = real(*args, **kwargs)
         return df.assign(output=["something else", *df["output"][1:]])
 
-    monkeypatch.setattr(tasks.export, "reproduce", one_changed)
+    monkeypatch.setattr(tasks.export.export, "reproduce", one_changed)
     rc, stdout, stderr = export(finished, tmp_path / "bad")
     assert rc == 1
     assert CHECK.search(stdout).groups() == ("5", "6")

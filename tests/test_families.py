@@ -10,14 +10,14 @@ import json
 import pandas as pd
 import pytest
 
-from tasks.chat import IGNORE, encode_row, fold_system, generation_eos, load_tokenizer, prompt_format, prompt_ids
-from tasks.config import FinetuneConfig, GenerateConfig, LoadOptions, load_config
-from tasks.data import load_examples
-from tasks.demo_data import make_rows
-from tasks.errors import UserError
-from tasks.models import ModelInfo, check_mergeable, inspect_candidate
-from tasks.prepare import prepare
-from tasks.templates import TEMPLATES
+from tasks.models.chat import IGNORE, encode_row, fold_system, generation_eos, load_tokenizer, prompt_format, prompt_ids
+from tasks.config.schema import FinetuneConfig, GenerateConfig, LoadOptions, load_config
+from tasks.data.load import load_examples
+from tasks.demo.data import make_rows
+from tasks.core.errors import UserError
+from tasks.models.fingerprint import ModelInfo, check_mergeable, inspect_candidate
+from tasks.plan.prepare import prepare
+from tasks.models.templates import TEMPLATES
 from tests.conftest import config_error, write_config, write_jsonl
 from tests.families import FAMILIES, build_model
 
@@ -117,7 +117,7 @@ def test_remote_code_is_refused_without_the_opt_in(family_dirs, tmp_path):
 
 def _infos(family_dirs, *names, dirs=None):
     """ModelInfo of checked family models, for check_mergeable."""
-    from tasks.config import Candidate
+    from tasks.config.schema import Candidate
 
     dirs = dirs or family_dirs
     return [ModelInfo(n, "", inspect_candidate(Candidate(name=n, path=str(dirs[n])))[1]) for n in names]
@@ -138,8 +138,8 @@ def test_merges_are_checked_as_mergekit_merges(family_dirs, tmp_path):
 
 @pytest.mark.parametrize("name", ["llama3", "qwen2", "gemma2", "phi3"])
 def test_generation_stops_at_the_end_of_turn_after_a_short_finetune(family_dirs, tmp_path, name):
-    from tasks.finetune import finetune
-    from tasks.generate import generate_loaded, cached_base, generate
+    from tasks.train.finetune import finetune
+    from tasks.generate.outputs import generate_loaded, cached_base, generate
 
     train = load_examples(write_jsonl(tmp_path / "train.jsonl", make_rows("classification", 32, 1)))
     test = load_examples(write_jsonl(tmp_path / "test.jsonl", make_rows("classification", 20, 2)))
@@ -155,9 +155,9 @@ def test_generation_stops_at_the_end_of_turn_after_a_short_finetune(family_dirs,
 
 
 def test_an_adapter_folder_is_a_candidate(family_dirs, tmp_path):
-    from tasks.finetune import finetune
-    from tasks.models import materialize
-    from tasks.store import Store
+    from tasks.train.finetune import finetune
+    from tasks.models.fingerprint import materialize
+    from tasks.store.store import Store
 
     train = load_examples(write_jsonl(tmp_path / "train.jsonl", make_rows("classification", 8, 1)))
     adapter = tmp_path / "my-finetune"
@@ -177,7 +177,7 @@ def test_an_adapter_folder_is_a_candidate(family_dirs, tmp_path):
 
 def test_search_over_three_families_and_a_union_merge(family_dirs, tmp_path, capsys):
     from flows.cli import main
-    from tasks.store import Store
+    from tasks.store.store import Store
 
     ds = lambda n, rows: write_jsonl(tmp_path / f"{n}.jsonl", rows)  # noqa: E731
     cfg = {
@@ -235,8 +235,8 @@ def test_chat_template_by_name_or_jinja_file(family_dirs, tmp_path):
 def test_a_hub_candidate_is_checked_without_its_weights(family_dirs, tmp_path, monkeypatch):
     import huggingface_hub
 
-    from tasks.models import materialize
-    from tasks.store import Store
+    from tasks.models.fingerprint import materialize
+    from tasks.store.store import Store
 
     asked = []
 

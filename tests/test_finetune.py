@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from tasks.config import FinetuneConfig
-from tasks.data import load_examples
-from tasks.lora_kernels import PACKED_ATTENTION, _register_packed_attention, fuse_small_loras, unfuse_loras
-from tasks.chat import IGNORE, prompt_format, prompt_ids
-from tasks.finetune import batch_loss_sum, encode, finetune, last_mlp, pack, pad, resolve_packing, train_steps
+from tasks.config.schema import FinetuneConfig
+from tasks.data.load import load_examples
+from tasks.train.lora_kernels import PACKED_ATTENTION, _register_packed_attention, fuse_small_loras, unfuse_loras
+from tasks.models.chat import IGNORE, prompt_format, prompt_ids
+from tasks.train.finetune import batch_loss_sum, encode, finetune, last_mlp, pack, pad, resolve_packing, train_steps
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_pack_boundaries(rows):
 def test_packed_loss_equals_padded_loss(tiny_models, rows, tok, attn):
     model = lora_model(tiny_models["alpha"])
     n = sum(sum(t != IGNORE for t in y[1:]) for _, y in rows)
-    batch = {k: v for k, v in __import__("tasks.finetune", fromlist=["collate"]).collate(rows, tok.pad_token_id).items()}
+    batch = {k: v for k, v in __import__("tasks.train.finetune", fromlist=["collate"]).collate(rows, tok.pad_token_id).items()}
     hf = model(**batch).loss  # transformers' own loss on the right-padded, masked batch, every position computed
     hf.backward()
     g_hf = grads(model)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.config import FinetuneConfig, GenerateConfig
-from tasks.data import load_examples
-from tasks.finetune import finetune
-from tasks.generate import GENERATED_COLUMNS, _BASES, cached_base, clear_base_cache, generate
+from tasks.config.schema import FinetuneConfig, GenerateConfig
+from tasks.data.load import load_examples
+from tasks.train.finetune import finetune
+from tasks.generate.outputs import GENERATED_COLUMNS, _BASES, cached_base, clear_base_cache, generate
 
 
 @pytest.fixture(scope="module")

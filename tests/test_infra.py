@@ -146,7 +146,7 @@ def test_search_takes_a_typed_form_or_a_path():
     assert kinds == {"ref", "type"}
     params = search.validate_parameters({"config": "configs/demo.yaml"})
     assert params["config"] == "configs/demo.yaml"
-    from tasks.config import load_config
+    from tasks.config.schema import load_config
 
     form = load_config(ROOT / "configs" / "demo.yaml").model_dump(mode="json")
     assert search.validate_parameters({"config": form})["config"].name == "demo"
@@ -164,7 +164,7 @@ def _apply_module():
 
 def test_the_search_form_starts_from_the_demo_config(deployments):
     from flows.search import search
-    from tasks.config import FinetuneConfig, SearchConfig, load_config
+    from tasks.config.schema import FinetuneConfig, SearchConfig, load_config
 
     spec = _apply_module().deployment_spec()
     deployed = next(d for d in spec["deployments"] if d["entrypoint"] == "flows/search.py:search")
@@ -196,8 +196,8 @@ def test_a_users_mistake_fails_the_flow_run_in_one_line(tmp_path, tiny_models, t
     import flows.cli  # noqa: F401  (conftest stops the temporary server this test starts through it)
     from flows.failures import DropOneLineTracebacks
     from flows.search import search
-    from tasks.config import SearchConfig
-    from tasks.errors import UserError
+    from tasks.config.schema import SearchConfig
+    from tasks.core.errors import UserError
     from tests.conftest import mini_config_dict
 
     cfg = mini_config_dict(tiny_models, tiny_data)

@@ -7,12 +7,12 @@ import pytest
 import yaml
 
 from flows.cli import main
-from tasks.config import load_config
-from tasks.errors import UserError
-from tasks.jobs import Job, Plan, build_plan, check_budget
-from tasks.prepare import prepare
-from tasks.rates import ASSUMED_RATE, record_rate
-from tasks.store import Store
+from tasks.config.schema import load_config
+from tasks.core.errors import UserError
+from tasks.plan.jobs import Job, Plan, build_plan, check_budget
+from tasks.plan.prepare import prepare
+from tasks.compute.speeds import ASSUMED_RATE, record_rate
+from tasks.store.store import Store
 
 
 def test_a_plan_over_the_gpu_cap_refuses_before_any_model_loads(mini_config, tmp_path, capsys, monkeypatch):
@@ -31,7 +31,7 @@ def test_a_plan_over_the_gpu_cap_refuses_before_any_model_loads(mini_config, tmp
 def test_the_dollar_cap_covers_judge_and_references():
     plan = Plan([Job("references", "gpt on x", "outputs/k.parquet", False, usd=3.0),
                  Job("judge", "LLM judge on x", None, False, usd=2.5), Job("judge", "old", "j", True, usd=9.0)])
-    from tasks.config import BudgetConfig
+    from tasks.config.schema import BudgetConfig
 
     class Cfg:
         budget = BudgetConfig(max_usd=5.0)
@@ -43,7 +43,7 @@ def test_the_dollar_cap_covers_judge_and_references():
 
 
 def test_the_search_loops_proposals_never_refuse_a_plan():
-    from tasks.config import BudgetConfig
+    from tasks.config.schema import BudgetConfig
 
     plan = Plan([Job("finetune", "a on x", "adapters/k", False, gpu_s=1800),
                  Job("search", "round 1 proposal 1 on x.dev", None, False, gpu_s=3600, optional=True)])
@@ -59,7 +59,7 @@ def test_the_search_loops_proposals_never_refuse_a_plan():
 
 
 def test_the_guard_counts_only_planned_work_the_store_lacks(mini_config, tmp_path):
-    from tasks.jobs import Guard
+    from tasks.plan.jobs import Guard
 
     store = Store(str(tmp_path / "store"))
     import pandas as pd
@@ -87,8 +87,8 @@ def test_estimates_use_measured_rates(mini_config, tmp_path):
 
 
 def test_the_guard_stops_before_a_stage_would_cross_a_cap(mini_config):
-    from tasks.config import BudgetConfig
-    from tasks.jobs import BudgetStop, Guard
+    from tasks.config.schema import BudgetConfig
+    from tasks.plan.jobs import BudgetStop, Guard
 
     cfg = load_config(mini_config)
     cfg = cfg.model_copy(update={"budget": BudgetConfig(max_gpu_hours=0.01, max_usd=1.0)})
@@ -127,11 +127,11 @@ def test_a_run_stops_mid_way_at_the_gpu_cap_and_the_next_run_goes_on(mini_config
 
     del cfg["budget"]["max_gpu_hours"]
     mini_config.write_text(yaml.safe_dump(cfg))
-    import tasks.prepare
+    import tasks.plan.prepare
 
     checks = []
-    real_prepare = tasks.prepare.prepare
-    monkeypatch.setattr(tasks.prepare, "prepare", lambda *a, **k: checks.append(1) or real_prepare(*a, **k))
+    real_prepare = tasks.plan.prepare.prepare
+    monkeypatch.setattr(tasks.plan.prepare, "prepare", lambda *a, **k: checks.append(1) or real_prepare(*a, **k))
     assert main(["--config", str(mini_config), "--store", store.root]) == 0
     assert len(checks) == 1  # the command line's check is handed to the flow, not repeated
     run2 = store.read_text("runs/LATEST").strip()

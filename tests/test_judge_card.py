@@ -6,8 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tasks.data import Example
-from tasks.judge_card import (agreement, card_section, card_table, metric_winners, output_lengths,
+from tasks.data.load import Example
+from tasks.judge.card import (agreement, card_section, card_table, metric_winners, output_lengths,
                               position_consistency, shown_winner)
 
 LLM = "openai:judge-model@prompt-v1"
@@ -115,7 +115,7 @@ from tests.test_llm_judge import ALL, ENV, KEY, _cfg, _judge_flow, _outputs, ser
 
 def _truth_contest(combined: bool = True):
     """best right everywhere, half right on even examples, worst never; example 7 has no `expected`."""
-    from tasks.llm_judge import Contest
+    from tasks.judge.llm import Contest
 
     examples = [Example(str(i), [{"role": "user", "content": f"Name item {i}."}], f"item {i} teacher",
                         None if i == 7 else f"item {i} red box") for i in range(8)]
@@ -126,7 +126,7 @@ def _truth_contest(combined: bool = True):
 
 
 def test_combined_judge_asks_the_llm_only_where_the_metric_ties(server, tmp_path):
-    from tasks.rate import rate
+    from tasks.rating.rate import rate
 
     run = _judge_flow(_truth_contest(), _cfg(server).model_copy(update={"kind": "combined"}), ALL, None, str(tmp_path / "a"))
     # LLM calls, by hand: half vs worst on the odd examples (both wrong: 0 = 0), 4 x 2 orders = 8; example 7 (no
@@ -186,7 +186,7 @@ def test_two_judges_pooled_then_the_combined_judge_on_the_same_store(server, tmp
     import yaml
 
     from flows.cli import main
-    from tasks.store import Store
+    from tasks.store.store import Store
     from tests.conftest import mini_config_dict
 
     caplog.set_level("DEBUG")
@@ -247,10 +247,10 @@ def test_two_judges_pooled_then_the_combined_judge_on_the_same_store(server, tmp
 
 
 def test_the_plan_counts_every_judge_at_its_own_price(mini_config, tmp_path):
-    from tasks.config import SearchConfig, load_config
-    from tasks.jobs import build_plan
-    from tasks.prepare import prepare
-    from tasks.store import Store
+    from tasks.config.schema import SearchConfig, load_config
+    from tasks.plan.jobs import build_plan
+    from tasks.plan.prepare import prepare
+    from tasks.store.store import Store
 
     base = load_config(mini_config)
     prep, store = prepare(base), Store(str(tmp_path / "store"))  # metric judge: no endpoint is asked

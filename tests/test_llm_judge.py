@@ -15,14 +15,14 @@ import pytest
 import yaml
 from prefect import flow
 
-from tasks.config import JudgeConfig, ModelPrice
-from tasks.data import Example
-from tasks.errors import UserError
-from tasks.llm_judge import Contest, run_llm_judge
-from tasks.llm_prompt import judge_messages, parse_verdict, shown_to_row
-from tasks.openai_api import Endpoint, Pace, preflight
-from tasks.plan import BudgetConfig
-from tasks.rate import rate
+from tasks.config.schema import JudgeConfig, ModelPrice
+from tasks.data.load import Example
+from tasks.core.errors import UserError
+from tasks.judge.llm import Contest, run_llm_judge
+from tasks.judge.prompt import judge_messages, parse_verdict, shown_to_row
+from tasks.api.client import Endpoint, Pace, preflight
+from tasks.judge.rounds import BudgetConfig
+from tasks.rating.rate import rate
 from tests.conftest import mini_config_dict
 from tests.fake_openai import FENCE, FakeOpenAI, Faults, decide, free_port
 
@@ -278,7 +278,7 @@ def test_search_with_openai_judge_and_reference_reruns_free_and_never_leaks_the_
     server, tmp_path, tiny_models, tiny_data, capsys, caplog
 ):
     from flows.cli import main
-    from tasks.store import Store
+    from tasks.store.store import Store
 
     caplog.set_level("DEBUG")
     server.faults = Faults(rate_429=0.1, retry_after_s=0.02, rate_500=0.05)
@@ -328,7 +328,7 @@ def test_search_with_openai_judge_and_reference_reruns_free_and_never_leaks_the_
 def test_search_loop_judged_by_the_llm_never_asks_a_reference_the_development_rows(server, tmp_path, tiny_models,
                                                                                    tiny_data):
     from flows.cli import main
-    from tasks.store import Store
+    from tasks.store.store import Store
 
     config = _search_config(tmp_path, tiny_models, tiny_data, server.base_url)
     raw = yaml.safe_load(config.read_text())
@@ -367,7 +367,7 @@ def test_search_with_wrong_key_fails_at_once_with_one_line(server, tmp_path, tin
 def test_key_from_a_prefect_secret_block(monkeypatch):
     from prefect.blocks.system import Secret
 
-    from tasks.openai_api import resolve_api_key
+    from tasks.api.client import resolve_api_key
 
     monkeypatch.delenv(ENV, raising=False)
     Secret(value="sk-from-block-77").save("basesearch-test-judge-key", overwrite=True)  # not KEY: see the leak test

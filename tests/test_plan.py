@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.plan import PLAN_COLUMNS, BudgetConfig, plan_round
+from tasks.judge.rounds import PLAN_COLUMNS, BudgetConfig, plan_round
 
 EXAMPLES = {"x": [f"x{i}" for i in range(30)], "y": [f"y{i}" for i in range(10)]}
 
@@ -158,7 +158,7 @@ def test_budget_config_is_strict():
 
 def test_looks_are_fixed_in_advance_and_tested_at_alpha_over_their_number():
     # The arithmetic in _checkpoints' docstring: 16 contenders, 3 x 200 examples, warm-up 4, both orders.
-    from tasks.plan import _checkpoints, _look_level, _Universe
+    from tasks.judge.rounds import _checkpoints, _look_level, _Universe
 
     uni = _Universe([f"m{i:02d}" for i in range(16)], {f"d{d}": [str(i) for i in range(200)] for d in range(3)})
     grid = _checkpoints(uni, BudgetConfig(), orders=2)
@@ -172,7 +172,7 @@ def test_looks_are_fixed_in_advance_and_tested_at_alpha_over_their_number():
 def test_sandwich_intervals_count_an_example_once_however_often_it_is_judged():
     # Judging every comparison 4 times on the same example adds nothing: Fisher's interval halves, the sandwich
     # (clustered by example) stays as it was.
-    from tasks.rate import RatingConfig, rate
+    from tasks.rating.rate import RatingConfig, rate
 
     rng = np.random.default_rng(11)
     plan = plan_round(["a", "b", "c"], EXAMPLES, pd.DataFrame(columns=PLAN_COLUMNS), BudgetConfig(strategy="all-pairs"),
@@ -210,7 +210,7 @@ def test_exact_tie_is_never_claimed_separated_and_a_clear_leader_is(monkeypatch)
     # Seeds 19 and 27 are two where the rule before (Fisher intervals, a look every round at 95%) claimed one.
     # A clear leader is separated, at a planned look.
     import tests.test_plan as me
-    from tasks.plan import _checkpoints, _Universe
+    from tasks.judge.rounds import _checkpoints, _Universe
 
     tie, clear = {"a": 0.0, "b": 0.0, "c": -1.0, "d": -1.5}, {"a": 4.0, "b": 0.0, "c": -1.0, "d": -1.5}
     cfg = BudgetConfig(warmup_per_pair=2, round_size=20)

@@ -60,8 +60,8 @@ def test_pool_run_from_the_search_deployment_matches_local(stack, tiny_models, t
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.search import search
-    from tasks.config import SearchConfig
-    from tasks.store import Store
+    from tasks.config.schema import SearchConfig
+    from tasks.store.store import Store
 
     with temporary_settings({PREFECT_API_URL: stack["api_url"]}):
         # The same config twice: through the search deployment with GPU stages on the pool, and meanwhile
@@ -151,8 +151,8 @@ def test_server_that_refuses_the_credentials_is_named():
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.compute import check_server
-    from tasks.errors import UserError
+    from tasks.plan.execute import check_server
+    from tasks.core.errors import UserError
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's naming
@@ -181,8 +181,8 @@ def test_waiting_on_stage_runs_never_hangs(monkeypatch):
 
     from prefect.states import Completed, Failed, Running, Scheduled
 
-    import tasks.compute as compute
-    from tasks.errors import UserError
+    import tasks.plan.execute as compute
+    from tasks.core.errors import UserError
 
     monkeypatch.setattr(compute, "POLL_S", 0.01)
     monkeypatch.setattr(compute, "NO_WORKER_GRACE_S", 0.2)
@@ -221,7 +221,7 @@ def test_the_ui_form_starts_from_the_demo_and_a_wrong_path_fails_in_one_line(sta
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.config import load_config
+    from tasks.config.schema import load_config
 
     cfg = small_config(tiny_models, tiny_data)
     cfg["datasets"][0]["train"] = "no/such/train.jsonl"  # relative: the worker's working folder, the repository root

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tasks import progress
-from tasks.workers import in_worker, side_by_side
+from tasks.core import progress
+from tasks.compute.workers import in_worker, side_by_side
 
 
 def five_ticks() -> int:

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from scipy.optimize import minimize
 
-from tasks.errors import UserError
-from tasks.rate import ELO_PER_NAT, RatingConfig, bradley_terry, rate, separated, win_matrix
+from tasks.core.errors import UserError
+from tasks.rating.rate import ELO_PER_NAT, RatingConfig, bradley_terry, rate, separated, win_matrix
 
 
 def simulate(n: int, k: int = 8, seed: int = 0, nu: float = 0.0, n_examples: int = 200, datasets=("d0",)):
@@ -263,9 +263,9 @@ def test_rating_config_rejects_unknown_keys():
 def test_fast_bootstrap_draw_matches_the_multinomial(monkeypatch):
     """Many examples x rounds draw index counts instead of numpy's multinomial: same point ratings, same intervals up
     to Monte Carlo noise, each dataset's examples redrawn exactly as many times as it has."""
-    import tasks.bootstrap as boot
-    import tasks.rate as rate_mod
-    from tasks.rate_input import prepare_judgments
+    import tasks.rating.bootstrap as boot
+    import tasks.rating.rate as rate_mod
+    from tasks.rating.judged import prepare_judgments
 
     df = simulate(6000, k=5, seed=31, nu=0.5, n_examples=600, datasets=("d0", "d1"))
     cfg = RatingConfig(bootstrap_rounds=400)

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from flows.rank import main as rank_main
-from tasks.errors import UserError
-from tasks.rate import ELO_PER_NAT, RatingConfig, rate
-from tasks.report import interval_words, plot_ratings, ranking_rows, separation_rows, winner_line
+from tasks.core.errors import UserError
+from tasks.rating.rate import ELO_PER_NAT, RatingConfig, rate
+from tasks.report.report import interval_words, plot_ratings, ranking_rows, separation_rows, winner_line
 from tests.test_rate import simulate
 
 CONFIGS = [RatingConfig(bootstrap_rounds=100), RatingConfig(ci="fisher")]

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.errors import UserError
-from tasks.rate import ELO_PER_NAT, RatingConfig, rate
+from tasks.core.errors import UserError
+from tasks.rating.rate import ELO_PER_NAT, RatingConfig, rate
 
 TRUE = np.array([0.6, 0.3, 0.0, -0.2, -0.7])  # nats; m3 is verbose
 LONG = np.array([1.0, 1.0, 1.0, 2.5, 1.0])  # typical output length relative to the others
@@ -142,7 +142,7 @@ def test_arena_column_follows_the_anchor_and_the_guards():
 
 
 def test_with_lengths_reads_each_judged_output():
-    from tasks.rate_input import with_lengths
+    from tasks.rating.judged import with_lengths
 
     outputs = {"d0": {"A": pd.DataFrame({"example_id": [1, 2], "output": ["four", "sixsix"]}),
                       "B": pd.DataFrame({"example_id": [1, 2], "output": ["", None]})},

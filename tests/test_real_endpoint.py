@@ -20,12 +20,12 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from tasks.config import JudgeConfig, Reference  # noqa: E402
-from tasks.errors import EnvironmentFailure, UserError  # noqa: E402
-from tasks.llm_judge import cached_judgments  # noqa: E402
-from tasks.llm_prompt import judge_label  # noqa: E402
-from tasks.openai_api import Endpoint, preflight  # noqa: E402
-from tasks.store import Store  # noqa: E402
+from tasks.config.schema import JudgeConfig, Reference  # noqa: E402
+from tasks.core.errors import EnvironmentFailure, UserError  # noqa: E402
+from tasks.judge.llm import cached_judgments  # noqa: E402
+from tasks.judge.prompt import judge_label  # noqa: E402
+from tasks.api.client import Endpoint, preflight  # noqa: E402
+from tasks.store.store import Store  # noqa: E402
 from tests.conftest import make_tiny_model, mini_config_dict  # noqa: E402
 from tests.fake_openai import free_port  # noqa: E402
 from tests.test_endpoint_failures import _answer_reference, _one_line  # noqa: E402
@@ -42,7 +42,7 @@ class RealServer:
 
     def __init__(self, root: Path) -> None:
         """Build two tiny models (one for the judge, one only ever loaded by the preflight); start the server."""
-        from tasks.zoo import build_tokenizer
+        from tasks.demo.zoo import build_tokenizer
 
         tok = build_tokenizer()
         # The judge's prompt is ~840 tokens: transformers serve (5.25) refuses a prompt longer than the model's

@@ -10,11 +10,11 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from prefect import flow  # noqa: E402
 
-from tasks.config import ModelPrice, Reference  # noqa: E402
-from tasks.data import Example  # noqa: E402
-from tasks.errors import EnvironmentFailure, UserError  # noqa: E402
-from tasks.references import reference_key, reference_outputs  # noqa: E402
-from tasks.store import Store  # noqa: E402
+from tasks.config.schema import ModelPrice, Reference  # noqa: E402
+from tasks.data.load import Example  # noqa: E402
+from tasks.core.errors import EnvironmentFailure, UserError  # noqa: E402
+from tasks.generate.references import reference_key, reference_outputs  # noqa: E402
+from tasks.store.store import Store  # noqa: E402
 from tests.fake_openai import FakeOpenAI, Faults  # noqa: E402
 
 KEY = "sk-ref-test-9b2e"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from tasks.report import judge_lines, separation_rows, teacher_lines, validation_lines, winner_line
-from tasks.validate import summarize, verdict, win_rate_ci
+from tasks.report.report import judge_lines, separation_rows, teacher_lines, validation_lines, winner_line
+from tasks.rating.win_rates import summarize, verdict, win_rate_ci
 
 
 def _ratings(separated: bool) -> pd.DataFrame:
@@ -59,7 +59,7 @@ def test_judge_lines_show_bill_and_biases():
 
 
 def test_win_rate_matrix_in_report():
-    from tasks.report import win_rate_table
+    from tasks.report.report import win_rate_table
 
     judgments = pd.DataFrame({
         "dataset": "d", "example_id": ["1", "2", "3", "4"], "contender_a": "x", "contender_b": "y", "order": "ab",

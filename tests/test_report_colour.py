@@ -6,7 +6,7 @@ import re
 
 import pandas as pd
 
-from tasks.report_tables import WIN_RATES_CAPTION, WIN_RATES_HEADING, colour_win_rates, win_colour
+from tasks.report.tables import WIN_RATES_CAPTION, WIN_RATES_HEADING, colour_win_rates, win_colour
 
 
 def test_win_colour_runs_from_red_through_white_to_blue():
@@ -16,7 +16,7 @@ def test_win_colour_runs_from_red_through_white_to_blue():
 
 
 def test_the_html_matrix_is_coloured_and_has_a_legend():
-    from tasks.report import html_report, win_rate_table
+    from tasks.report.report import html_report, win_rate_table
 
     judgments = pd.DataFrame({
         "dataset": "d", "example_id": ["1", "2", "3", "4"], "contender_a": "x", "contender_b": "y", "order": "ab",
@@ -34,7 +34,7 @@ def test_the_html_matrix_is_coloured_and_has_a_legend():
 def test_an_unbeaten_teacher_is_said_in_words():
     import numpy as np
 
-    from tasks.report import teacher_lines
+    from tasks.report.report import teacher_lines
 
     ratings = pd.DataFrame({
         "scope": "extraction", "contender": ["teacher", "a", "b"], "kind": ["reference", "candidate", "candidate"],

@@ -85,7 +85,7 @@ def test_killed_in_judging_resumes_without_loss_or_rework(tiny_models, tiny_data
     # A user appends a candidate to the saved search's list: the re-run computes that candidate's work only.
     from tests.conftest import make_tiny_model
     from flows.rerun import search_rerun
-    from tasks.zoo import build_tokenizer
+    from tasks.demo.zoo import build_tokenizer
 
     gamma = make_tiny_model(tmp_path / "gamma", seed=7, tokenizer=build_tokenizer())
     listing = tmp_path / "candidates.yaml"
@@ -105,8 +105,8 @@ def test_killed_in_judging_resumes_without_loss_or_rework(tiny_models, tiny_data
 
 def test_candidate_list_files(tmp_path):
     from flows.rerun import candidate_name, read_candidates, with_candidates
-    from tasks.config import Candidate, SearchConfig
-    from tasks.errors import UserError
+    from tasks.config.schema import Candidate, SearchConfig
+    from tasks.core.errors import UserError
 
     (tmp_path / "local-model").mkdir()
     listing = tmp_path / "c.yaml"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pandas as pd
 
 from flows.cli import main
-from tasks.config import load_config
-from tasks.jobs import build_plan
-from tasks.prepare import prepare
-from tasks.store import Store
+from tasks.config.schema import load_config
+from tasks.plan.jobs import build_plan
+from tasks.plan.prepare import prepare
+from tasks.store.store import Store
 
 OUTPUT_COLUMNS = {"dataset", "example_id", "contender", "output", "prompt_tokens", "completion_tokens", "latency_s", "error"}
 JUDGMENT_COLUMNS = {"dataset", "example_id", "contender_a", "contender_b", "order", "winner", "strength", "judge", "raw",

@@ -107,7 +107,7 @@ def test_damaged_results_are_recomputed_with_one_warning(config, undisturbed, tm
 
 def test_full_disk_is_one_line_then_the_same_command_goes_on(config, undisturbed, tmp_path, capsys, monkeypatch):
     from flows.cli import main
-    from tasks.store import Store
+    from tasks.store.store import Store
 
     store = tmp_path / "store"
     put = Store._put_bytes

@@ -16,19 +16,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import tasks.store as store_mod
-from tasks.config import JudgeConfig
-from tasks.data import Example
-from tasks.judge import judge_task  # imports Prefect, which sets up logging: before any test's caplog
-from tasks.errors import EnvironmentFailure, UserError
-from tasks.store import MANIFEST, Store, tmp_name
+import tasks.store.store as store_mod
+from tasks.config.schema import JudgeConfig
+from tasks.data.load import Example
+from tasks.judge.judgments import judge_task  # imports Prefect, which sets up logging: before any test's caplog
+from tasks.core.errors import EnvironmentFailure, UserError
+from tasks.store.store import MANIFEST, Store, tmp_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DF = pd.DataFrame({"example_id": [f"e{i}" for i in range(200)], "output": ["some answer text"] * 200})
 
 
 def outputs_stage(store: Store, rel: str, calls: list[str]) -> pd.DataFrame:
-    """A stage as tasks/generate.py runs one: reuse the Parquet result, else compute and write it."""
+    """A stage as tasks/generate/outputs.py runs one: reuse the Parquet result, else compute and write it."""
     with store.claim(rel) as todo:
         if todo:
             calls.append(rel)
@@ -37,7 +37,7 @@ def outputs_stage(store: Store, rel: str, calls: list[str]) -> pd.DataFrame:
 
 
 def adapter_stage(store: Store, rel: str, calls: list[str]) -> Path:
-    """A stage as tasks/finetune.py runs one: reuse the folder result, else fill a new folder."""
+    """A stage as tasks/train/finetune.py runs one: reuse the folder result, else fill a new folder."""
     with store.claim(rel) as todo:
         if todo:
             calls.append(rel)
@@ -175,7 +175,7 @@ WORKER = """
 import logging, os, sys, time
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 import pandas as pd
-from tasks.store import Store
+from tasks.store.store import Store
 st, rel = Store(sys.argv[1]), "outputs/shared.parquet"
 with st.claim(rel) as todo:
     if todo:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.config import Reference, load_config
-from tasks.jobs import build_plan
-from tasks.llm_prompt import judgment_key
-from tasks.prepare import prepare
-from tasks.references import reference_key
-from tasks.store import Store
+from tasks.config.schema import Reference, load_config
+from tasks.plan.jobs import build_plan
+from tasks.judge.prompt import judgment_key
+from tasks.plan.prepare import prepare
+from tasks.generate.references import reference_key
+from tasks.store.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = json.loads((Path(__file__).parent / "data" / "store_keys_4abdc48.json").read_text())

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tasks.config import SearchConfig
-from tasks.verdict import recommendation, serving, verdict_lines, verdicts
+from tasks.config.schema import SearchConfig
+from tasks.report.verdict import recommendation, serving, verdict_lines, verdicts
 
 CFG = SearchConfig.model_validate({
     "name": "v", "candidates": [{"name": "a", "path": "zoo:a"}, {"name": "b", "path": "zoo:b"}],

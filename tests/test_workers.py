@@ -13,10 +13,10 @@ import torch
 from prefect import flow
 from safetensors.torch import load_file
 
-from tasks.compute import FinetuneJob, finetune_all
-from tasks.config import ComputeConfig, FinetuneConfig
-from tasks.errors import EnvironmentFailure
-from tasks.workers import local_workers
+from tasks.plan.execute import FinetuneJob, finetune_all
+from tasks.config.schema import ComputeConfig, FinetuneConfig
+from tasks.core.errors import EnvironmentFailure
+from tasks.compute.workers import local_workers
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +62,7 @@ def die(*args, **kwargs):
 
 
 def test_a_killed_worker_is_one_line_naming_the_job(tmp_path, tiny_models, tiny_data, monkeypatch):
-    monkeypatch.setattr("tasks.finetune.finetune", die)  # pickled by name: the worker runs tests.test_workers.die
+    monkeypatch.setattr("tasks.train.finetune.finetune", die)  # pickled by name: the worker runs tests.test_workers.die
     cfg = FinetuneConfig(max_steps=3, batch_size=4, learning_rate=3e-3, max_length=128)
     jobs = [FinetuneJob(name, "extraction", str(path), str(tiny_data["extraction"][0]), cfg, f"k-{name}")
             for name, path in tiny_models.items()]

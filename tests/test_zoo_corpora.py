@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import random
 
-from tasks import zoo
-from tasks.demo_data import CITIES
+from tasks.demo import zoo
+from tasks.demo.data import CITIES
 
 
 def test_ask_answers_repeat_the_prompts_name_and_the_asked_value():

@@ -1,0 +1,56 @@
+"""Measured speed, recorded in the store per stage and device, that the plan (tasks/plan/jobs.py) estimates GPU time with.
+
+A rate is parameter-characters per second: characters of conversation processed x the model's parameter count
+(param_count, the same formula where it is measured and where it is planned) / seconds of training or generation.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from tasks.store.store import Store
+
+# Parameter-characters per second when the store has no measurement for the device. CPU: measured by the demo on
+# this project's 2-core development machine (bench/plan_accuracy.py: 48 s of training, 1.5 s of generation; a
+# generation reads its prompt in one pass and writes short answers, so per character it is the faster stage).
+# CUDA, not measured yet: 40% of a 400 TFLOP/s GPU at 6 FLOPs per parameter per training token, 4 characters a
+# token: 0.4 * 4e14 / 6 * 4 = 1.1e14, assumed for generation too.
+ASSUMED_RATE = {"finetune": {"cpu": 2.7e10, "cuda": 1.1e14}, "generate": {"cpu": 5.5e10, "cuda": 1.1e14}}
+KEEP_MEASUREMENTS = 50  # newest measurements kept per stage and device
+
+
+def conversation_chars(prompt: list[dict[str, str]], answer: str) -> int:
+    """Characters of one conversation's messages and answer: what the rates count work in."""
+    return sum(len(m["content"]) for m in prompt) + len(answer)
+
+
+def param_count(sig: dict[str, Any]) -> int:
+    """Parameters of a decoder-only transformer from its config fields (attention, MLP, untied embeddings)."""
+    h, layers = sig.get("hidden_size") or 0, sig.get("num_hidden_layers") or 0
+    heads = sig.get("num_attention_heads") or 1
+    kv = h * (sig.get("num_key_value_heads") or heads) // heads
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * (sig.get("intermediate_size") or 4 * h)
+    return int(layers * per_layer + 2 * (sig.get("vocab_size") or 0) * h)
+
+
+def record_rate(store: Store, stage: str, device: str, chars: float, params: int, seconds: float) -> None:
+    """Add one measurement (parameter-characters per second) to the store's rates for a stage and device."""
+    if seconds <= 0 or chars <= 0 or params <= 0:
+        return
+    rel = f"rates/{stage}.json"
+    with store.lock(rel):  # runs side by side append to the same file
+        rates = store.read_json(rel) if store.exists(rel) else {}
+        rates[device] = [*rates.get(device, []), round(chars * params / seconds, 1)][-KEEP_MEASUREMENTS:]
+        store.write_json(rel, rates)
+
+
+def measured_rate(store: Store, stage: str, device: str, assumptions: list[str]) -> float:
+    """The median measured rate of a stage on a device, else the assumed one (said in `assumptions`)."""
+    rel = f"rates/{stage}.json"
+    measured = (store.read_json(rel) if store.exists(rel) else {}).get(device) or []
+    if measured:
+        return statistics.median(measured)
+    rate = ASSUMED_RATE[stage][device]
+    assumptions.append(f"{stage}: no {device} measurement in the store yet; assumed {rate:.2g} parameter-characters/s")
+    return rate

@@ -1,0 +1,397 @@
+"""Export a finished run's winner ready to serve: its LoRA adapter (or full weights with it merged in), the tokenizer
+with the chat template it was trained with, a model card, and the commands to serve it; then check that the export
+answers the test rows exactly as the search's stored outputs say it did.
+
+The command line is flows/export.py. Bad input (unknown run, run without ratings, unknown dataset or model, an
+output folder that is not empty) is a one-line UserError raised before torch is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from pydantic import ValidationError
+
+from tasks.config.schema import MODEL_KINDS, ComputeConfig, JudgeConfig, LoadOptions, SearchConfig
+from tasks.data.devsplit import fit_datasets
+from tasks.core.errors import UserError, first_line
+from tasks.store.store import Store, resolve_store
+from tasks.store.guards import tmp_name
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from tasks.models.chat import PromptFormat
+    from tasks.plan.prepare import Prepared
+
+VLLM_MAX_LORA_RANK = 16  # vllm serve's default --max-lora-rank; a higher rank needs the flag
+
+
+class CheckFailed(Exception):
+    """The exported folder answers the test rows differently from the search's stored outputs."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run as read from the store: its id, config, ratings and validation result."""
+
+    id: str
+    config: SearchConfig
+    config_text: str
+    ratings: pd.DataFrame
+    validation: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Winner:
+    """What is exported: the model, the dataset its adapter was trained on, and where every part of it is."""
+
+    model: str
+    kind: str
+    chosen: str  # why this model, in words
+    dataset: str
+    dataset_why: str  # why this dataset's adapter, in words
+    base_dir: Path  # local folder of the base weights
+    base_name: str  # what the adapter and the serve command name: a hub id, a local path, or the store's folder
+    load: LoadOptions  # the template and remote-code opt-in the search trained and generated with
+    adapter_dir: Path
+    outputs_rel: str  # the search's outputs of this fine-tune on this dataset's test rows
+
+
+def open_run(store: Store, run: str) -> Run:
+    """The run `run` (or LATEST) of the store; UserError naming what is missing."""
+    if run.upper() == "LATEST":
+        if not store.exists("runs/LATEST"):
+            raise UserError(f"run LATEST: the store {store.root} has no finished run (no runs/LATEST)")
+        run = store.read_text("runs/LATEST").strip()
+    rel = f"runs/{run}"
+    if "/" in run or not run or not store.exists(f"{rel}/config.yaml"):
+        try:
+            known = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.path("runs"), detail=False))
+        except FileNotFoundError:
+            known = []
+        known = [k for k in known if k != "LATEST" and not k.startswith(".")]
+        hint = f"newest there: {', '.join(known[-3:])}" if known else "it has no runs; --store DIR names another"
+        raise UserError(f"run '{run}': no such run in the store {store.root} ({hint})")
+    if not store.exists(f"{rel}/ratings.parquet"):
+        raise UserError(f"run '{run}': has no ratings ({store.path(rel)}/ratings.parquet); it did not finish: run its "
+                        "search again to finish it")
+    text = store.read_text(f"{rel}/config.yaml")
+    try:
+        config = SearchConfig.model_validate(yaml.safe_load(text))
+    except (ValidationError, yaml.YAMLError) as e:
+        raise UserError(f"{store.path(rel)}/config.yaml: not a config this version reads ({first_line(e)})") from None
+    from tasks.report.search import kept_merges  # the search's own merges that the run rated (search.rounds)
+
+    config = config.model_copy(update={"merges": [*config.merges, *kept_merges(store, rel)]})
+    validation = store.read_json(f"{rel}/validation.json") if store.exists(f"{rel}/validation.json") else None
+    return Run(run, config, text, store.read_parquet(f"{rel}/ratings.parquet"), validation)
+
+
+def pick_model(run: Run, dataset: str | None, model: str | None) -> tuple[str, str]:
+    """(model, why): --model; else the frozen winner (pooled); else the best fine-tune of the pooled or dataset scope."""
+    kinds = run.config.model_kinds()
+    tuned = [n for n, k in kinds.items() if k in MODEL_KINDS]
+    if model is not None:
+        if model not in tuned:
+            what = "a reference, not a fine-tune" if model in kinds else "not a model of this run"
+            raise UserError(f"--model {model}: {what}; run {run.id} fine-tuned: {', '.join(tuned)}")
+        return model, "named by --model"
+    frozen = (run.validation or {}).get("winner")
+    if dataset is None and frozen in tuned:
+        return frozen, "the search's winner, frozen before validation (validation.json)"
+    scope = dataset or "overall"
+    r = run.ratings[(run.ratings["scope"] == scope) & run.ratings["kind"].isin(MODEL_KINDS)]
+    if r.empty:
+        raise UserError(f"run {run.id}: its ratings have no fine-tuned contender in scope '{scope}'")
+    best = r.sort_values("rating", ascending=False, kind="stable").iloc[0]["contender"]
+    return str(best), f"the best fine-tune on {dataset}" if dataset else "the best fine-tune of the pooled ratings"
+
+
+def pick_dataset(run: Run, dataset: str | None) -> tuple[str, str]:
+    """(dataset whose adapter is exported, why): --dataset, else the config's first dataset."""
+    names = [d.name for d in run.config.datasets]
+    if dataset is None:
+        return names[0], "the config's first dataset; --dataset NAME exports another's"
+    if dataset not in names:
+        held = run.config.validation.dataset.name if run.config.validation else None
+        note = f" ({held} is its held-out dataset, which only validates the winner)" if dataset == held else ""
+        raise UserError(f"--dataset {dataset}: not a dataset of run {run.id}{note}; its datasets: {', '.join(names)}")
+    return dataset, "named by --dataset"
+
+
+def out_folder(out: str) -> Path:
+    """The export's folder: new or empty (nothing is overwritten); UserError otherwise."""
+    path = Path(out).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {out}: is a file; name a new or empty folder")
+    if path.is_dir() and any(path.iterdir()):
+        raise UserError(f"--out {out}: folder is not empty; name a new or empty folder (nothing is overwritten)")
+    return path
+
+
+def prepare_offline(cfg: SearchConfig) -> Prepared:
+    """The run's models and datasets fingerprinted as the search did, without calling any API or work pool."""
+    from tasks.plan.prepare import prepare
+
+    # References, an LLM judge, a work pool and the held-out set play no part in where the winner's files are.
+    return prepare(cfg.model_copy(update={"references": [], "judge": JudgeConfig(), "compute": ComputeConfig(),
+                                          "validation": None}))
+
+
+def base_folder(cfg: SearchConfig, prep: Prepared, name: str, store: Store, log: Callable[[str], None]) -> tuple[Path, str]:
+    """(local folder of the model's base weights, the name the export gives it: hub id, local path or store folder)."""
+    info = prep.models[name]
+    if info.role == "merge":
+        rel = f"models/{info.fingerprint}"
+        if not store.exists(rel):
+            raise UserError(f"store {store.root}: has no merged model {name} ({rel}); run the search again to make it")
+        return store.local_dir(rel), str(store.local_dir(rel))
+    from tasks.models.fingerprint import materialize
+
+    sources = cfg.candidates + cfg.ingredients
+    c = next(c for c in sources if c.name == name)
+    folder = Path(materialize(c, store, log=log, others=sources)).resolve()
+    if str(folder).startswith(str(Path(store.root).resolve()) + os.sep) or not store.local:
+        return folder, str(folder)  # a zoo model, or a user's adapter merged into its base: the store holds it
+    return folder, str(Path(c.path).resolve()) if Path(c.path).is_dir() else c.path  # local folder, or hub id
+
+
+def locate(run: Run, prep: Prepared, store: Store, model: str, chosen: str, dataset: str, why: str, check: bool,
+           log: Callable[[str], None]) -> Winner:
+    """Find the model's base, its adapter for `dataset` and the search's outputs of it; UserError when one is gone."""
+    from tasks.train.finetune import adapter_key
+    from tasks.generate.outputs import outputs_key
+
+    cfg, info, data = run.config, prep.models[model], prep.datasets[dataset]
+    key = adapter_key(info.fingerprint, data.train_fp, cfg.finetune)
+    changed = ("is this the run's store, and are its model and dataset files as they were? (the keys are hashed "
+               "from the files as they are now)")
+    if not store.exists(f"adapters/{key}"):
+        raise UserError(f"store {store.root}: no adapter of {model} on {dataset} (adapters/{key}); {changed}")
+    outputs = f"outputs/{outputs_key(key, data.test_fp, cfg.generate)}.parquet"
+    if check and not store.exists(outputs):
+        raise UserError(f"store {store.root}: no outputs of {model} on {dataset} ({outputs}) to check the export "
+                        f"against; {changed}; --no-check exports without the check")
+    base_dir, base_name = base_folder(cfg, prep, model, store, log)
+    return Winner(model, run.config.model_kinds()[model], chosen, dataset, why, base_dir, base_name, info.load,
+                  store.local_dir(f"adapters/{key}"), outputs)
+
+
+def write_adapter(w: Winner, folder: Path) -> PromptFormat:
+    """The PEFT adapter (its base named in adapter_config.json) and the tokenizer with its training template."""
+    from tasks.models.chat import generation_eos, load_tokenizer, prompt_format
+
+    for f in w.adapter_dir.iterdir():  # not the store's manifest, nor peft's blank model card
+        if f.is_file() and not f.name.startswith(".") and f.name != "README.md":
+            shutil.copy2(f, folder / f.name)
+    conf = json.loads((folder / "adapter_config.json").read_text())
+    conf["base_model_name_or_path"] = w.base_name
+    (folder / "adapter_config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+    tok = load_tokenizer(w.base_dir, w.load)  # tasks/models/chat.py's rule: own template, else the config's
+    save_tokenizer(tok, folder)
+    return prompt_format(tok, generation_eos(w.base_dir), w.model)
+
+
+def write_merged(w: Winner, folder: Path) -> PromptFormat:
+    """Full weights with the adapter folded in exactly as the search generated with, and the tokenizer."""
+    from tasks.train.finetune import load_base
+    from tasks.generate.outputs import merged_adapter
+
+    model, tok, fmt = load_base(w.base_dir, w.load)
+    with merged_adapter(model, w.adapter_dir) as merged:  # the search's own merge: the very weights it generated with
+        merged.generation_config.eos_token_id = list(fmt.stop_ids)  # a server stops at the template's end of turn too
+        merged.save_pretrained(str(folder))
+    save_tokenizer(tok, folder)
+    if (w.adapter_dir / "train_metrics.json").is_file():
+        shutil.copy2(w.adapter_dir / "train_metrics.json", folder / "train_metrics.json")
+    if (w.base_dir / "mergekit_config.yml").is_file():
+        shutil.copy2(w.base_dir / "mergekit_config.yml", folder / "mergekit_config.yml")
+    return fmt
+
+
+def save_tokenizer(tok: Any, folder: Path) -> None:
+    """Save the tokenizer, its template also as chat_template.jinja (what `vllm serve --chat-template` reads)."""
+    tok.save_pretrained(str(folder))
+    if not (folder / "chat_template.jinja").is_file():
+        (folder / "chat_template.jinja").write_text(tok.chat_template, encoding="utf-8")
+
+
+def reproduce(folder: Path, w: Winner, cfg: SearchConfig, prep: Prepared, merged: bool) -> pd.DataFrame:
+    """The exported folder's greedy answers to the dataset's test rows, through the search's own generation code."""
+    from tasks.models.chat import load_tokenizer, prompt_format
+    from tasks.train.finetune import load_base
+    from tasks.generate.outputs import generate_loaded, merged_adapter
+    from tasks.compute.workers import threads_for, torch_threads
+
+    own = LoadOptions(trust_remote_code=w.load.trust_remote_code)  # the exported tokenizer's own template only
+    if merged:
+        model, tok, fmt = load_base(folder, own)
+        ctx: Any = nullcontext(model)
+    else:
+        model, _, _ = load_base(w.base_dir, w.load)  # the base's weights; tokenizer and adapter from the export
+        tok = load_tokenizer(folder, own)
+        fmt = prompt_format(tok, model.generation_config.eos_token_id, str(folder))
+        ctx = merged_adapter(model, folder)  # folded in, as the search generated (unfolded LoRA rounds differently)
+    model.eval()
+    with ctx as m, torch_threads(threads_for(model.num_parameters(), training=False)):  # the search's thread count
+        return generate_loaded(m, tok, fmt, w.dataset, prep.datasets[w.dataset].test, w.model, cfg.generate)
+
+
+def compare(produced: pd.DataFrame, stored: pd.DataFrame) -> tuple[int, int, str]:
+    """(identical outputs, test rows, the first difference in words or '')."""
+    want = dict(zip(stored["example_id"].astype(str), stored["output"]))
+    got = dict(zip(produced["example_id"].astype(str), produced["output"]))
+    diff = [i for i in want if got.get(i) != want[i]]
+    if not diff:
+        return len(want), len(want), ""
+    i = diff[0]
+    return len(want) - len(diff), len(want), (f"first difference, example {i}: the search wrote {want[i]!r}, "
+                                              f"the export {got.get(i)!r}")
+
+
+def serve_lines(w: Winner, out: Path, merged: bool, fmt: PromptFormat, cfg: SearchConfig, example: list[dict],
+                rank: int | None) -> list[str]:
+    """The model card's serving section: vllm serve, an OpenAI client request, and loading with transformers."""
+    served = f"{w.model}-{w.dataset}"
+    remote = " --trust-remote-code" if w.load.trust_remote_code else ""
+    if merged:
+        cmd = f"vllm serve {out} --served-model-name {served}{remote}"
+    else:
+        rank_flag = f" --max-lora-rank {rank}" if rank and rank > VLLM_MAX_LORA_RANK else ""
+        cmd = (f"vllm serve {w.base_name} --enable-lora --lora-modules {served}={out}{rank_flag} "
+               f"--chat-template {out / 'chat_template.jinja'}{remote}")
+    from tasks.models.chat import fold_system
+
+    stops, n = list(fmt.stop_ids), cfg.generate.max_new_tokens
+    fold = "  # system text folded into the user turn: this template refuses a system message" if fmt.fold_system \
+        else ""
+    example = fold_system(example) if fmt.fold_system else example
+    kw = ", trust_remote_code=True" if w.load.trust_remote_code else ""
+    load = (f'model = AutoModelForCausalLM.from_pretrained("{out}"{kw})' if merged else
+            f'model = AutoModelForCausalLM.from_pretrained("{w.base_name}"{kw})\n'
+            f'model = PeftModel.from_pretrained(model, "{out}").merge_and_unload()  # folded in, as the search ran it')
+    return [
+        "## Serve it with vLLM (OpenAI-compatible server)", "", "```bash", cmd, "```", "",
+        (f"Ask it as the search did: greedy (temperature 0), at most {n} new tokens, stopping at every end-of-turn "
+         f"token ({', '.join(map(str, stops))}):"), "", "```python", "from openai import OpenAI", "",
+        'client = OpenAI(base_url="http://localhost:8000/v1", api_key="EMPTY")',
+        f"messages = {json.dumps(example, ensure_ascii=False)}  # the first test row of {w.dataset}{fold}",
+        f'reply = client.chat.completions.create(model="{served}", messages=messages, temperature=0, max_tokens={n},',
+        f'                                       extra_body={{"stop_token_ids": {stops}}})',
+        "print(reply.choices[0].message.content)", "```", "",
+        "## Load it with transformers", "", "```python",
+        *([] if merged else ["from peft import PeftModel"]),
+        "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f'tok = AutoTokenizer.from_pretrained("{out}"{kw})', load,
+        f"messages = {json.dumps(example, ensure_ascii=False)}{fold}",
+        'inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)',
+        f"out = model.generate(**inputs, max_new_tokens={n}, do_sample=False, eos_token_id={stops})",
+        'print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())', "```", ""]
+
+
+def _train_file(d: Any) -> str:
+    """The training file a dataset's fine-tunes read: a split one (search.refit off) also names its configured file."""
+    if d.source is None:
+        return d.spec.train
+    return f"{d.spec.train} ({len(d.train)} rows of {d.source.spec.train}: its development rows left out)"
+
+
+def data_rows(cfg: SearchConfig, prep: Prepared) -> list[str]:
+    """Markdown table rows of every dataset's files and fingerprints (the held-out one as its files are now)."""
+    from tasks.data.load import dataset_fingerprint
+
+    rows = [f"| {n} | search | {_train_file(d)} | `{d.train_fp}` | {d.spec.test} | `{d.test_fp}` | {d.metric} |"
+            for n, d in prep.datasets.items()]
+    if cfg.validation:
+        spec = cfg.validation.dataset
+        fps = [f"`{dataset_fingerprint(p)}`" if Path(p).exists() else "(file gone)" for p in (spec.train, spec.test)]
+        rows.append(f"| {spec.name} | held out | {spec.train} | {fps[0]} | {spec.test} | {fps[1]} | "
+                    f"{spec.metric or 'inferred'} |")
+    return ["| dataset | role | train | train fingerprint | test | test fingerprint | metric |",
+            "|---|---|---|---|---|---|---|", *rows]
+
+
+def model_card(run: Run, prep: Prepared, w: Winner, out: Path, merged: bool, fmt: PromptFormat, rank: int | None,
+               check: str) -> str:
+    """README.md of the export: what it is, how to serve it, the check, ratings, validation, data, recipe, config."""
+    from tasks.report.report import md_table, ranking_rows, validation_lines
+
+    cfg, info = run.config, prep.models[w.model]
+    conf = cfg.rating.confidence
+    hub = "" if Path(w.base_name).is_absolute() else f"base_model: {w.base_name}\n"
+    what = ("full weights, the LoRA adapter merged in" if merged else f"a LoRA adapter (rank {rank}) of `{w.base_name}`")
+    lines = [f"---\nlibrary_name: {'transformers' if merged else 'peft'}\n{hub}tags: [basesearch, lora]\n---", "",
+             f"# {w.model} fine-tuned on {w.dataset}", "",
+             f"Exported from basesearch run `{run.id}` of search `{cfg.name}`: {what}.", "",
+             f"- **Model**: {w.model} ({w.kind}), {w.chosen}.",
+             f"- **Base model**: `{w.base_name}`.",
+             f"- **Fine-tuned on**: dataset {w.dataset} ({w.dataset_why}).",
+             f"- **Prompt format**: {info.template or fmt.describe()}; the tokenizer here carries that chat template.",
+             f"- **Check**: {check}", ""]
+    lines += serve_lines(w, out, merged, fmt, cfg, prep.datasets[w.dataset].test[0].prompt, rank)
+    lines += ["## Ratings", "", f"Bradley-Terry ratings (Elo scale) with {conf:.0%} intervals, pooled and per dataset.",
+              ""]
+    for scope in dict.fromkeys(run.ratings["scope"]):
+        lines += [f"### {scope}", "", md_table(ranking_rows(run.ratings, scope, conf)), ""]
+    lines += ["## Validation on the held-out dataset", "", *validation_lines(run.validation), ""]  # as the report's
+    lines += ["## Data", "", *data_rows(cfg, prep), ""]
+    recipe = w.base_dir / "mergekit_config.yml"
+    if w.kind == "merge" and recipe.is_file():
+        lines += ["## Merge recipe (mergekit)", "", "```yaml", recipe.read_text(encoding="utf-8").rstrip(), "```", ""]
+    lines += ["## Search config", "", "```yaml", run.config_text.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def export_run(run: str, out: str, store: str | None = None, dataset: str | None = None, merged: bool = False,
+               check: bool = True, model: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Export a run's winner (or --model) into the new folder `out`, check it, and say what was written.
+
+    Raises UserError for bad input (before any model loads) and CheckFailed when the check finds a difference (the
+    export is then left in `out` for inspection).
+    """
+    root = resolve_store(store)
+    if "://" not in root and not Path(root).is_dir():
+        raise UserError(f"store {root}: no such folder; --store DIR or $BASESEARCH_STORE names the search's store")
+    st = Store(root)
+    r = open_run(st, run)
+    ds, ds_why = pick_dataset(r, dataset)
+    name, chosen = pick_model(r, dataset, model)
+    target = out_folder(out)
+    log(f"run {r.id}: exporting {name} ({chosen}); its adapter trained on {ds} ({ds_why})")
+    prep = fit_datasets(r.config, prepare_offline(r.config), st)  # the training rows the search's fine-tunes used
+    w = locate(r, prep, st, name, chosen, ds, ds_why, check, log)
+    log(f"base model: {w.base_name}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / tmp_name()  # filled, then renamed to `out`: a failed export leaves no half folder
+    tmp.mkdir()
+    try:
+        fmt = write_merged(w, tmp) if merged else write_adapter(w, tmp)
+        rank = json.loads((w.adapter_dir / "adapter_config.json").read_text()).get("r")
+        line, problem = "not run (--no-check)", ""
+        if check:
+            same, total, problem = compare(reproduce(tmp, w, r.config, prep, merged), st.read_parquet(w.outputs_rel))
+            line = f"{same} of {total} test outputs identical to the search's"
+            log(f"check: {line}")
+        card = model_card(r, prep, w, target, merged, fmt, rank, line + (
+            " (loaded from this folder with transformers" + ("" if merged else " and peft")
+            + ", answered greedily with the search's generation settings)" if check else ""))
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        if target.is_dir():
+            target.rmdir()  # empty, checked above
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if problem:
+        raise CheckFailed(f"check: {line}; {problem}; the export is left in {target} for inspection")
+    serve = next(x for x in card.splitlines() if x.startswith("vllm serve"))
+    return {"run_id": r.id, "model": name, "kind": w.kind, "dataset": ds, "base": w.base_name, "merged": merged,
+            "out": str(target), "check": line if check else None, "serve": serve, "card": card}

@@ -1,0 +1,378 @@
+"""The search's plan: every result a checked config implies, keyed as the stages key them, with what the store
+already holds and an estimate of what the rest costs. `python -m flows.search --dry-run` prints it; a real run
+prints it first and refuses to start when it alone exceeds a budget cap.
+
+Estimates:
+- GPU time (fine-tuning and generation) = characters to process x the model's parameter count / a rate in
+  parameter-characters per second, measured by earlier fine-tunes and generations on the same kind of device and
+  recorded in the store (rates/<stage>.json); where none was measured, the assumption used is named in the plan.
+  Characters, not tokens: the plan reads no tokenizer, and a rate measured in characters carries the tokenizer's
+  characters-per-token ratio with it.
+- Dollars (references and the LLM judge) = tokens (characters / 4) x `prices`; the judge's count is the number of
+  comparisons the planning strategy may make (all pairs, or `budget.max_comparisons` when smaller).
+Validation's two fine-tunes depend on the winner, so they are planned as jobs whose key is known only then.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from tasks.config.schema import TEACHER, ZOO_PREFIX
+from tasks.core.errors import UserError
+from tasks.compute.speeds import conversation_chars, measured_rate, param_count
+from tasks.store.store import Store
+
+if TYPE_CHECKING:
+    from tasks.config.schema import JudgeConfig, ModelPrice, SearchConfig
+    from tasks.plan.prepare import DatasetInfo, Prepared
+
+CHARS_PER_TOKEN = 4  # the usual English ratio for BPE vocabularies; only the dollar estimates use it
+JUDGE_PROMPT_TOKENS = 250  # the judge's instructions and verdict format, beside the conversation and answers
+
+
+@dataclass(frozen=True)
+class Job:
+    """One result of the search: its stage, what it is, its store path (None until known), and its cost."""
+
+    stage: str
+    name: str
+    rel: str | None
+    done: bool
+    gpu_s: float = 0.0
+    usd: float = 0.0
+    optional: bool = False  # run only while the budget allows (the search loop's proposals): no cap refuses a plan for it
+
+
+@dataclass
+class Plan:
+    """Every job of a search and the assumptions its estimates rest on."""
+
+    jobs: list[Job] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)
+    rates: tuple[float, float] = (0.0, 0.0)  # fine-tuning and generation, in parameter-characters per second
+
+    def table(self) -> pd.DataFrame:
+        """Per stage: results needed, already in the store, to compute, and the estimated cost of those."""
+        rows = []
+        for stage in dict.fromkeys(j.stage for j in self.jobs):
+            jobs = [j for j in self.jobs if j.stage == stage]
+            todo = [j for j in jobs if not j.done]
+            rows.append({"stage": stage, "needed": len(jobs), "in store": len(jobs) - len(todo),
+                         "to compute": len(todo), "GPU-hours": round(sum(j.gpu_s for j in todo) / 3600, 4),
+                         "USD": round(sum(j.usd for j in todo), 4)})
+        return pd.DataFrame(rows)
+
+    def gpu_hours(self, required: bool = False) -> float:
+        """Estimated GPU-hours of everything still to compute (`required`: without the optional jobs)."""
+        return sum(j.gpu_s for j in self.jobs if not j.done and not (required and j.optional)) / 3600
+
+    def usd(self) -> float:
+        """Estimated dollars of everything still to compute."""
+        return sum(j.usd for j in self.jobs if not j.done)
+
+
+def _chars(rows: list[Any]) -> float:
+    """Mean characters of the rows' whole conversations (prompt and answer)."""
+    return sum(conversation_chars(r.prompt, r.answer) for r in rows) / max(len(rows), 1)
+
+
+def _usd(price: ModelPrice | None, prompt_chars: float, answer_tokens: float) -> float:
+    """Dollars of one request: prompt tokens (characters / 4) and answer tokens at the model's price."""
+    if price is None:
+        return 0.0
+    return (prompt_chars / CHARS_PER_TOKEN * price.input + answer_tokens * price.output) / 1e6
+
+
+def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "cpu") -> Plan:
+    """Every job the config implies, from the checked config and fingerprints alone; loads no model."""
+    from tasks.data.devsplit import fit_datasets
+
+    prep = fit_datasets(cfg, prep, store)  # the datasets as the fine-tunes see them (a no-op when already so)
+    plan = Plan()
+    train_rate = measured_rate(store, "finetune", device, plan.assumptions)
+    gen_rate = measured_rate(store, "generate", device, plan.assumptions)
+    plan.rates = (train_rate, gen_rate)
+    for c in cfg.candidates + cfg.ingredients:
+        zoo = c.path.startswith(ZOO_PREFIX)
+        rel = f"models/{prep.models[c.name].fingerprint}"
+        plan.jobs.append(Job("candidates", c.name, rel if zoo else None, store.exists(rel) if zoo else True))
+    for m in cfg.merges:
+        rel = f"models/{prep.models[m.name].fingerprint}"
+        plan.jobs.append(Job("merges", m.name, rel, store.exists(rel)))
+    models = [n for n, info in prep.models.items() if info.finetuned]
+    for data in prep.datasets.values():
+        _dataset_jobs(plan, cfg, prep, store, data, models, (train_rate, gen_rate))
+    if cfg.validation:
+        _validation_jobs(plan, cfg, prep, store, (train_rate, gen_rate))
+    if cfg.search.rounds:
+        _search_jobs(plan, cfg, prep, store, models)
+    if cfg.llm_judges():
+        _llm_judge_jobs(plan, cfg, prep, models)
+    if any(j.kind == "metric" for j in cfg.judge_list()) and (cfg.budget.strategy != "all-pairs" or
+                                                              cfg.budget.max_comparisons):
+        # Its verdicts cost nothing and take milliseconds, so stopping early would only lose information.
+        plan.assumptions.append("judge: the metric judge is free, so it judges every pair of every dataset; "
+                                "budget.strategy and budget.max_comparisons apply to the LLM judge")
+    return plan
+
+
+def finetune_seconds(cfg: SearchConfig, data_rows: list[Any], params: int, rate: float) -> float:
+    """Seconds of one fine-tune: optimizer steps x rows per step x characters per row x parameters / rate."""
+    steps = cfg.finetune.max_steps or math.ceil(cfg.finetune.epochs * len(data_rows) / cfg.finetune.batch_size)
+    return steps * cfg.finetune.batch_size * _chars(data_rows) * params / rate
+
+
+def generate_seconds(test_rows: list[Any], params: int, rate: float) -> float:
+    """Seconds of answering a test split: its characters (answers as long as the teacher's) x parameters / rate."""
+    return len(test_rows) * _chars(test_rows) * params / rate
+
+
+def reference_usd(cfg: SearchConfig, ref: Any, rows: list[Any]) -> float:
+    """Dollars of a reference answering test rows: their prompts, and answers as long as the teacher's."""
+    prompt = sum(sum(len(m["content"]) for m in r.prompt) for r in rows)
+    answer = sum(min(ref.max_tokens, len(r.answer) / CHARS_PER_TOKEN) for r in rows)
+    return _usd(cfg.prices.get(ref.model), prompt, answer)
+
+
+def _judge_usd(cfg: SearchConfig, rows: list[Any], pairs: int, share: float = 1.0,
+               judge: JudgeConfig | None = None) -> tuple[float, float]:
+    """(comparisons, dollars) of an LLM judge (default cfg.judge) on `pairs` pairs of contenders over `rows` (`share`
+    of them)."""
+    judge = judge or cfg.judge
+    count = pairs * len(rows) * (2 if judge.both_orders else 1) * share
+    prompt = JUDGE_PROMPT_TOKENS * CHARS_PER_TOKEN + 3 * _chars(rows)  # conversation, two answers, reference
+    return count, count * _usd(cfg.prices.get(judge.model or ""), prompt, 30)  # a verdict: ~30 tokens of JSON
+
+
+def _dataset_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, data: DatasetInfo, models: list[str],
+                  rates: tuple[float, float]) -> None:
+    """One dataset's fine-tunes, outputs, teacher and reference outputs, and metric-judged batches."""
+    from tasks.train.finetune import adapter_key
+    from tasks.generate.outputs import outputs_key, teacher_key
+    from tasks.judge.judgments import judgment_key
+    from tasks.generate.references import reference_key
+
+    name, keys = data.spec.name, {}
+    for m in models:
+        n = param_count(prep.models[m].signature)
+        akey = adapter_key(prep.models[m].fingerprint, data.train_fp, cfg.finetune)
+        okey = outputs_key(akey, data.test_fp, cfg.generate)
+        keys[m] = okey
+        plan.jobs.append(Job("finetune", f"{m} on {name}", f"adapters/{akey}", store.exists(f"adapters/{akey}"),
+                             finetune_seconds(cfg, data.train, n, rates[0])))
+        plan.jobs.append(Job("generate", f"{m} on {name}", f"outputs/{okey}.parquet",
+                             store.exists(f"outputs/{okey}.parquet"), generate_seconds(data.test, n, rates[1])))
+    keys[TEACHER] = teacher_key(data.test_fp)
+    plan.jobs.append(Job("teacher", name, f"outputs/{keys[TEACHER]}.parquet",
+                         store.exists(f"outputs/{keys[TEACHER]}.parquet")))
+    for ref in cfg.references:
+        rkey = reference_key(ref, data.test_fp)
+        keys[ref.name] = rkey
+        plan.jobs.append(Job("references", f"{ref.name} on {name}", f"outputs/{rkey}.parquet",
+                             store.exists(f"outputs/{rkey}.parquet"), usd=reference_usd(cfg, ref, data.test)))
+    metric = next((j for j in cfg.judge_list() if j.kind == "metric"), None)
+    if metric is None:
+        return
+    for a, b in combinations(sorted(keys, key=keys.get), 2):
+        rel = f"judgments/{judgment_key(metric, data.metric, data.test_fp, keys[a], keys[b])}.parquet"
+        plan.jobs.append(Job("judge", f"{a} vs {b} on {name}", rel, store.exists(rel)))
+
+
+def _search_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, models: list[str]) -> None:
+    """The loop's work (search.rounds): every model answering the development rows, then at most rounds x proposals
+    fine-tunes and answers, and the kept proposals' test work. The proposals depend on ratings not yet made: they are
+    planned at their most (every round run) as the largest model, with no key."""
+    from tasks.data.devsplit import dev_split
+    from tasks.train.finetune import adapter_key
+    from tasks.generate.outputs import outputs_key
+
+    s, (train_rate, gen_rate) = cfg.search, plan.rates
+    largest = max(param_count(prep.models[m].signature) for m in models)
+    for data in prep.datasets.values():
+        dev = dev_split(data, s.dev_share, store)
+        for m in models:  # round 0; its fine-tunes are the search's own unless search.refit
+            n, akey = param_count(prep.models[m].signature), adapter_key(prep.models[m].fingerprint, dev.train_fp,
+                                                                          cfg.finetune)
+            if akey != adapter_key(prep.models[m].fingerprint, data.train_fp, cfg.finetune):
+                plan.jobs.append(Job("search", f"{m} on {dev.spec.name}", f"adapters/{akey}",
+                                     store.exists(f"adapters/{akey}"), finetune_seconds(cfg, dev.train, n, train_rate)))
+            okey = f"outputs/{outputs_key(akey, dev.test_fp, cfg.generate)}.parquet"
+            plan.jobs.append(Job("search", f"{m} answering {dev.spec.name}", okey, store.exists(okey),
+                                 generate_seconds(dev.test, n, gen_rate)))
+        for r in range(1, s.rounds + 1):
+            plan.jobs += [Job("search", f"round {r} proposal {i} on {dev.spec.name}", None, False,
+                              finetune_seconds(cfg, dev.train, largest, train_rate)
+                              + generate_seconds(dev.test, largest, gen_rate), optional=True)
+                          for i in range(1, s.proposals + 1)]
+        plan.jobs += [Job("search", f"kept proposal {i} on {data.spec.name}", None, False,
+                          finetune_seconds(cfg, data.train, largest, train_rate) * s.refit
+                          + generate_seconds(data.test, largest, gen_rate), optional=True) for i in range(1, s.keep + 1)]
+    plan.assumptions.append(
+        f"search: up to {s.rounds} rounds x {s.proposals} proposals per dataset, each fine-tuned on the training rows "
+        f"minus the development rows ({s.dev_share:.0%}) and answering those, counted as if every round ran (the loop "
+        "stops early when no proposal beats the leader, and budget.max_gpu_hours stops it before a round that would "
+        "not fit, so a cap refuses no run for them)" + ("" if s.refit else "; the first rating and the kept "
+                                                           "proposals reuse the search's fine-tunes"))
+
+
+def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, rates: tuple[float, float]) -> None:
+    """The winner's and its opponents' fine-tunes and outputs on the held-out dataset.
+
+    The winner is known only after judging: it is planned as the largest model, and counted as in the store when
+    some model's held-out outputs are (a re-run that reuses every judgment picks the same winner).
+    """
+    from tasks.data.load import dataset_fingerprint, load_examples
+    from tasks.train.finetune import adapter_key
+    from tasks.generate.outputs import outputs_key, teacher_key
+
+    assert cfg.validation is not None
+    spec = cfg.validation.dataset  # only sizes and file hashes here: the rows are read after the winner is frozen
+    train, test = load_examples(spec.train), load_examples(spec.test)
+    train_fp, test_fp = dataset_fingerprint(spec.train), dataset_fingerprint(spec.test)
+    tuned = {n: i for n, i in prep.models.items() if i.finetuned}
+    rels = {}
+    for m, info in tuned.items():
+        akey = adapter_key(info.fingerprint, train_fp, cfg.finetune)
+        rels[m] = (f"adapters/{akey}", f"outputs/{outputs_key(akey, test_fp, cfg.generate)}.parquet")
+    largest = max(param_count(i.signature) for i in tuned.values())
+    done_any = [any(store.exists(r[k]) for m, r in rels.items() if m not in cfg.validation.baselines) for k in (0, 1)]
+    for who in ["winner", *cfg.validation.baselines]:
+        n = largest if who == "winner" else param_count(tuned[who].signature)
+        done = done_any if who == "winner" else [store.exists(r) for r in rels[who]]
+        plan.jobs.append(Job("validation", f"finetune {who} on {spec.name}", rels.get(who, (None,))[0], done[0],
+                             finetune_seconds(cfg, train, n, rates[0])))
+        plan.jobs.append(Job("validation", f"generate {who} on {spec.name}", rels.get(who, (None, None))[1], done[1],
+                             generate_seconds(test, n, rates[1])))
+    teacher = f"outputs/{teacher_key(test_fp)}.parquet"
+    plan.jobs.append(Job("validation", f"teacher on {spec.name}", teacher, store.exists(teacher)))
+    # the metric judge's validation batches are free; an LLM judge's are the winner against each opponent and the
+    # teacher: the pairs validation reports (flows/search.validate_winner)
+    for judge in cfg.llm_judges():
+        count, usd = _judge_usd(cfg, test, 1 + len(cfg.validation.baselines), judge=judge)
+        plan.jobs.append(Job("validation", f"{_judge_name(cfg, judge)} on {spec.name}: {count:.0f} comparisons", None,
+                             False, usd=usd))
+
+
+def _llm_judge_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, models: list[str]) -> None:
+    """The LLM judge's comparisons as one job per dataset, with the strategy's largest count and its dollars."""
+    contenders = len(models) + 1 + len(cfg.references)  # the fine-tunes, the teacher, the references
+    pairs = math.comb(contenders, 2)
+    total = sum(_judge_usd(cfg, d.test, pairs)[0] for d in prep.datasets.values())
+    cap = cfg.budget.max_comparisons
+    share = min(1.0, cap / total) if cap else 1.0
+    for judge in cfg.llm_judges():  # each LLM judge plans its own rounds, under the same cap
+        for d in prep.datasets.values():
+            count, usd = _judge_usd(cfg, d.test, pairs, share, judge)
+            plan.jobs.append(Job("judge", f"{_judge_name(cfg, judge)} on {d.spec.name}: up to {count:.0f} comparisons",
+                                 None, False, usd=usd))
+    combined = any(j.kind == "combined" for j in cfg.llm_judges())
+    plan.assumptions.append("judge: every comparison is counted as a paid request; identical outputs tie without "
+                            "one" + (" and adaptive planning stops once the leader is separated" if
+                                     cfg.budget.strategy == "adaptive" else "") +
+                            (", the combined judge pays only where the metric ties (rows without `expected`, or equal "
+                             "scores)" if combined else "") + ", so the dollars are an upper bound")
+
+
+def _judge_name(cfg: SearchConfig, judge: JudgeConfig) -> str:
+    """How the plan names an LLM judge: 'LLM judge', or with its model when there are several."""
+    kind = "combined judge" if judge.kind == "combined" else "LLM judge"
+    return f"{kind} {judge.model}" if len(cfg.llm_judges()) > 1 else kind
+
+
+def planning_device(cfg: SearchConfig) -> str:
+    """The kind of device the GPU stages will run on: a work pool's GPUs, else this machine's."""
+    if cfg.compute.mode == "pool":
+        return "cuda"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def search_plan(cfg: SearchConfig, prep: Prepared, store: Store) -> Plan:
+    """The plan of a checked search on this store, for the device its GPU stages run on."""
+    return build_plan(cfg, prep, store, planning_device(cfg))
+
+
+def check_budget(plan: Plan, cfg: SearchConfig) -> None:
+    """Refuse, in one line, a search whose plan alone exceeds a budget cap."""
+    b = cfg.budget
+    if b.max_usd is not None and plan.usd() > b.max_usd:
+        raise UserError(f"budget.max_usd: the plan's judge and reference requests are estimated at "
+                        f"${plan.usd():.2f}, ${plan.usd() - b.max_usd:.2f} over the cap of ${b.max_usd:.2f}; raise it, "
+                        "or cut references, contenders or budget.max_comparisons")
+    need = plan.gpu_hours(required=True)  # the search loop's proposals stop themselves before a round over the cap
+    if b.max_gpu_hours is not None and need > b.max_gpu_hours:
+        raise UserError(f"budget.max_gpu_hours: the plan's fine-tunes and generations are estimated at "
+                        f"{need:.3f} GPU-hours, {need - b.max_gpu_hours:.3f} over the cap of "
+                        f"{b.max_gpu_hours}; raise it, or cut candidates, datasets or finetune steps")
+
+
+class BudgetStop(UserError):
+    """The next stage would cross a budget cap: the run stops before it, and what it computed stays in the store."""
+
+
+@dataclass
+class Guard:
+    """The budget caps checked before every stage that costs: what this run spent so far plus the stage's estimate.
+
+    GPU time spent is measured: the wall time of the fine-tuning and generation stages that computed something, or
+    in pool mode their stage runs' time on the workers (queueing excluded: flows.search._gpu_spent);
+    the stage's estimate is the plan's, for its results not yet in the store. Dollars spent are the references'
+    and the LLM judge's new requests (the judge also stops itself at the cap, mid-stage).
+    """
+
+    cfg: SearchConfig
+    rates: tuple[float, float]
+    gpu_s: float = 0.0
+    usd: float = 0.0
+    planned: list[Job] = field(default_factory=list)  # the plan's GPU jobs still to run: what the search loop leaves room for
+
+    def planned_s(self, store: Store) -> float:
+        """Estimated seconds of the planned GPU jobs whose result the store does not hold yet (keyless ones: all)."""
+        return sum(j.gpu_s for j in self.planned if j.rel is None or not store.exists(j.rel))
+
+    def finetune_s(self, rows: list[Any], signature: dict[str, Any]) -> float:
+        """Estimated seconds of one fine-tune of a model with this signature on these training rows."""
+        return finetune_seconds(self.cfg, rows, param_count(signature), self.rates[0])
+
+    def generate_s(self, rows: list[Any], signature: dict[str, Any]) -> float:
+        """Estimated seconds of one model answering these test rows."""
+        return generate_seconds(rows, param_count(signature), self.rates[1])
+
+    def reference_usd(self, ref: Any, rows: list[Any]) -> float:
+        """Estimated dollars of one reference answering these test rows."""
+        return reference_usd(self.cfg, ref, rows)
+
+    def gpu(self, what: str, seconds: float) -> None:
+        """Stop before `what` when the GPU time spent plus its estimate would cross budget.max_gpu_hours."""
+        cap = self.cfg.budget.max_gpu_hours
+        if cap is not None and seconds > 0 and (self.gpu_s + seconds) / 3600 > cap:
+            raise BudgetStop(f"budget.max_gpu_hours: stopped before {what}: {self.gpu_s / 3600:.3g} GPU-hours spent "
+                             f"and {seconds / 3600:.3g} more estimated would cross the cap of {cap:g}; {_GO_ON}")
+
+    def dollars(self, what: str, usd: float) -> None:
+        """Stop before `what` when the dollars spent plus its estimate would cross budget.max_usd."""
+        cap = self.cfg.budget.max_usd
+        if cap is not None and usd > 0 and self.usd + usd > cap:
+            raise BudgetStop(f"budget.max_usd: stopped before {what}: ${self.usd:.4f} spent and ${usd:.4f} more "
+                             f"estimated would cross the cap of ${cap:.2f}; {_GO_ON}")
+
+
+_GO_ON = "what the run computed is in the store: raise the cap and run again to go on from there"
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    """The plan as the command line and the log print it: one table, the totals, the assumptions."""
+    from tasks.report.report import text_table
+
+    lines = [text_table(plan.table()), "",
+             f"to compute: {sum(not j.done for j in plan.jobs)} of {len(plan.jobs)} results, estimated "
+             f"{plan.gpu_hours():.4f} GPU-hours and ${plan.usd():.2f}"]
+    if all(j.done for j in plan.jobs):
+        lines[-1] = f"everything ({len(plan.jobs)} results) is already in the store: nothing to compute"
+    return lines + [f"assumption: {a}" for a in plan.assumptions]

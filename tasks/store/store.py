@@ -1,0 +1,482 @@
+"""The content-addressed store: every stage's result lives under a key hashed from what determines it.
+
+What several runs sharing one store can count on (DESIGN.md, "Store"):
+- A folder result (models/<key>/, adapters/<key>/) counts as present only when its manifest `.manifest.json`
+  (every file's name, size, sha256), written last, is there and matches; a Parquet result only when its magic
+  bytes and footer are whole. A damaged result is reported in one warning line, removed and recomputed. Folders
+  written before manifests existed count as absent and are recomputed once.
+- `claim(rel)` / `lock(rel)`: a per-key flock() under <root>/.locks/, released by the OS when its run dies, so two
+  runs never compute one result at once; the second waits (one line saying for whom) and reuses the result. For a
+  remote fsspec store the locks are local files: they exclude runs on this machine only.
+- Temp files and folders (`.tmp-<pid>-<host>-...`) of runs that died are removed by the next run on the host.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Iterator
+
+import fsspec
+from filelock import FileLock, Timeout
+from fsspec.implementations.local import LocalFileSystem
+
+from tasks.core.errors import EnvironmentFailure, UserError
+from tasks.store.keys import content_key, file_fingerprint  # noqa: F401  (the store's keys, importable from here too)
+from tasks.store.guards import (
+    MANIFEST, TMP, disk_failure, file_lock, owner_line, parquet_damage, rm_local, say, sha256_file, temp_is_dead,
+    tmp_name, write_manifest, write_owner,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd  # imported where Parquet is read or written: the command line checks a config without it
+
+DEFAULT_STORE = "./store"
+LOCKS = ".locks"
+RESULT_FOLDERS = ("models/", "adapters/")  # folder results: present only with a whole manifest
+OWNER_WAIT_S = 1.0  # how long a waiting run gives a new holder to say who it is, for the waiting line
+LOCK_POLL_S = 0.5  # how often a waiting run retries a held lock; it waits as long as the owner lives (hours)
+
+_GUARD = threading.Lock()
+_OPENED: set[tuple[str, str]] = set()  # (filesystem, root) probed and swept by this process
+_LOCKS: dict[str, FileLock] = {}  # one object per lock file: reentrant per thread, exclusive between threads
+_VERIFIED: dict[str, tuple[int, int]] = {}  # file -> (size, mtime_ns) it was last verified at
+_WARNED: set[tuple[str, str]] = set()  # (root, rel) already reported damaged by this process
+
+
+def resolve_store(arg: str | None) -> str:
+    """The store root: --store, else $BASESEARCH_STORE, else ./store."""
+    return arg or os.environ.get("BASESEARCH_STORE") or DEFAULT_STORE
+
+
+class Store:
+    """A folder (local, or any fsspec URL) holding models, adapters, outputs, judgments and runs."""
+
+    def __init__(self, root: str) -> None:
+        """Open the store at `root`: created, checked writable and swept of dead runs' temps once per process."""
+        self.fs, path = fsspec.core.url_to_fs(root)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.root = str(Path(path).resolve()) if self.local else path.rstrip("/")
+        self.url = self.root if self.local else root  # what another process (a worker) opens the same store by
+        opened = (type(self.fs).__name__, self.root)
+        if opened not in _OPENED:
+            self._probe()
+            self.sweep_temps()
+            with _GUARD:
+                _OPENED.add(opened)
+
+    def _probe(self) -> None:
+        """UserError when the root is a file; EnvironmentFailure when a temp file cannot be written in it."""
+        if self.fs.isfile(self.root):
+            raise UserError(f"store {self.root}: is a file, not a folder; hint: --store DIR")
+        probe = f"{self.root}/{tmp_name()}-probe"
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self._put_bytes(probe, b"")
+            self.fs.rm(probe)
+        except (FileExistsError, NotADirectoryError):
+            raise UserError(f"store {self.root}: a part of this path is a file; hint: --store DIR") from None
+        except OSError as e:
+            raise disk_failure(e, self.root) or EnvironmentFailure(
+                f"store {self.root}: cannot write in it ({e.strerror or type(e).__name__}); "
+                "hint: check the path, or choose another with --store DIR") from None
+
+    def path(self, rel: str) -> str:
+        """Absolute path (in the store's filesystem) of a relative store path; UserError if it leaves the store."""
+        if not rel or rel.startswith(("/", "\\", "~")) or "://" in rel or re.match(r"^[A-Za-z]:", rel) \
+                or ".." in PurePosixPath(rel.replace("\\", "/")).parts:
+            raise UserError(f"store path '{rel}': must be relative and stay inside the store {self.root}")
+        return f"{self.root}/{rel}"
+
+    # ---------------------------------------------------------------------------------------- checks
+
+    def exists(self, rel: str) -> bool:
+        """True when a finished, whole result is at `rel`; a damaged one is reported, removed, and is absent."""
+        why = self.damage(rel)
+        if why is None:
+            return True
+        if why:
+            self._discard(rel, why)
+        return False
+
+    def damage(self, rel: str) -> str | None:
+        """Why the result at `rel` cannot be used ('' when there is none), or None when it is whole."""
+        target = self.path(rel)
+        try:
+            if self.local:
+                st = os.stat(target)
+                is_dir, size, stamp = stat.S_ISDIR(st.st_mode), st.st_size, st.st_mtime_ns
+            else:
+                info = self.fs.info(target)
+                is_dir, size = info["type"] == "directory", int(info.get("size") or 0)
+                stamp = hash(str(info.get("mtime") or info.get("LastModified") or info.get("created")))
+        except FileNotFoundError:
+            return ""
+        if is_dir:
+            return self._folder_damage(target, rel.startswith(RESULT_FOLDERS))
+        if not rel.endswith(".parquet") or _VERIFIED.get(target) == (size, stamp):
+            return None  # other files are written in one rename: present means whole
+        why = self._parquet_file_damage(target, size)
+        if why is None:
+            _VERIFIED[target] = (size, stamp)
+        return why
+
+    def _parquet_file_damage(self, target: str, size: int) -> str | None:
+        """Why the Parquet file at `target` is not whole (magic bytes at both ends, footer parses), or None."""
+        with self.fs.open(target, "rb") as fh:
+            head = fh.read(4)
+            fh.seek(max(size - 8, 0))
+            tail = fh.read(8)
+            n = int.from_bytes(tail[:4], "little") if len(tail) == 8 else size
+            footer = None
+            if n + 12 <= size:
+                fh.seek(size - 8 - n)
+                footer = fh.read(n)
+        return parquet_damage(head, tail, footer, size)
+
+    def _folder_damage(self, target: str, result: bool) -> str | None:
+        """Why the folder at `target` is not a whole result (manifest missing, file missing or changed), or None.
+
+        A folder of models/ or adapters/ without a manifest was written before manifests existed (or is half an
+        upload): it counts as damaged, so an old store's results are recomputed once. Other folders (runs/<id>)
+        have none and are present as they are.
+        """
+        try:
+            with open(f"{target}/{MANIFEST}", "rb") if self.local else self.fs.open(f"{target}/{MANIFEST}", "rb") as fh:
+                files = json.loads(fh.read())["files"]
+        except FileNotFoundError:
+            return "it has no manifest: written before manifests existed, or cut short" if result else None
+        except (ValueError, KeyError, TypeError):
+            return "its manifest is damaged"
+        if not self.local:  # sizes only: hashing would download it (local_dir checks hashes when it does)
+            found = {p.removeprefix(f"{target}/"): int(i.get("size") or 0)
+                     for p, i in self.fs.find(target, detail=True).items()}
+            for name, rec in files.items():
+                if found.get(name) != rec["size"]:
+                    return f"{name} is missing" if name not in found else \
+                        f"{name} has {found[name]} bytes, its manifest says {rec['size']}"
+            return None
+        seen: dict[str, list[int]] | None = None  # read only when a file's time differs from the manifest's
+        for name, rec in files.items():
+            path = f"{target}/{name}"
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return f"{name} is missing"
+            if st.st_size != rec["size"]:
+                return f"{name} has {st.st_size} bytes, its manifest says {rec['size']}"
+            stamp = (st.st_size, st.st_mtime_ns)
+            # Hash again only a file touched since it was written or last verified (a copy, an edit): a
+            # 14 GB model is hashed in about a minute, its sizes and times checked in microseconds.
+            if st.st_mtime_ns == rec["mtime_ns"] or _VERIFIED.get(path) == stamp:
+                continue
+            seen = self._seen(target) if seen is None else seen
+            if seen.get(name) == list(stamp):
+                _VERIFIED[path] = stamp
+                continue
+            if sha256_file(path) != rec["sha256"]:
+                return f"{name} differs from its manifest's sha256"
+            _VERIFIED[path] = stamp
+            self._remember(target, name, stamp)
+        return None
+
+    def _seen_path(self, target: str) -> Path:
+        """The side file recording when each file of folder `target` was last verified (local stores only)."""
+        return self._lock_dir() / f"{target.removeprefix(self.root + '/')}.verified"
+
+    def _seen(self, target: str) -> dict[str, list[int]]:
+        """{file: [size, mtime_ns]} verified by hashing since the folder was written (another run's too)."""
+        try:
+            return json.loads(self._seen_path(target).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _remember(self, target: str, name: str, stamp: tuple[int, int]) -> None:
+        """Record that `name` hashed right at this (size, mtime_ns), so no later run hashes it again."""
+        side = self._seen_path(target)
+        try:
+            side.parent.mkdir(parents=True, exist_ok=True)
+            tmp = side.parent / tmp_name()
+            tmp.write_text(json.dumps(self._seen(target) | {name: list(stamp)}))
+            os.replace(tmp, side)
+        except OSError:  # only a cache: the file is hashed again next time
+            pass
+
+    def _discard(self, rel: str, why: str) -> None:
+        """Warn once that `rel` is damaged; remove it unless another run holds its lock (it recomputes it)."""
+        with _GUARD:
+            first = (self.root, rel) not in _WARNED
+            _WARNED.add((self.root, rel))
+        if first:
+            say(logging.WARNING, f"store: {rel} is damaged ({why}); it will be removed and recomputed")
+        if not self.local:  # another machine may be uploading it: new_dir replaces it under the lock
+            return
+        lk = self._lock_of(rel)
+        try:
+            lk.acquire(timeout=0)
+        except Timeout:
+            return
+        try:
+            if self.damage(rel):  # still damaged now that no one else can be writing it
+                aside = f"{self.path(rel).rsplit('/', 1)[0]}/{tmp_name()}"
+                os.replace(self.path(rel), aside)  # gone in one step; the rest is removed at leisure
+                rm_local(aside)
+        finally:
+            lk.release()
+
+    # ------------------------------------------------------------------------------------------ locks
+
+    def _lock_dir(self) -> Path:
+        """Where lock files live: in the store, or for a remote store in a local folder (per machine)."""
+        if self.local:
+            return Path(self.root) / LOCKS
+        return Path(tempfile.gettempdir()) / "basesearch-locks" / content_key(str(self.fs.protocol), self.root)
+
+    def _lock_of(self, rel: str) -> FileLock:
+        """The lock of result `rel` (its folder created)."""
+        self.path(rel)  # checks that rel stays inside the store
+        path = self._lock_dir() / f"{rel}.lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise disk_failure(e, self.root) or e from None
+        return file_lock(path)
+
+    @contextmanager
+    def lock(self, rel: str) -> Iterator[None]:
+        """Hold `rel`'s lock (reentrant in one thread); when another run or thread holds it, say for whom, wait."""
+        lk = self._lock_of(rel)
+        owner = Path(lk.lock_file).with_suffix(".owner")
+        try:
+            lk.acquire(timeout=0)
+        except Timeout:
+            deadline = time.monotonic() + OWNER_WAIT_S
+            while not owner.exists() and time.monotonic() < deadline:  # its holder writes it just after taking it
+                time.sleep(0.05)
+            say(logging.INFO, f"store: waiting for {owner_line(owner)} computing {rel}")
+            lk.acquire(timeout=-1, poll_interval=LOCK_POLL_S)
+        outer = lk.lock_counter == 1
+        if outer:
+            write_owner(owner)
+        try:
+            yield
+        finally:
+            if outer:
+                owner.unlink(missing_ok=True)
+            lk.release()
+
+    @contextmanager
+    def claim(self, rel: str) -> Iterator[bool]:
+        """`with store.claim(rel) as todo:` True: compute `rel` now, holding its lock; False: a whole result is
+        there (found at once, or left by the run this one waited for)."""
+        if self.exists(rel):
+            yield False
+            return
+        with self.lock(rel):
+            yield not self.exists(rel)
+
+    # ------------------------------------------------------------------------------------------ temps
+
+    def sweep_temps(self) -> list[str]:
+        """Remove temp files and folders of dead runs from the store's folders; return what was removed."""
+        removed = []
+        dirs = [self.root]
+        for d in (self.root, f"{self.root}/runs"):
+            dirs += [p for p, t, _ in self._children(d) if t and not p.endswith(f"/{LOCKS}")
+                     and not p.rsplit("/", 1)[-1].startswith(TMP)]
+        for d in dict.fromkeys(dirs):
+            for p, is_dir, mtime in self._children(d):
+                name = p.rsplit("/", 1)[-1]
+                if name.startswith(TMP) and temp_is_dead(name, mtime):
+                    try:
+                        rm_local(p) if self.local else self.fs.rm(p, recursive=is_dir)
+                        removed.append(p)
+                    except OSError:  # another run removed it first, or it cannot be removed: not ours to fix
+                        pass
+        if removed:
+            say(logging.INFO, f"store: removed {len(removed)} temp file(s) left by runs that died")
+        return removed
+
+    def _children(self, d: str) -> list[tuple[str, bool, float | None]]:
+        """(path, is folder, mtime in s or None) of each entry of folder `d` ([] when it is not there)."""
+        try:
+            if self.local:
+                return [(e.path, e.is_dir(follow_symlinks=False), e.stat(follow_symlinks=False).st_mtime)
+                        for e in os.scandir(d)]
+            out = []
+            for i in self.fs.ls(d, detail=True):
+                t = i.get("mtime") or i.get("LastModified") or i.get("created")
+                out.append((i["name"].rstrip("/"), i["type"] == "directory", t.timestamp() if hasattr(
+                    t, "timestamp") else t if isinstance(t, (int, float)) else None))
+            return out
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    # ----------------------------------------------------------------------------------------- writes
+
+    def _put_bytes(self, path: str, data: bytes) -> None:
+        """Write bytes to `path` (tests patch this to simulate a full disk)."""
+        with self.fs.open(path, "wb") as fh:
+            fh.write(data)
+
+    def _atomic_write(self, rel: str, data: bytes) -> str:
+        """Write bytes to a temp file beside the target, then rename: a crash never leaves half a file."""
+        target = self.path(rel)
+        parent = target.rsplit("/", 1)[0]
+        tmp = f"{parent}/{tmp_name()}"
+        try:
+            self.fs.makedirs(parent, exist_ok=True)
+            self._put_bytes(tmp, data)
+            if self.local:
+                os.replace(tmp, target)  # atomic on POSIX
+            else:
+                self.fs.mv(tmp, target)
+        except BaseException as e:
+            self._rm_quiet(tmp)
+            failure = disk_failure(e, self.root) if isinstance(e, Exception) else None
+            if failure:
+                raise failure from None
+            raise
+        _VERIFIED.pop(target, None)
+        _WARNED.discard((self.root, rel))  # whole again: a later damage is reported again
+        return target
+
+    def _rm_quiet(self, path: str) -> None:
+        """Remove a file of the store if there, never raising (cleanup after a failed write)."""
+        try:
+            rm_local(path) if self.local else self.fs.rm(path)
+        except Exception:  # noqa: BLE001 - a temp that cannot be removed is swept by a later run
+            pass
+
+    def write_text(self, rel: str, text: str) -> str:
+        """Atomically write a text file."""
+        return self._atomic_write(rel, text.encode("utf-8"))
+
+    def read_text(self, rel: str) -> str:
+        """Read a text file."""
+        with self.fs.open(self.path(rel), "rb") as fh:
+            return fh.read().decode("utf-8")
+
+    def write_json(self, rel: str, obj: Any) -> str:
+        """Atomically write JSON (indented, for people)."""
+        return self.write_text(rel, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+    def read_json(self, rel: str) -> Any:
+        """Read a JSON file."""
+        return json.loads(self.read_text(rel))
+
+    def write_parquet(self, rel: str, df: pd.DataFrame) -> str:
+        """Atomically write a DataFrame as Parquet."""
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        return self._atomic_write(rel, buf.getvalue())
+
+    def read_parquet(self, rel: str) -> pd.DataFrame:
+        """Read a Parquet file; a damaged one is removed, and EnvironmentFailure says to run again."""
+        try:
+            with self.fs.open(self.path(rel), "rb") as fh:
+                import pandas as pd
+
+                return pd.read_parquet(fh)
+        except FileNotFoundError:
+            raise
+        except Exception:
+            why = self.damage(rel)
+            if not why:
+                raise
+            self._discard(rel, why)
+            raise EnvironmentFailure(f"store: {rel} is damaged ({why}) and was removed; run the same command "
+                                     "again to recompute it") from None
+
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Atomically write raw bytes (plots)."""
+        return self._atomic_write(rel, data)
+
+    @contextmanager
+    def new_dir(self, rel: str) -> Iterator[Path]:
+        """Yield a local temp folder to fill; on success it gets its manifest (last) and becomes `rel` in one
+        rename, or is uploaded (files first, manifest last)."""
+        target = self.path(rel)
+        tmp: Path | None = None
+        try:
+            if self.local:
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(target).parent / tmp_name()
+                tmp.mkdir()
+            else:
+                tmp = Path(tempfile.mkdtemp(prefix="basesearch-"))
+        except OSError as e:
+            raise disk_failure(e, self.root) or e from None
+        try:
+            try:
+                yield tmp
+            except Exception as e:
+                raise disk_failure(e, str(tmp.parent) if not self.local else self.root, full_only=True) or e
+            try:
+                manifest = write_manifest(tmp)
+                self._install(tmp, rel) if self.local else self._upload(tmp, rel, manifest)
+            except OSError as e:
+                raise disk_failure(e, self.root) or e from None
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _install(self, tmp: Path, rel: str) -> None:
+        """Rename a finished local folder to `rel`, replacing a damaged or manifest-less one there."""
+        target = self.path(rel)
+        if os.path.isdir(target):
+            if self.damage(rel) is None:  # a run that took no lock finished first; its result is as good
+                return
+            aside = f"{tmp.parent}/{tmp_name()}"
+            os.replace(target, aside)
+            rm_local(aside)
+        os.replace(tmp, target)
+        self._seen_path(target).unlink(missing_ok=True)  # times verified of the files it replaced
+        _WARNED.discard((self.root, rel))
+
+    def _upload(self, tmp: Path, rel: str, manifest: dict[str, Any]) -> None:
+        """Upload a finished folder to `rel`: its files first, the manifest last, so half an upload is absent."""
+        target = self.path(rel)
+        if self.fs.exists(target):
+            if self.damage(rel) is None:
+                return
+            if self.fs.exists(f"{target}/{MANIFEST}"):
+                self.fs.rm(f"{target}/{MANIFEST}")  # absent first, then emptied
+            self.fs.rm(target, recursive=True)
+        for name in manifest["files"]:
+            self.fs.put_file(str(tmp / name), f"{target}/{name}")
+        self.fs.put_file(str(tmp / MANIFEST), f"{target}/{MANIFEST}")
+
+    def local_dir(self, rel: str) -> Path:
+        """A local folder holding `rel` (the store itself when local, else a download cache, hashes checked)."""
+        if self.local:
+            return Path(self.path(rel))
+        cache = Path(tempfile.gettempdir()) / "basesearch-cache" / content_key(self.root, rel)
+        if cache.exists():
+            return cache
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        part = cache.parent / tmp_name()
+        try:
+            self.fs.get(self.path(rel) + "/", str(part), recursive=True)
+            if (part / MANIFEST).is_file():
+                for name, rec in json.loads((part / MANIFEST).read_text())["files"].items():
+                    if not (part / name).is_file() or sha256_file(part / name) != rec["sha256"]:
+                        raise EnvironmentFailure(f"store: {rel}/{name} arrived damaged from {self.root}; run the "
+                                                 "same command again (it is downloaded again)")
+            if not cache.exists():
+                os.replace(part, cache)  # whole or not at all: a cut download is never taken for the result
+        except OSError as e:
+            raise disk_failure(e, str(cache.parent), full_only=True) or e from None
+        finally:
+            rm_local(part)
+        return cache
