@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench._machine import header  # noqa: E402
-from tasks.report.report import md_table  # noqa: E402
+from tasks.core.tables import md_table
 
 
 def distribution(store: Path) -> pd.DataFrame:

@@ -10,7 +10,8 @@ import pandas as pd
 
 from tasks.core.errors import UserError
 from tasks.rating.rate import RatingConfig, rate
-from tasks.report.report import ranking_rows, scale_lines, text_table
+from tasks.report.report import ranking_rows, scale_lines
+from tasks.core.tables import text_table
 from tasks.store.store import Store
 
 

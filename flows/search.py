@@ -33,24 +33,29 @@ from flows.evolve import evolve
 from tasks.config.schema import MODEL_KINDS, TEACHER, ZOO_PREFIX, SearchConfig, load_config
 from tasks.core.errors import UserError
 from tasks.plan.execute import Batch, FinetuneJob, GenerateJob, finetune_all, generate_all, merge_models
-from tasks.train.finetune import adapter_key
-from tasks.generate.outputs import finish_reasons, outputs_key, teacher_key, teacher_outputs
+from tasks.store.results import adapter_key
+from tasks.generate.outputs import finish_reasons, teacher_outputs
+from tasks.store.results import outputs_key, teacher_key
 from tasks.plan.jobs import BudgetStop, Guard, check_budget, plan_lines, search_plan
 from tasks.judge.judgments import judge_task, load_judgments, metric_scores, run_openai_judge
-from tasks.judge.card import card_section, ratings_by_judge
-from tasks.generate.references import reference_key, reference_outputs
+from tasks.report.judge_card import card_section, ratings_by_judge
+from tasks.generate.references import reference_outputs
+from tasks.store.results import reference_key
 from tasks.candidates.stage import candidate_task, zoo_task
-from tasks.data.devsplit import fit_datasets
-from tasks.plan.prepare import DatasetInfo, Prepared, held_out, prepared
+from tasks.plan.prepare import fit_datasets
+from tasks.plan.prepare import Prepared, held_out, prepared
+from tasks.data.load import DatasetInfo
 from tasks.rating.rate import rate
 from tasks.rating.judged import with_lengths
-from tasks.report.report import html_report, markdown_report, plot_ratings, ranking_rows, text_table
+from tasks.report.report import html_report, markdown_report, plot_ratings, ranking_rows
+from tasks.core.tables import text_table
 from tasks.report.search import search_lines
 from tasks.report.tables import evidence_lines, examples_table, finetune_table, top_contenders
 from tasks.store.store import Store, content_key, resolve_store
 from tasks.rating.win_rates import freeze_winner, runner_up, summarize
 from tasks.report.verdict import recommendation, verdict_lines, verdicts
 from tasks.compute.workers import local_workers
+from tasks.store.results import LATEST, adapter_path, model_path, outputs_path, run_path
 
 class StageLog:
     """Wall time and computed/reused counts of every stage, for the log, the report and BENCHMARKS.md."""
@@ -103,7 +108,7 @@ def train_and_answer(
         for m in models
     ]
     guard.gpu(f"fine-tuning on {name}", sum(guard.finetune_s(data.train, prep.models[j.model].signature)
-                                            for j in ft_jobs if not st.exists(f"adapters/{j.key}")))
+                                            for j in ft_jobs if not st.exists(adapter_path(j.key))))
     with log.stage(f"finetune:{name}") as row:
         batch = finetune_all(ft_jobs, cfg.compute, store)
         adapters = batch.results
@@ -117,7 +122,7 @@ def train_and_answer(
         for m, job, (folder, _) in zip(models, ft_jobs, adapters)
     ]
     guard.gpu(f"generation on {name}", sum(guard.generate_s(data.test, prep.models[j.model].signature)
-                                           for j in gen_jobs if not st.exists(f"outputs/{j.key}.parquet")))
+                                           for j in gen_jobs if not st.exists(outputs_path(j.key))))
     with log.stage(f"generate:{name}") as row:
         batch = generate_all(gen_jobs, cfg.compute, store, rows_per_job=len(data.test))
         results = batch.results
@@ -126,7 +131,7 @@ def train_and_answer(
         for _, reused in results:
             _count(row, reused)
         tkey = teacher_key(data.test_fp)
-        trel = f"outputs/{tkey}.parquet"
+        trel = outputs_path(tkey)
         if not st.exists(trel):
             st.write_parquet(trel, teacher_outputs(name, data.test, TEACHER))
         outputs[TEACHER] = (trel, tkey)
@@ -135,7 +140,7 @@ def train_and_answer(
         with log.stage(f"references:{name}") as row:  # API models answer the same test rows, cached the same way
             row["requests"], row["cost_usd"] = 0, 0.0
             for ref in cfg.references:
-                if not st.exists(f"outputs/{reference_key(ref, data.test_fp)}.parquet"):
+                if not st.exists(outputs_path(reference_key(ref, data.test_fp))):
                     guard.dollars(f"{ref.name} answering {name}", guard.reference_usd(ref, data.test))
                 outputs[ref.name], reused, requests, spent = reference_outputs(
                     ref, name, data.test, data.test_fp, cfg.prices, store)
@@ -240,14 +245,14 @@ def validate_winner(
 
 def execute(config: SearchConfig, prep: Prepared, store: str, run_id: str, log: StageLog, guard: Guard) -> dict[str, Any]:
     """The search's stages in order, each computing what the store lacks; the guard stops before a cap is crossed."""
-    st, run_rel = Store(store), f"runs/{run_id}"
+    st, run_rel = Store(store), run_path(run_id)
     paths: dict[str, str] = {}
     with log.stage("candidates") as row:
         sources = config.candidates + config.ingredients  # an ingredient is merged, so it is needed here too
         zoo = {c.name: c.path.removeprefix(ZOO_PREFIX) for c in sources if c.path.startswith(ZOO_PREFIX)}
         # Only a zoo model not yet in the store is built (all at once: siblings side by side); any other
         # candidate is read where it is.
-        built = {n for n in zoo if not st.exists(f"models/{prep.models[n].fingerprint}")}
+        built = {n for n in zoo if not st.exists(model_path(prep.models[n].fingerprint))}
         if built:
             zoo_task(sorted(set(zoo.values())), store, local_workers(config.compute))
         for c in sources:
@@ -302,7 +307,7 @@ def execute(config: SearchConfig, prep: Prepared, store: str, run_id: str, log: 
         st.write_text(f"{run_rel}/report.md", md)
         report = st.write_text(f"{run_rel}/report.html", html_report(md, png))
         st.write_json(f"{run_rel}/stages.json", log.rows)
-        st.write_text("runs/LATEST", run_id + "\n")
+        st.write_text(LATEST, run_id + "\n")
         table = ranking_rows(ratings)
         # In words: the UI's table renders a cell holding only `>` or `~` as blank.
         words = table.replace({"vs next": {">": "separated", "~": "not separated"}})
@@ -321,7 +326,7 @@ def evidence(cfg: SearchConfig, prep: Prepared, ratings: pd.DataFrame, frames: d
     metrics = {}
     for ds, data in prep.datasets.items():
         for m, info in prep.models.items():
-            path = Path(st.local_dir(f"adapters/{adapter_key(info.fingerprint, data.train_fp, cfg.finetune)}"))
+            path = Path(st.local_dir(adapter_path(adapter_key(info.fingerprint, data.train_fp, cfg.finetune))))
             if info.finetuned and (path / "train_metrics.json").is_file():
                 metrics[(m, ds)] = json.loads((path / "train_metrics.json").read_text())
     examples = {ds: examples_table(data.test, frames[ds], top_contenders(ratings, ds))
@@ -374,7 +379,7 @@ def search(config: SearchConfig | str, store: str | None = None, dry_run: bool =
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     # pid and nanoseconds in the suffix: two runs started in the same second never share a run folder
     run_id = f"{config.name}-{stamp}-{content_key(config.model_dump(), os.getpid(), time.time_ns())[:6]}"
-    run_rel = f"runs/{run_id}"
+    run_rel = run_path(run_id)
     st.write_text(f"{run_rel}/config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     logger.info(f"run {run_id}: {len(prep.models)} models x {len(prep.datasets)} datasets, store {st.root}")
 

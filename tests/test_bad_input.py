@@ -17,7 +17,7 @@ import pytest
 from tasks.config.schema import Merge, load_config
 from tasks.data.load import MIN_TEST_ROWS
 from tasks.core.errors import UserError
-from tasks.models.fingerprint import describe
+from tasks.candidates.resolve import describe
 from tasks.plan.prepare import no_expected_warning, prepare
 from tests.conftest import config_error as _error, mini_config_dict, write_config as _write, write_jsonl
 

@@ -15,7 +15,8 @@ from tasks.config.schema import FinetuneConfig, GenerateConfig, LoadOptions, loa
 from tasks.data.load import load_examples
 from tasks.demo.data import make_rows
 from tasks.core.errors import UserError
-from tasks.models.fingerprint import ModelInfo, check_mergeable, inspect_candidate
+from tasks.models.fingerprint import ModelInfo, check_mergeable
+from tasks.candidates.resolve import inspect_candidate
 from tasks.plan.prepare import prepare
 from tasks.models.templates import TEMPLATES
 from tests.conftest import config_error, write_config, write_jsonl
@@ -156,7 +157,7 @@ def test_generation_stops_at_the_end_of_turn_after_a_short_finetune(family_dirs,
 
 def test_an_adapter_folder_is_a_candidate(family_dirs, tmp_path):
     from tasks.train.finetune import finetune
-    from tasks.models.fingerprint import materialize
+    from tasks.candidates.resolve import materialize
     from tasks.store.store import Store
 
     train = load_examples(write_jsonl(tmp_path / "train.jsonl", make_rows("classification", 8, 1)))
@@ -235,7 +236,7 @@ def test_chat_template_by_name_or_jinja_file(family_dirs, tmp_path):
 def test_a_hub_candidate_is_checked_without_its_weights(family_dirs, tmp_path, monkeypatch):
     import huggingface_hub
 
-    from tasks.models.fingerprint import materialize
+    from tasks.candidates.resolve import materialize
     from tasks.store.store import Store
 
     asked = []

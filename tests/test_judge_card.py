@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from tasks.data.load import Example
-from tasks.judge.card import (agreement, card_section, card_table, metric_winners, output_lengths,
-                              position_consistency, shown_winner)
+from tasks.judge.card import agreement, metric_winners, output_lengths, position_consistency, shown_winner
+from tasks.report.judge_card import card_section, card_table
 
 LLM = "openai:judge-model@prompt-v1"
 

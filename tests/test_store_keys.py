@@ -11,10 +11,10 @@ from pathlib import Path
 
 from tasks.config.schema import Reference, load_config
 from tasks.plan.jobs import build_plan
-from tasks.judge.prompt import judgment_key
 from tasks.plan.prepare import prepare
-from tasks.generate.references import reference_key
+from tasks.store.results import reference_key
 from tasks.store.store import Store
+from tasks.store.results import llm_judgment_key
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = json.loads((Path(__file__).parent / "data" / "store_keys_4abdc48.json").read_text())
@@ -34,4 +34,4 @@ def test_the_demo_plan_names_the_results_the_previous_commit_stored(tmp_path):
 def test_api_side_keys_are_unchanged():
     ref = Reference(name="gpt", model="gpt-4o-mini", base_url="http://x/v1")
     assert reference_key(ref, "0123456789abcdef") == GOLDEN["reference"]
-    assert judgment_key("gpt-4o", "extraction", "7", "e" * 16, "a" * 16, "b" * 16) == GOLDEN["llm_judgment"]
+    assert llm_judgment_key("gpt-4o", "extraction", "7", "e" * 16, "a" * 16, "b" * 16) == GOLDEN["llm_judgment"]

@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config.schema import Candidate
-from tasks.models.fingerprint import materialize
+from tasks.candidates.resolve import materialize
 from tasks.store.store import Store
 from tasks.demo.zoo import ensure_zoo_models
 

@@ -10,6 +10,7 @@ import statistics
 from typing import Any
 
 from tasks.store.store import Store
+from tasks.store.results import rates_path
 
 # Parameter-characters per second when the store has no measurement for the device. CPU: measured by the demo on
 # this project's 2-core development machine (bench/plan_accuracy.py: 48 s of training, 1.5 s of generation; a
@@ -38,7 +39,7 @@ def record_rate(store: Store, stage: str, device: str, chars: float, params: int
     """Add one measurement (parameter-characters per second) to the store's rates for a stage and device."""
     if seconds <= 0 or chars <= 0 or params <= 0:
         return
-    rel = f"rates/{stage}.json"
+    rel = rates_path(stage)
     with store.lock(rel):  # runs side by side append to the same file
         rates = store.read_json(rel) if store.exists(rel) else {}
         rates[device] = [*rates.get(device, []), round(chars * params / seconds, 1)][-KEEP_MEASUREMENTS:]
@@ -47,7 +48,7 @@ def record_rate(store: Store, stage: str, device: str, chars: float, params: int
 
 def measured_rate(store: Store, stage: str, device: str, assumptions: list[str]) -> float:
     """The median measured rate of a stage on a device, else the assumed one (said in `assumptions`)."""
-    rel = f"rates/{stage}.json"
+    rel = rates_path(stage)
     measured = (store.read_json(rel) if store.exists(rel) else {}).get(device) or []
     if measured:
         return statistics.median(measured)

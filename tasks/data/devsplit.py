@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.config.schema import DatasetSpec
-from tasks.data.load import MIN_TEST_ROWS, Example, dataset_fingerprint
+from tasks.data.load import MIN_TEST_ROWS, DatasetInfo, Example, dataset_fingerprint
 from tasks.core.errors import UserError
-from tasks.store.keys import content_key
+from tasks.store.results import SPLIT_VERSION, split_key, split_path
 
 if TYPE_CHECKING:
-    from tasks.config.schema import SearchConfig
-    from tasks.plan.prepare import DatasetInfo, Prepared
     from tasks.store.store import Store
 
-SPLIT_VERSION = "1"  # bump when the rule that assigns rows changes
 DEV_SUFFIX = ".dev"  # a development split's dataset name: extraction.dev (stages, outputs, judgments, ratings)
 
 
@@ -69,7 +65,7 @@ def _jsonl(rows: list[Example]) -> str:
 
 def _split_folder(data: DatasetInfo, share: float, store: Store) -> tuple[Path, list[Example], list[Example]]:
     """The split's folder in the store (train.jsonl, dev.jsonl, split.json; written once, a few KB) and its rows."""
-    rel = f"splits/{content_key('dev-split', data.train_fp, share, SPLIT_VERSION)}"
+    rel = split_path(split_key(data.train_fp, share))
     train, dev = split_rows(data.train, share)
     with store.claim(rel) as todo:
         if todo:
@@ -83,7 +79,6 @@ def _split_folder(data: DatasetInfo, share: float, store: Store) -> tuple[Path, 
 def dev_split(data: DatasetInfo, share: float, store: Store) -> DatasetInfo:
     """The dataset as the search's own merges see it: train = its training rows minus the development rows, test =
     the development rows (the same training file, so the same fine-tunes, as fit_split's)."""
-    from tasks.plan.prepare import DatasetInfo
 
     data = data.source or data
     folder, train, dev = _split_folder(data, share, store)
@@ -95,22 +90,12 @@ def dev_split(data: DatasetInfo, share: float, store: Store) -> DatasetInfo:
 def fit_split(data: DatasetInfo, share: float, store: Store) -> DatasetInfo:
     """The dataset with its training rows minus the development rows, and its test split as it is (search.refit
     false: what every fine-tune of the search trains on)."""
-    from tasks.plan.prepare import DatasetInfo
 
     if data.source is not None:  # already split
         return data
     folder, train, _ = _split_folder(data, share, store)
     spec = data.spec.model_copy(update={"train": str(folder / "train.jsonl")})
     return DatasetInfo(spec, train, data.test, dataset_fingerprint(spec.train), data.test_fp, data.metric, source=data)
-
-
-def fit_datasets(cfg: SearchConfig, prep: Prepared, store: Store) -> Prepared:
-    """The search's datasets as its fine-tunes see them: with search.rounds on and search.refit off, each trains on
-    its training rows minus its development rows (the loop's first rating then reuses the search's fine-tunes);
-    otherwise unchanged. Idempotent; writes the splits to the store (also on --dry-run, so the plan keys as the run)."""
-    if not cfg.search.rounds or cfg.search.refit:
-        return prep
-    return replace(prep, datasets={n: fit_split(d, cfg.search.dev_share, store) for n, d in prep.datasets.items()})
 
 
 def split_record(data: DatasetInfo, share: float, train: list[Example], dev: list[Example]) -> dict[str, Any]:

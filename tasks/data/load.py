@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.config.schema import not_utf8
+from tasks.config.schema import DatasetSpec, not_utf8
 from tasks.core.errors import UserError, first_line
 
 # pandas, pyarrow and `datasets` are imported only where a Parquet file or a `datasets` folder is read: a dataset
@@ -225,3 +225,16 @@ def _is_json_object(text: Any) -> bool:
         return isinstance(json.loads(text), dict)
     except json.JSONDecodeError:
         return False
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset's rows, fingerprints and metric."""
+
+    spec: DatasetSpec
+    train: list[Example]
+    test: list[Example]
+    train_fp: str
+    test_fp: str
+    metric: str
+    source: DatasetInfo | None = None  # the dataset as configured, when this one trains on a share of its rows

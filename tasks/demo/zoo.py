@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 from tasks.demo import data as w
 from tasks.core.errors import UserError
-from tasks.store.store import Store, content_key
+from tasks.store.store import Store
+from tasks.store.results import model_path, zoo_model_key
 
-STAGE_VERSION = "3"  # 3: trained by the packed training step
 SPECIALS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 # The roles are single special tokens, so the template costs 3 tokens a message.
 CHAT_TEMPLATE = (
@@ -240,7 +240,7 @@ def zoo_key(name: str) -> str:
     """Content key of a zoo model: its recipe, its ancestors' recipes and the zoo's code version."""
     spec = ZOO[name]
     parent = zoo_key(spec.parent) if spec.parent else None
-    return content_key("zoo", name, asdict(spec), SHAPE, VOCAB, parent, STAGE_VERSION)
+    return zoo_model_key(name, asdict(spec), SHAPE, VOCAB, parent)
 
 
 def _train(model: Any, tok: Any, spec: ZooModel) -> dict[str, Any]:
@@ -280,7 +280,7 @@ def build_one(store_root: str, name: str) -> dict[str, Any]:
 
     store, spec = Store(store_root), ZOO[name]
     if spec.parent:
-        parent_dir = store.local_dir(f"models/{zoo_key(spec.parent)}")
+        parent_dir = store.local_dir(model_path(zoo_key(spec.parent)))
         tok = AutoTokenizer.from_pretrained(str(parent_dir))
         model = AutoModelForCausalLM.from_pretrained(str(parent_dir), dtype=torch.float32)
     else:
@@ -289,7 +289,7 @@ def build_one(store_root: str, name: str) -> dict[str, Any]:
     # a tiny model: 1 thread on a busy machine, where a second one makes each step 3x slower (threads_for)
     with torch_threads(threads_for(model.num_parameters(), training=True)):
         metrics = _train(model, tok, spec)
-    with store.new_dir(f"models/{zoo_key(name)}") as tmp:
+    with store.new_dir(model_path(zoo_key(name))) as tmp:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / "zoo.json").write_text(json.dumps({"name": name, **asdict(spec), "train": metrics}, indent=2))
@@ -305,7 +305,7 @@ def ensure_zoo_models(store: Store, names: list[str], workers: int = 1, log: Cal
     wanted = list(dict.fromkeys(m for n in names for m in lineage(n)))
     depth = {n: len(lineage(n)) for n in wanted}
     for level in sorted(set(depth.values())):
-        todo = [n for n in wanted if depth[n] == level and not store.exists(f"models/{zoo_key(n)}")]
+        todo = [n for n in wanted if depth[n] == level and not store.exists(model_path(zoo_key(n)))]
         if len(todo) > 1 and workers > 1:
             log(f"zoo: training {', '.join(f'zoo:{n}' for n in todo)} side by side, {min(workers, len(todo))} at a "
                 "time")
@@ -314,7 +314,7 @@ def ensure_zoo_models(store: Store, names: list[str], workers: int = 1, log: Cal
         else:
             for n in todo:
                 _build_logged(store, n, log, in_worker=False)
-    return {n: store.local_dir(f"models/{zoo_key(n)}") for n in names}
+    return {n: store.local_dir(model_path(zoo_key(n))) for n in names}
 
 
 def _build_logged(store: Store, name: str, log: Callable[[str], None], in_worker: bool) -> None:
@@ -323,7 +323,7 @@ def _build_logged(store: Store, name: str, log: Callable[[str], None], in_worker
     from tasks.compute.workers import in_worker as run_in_worker
 
     spec = ZOO[name]
-    with store.claim(f"models/{zoo_key(name)}") as todo:  # another run building it: wait for it, then reuse it
+    with store.claim(model_path(zoo_key(name))) as todo:  # another run building it: wait for it, then reuse it
         if not todo:
             return
         if not in_worker:  # side by side, a worker may start it later: the group was announced instead

@@ -21,10 +21,11 @@ import yaml
 from pydantic import ValidationError
 
 from tasks.config.schema import MODEL_KINDS, ComputeConfig, JudgeConfig, LoadOptions, SearchConfig
-from tasks.data.devsplit import fit_datasets
+from tasks.plan.prepare import fit_datasets
 from tasks.core.errors import UserError, first_line
 from tasks.store.store import Store, resolve_store
 from tasks.store.guards import tmp_name
+from tasks.store.results import LATEST, RUNS, adapter_path, model_path, outputs_path, run_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -69,13 +70,13 @@ class Winner:
 def open_run(store: Store, run: str) -> Run:
     """The run `run` (or LATEST) of the store; UserError naming what is missing."""
     if run.upper() == "LATEST":
-        if not store.exists("runs/LATEST"):
-            raise UserError(f"run LATEST: the store {store.root} has no finished run (no runs/LATEST)")
-        run = store.read_text("runs/LATEST").strip()
-    rel = f"runs/{run}"
+        if not store.exists(LATEST):
+            raise UserError(f"run LATEST: the store {store.root} has no finished run (no {LATEST})")
+        run = store.read_text(LATEST).strip()
+    rel = run_path(run)
     if "/" in run or not run or not store.exists(f"{rel}/config.yaml"):
         try:
-            known = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.path("runs"), detail=False))
+            known = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.path(RUNS), detail=False))
         except FileNotFoundError:
             known = []
         known = [k for k in known if k != "LATEST" and not k.startswith(".")]
@@ -151,11 +152,11 @@ def base_folder(cfg: SearchConfig, prep: Prepared, name: str, store: Store, log:
     """(local folder of the model's base weights, the name the export gives it: hub id, local path or store folder)."""
     info = prep.models[name]
     if info.role == "merge":
-        rel = f"models/{info.fingerprint}"
+        rel = model_path(info.fingerprint)
         if not store.exists(rel):
             raise UserError(f"store {store.root}: has no merged model {name} ({rel}); run the search again to make it")
         return store.local_dir(rel), str(store.local_dir(rel))
-    from tasks.models.fingerprint import materialize
+    from tasks.candidates.resolve import materialize
 
     sources = cfg.candidates + cfg.ingredients
     c = next(c for c in sources if c.name == name)
@@ -168,22 +169,22 @@ def base_folder(cfg: SearchConfig, prep: Prepared, name: str, store: Store, log:
 def locate(run: Run, prep: Prepared, store: Store, model: str, chosen: str, dataset: str, why: str, check: bool,
            log: Callable[[str], None]) -> Winner:
     """Find the model's base, its adapter for `dataset` and the search's outputs of it; UserError when one is gone."""
-    from tasks.train.finetune import adapter_key
-    from tasks.generate.outputs import outputs_key
+    from tasks.store.results import adapter_key
+    from tasks.store.results import outputs_key
 
     cfg, info, data = run.config, prep.models[model], prep.datasets[dataset]
     key = adapter_key(info.fingerprint, data.train_fp, cfg.finetune)
     changed = ("is this the run's store, and are its model and dataset files as they were? (the keys are hashed "
                "from the files as they are now)")
-    if not store.exists(f"adapters/{key}"):
+    if not store.exists(adapter_path(key)):
         raise UserError(f"store {store.root}: no adapter of {model} on {dataset} (adapters/{key}); {changed}")
-    outputs = f"outputs/{outputs_key(key, data.test_fp, cfg.generate)}.parquet"
+    outputs = outputs_path(outputs_key(key, data.test_fp, cfg.generate))
     if check and not store.exists(outputs):
         raise UserError(f"store {store.root}: no outputs of {model} on {dataset} ({outputs}) to check the export "
                         f"against; {changed}; --no-check exports without the check")
     base_dir, base_name = base_folder(cfg, prep, model, store, log)
     return Winner(model, run.config.model_kinds()[model], chosen, dataset, why, base_dir, base_name, info.load,
-                  store.local_dir(f"adapters/{key}"), outputs)
+                  store.local_dir(adapter_path(key)), outputs)
 
 
 def write_adapter(w: Winner, folder: Path) -> PromptFormat:
@@ -203,7 +204,7 @@ def write_adapter(w: Winner, folder: Path) -> PromptFormat:
 
 def write_merged(w: Winner, folder: Path) -> PromptFormat:
     """Full weights with the adapter folded in exactly as the search generated with, and the tokenizer."""
-    from tasks.train.finetune import load_base
+    from tasks.models.loading import load_base
     from tasks.generate.outputs import merged_adapter
 
     model, tok, fmt = load_base(w.base_dir, w.load)
@@ -228,7 +229,7 @@ def save_tokenizer(tok: Any, folder: Path) -> None:
 def reproduce(folder: Path, w: Winner, cfg: SearchConfig, prep: Prepared, merged: bool) -> pd.DataFrame:
     """The exported folder's greedy answers to the dataset's test rows, through the search's own generation code."""
     from tasks.models.chat import load_tokenizer, prompt_format
-    from tasks.train.finetune import load_base
+    from tasks.models.loading import load_base
     from tasks.generate.outputs import generate_loaded, merged_adapter
     from tasks.compute.workers import threads_for, torch_threads
 
@@ -323,7 +324,8 @@ def data_rows(cfg: SearchConfig, prep: Prepared) -> list[str]:
 def model_card(run: Run, prep: Prepared, w: Winner, out: Path, merged: bool, fmt: PromptFormat, rank: int | None,
                check: str) -> str:
     """README.md of the export: what it is, how to serve it, the check, ratings, validation, data, recipe, config."""
-    from tasks.report.report import md_table, ranking_rows, validation_lines
+    from tasks.report.report import ranking_rows, validation_lines
+    from tasks.core.tables import md_table
 
     cfg, info = run.config, prep.models[w.model]
     conf = cfg.rating.confidence

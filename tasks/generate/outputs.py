@@ -16,15 +16,15 @@ from prefect.cache_policies import NO_CACHE
 from tasks.core import progress
 from tasks.models.chat import PromptFormat, prompt_ids, strip_stop
 from tasks.config.schema import LoadOptions
-from tasks.train.finetune import device, load_base, model_params, peak_memory_mb
+from tasks.models.loading import device, load_base, model_params, peak_memory_mb
 from tasks.compute.speeds import conversation_chars, record_rate
-from tasks.store.store import Store, content_key
+from tasks.store.store import Store
+from tasks.store.results import outputs_path
 
 if TYPE_CHECKING:
     from tasks.config.schema import GenerateConfig
     from tasks.data.load import Example
 
-STAGE_VERSION = "1"
 # Base models kept loaded between generate calls, by resolved folder: every fine-tune of one base answers its
 # test rows on the same loaded weights (adapters merged in, then the weights restored bit for bit).
 _BASES: OrderedDict[str, tuple[Any, Any, PromptFormat]] = OrderedDict()
@@ -210,16 +210,6 @@ def finish_reasons(df: pd.DataFrame, max_new_tokens: int) -> pd.Series:
     return (df["completion_tokens"] >= max_new_tokens).map({True: "length", False: "stop"})
 
 
-def outputs_key(adapter: str, test_fp: str, cfg: GenerateConfig) -> str:
-    """Content key of a fine-tune's test outputs: adapter, test rows, generation settings, code version."""
-    return content_key("outputs", adapter, test_fp, cfg.model_dump(), STAGE_VERSION)
-
-
-def teacher_key(test_fp: str) -> str:
-    """Content key of a dataset's own answers as outputs."""
-    return content_key("teacher", test_fp, STAGE_VERSION)
-
-
 @task(name="generate", task_run_name="generate-{model}-{dataset}", cache_policy=NO_CACHE)
 def generate_task(
     model: str, dataset: str, model_dir: str, adapter_dir: str, test_path: str, cfg: GenerateConfig, key: str,
@@ -228,7 +218,7 @@ def generate_task(
     """Prefect task: (store path of the outputs Parquet, whether it was already there). Arguments are JSON-able."""
     from tasks.data.load import load_examples
 
-    store, rel = Store(store_root), f"outputs/{key}.parquet"
+    store, rel = Store(store_root), outputs_path(key)
     with store.claim(rel) as todo:  # another run generating the same outputs: wait for it, then reuse them
         if not todo:
             return rel, True

@@ -20,13 +20,13 @@ from tasks.core.errors import EnvironmentFailure, UserError
 from tasks.api.failures import Tally, api_hint, failure_line, fatal_line, kept_line
 from tasks.generate.outputs import OUTPUT_COLUMNS
 from tasks.api.client import Caller, endpoint_of, resolve_api_key, run_async
-from tasks.store.store import Store, content_key
+from tasks.store.store import Store
+from tasks.store.results import outputs_path, reference_key
 
 if TYPE_CHECKING:
     from tasks.config.schema import ModelPrice, Reference
     from tasks.data.load import Example
 
-STAGE_VERSION = "1"
 REFERENCE_COLUMNS = OUTPUT_COLUMNS + ["cost_usd"]
 
 
@@ -40,11 +40,6 @@ class Answered:
     spent_usd: float = 0.0
     tally: Tally = field(default_factory=Tally)
     fatal: str | None = None  # a 401/403/404 that stopped the calls
-
-
-def reference_key(ref: Reference, test_fp: str) -> str:
-    """Content key of a reference's test outputs: model, endpoint, answer length, test rows, code version."""
-    return content_key("reference", ref.model, ref.base_url, ref.max_tokens, test_fp, STAGE_VERSION)
 
 
 async def _answer_all(ref: Reference, dataset: str, examples: list[Example], price: ModelPrice | None,
@@ -74,7 +69,7 @@ async def _answer_all(ref: Reference, dataset: str, examples: list[Example], pri
 def reference_task(ref: Reference, dataset: str, examples: list[Example], key: str, price: ModelPrice | None,
                    store_root: str) -> Answered:
     """Prefect task: answer the rows not answered yet, keep the answered ones, write the outputs file."""
-    store, rel = Store(store_root), f"outputs/{key}.parquet"
+    store, rel = Store(store_root), outputs_path(key)
     with store.lock(rel):  # another run asking the same reference waits, then asks only what it left failed
         old = store.read_parquet(rel) if store.exists(rel) else None
         if old is not None:

@@ -19,10 +19,9 @@ import numpy as np
 import pandas as pd
 
 from tasks.judge.prompt import SHOWN
-from tasks.judge.metrics import METRICS
+from tasks.judge.metrics import METRICS, metric_verdict
 
 if TYPE_CHECKING:
-    from tasks.config.schema import RatingConfig
     from tasks.data.load import Example
 
 LLM_PREFIX = "openai:"  # the `judge` label of every LLM judgment (tasks.judge.prompt.judge_label)
@@ -30,27 +29,19 @@ MIN_AGREEMENT = 0.70  # below this share of agreement with ground truth, the rep
 PAIR = ["dataset", "example_id", "contender_a", "contender_b"]
 
 
-def metric_verdict(score_a: float, score_b: float, strong_margin: float) -> tuple[str, int]:
-    """(winner, strength) from two metric scores: equal scores tie; a gap >= strong_margin is a strong win."""
-    if score_a == score_b:
-        return "tie", 0
-    winner = "a" if score_a > score_b else "b"
-    return winner, 2 if abs(score_a - score_b) >= strong_margin else 1
-
-
 def judge_name(label: str) -> str:
     """The judge a `judge` label belongs to: `metric` for every metric:<name> label, the LLM label as it is."""
     return "metric" if str(label).startswith("metric:") else str(label)
 
 
-def _ok(df: pd.DataFrame) -> np.ndarray:
+def ok_mask(df: pd.DataFrame) -> np.ndarray:
     """Rows without an error."""
     if "error" not in df.columns:
         return np.ones(len(df), dtype=bool)
     return (df["error"].isna() | (df["error"].astype(str) == "")).to_numpy()
 
 
-def _llm(df: pd.DataFrame) -> np.ndarray:
+def llm_mask(df: pd.DataFrame) -> np.ndarray:
     """Rows an LLM judge decided."""
     return df["judge"].astype(str).str.startswith(LLM_PREFIX).to_numpy() if "judge" in df.columns else np.zeros(len(df), bool)
 
@@ -74,7 +65,7 @@ def shown_winner(df: pd.DataFrame) -> pd.Series:
 
 def _judged(df: pd.DataFrame) -> np.ndarray:
     """LLM rows without an error whose two outputs differed (identical outputs tie without a call)."""
-    keep = _llm(df) & _ok(df)
+    keep = llm_mask(df) & ok_mask(df)
     if {"hash_first", "hash_second"} <= set(df.columns):
         keep &= (df["hash_first"].astype(str) != df["hash_second"].astype(str)).to_numpy()
     if "raw" in df.columns:
@@ -116,7 +107,7 @@ def output_lengths(outputs: Mapping[str, Mapping[str, pd.DataFrame]]) -> dict[tu
 
 def longer_won_counts(df: pd.DataFrame, lengths: Mapping[tuple[str, str, str], int]) -> tuple[int, int]:
     """(decisive LLM verdicts won by the longer output, decisive LLM verdicts between outputs of different lengths)."""
-    rows = df[_llm(df) & _ok(df)]
+    rows = df[llm_mask(df) & ok_mask(df)]
     wins = n = 0
     cols = [*PAIR]
     for (ds, ex, ca, cb), w in zip(rows[cols].itertuples(index=False), shown_winner(rows)):
@@ -171,7 +162,7 @@ def agreement(df: pd.DataFrame, metric_win: pd.Series, confidence: float = 0.95,
               seed: int = 0) -> dict[str, Any]:
     """The LLM rows' agreement with the metric's winner where the metric separates the outputs: share, interval
     (percentile bootstrap over examples), judgments, examples and the LLM's tie share there."""
-    keep = _llm(df) & _ok(df) & metric_win.isin(["a", "b"]).to_numpy()
+    keep = llm_mask(df) & ok_mask(df) & metric_win.isin(["a", "b"]).to_numpy()
     rows = df[keep]
     if len(rows) == 0:
         return {"share": None, "low": None, "high": None, "n": 0, "examples": 0, "ties": None}
@@ -199,33 +190,13 @@ def _cluster_interval(hits: np.ndarray, sizes: np.ndarray, confidence: float, ro
     return float(np.quantile(s, tail)), float(np.quantile(s, 1 - tail))
 
 
-def card_table(judgments: pd.DataFrame, lengths: Mapping[tuple[str, str, str], int], metric_win: pd.Series,
-               confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """One row per judge: judgments used, consistency, longer-output wins, agreement with the metric (all datasets)."""
-    names = judgments["judge"].map(judge_name)
-    ok = _ok(judgments)
-    rows = []
-    for name in dict.fromkeys(names):
-        mine = (names == name).to_numpy()
-        part = judgments[mine]
-        llm = name.startswith(LLM_PREFIX)
-        share, pairs = position_consistency(part) if llm else (None, 0)
-        wins, decisive = longer_won_counts(part, lengths) if llm else (0, 0)
-        agree = agreement(part, metric_win[mine], confidence, seed=seed) if llm else None
-        rows.append({"judge": name, "judgments": int((mine & ok).sum()), "failed": int((mine & ~ok).sum()),
-                     "consistency": share, "consistency_n": pairs,
-                     "longer_won": wins / decisive if decisive else None, "longer_won_n": decisive,
-                     **{f"agreement_{k}": v for k, v in (agree or {"share": None, "n": 0}).items()}})
-    return pd.DataFrame(rows)
-
-
 def agreement_by_dataset(judgments: pd.DataFrame, metric_win: pd.Series, confidence: float = 0.95,
                          seed: int = 0) -> pd.DataFrame:
     """Agreement with the metric per (LLM judge, dataset with `expected`): the card's per-dataset lines."""
     rows = []
     names = judgments["judge"].map(judge_name)
     measured = metric_win.notna().to_numpy()
-    for (name, ds), idx in judgments[_llm(judgments) & measured].groupby([names, "dataset"], sort=True).groups.items():
+    for (name, ds), idx in judgments[llm_mask(judgments) & measured].groupby([names, "dataset"], sort=True).groups.items():
         a = agreement(judgments.loc[idx], metric_win.loc[idx], confidence, seed=seed)
         rows.append({"judge": name, "dataset": ds, **a})
     return pd.DataFrame(rows, columns=["judge", "dataset", "share", "low", "high", "n", "examples", "ties"])
@@ -234,100 +205,6 @@ def agreement_by_dataset(judgments: pd.DataFrame, metric_win: pd.Series, confide
 # ------------------------------------------------------------------------------------------ ratings per judge
 
 
-def ratings_by_judge(judgments: pd.DataFrame, kinds: Mapping[str, str], cfg: RatingConfig) -> pd.DataFrame:
-    """tasks.rating.rate.rate on each judge's own judgments, with a `judge` column (the pooled ratings fit them all at once)."""
-    from tasks.core.errors import UserError
-    from tasks.rating.rate import rate
-
-    names = judgments["judge"].map(judge_name)
-    frames = []
-    for name in dict.fromkeys(names):
-        try:
-            frames.append(rate(judgments[(names == name).to_numpy()], kinds, cfg).assign(judge=name))
-        except UserError:  # this judge rated fewer than two contenders: nothing to fit, the card says how many it judged
-            continue
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
 # ------------------------------------------------------------------------------------------ the report's words
 
 
-def _pct(x: float | None) -> str:
-    """A share as a whole percentage, or a dash."""
-    return "-" if x is None or pd.isna(x) else f"{x:.0%}"
-
-
-def _agreement_text(share: float | None, low: float | None, high: float | None, n: int, level: float) -> str:
-    """'78% (95% CI 70-85%, 120)' or 'not measured'."""
-    if not n:
-        return "not measured"
-    return f"{share:.0%} ({level:.0%} CI {low:.0%}-{high:.0%}, {n})"
-
-
-def card_section(judgments: pd.DataFrame, examples: Mapping[str, list[Example]], metrics: Mapping[str, str],
-                 outputs: Mapping[str, Mapping[str, pd.DataFrame]], confidence: float = 0.95, seed: int = 0,
-                 pooled: pd.DataFrame | None = None, by_judge: pd.DataFrame | None = None,
-                 threshold: float = MIN_AGREEMENT) -> tuple[list[str], list[str]]:
-    """(the report's judge card in Markdown, its warning lines); nothing when no LLM judge took part."""
-    from tasks.report.report import md_table
-
-    if len(judgments) == 0 or "judge" not in judgments.columns or not _llm(judgments).any():
-        return [], []
-    win = metric_winners(judgments, examples, metrics, outputs)
-    card = card_table(judgments, output_lengths(outputs), win, confidence, seed)
-    total = max(int(card["judgments"].sum()), 1)
-    shown = pd.DataFrame({
-        "judge": card["judge"], "judgments": card["judgments"], "share": (card["judgments"] / total).map(_pct),
-        "position consistency (pairs)": [f"{_pct(s)} ({n})" if n else "-" for s, n in
-                                         zip(card["consistency"], card["consistency_n"])],
-        "longer output won (decisive)": [f"{_pct(s)} ({n})" if n else "-" for s, n in
-                                         zip(card["longer_won"], card["longer_won_n"])],
-        "agrees with ground truth (judgments)": [
-            "-" if not r["judge"].startswith(LLM_PREFIX) else
-            _agreement_text(r.get("agreement_share"), r.get("agreement_low"), r.get("agreement_high"),
-                            int(r["agreement_n"]), confidence) for _, r in card.iterrows()],
-    })
-    lines = ["## Judge card", "",
-             "Can the judge be believed? *Position consistency*: of the comparisons shown in both orders, the share "
-             "whose two verdicts name the same winner. *Longer output won*: of the decisive verdicts, the share that "
-             "went to the longer output (near 50% is no length bias). *Agrees with ground truth*: on rows with "
-             "`expected`, where the dataset's metric scores the two outputs differently, the share of verdicts naming "
-             f"the metric's winner (a tie counts as not agreeing), with a {confidence:.0%} bootstrap interval over "
-             "examples. Each judge's judgments and their share of all used are counted here.", "", md_table(shown), ""]
-    per_ds = agreement_by_dataset(judgments, win, confidence, seed)
-    lines += [f"- **{r.judge}** on **{r.dataset}**: names the metric's winner in {r.share:.0%} of {int(r.n)} "
-              f"judgments on {r.examples} examples ({confidence:.0%} CI {r.low:.0%}-{r.high:.0%}); ties there "
-              f"{_pct(r.ties)}." for r in per_ds.itertuples(index=False) if r.n]
-    llm = pd.Series(_llm(judgments), index=judgments.index)
-    if not (win.isin(["a", "b"]) & llm).any():
-        why = ("no dataset's test rows have `expected`" if not win.notna().any() else
-               "the metric decided every comparison its ground truth separates (combined judge), so the LLM judged "
-               "only where it ties" if (~llm & win.isin(["a", "b"])).any() else
-               "ground truth separates none of the outputs the LLM judged")
-        lines.append(f"- Agreement with ground truth is not measured: {why}.")
-    warnings = [f"judge {r.judge} agrees with ground truth on only {r.share:.0%} of {int(r.n)} judgments on "
-                f"{r.dataset} (below {threshold:.0%}; {confidence:.0%} CI {r.low:.0%}-{r.high:.0%}): check its "
-                "prompt, reference setting and model before trusting its ranking"
-                for r in per_ds.itertuples(index=False) if r.n and r.share < threshold]
-    lines += ["", *[f"**Warning:** {w}." for w in warnings]] if warnings else []
-    if by_judge is not None and len(by_judge) and pooled is not None:
-        lines += ["", *_per_judge_lines(pooled, by_judge)]
-    return lines + [""], warnings
-
-
-def _per_judge_lines(pooled: pd.DataFrame, by_judge: pd.DataFrame) -> list[str]:
-    """Pooled ratings (one fit over every judge's judgments) beside each judge's own, all datasets pooled."""
-    from tasks.report.report import _interval_text, _rating_text, md_table
-
-    def cell(r: pd.Series) -> str:
-        ci = _interval_text(r["ci_low"], r["ci_high"])
-        return _rating_text(r["rating"]) + (f" ({ci})" if ci else "")
-
-    top = pooled[pooled["scope"] == "overall"].sort_values("rank")
-    table = pd.DataFrame({"contender": top["contender"], "pooled": [cell(r) for _, r in top.iterrows()]})
-    for name, part in by_judge[by_judge["scope"] == "overall"].groupby("judge", sort=False):
-        own = {r["contender"]: cell(r) for _, r in part.iterrows()}
-        table[name] = table["contender"].map(lambda c: own.get(c, "-"))
-    return ["### Ratings per judge", "",
-            "Pooled: one Bradley-Terry fit over all judges' judgments (the ranking above); each judge: its own "
-            "judgments alone (`ratings_by_judge.parquet`, column `judge`).", "", md_table(table)]

@@ -16,16 +16,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.judge.columns import JUDGMENT_COLUMNS  # shared with tasks.judge.llm, which imports nothing of this module
-from tasks.judge.card import metric_verdict  # shared with the combined judge (tasks.judge.llm)
+from tasks.judge.metrics import metric_verdict
 from tasks.judge.metrics import METRICS
-from tasks.store.store import Store, content_key
+from tasks.store.store import Store
+from tasks.store.results import judgments_path, metric_judgment_key
 
 if TYPE_CHECKING:
     from tasks.config.schema import JudgeConfig, SearchConfig
     from tasks.data.load import Example
     from tasks.judge.llm import JudgeRun as LLMRun
-
-STAGE_VERSION = "1"
 
 
 def metric_judgments(
@@ -60,15 +59,6 @@ def metric_scores(examples: list[Example], metric: str, outputs: pd.DataFrame) -
     return pd.Series({ex.id: score(out.at[ex.id, "output"], ex.truth) for ex in examples}, dtype=float)
 
 
-def judgment_key(cfg: JudgeConfig, metric: str, test_fp: str, outputs_a: str, outputs_b: str) -> str:
-    """Content key of one metric-judged batch: the metric judge's settings, the test rows and both outputs.
-
-    Only the settings the metric judge reads are in it, so adding an LLM-judge setting re-judges nothing.
-    """
-    settings = {"kind": cfg.kind, "strong_margin": cfg.strong_margin}
-    return content_key("judge", settings, metric, test_fp, outputs_a, outputs_b, STAGE_VERSION)
-
-
 def load_outputs(store: Store, rel: str, contender: str) -> pd.DataFrame:
     """A contender's outputs, named as in the current config (keys do not depend on names)."""
     return store.read_parquet(rel).assign(contender=contender)
@@ -91,7 +81,7 @@ def judge_task(
     for a, b in combinations(sorted(outputs, key=lambda n: outputs[n][1]), 2):
         if pairs_with is not None and pairs_with not in (a, b):
             continue
-        rel = f"judgments/{judgment_key(cfg, metric, test_fp, outputs[a][1], outputs[b][1])}.parquet"
+        rel = judgments_path(metric_judgment_key(cfg, metric, test_fp, outputs[a][1], outputs[b][1]))
         with store.claim(rel) as todo:  # another run judging the same pair waits, then reuses the batch
             if not todo:
                 reused += 1

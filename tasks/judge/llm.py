@@ -25,12 +25,14 @@ from prefect.utilities.annotations import quote
 
 from tasks.judge.columns import JUDGMENT_COLUMNS
 from tasks.api.failures import Tally
-from tasks.judge.card import consistency_stats, longer_won, metric_verdict, output_lengths
+from tasks.judge.card import consistency_stats, longer_won, output_lengths
+from tasks.judge.metrics import metric_verdict
 from tasks.judge.llm_batch import EXTRA_COLUMNS, Call, check_judge_failures, judge_batch_task
-from tasks.judge.prompt import (conversation_text, judge_label, judge_messages, judgment_key, shown_to_row,
+from tasks.judge.prompt import (conversation_text, judge_label, judge_messages, shown_to_row,
                               text_hash)
 from tasks.judge.metrics import METRICS
 from tasks.store.store import Store, content_key
+from tasks.store.results import JUDGMENTS_GLOB, llm_judgment_key
 
 if TYPE_CHECKING:
     from tasks.config.schema import JudgeConfig, ModelPrice
@@ -48,7 +50,7 @@ _FILE_ROWS: dict[tuple[str, str], pd.DataFrame | None] = {}  # (store root, file
 
 def cached_judgments(store: Store, label: str) -> pd.DataFrame:
     """Every finished judgment of this judge in the store, one row per key (files are read once per process)."""
-    files = sorted(store.fs.glob(store.path("judgments/*.parquet")))
+    files = sorted(store.fs.glob(store.path(JUDGMENTS_GLOB)))
     frames = []
     cols = ["key", "verdict", "raw", "prompt_tokens", "completion_tokens", "cost_usd", "error", "judge"]
     for f in files:
@@ -175,7 +177,7 @@ def _expand(plan: pd.DataFrame, contest: Contest, cfg: JudgeConfig) -> tuple[lis
             if decided is not None:
                 free.append(decided | {"order": order, "hash_first": hf, "hash_second": hs})
                 continue
-            key = judgment_key(model, ds, ex_id, ex_hash, hf, hs)
+            key = llm_judgment_key(model, ds, ex_id, ex_hash, hf, hs)
             failed = [n for n, o in ((ca, oa), (cb, ob)) if o["error"]]
             if failed:
                 free.append(base | {"order": order, "winner": "tie", "strength": 0, "raw": "",

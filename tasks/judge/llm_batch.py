@@ -21,7 +21,8 @@ from tasks.core.errors import EnvironmentFailure, UserError
 from tasks.api.failures import Tally, api_hint, failure_line, fatal_line, kept_line
 from tasks.judge.prompt import RESPONSE_FORMAT, judge_label, parse_verdict, shown_to_row
 from tasks.api.client import Caller, endpoint_of, resolve_api_key, run_async
-from tasks.store.store import Store, content_key
+from tasks.store.store import Store
+from tasks.store.results import judgments_path, llm_batch_key
 
 if TYPE_CHECKING:
     from tasks.config.schema import JudgeConfig, ModelPrice
@@ -126,7 +127,7 @@ class _Parts:
         """Write the pending rows as one Parquet batch (atomic), named by the keys it holds."""
         if self.pending:
             df = pd.DataFrame(self.pending, columns=JUDGMENT_COLUMNS + EXTRA_COLUMNS)
-            path = f"judgments/{content_key('llm-batch', sorted(df['key']))}.parquet"
+            path = judgments_path(llm_batch_key(list(df['key'])))
             self.store.write_parquet(path, df)
             self.paths.append(path)
             self.pending = []

@@ -75,3 +75,11 @@ def rouge_l(output: str, truth: Any) -> float:
 
 
 METRICS: dict[str, Callable[[str, Any], float]] = {"exact": exact, "json": json_f1, "rouge": rouge_l}
+
+
+def metric_verdict(score_a: float, score_b: float, strong_margin: float) -> tuple[str, int]:
+    """(winner, strength) from two metric scores: equal scores tie; a gap >= strong_margin is a strong win."""
+    if score_a == score_b:
+        return "tie", 0
+    winner = "a" if score_a > score_b else "b"
+    return winner, 2 if abs(score_a - score_b) >= strong_margin else 1

@@ -9,10 +9,9 @@ import hashlib
 import json
 import re
 from typing import Mapping, Sequence
+from tasks.store.results import PROMPT_VERSION
 
-from tasks.store.store import content_key
 
-PROMPT_VERSION = "1"  # bump on any change to the prompt text: every judgment's key includes it
 VERDICTS = ("A>>B", "A>B", "A=B", "B>A", "B>>A")
 # Verdict (A = the output shown first) -> (winner among the shown outputs, strength).
 SHOWN = {"A>>B": ("first", 2), "A>B": ("first", 1), "A=B": ("tie", 0), "B>A": ("second", 1), "B>>A": ("second", 2)}
@@ -111,11 +110,6 @@ def shown_to_row(verdict: str, order: str) -> tuple[str, int]:
         return "tie", 0
     a_first = order == "ab"
     return ("a" if (who == "first") == a_first else "b"), strength
-
-
-def judgment_key(model: str, dataset: str, example_id: str, example_hash: str, first: str, second: str) -> str:
-    """Key of one judgment: judge model, prompt version, dataset, example, the shown outputs' hashes in order."""
-    return content_key("judgment", model, PROMPT_VERSION, dataset, str(example_id), example_hash, first, second)
 
 
 def judge_label(model: str) -> str:

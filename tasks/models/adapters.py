@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from tasks.store.store import Store
+from tasks.store.results import model_path
 
 
 def merge_adapter(adapter_dir: Path, base_dir: Path, out_dir: Path, trust_remote_code: bool) -> None:
@@ -25,7 +26,7 @@ def merge_adapter(adapter_dir: Path, base_dir: Path, out_dir: Path, trust_remote
 def ensure_merged_adapter(name: str, adapter_dir: Path, base_dir: Path, key: str, trust_remote_code: bool,
                           store: Store, log: Callable[[str], None] = print) -> Path:
     """The store folder of the adapter merged into its base, merging it on first use (one run merges, others wait)."""
-    rel = f"models/{key}"
+    rel = model_path(key)
     with store.claim(rel) as todo:
         if todo:
             with store.new_dir(rel) as tmp:

@@ -1,11 +1,11 @@
-"""Candidates: where each model's weights are, what determines them (fingerprint), and what shape they have.
+"""Model folders: checked before any model is loaded, fingerprinted by their bytes, described by their shape.
 
 Every candidate is checked before any model is loaded: its folder has a config.json, a tokenizer and weight files
 whose headers parse. Signatures are read from small files (config.json, tokenizer.json). A local folder's
 fingerprint hashes every byte of every file, once: hashes are cached by (path, size, mtime).
 
 Importing this module stays light (no Prefect, torch, transformers or pandas): the demo zoo and the store are
-imported where they are used. The candidates stage's Prefect tasks are in tasks/candidates/stage.py.
+imported where they are used. Which folder a candidate is (zoo, hub, local, adapter) is tasks/candidates/resolve.py.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from tasks.config.schema import ZOO_PREFIX, Candidate, LoadOptions
+from tasks.config.schema import Candidate, LoadOptions
 from tasks.core.errors import UserError
 
 if TYPE_CHECKING:
-    from tasks.store.store import Store
+    pass
 
 # Config fields that two models must share to be merged tensor by tensor.
 SHAPE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -56,7 +56,7 @@ class ModelInfo:
         return self.role != "ingredient"
 
 
-def _hub_snapshot(repo_id: str, weights: bool = False) -> Path:
+def hub_snapshot(repo_id: str, weights: bool = False) -> Path:
     """The local snapshot folder of a Hugging Face model: configs and tokenizer only, or with its weights."""
     from huggingface_hub import snapshot_download
 
@@ -135,7 +135,7 @@ def _file_sha256(path: Path, cache: dict[str, Any]) -> tuple[str, bool]:
     return digest, True
 
 
-def _folder_fingerprint(folder: Path) -> str:
+def folder_fingerprint(folder: Path) -> str:
     """Content key of a model folder: every file's name and the hash of all of its bytes."""
     cache_path = _hash_cache_path()
     cache = _load_hash_cache(cache_path)
@@ -175,7 +175,7 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def _check_folder(name: str, folder: Path, weights: bool = True) -> None:
+def check_folder(name: str, folder: Path, weights: bool = True) -> None:
     """Raise one line naming the candidate and folder unless it has a config, a tokenizer and (`weights`) sound weights."""
     where = f"candidate '{name}': {folder}"
     if not (folder / "config.json").is_file():
@@ -199,7 +199,7 @@ def _check_folder(name: str, folder: Path, weights: bool = True) -> None:
             raise UserError(f"candidate '{name}': {f} is not a PyTorch checkpoint; download or save the model again")
 
 
-def _signature(name: str, folder: Path, trust_remote_code: bool = False) -> dict[str, Any]:
+def folder_signature(name: str, folder: Path, trust_remote_code: bool = False) -> dict[str, Any]:
     """Shape fields, vocabulary and added tokens of a Hugging Face model folder (refusing unasked-for remote code)."""
     try:
         cfg = _read_json(folder / "config.json")
@@ -216,15 +216,6 @@ def _signature(name: str, folder: Path, trust_remote_code: bool = False) -> dict
                   "vocabulary": vocabulary, "added_tokens": added}
 
 
-def _zoo_signature() -> dict[str, Any]:
-    """Signature shared by every zoo model (same shape, same tokenizer), known without building one."""
-    from tasks.demo import zoo
-
-    sig = {k: zoo.SHAPE.get(k) for k in SHAPE_FIELDS}
-    return sig | {"model_type": "mistral", "vocab_size": zoo.VOCAB, "architectures": ["MistralForCausalLM"],
-                  "vocabulary": f"zoo-{zoo.zoo_key('base')}", "added_tokens": {}}
-
-
 def adapter_base(c: Candidate, folder: Path, others: list[Candidate]) -> Candidate:
     """The base model of a PEFT adapter folder: the candidate it names (by name or path), else its path or hub id."""
     try:
@@ -237,94 +228,14 @@ def adapter_base(c: Candidate, folder: Path, others: list[Candidate]) -> Candida
     return match or Candidate(name=f"{c.name}-base", path=base, trust_remote_code=c.trust_remote_code)
 
 
-def _local_or_hub(c: Candidate) -> tuple[Path, bool]:
+def local_or_hub(c: Candidate) -> tuple[Path, bool]:
     """(folder, whether it is a hub snapshot): the local folder, or the hub's configs and tokenizer."""
     folder = Path(c.path)
     if folder.is_dir():
         return folder, False
     if c.path.startswith((".", "/")) or c.path.count("/") != 1:
         raise UserError(f"candidate '{c.name}': {c.path} is neither a local folder nor a Hugging Face id")
-    return _hub_snapshot(c.path), True
-
-
-def inspect_candidate(c: Candidate, others: list[Candidate] = ()) -> tuple[Path | None, dict[str, Any]]:
-    """(local folder, or None for a zoo model; shape signature) of a checked candidate, reading no weights.
-
-    A PEFT adapter folder (adapter_config.json) has its base's shape; `others` are the search's candidates, which
-    the adapter's base may name.
-    """
-    if c.path.startswith(ZOO_PREFIX):
-        from tasks.demo import zoo
-
-        name = c.path.removeprefix(ZOO_PREFIX)
-        if name not in zoo.ZOO:
-            raise UserError(f"candidate '{c.name}': no zoo model '{name}' (zoo has: {', '.join(zoo.ZOO)})")
-        return None, _zoo_signature()
-    folder, hub = _local_or_hub(c)
-    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        if not any(folder.glob("adapter_model.*")):
-            raise UserError(f"candidate '{c.name}': {folder} has adapter_config.json but no adapter_model weights")
-        return folder, inspect_candidate(adapter_base(c, folder, list(others)), others)[1]
-    _check_folder(c.name, folder, weights=not hub)
-    return folder, _signature(c.name, folder, c.trust_remote_code)
-
-
-def tokenizer_folder(c: Candidate, folder: Path | None, others: list[Candidate] = ()) -> Path | None:
-    """Where a checked candidate's tokenizer is: its folder, or for an adapter that brought none, its base's."""
-    if folder is None or not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
-        return folder
-    if any((folder / f).is_file() for f in TOKENIZER_FILES):
-        return folder
-    base = adapter_base(c, folder, list(others))
-    return tokenizer_folder(base, inspect_candidate(base, others)[0], others)
-
-
-def candidate_fingerprint(c: Candidate, folder: Path | None, others: list[Candidate] = ()) -> str:
-    """Content key of a checked candidate: zoo recipe, hub commit, or the hash of all of a local folder's bytes.
-
-    An adapter's key is its base's and its own bytes'; a template override or remote-code opt-in is part of it too
-    (the same weights trained in another format are another model), absent otherwise so older keys stay.
-    """
-    from tasks.store.store import content_key
-
-    if folder is None:
-        from tasks.demo import zoo
-
-        fp = zoo.zoo_key(c.path.removeprefix(ZOO_PREFIX))
-    elif (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        base = adapter_base(c, folder, list(others))
-        base_fp = candidate_fingerprint(base, inspect_candidate(base, others)[0], others)
-        fp = content_key("adapter", base_fp, _folder_fingerprint(folder))
-    elif not Path(c.path).is_dir():
-        fp = content_key("hub", c.path, folder.name)  # the snapshot folder is named by its commit
-    else:
-        fp = content_key("local", _folder_fingerprint(folder))
-    opts = {k: v for k, v in (("chat_template", c.chat_template), ("trust_remote_code", c.trust_remote_code)) if v}
-    return content_key(fp, opts) if opts else fp
-
-
-def describe(c: Candidate) -> ModelInfo:
-    """Fingerprint and signature of a candidate, without loading weights."""
-    folder, signature = inspect_candidate(c)
-    return ModelInfo(c.name, candidate_fingerprint(c, folder), signature)
-
-
-def materialize(c: Candidate, store: Store, log: Callable[[str], None] = print, others: list[Candidate] = ()) -> Path:
-    """A local folder with the candidate's weights: zoo models built, hub weights downloaded, adapters merged in."""
-    if c.path.startswith(ZOO_PREFIX):
-        from tasks.demo import zoo
-
-        return zoo.ensure_zoo_model(store, c.path.removeprefix(ZOO_PREFIX), log)
-    folder = Path(c.path) if Path(c.path).is_dir() else _hub_snapshot(c.path, weights=True)
-    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        from tasks.models.adapters import ensure_merged_adapter
-
-        base = adapter_base(c, folder, list(others))
-        base_dir = materialize(base, store, log, others)
-        return ensure_merged_adapter(c.name, folder, base_dir, candidate_fingerprint(c, folder, others),
-                                     c.trust_remote_code, store, log)
-    _check_folder(c.name, folder)  # a hub snapshot's weights are checked once they are there
-    return folder
+    return hub_snapshot(c.path), True
 
 
 def check_mergeable(merge_name: str, infos: list[ModelInfo], tokenizer_source: Any = None) -> None:

@@ -14,8 +14,8 @@ from prefect.cache_policies import NO_CACHE
 from tasks.config.schema import Merge
 from tasks.core.errors import UserError, first_line
 from tasks.store.store import Store
+from tasks.store.results import MERGE_VERSION, model_path
 
-STAGE_VERSION = "1"  # sharding changes files, not weights
 
 
 def _swap_models(recipe: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:
@@ -126,7 +126,7 @@ def validate_recipe(merge: Merge, paths: dict[str, str]) -> None:
 
 def recipe_fingerprint(merge: Merge, fingerprints: dict[str, str]) -> dict[str, Any]:
     """The recipe with model names replaced by fingerprints: what the merged weights depend on."""
-    return _swap_models(merge.recipe, fingerprints) | {"mergekit": version("mergekit"), "stage": STAGE_VERSION}
+    return _swap_models(merge.recipe, fingerprints) | {"mergekit": version("mergekit"), "stage": MERGE_VERSION}
 
 
 def run_merge(merge: Merge, paths: dict[str, str], out_dir: Path) -> None:
@@ -156,7 +156,7 @@ def run_merge(merge: Merge, paths: dict[str, str], out_dir: Path) -> None:
 @task(name="merge", task_run_name="merge-{merge.name}", cache_policy=NO_CACHE)
 def merge_task(merge: Merge, paths: dict[str, str], key: str, store_root: str) -> tuple[str, bool]:
     """Prefect task: (local folder of the merged model, whether it was already in the store)."""
-    store, rel = Store(store_root), f"models/{key}"
+    store, rel = Store(store_root), model_path(key)
     with store.claim(rel) as todo:  # another run merging the same recipe: wait for it, then reuse it
         if not todo:
             return str(store.local_dir(rel)), True

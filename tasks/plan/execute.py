@@ -26,6 +26,7 @@ from tasks.generate.outputs import generate_task
 from tasks.models.merge import merge_task
 from tasks.store.store import Store
 from tasks.compute.workers import local_workers, side_by_side
+from tasks.store.results import adapter_path, model_path, outputs_path
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -96,7 +97,7 @@ def merge_models(merge: Merge, paths: dict[str, str], key: str, compute: Compute
     if compute.mode == "local":
         return merge_task(merge, paths, key, store)
     call = StageCall("merge", f"merge-{merge.name}", {"merge": merge.model_dump(mode="json"), "paths": paths,
-                                                      "key": key, "store_root": store}, f"models/{key}", key)
+                                                      "key": key, "store_root": store}, model_path(key), key)
     ((rel, reused),) = run_in_pool([call], compute, store).results
     return str(Store(store).local_dir(rel)), reused
 
@@ -105,7 +106,7 @@ def finetune_all(jobs: list[FinetuneJob], compute: ComputeConfig, store: str) ->
     """(adapter folder, reused?) for every job, in order, and the pool's device time."""
     if compute.mode == "local":
         return Batch(_local(jobs, finetune_task, store, "finetune", local_workers(compute)))
-    calls = [StageCall("finetune", f"finetune-{j.model}-{j.dataset}", _params(j, store), f"adapters/{j.key}", j.key)
+    calls = [StageCall("finetune", f"finetune-{j.model}-{j.dataset}", _params(j, store), adapter_path(j.key), j.key)
              for j in jobs]
     st, ran = Store(store), run_in_pool(calls, compute, store)
     return Batch([(str(st.local_dir(rel)), reused) for rel, reused in ran.results], ran.device_s)
@@ -116,7 +117,7 @@ def generate_all(jobs: list[GenerateJob], compute: ComputeConfig, store: str, ro
     rows) sizes the bar."""
     if compute.mode == "local":
         return Batch(_local(jobs, generate_task, store, "generate", rows_per_job=rows_per_job))
-    calls = [StageCall("generate", f"generate-{j.model}-{j.dataset}", _params(j, store), f"outputs/{j.key}.parquet",
+    calls = [StageCall("generate", f"generate-{j.model}-{j.dataset}", _params(j, store), outputs_path(j.key),
                        j.key) for j in jobs]
     return run_in_pool(calls, compute, store)
 

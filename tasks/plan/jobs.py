@@ -26,10 +26,12 @@ from tasks.config.schema import TEACHER, ZOO_PREFIX
 from tasks.core.errors import UserError
 from tasks.compute.speeds import conversation_chars, measured_rate, param_count
 from tasks.store.store import Store
+from tasks.store.results import adapter_path, judgments_path, metric_judgment_key, model_path, outputs_path
 
 if TYPE_CHECKING:
     from tasks.config.schema import JudgeConfig, ModelPrice, SearchConfig
-    from tasks.plan.prepare import DatasetInfo, Prepared
+    from tasks.plan.prepare import Prepared
+    from tasks.data.load import DatasetInfo
 
 CHARS_PER_TOKEN = 4  # the usual English ratio for BPE vocabularies; only the dollar estimates use it
 JUDGE_PROMPT_TOKENS = 250  # the judge's instructions and verdict format, beside the conversation and answers
@@ -90,7 +92,7 @@ def _usd(price: ModelPrice | None, prompt_chars: float, answer_tokens: float) ->
 
 def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "cpu") -> Plan:
     """Every job the config implies, from the checked config and fingerprints alone; loads no model."""
-    from tasks.data.devsplit import fit_datasets
+    from tasks.plan.prepare import fit_datasets
 
     prep = fit_datasets(cfg, prep, store)  # the datasets as the fine-tunes see them (a no-op when already so)
     plan = Plan()
@@ -99,10 +101,10 @@ def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "c
     plan.rates = (train_rate, gen_rate)
     for c in cfg.candidates + cfg.ingredients:
         zoo = c.path.startswith(ZOO_PREFIX)
-        rel = f"models/{prep.models[c.name].fingerprint}"
+        rel = model_path(prep.models[c.name].fingerprint)
         plan.jobs.append(Job("candidates", c.name, rel if zoo else None, store.exists(rel) if zoo else True))
     for m in cfg.merges:
-        rel = f"models/{prep.models[m.name].fingerprint}"
+        rel = model_path(prep.models[m.name].fingerprint)
         plan.jobs.append(Job("merges", m.name, rel, store.exists(rel)))
     models = [n for n, info in prep.models.items() if info.finetuned]
     for data in prep.datasets.values():
@@ -152,10 +154,9 @@ def _judge_usd(cfg: SearchConfig, rows: list[Any], pairs: int, share: float = 1.
 def _dataset_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, data: DatasetInfo, models: list[str],
                   rates: tuple[float, float]) -> None:
     """One dataset's fine-tunes, outputs, teacher and reference outputs, and metric-judged batches."""
-    from tasks.train.finetune import adapter_key
-    from tasks.generate.outputs import outputs_key, teacher_key
-    from tasks.judge.judgments import judgment_key
-    from tasks.generate.references import reference_key
+    from tasks.store.results import adapter_key
+    from tasks.store.results import outputs_key, teacher_key
+    from tasks.store.results import reference_key
 
     name, keys = data.spec.name, {}
     for m in models:
@@ -163,23 +164,23 @@ def _dataset_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, d
         akey = adapter_key(prep.models[m].fingerprint, data.train_fp, cfg.finetune)
         okey = outputs_key(akey, data.test_fp, cfg.generate)
         keys[m] = okey
-        plan.jobs.append(Job("finetune", f"{m} on {name}", f"adapters/{akey}", store.exists(f"adapters/{akey}"),
+        plan.jobs.append(Job("finetune", f"{m} on {name}", adapter_path(akey), store.exists(adapter_path(akey)),
                              finetune_seconds(cfg, data.train, n, rates[0])))
-        plan.jobs.append(Job("generate", f"{m} on {name}", f"outputs/{okey}.parquet",
-                             store.exists(f"outputs/{okey}.parquet"), generate_seconds(data.test, n, rates[1])))
+        plan.jobs.append(Job("generate", f"{m} on {name}", outputs_path(okey),
+                             store.exists(outputs_path(okey)), generate_seconds(data.test, n, rates[1])))
     keys[TEACHER] = teacher_key(data.test_fp)
-    plan.jobs.append(Job("teacher", name, f"outputs/{keys[TEACHER]}.parquet",
-                         store.exists(f"outputs/{keys[TEACHER]}.parquet")))
+    plan.jobs.append(Job("teacher", name, outputs_path(keys[TEACHER]),
+                         store.exists(outputs_path(keys[TEACHER]))))
     for ref in cfg.references:
         rkey = reference_key(ref, data.test_fp)
         keys[ref.name] = rkey
-        plan.jobs.append(Job("references", f"{ref.name} on {name}", f"outputs/{rkey}.parquet",
-                             store.exists(f"outputs/{rkey}.parquet"), usd=reference_usd(cfg, ref, data.test)))
+        plan.jobs.append(Job("references", f"{ref.name} on {name}", outputs_path(rkey),
+                             store.exists(outputs_path(rkey)), usd=reference_usd(cfg, ref, data.test)))
     metric = next((j for j in cfg.judge_list() if j.kind == "metric"), None)
     if metric is None:
         return
     for a, b in combinations(sorted(keys, key=keys.get), 2):
-        rel = f"judgments/{judgment_key(metric, data.metric, data.test_fp, keys[a], keys[b])}.parquet"
+        rel = judgments_path(metric_judgment_key(metric, data.metric, data.test_fp, keys[a], keys[b]))
         plan.jobs.append(Job("judge", f"{a} vs {b} on {name}", rel, store.exists(rel)))
 
 
@@ -188,8 +189,8 @@ def _search_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, mo
     fine-tunes and answers, and the kept proposals' test work. The proposals depend on ratings not yet made: they are
     planned at their most (every round run) as the largest model, with no key."""
     from tasks.data.devsplit import dev_split
-    from tasks.train.finetune import adapter_key
-    from tasks.generate.outputs import outputs_key
+    from tasks.store.results import adapter_key
+    from tasks.store.results import outputs_key
 
     s, (train_rate, gen_rate) = cfg.search, plan.rates
     largest = max(param_count(prep.models[m].signature) for m in models)
@@ -199,9 +200,9 @@ def _search_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, mo
             n, akey = param_count(prep.models[m].signature), adapter_key(prep.models[m].fingerprint, dev.train_fp,
                                                                           cfg.finetune)
             if akey != adapter_key(prep.models[m].fingerprint, data.train_fp, cfg.finetune):
-                plan.jobs.append(Job("search", f"{m} on {dev.spec.name}", f"adapters/{akey}",
-                                     store.exists(f"adapters/{akey}"), finetune_seconds(cfg, dev.train, n, train_rate)))
-            okey = f"outputs/{outputs_key(akey, dev.test_fp, cfg.generate)}.parquet"
+                plan.jobs.append(Job("search", f"{m} on {dev.spec.name}", adapter_path(akey),
+                                     store.exists(adapter_path(akey)), finetune_seconds(cfg, dev.train, n, train_rate)))
+            okey = outputs_path(outputs_key(akey, dev.test_fp, cfg.generate))
             plan.jobs.append(Job("search", f"{m} answering {dev.spec.name}", okey, store.exists(okey),
                                  generate_seconds(dev.test, n, gen_rate)))
         for r in range(1, s.rounds + 1):
@@ -227,8 +228,8 @@ def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store
     some model's held-out outputs are (a re-run that reuses every judgment picks the same winner).
     """
     from tasks.data.load import dataset_fingerprint, load_examples
-    from tasks.train.finetune import adapter_key
-    from tasks.generate.outputs import outputs_key, teacher_key
+    from tasks.store.results import adapter_key
+    from tasks.store.results import outputs_key, teacher_key
 
     assert cfg.validation is not None
     spec = cfg.validation.dataset  # only sizes and file hashes here: the rows are read after the winner is frozen
@@ -238,7 +239,7 @@ def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store
     rels = {}
     for m, info in tuned.items():
         akey = adapter_key(info.fingerprint, train_fp, cfg.finetune)
-        rels[m] = (f"adapters/{akey}", f"outputs/{outputs_key(akey, test_fp, cfg.generate)}.parquet")
+        rels[m] = (adapter_path(akey), outputs_path(outputs_key(akey, test_fp, cfg.generate)))
     largest = max(param_count(i.signature) for i in tuned.values())
     done_any = [any(store.exists(r[k]) for m, r in rels.items() if m not in cfg.validation.baselines) for k in (0, 1)]
     for who in ["winner", *cfg.validation.baselines]:
@@ -248,7 +249,7 @@ def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store
                              finetune_seconds(cfg, train, n, rates[0])))
         plan.jobs.append(Job("validation", f"generate {who} on {spec.name}", rels.get(who, (None, None))[1], done[1],
                              generate_seconds(test, n, rates[1])))
-    teacher = f"outputs/{teacher_key(test_fp)}.parquet"
+    teacher = outputs_path(teacher_key(test_fp))
     plan.jobs.append(Job("validation", f"teacher on {spec.name}", teacher, store.exists(teacher)))
     # the metric judge's validation batches are free; an LLM judge's are the winner against each opponent and the
     # teacher: the pairs validation reports (flows/search.validate_winner)
@@ -368,7 +369,7 @@ _GO_ON = "what the run computed is in the store: raise the cap and run again to 
 
 def plan_lines(plan: Plan) -> list[str]:
     """The plan as the command line and the log print it: one table, the totals, the assumptions."""
-    from tasks.report.report import text_table
+    from tasks.core.tables import text_table
 
     lines = [text_table(plan.table()), "",
              f"to compute: {sum(not j.done for j in plan.jobs)} of {len(plan.jobs)} results, estimated "

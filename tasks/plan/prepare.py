@@ -7,28 +7,20 @@ Fingerprints, which hash every byte of the data and of local weights, come last.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from tasks.config.schema import DatasetSpec, FinetuneConfig, LoadOptions, Merge, SearchConfig, recipe_models
-from tasks.data.devsplit import check_dev_split
-from tasks.data.load import Example, check_lengths, check_test_size, dataset_fingerprint, infer_metric, load_examples
+from tasks.data.devsplit import check_dev_split, fit_split
+from tasks.data.load import DatasetInfo, Example, check_lengths, check_test_size, dataset_fingerprint, infer_metric, load_examples
 from tasks.core.errors import UserError
-from tasks.models.fingerprint import ModelInfo, candidate_fingerprint, check_mergeable, inspect_candidate, tokenizer_folder
+from tasks.models.fingerprint import ModelInfo, check_mergeable
+from tasks.candidates.resolve import candidate_fingerprint, inspect_candidate, tokenizer_folder
+from tasks.store.results import merge_key
 
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """A dataset's rows, fingerprints and metric."""
-
-    spec: DatasetSpec
-    train: list[Example]
-    test: list[Example]
-    train_fp: str
-    test_fp: str
-    metric: str
-    source: DatasetInfo | None = None  # the dataset as configured, when this one trains on a share of its rows
+if TYPE_CHECKING:
+    from tasks.store.store import Store
 
 
 @dataclass(frozen=True)
@@ -184,11 +176,10 @@ def _fingerprinted_models(
 def merge_info(m: Merge, models: dict[str, ModelInfo], signature: dict[str, Any]) -> ModelInfo:
     """A merge as the search sees it: the key of its recipe over its parents' fingerprints, its shape, how it loads."""
     from tasks.models.merge import recipe_fingerprint  # mergekit's version is part of the key
-    from tasks.store.store import content_key
 
     fps = {n: i.fingerprint for n, i in models.items()}
     load, template = _merge_load(m, models)
-    return ModelInfo(m.name, content_key("merge", recipe_fingerprint(m, fps)), signature, role="merge", load=load,
+    return ModelInfo(m.name, merge_key(recipe_fingerprint(m, fps)), signature, role="merge", load=load,
                      template=template)
 
 
@@ -212,3 +203,12 @@ def held_out(cfg: SearchConfig) -> DatasetInfo:
     """The held-out dataset, read in full (call only after the winner is frozen)."""
     assert cfg.validation is not None
     return load_dataset(cfg.validation.dataset, cfg.finetune)
+
+
+def fit_datasets(cfg: SearchConfig, prep: Prepared, store: Store) -> Prepared:
+    """The search's datasets as its fine-tunes see them: with search.rounds on and search.refit off, each trains on
+    its training rows minus its development rows (the loop's first rating then reuses the search's fine-tunes);
+    otherwise unchanged. Idempotent; writes the splits to the store (also on --dry-run, so the plan keys as the run)."""
+    if not cfg.search.rounds or cfg.search.refit:
+        return prep
+    return replace(prep, datasets={n: fit_split(d, cfg.search.dev_share, store) for n, d in prep.datasets.items()})

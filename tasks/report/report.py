@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tasks.core.tables import md_table
 from tasks.config.schema import MODEL_KINDS, TEACHER, SearchConfig, recipe_models
 from tasks.rating.rate import win_matrix
 from tasks.rating.win_rates import intervals_overlap
@@ -115,19 +116,6 @@ def scale_lines(ratings: pd.DataFrame, ties: str) -> list[str]:
                      f"{lo:+.0f}..{hi:+.0f}): an output twice as long as the other gets {c / 3:+.0f} Elo for its length "
                      "alone. `rating` is the controlled fit, `without length control` the plain one.")
     return [x for line in lines for x in (line, "")]
-
-
-def text_table(df: pd.DataFrame) -> str:
-    """A DataFrame as a plain aligned text table for the terminal."""
-    return df.to_string(index=False)
-
-
-def md_table(df: pd.DataFrame) -> str:
-    """A DataFrame as a Markdown table."""
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def teacher_lines(ratings: pd.DataFrame) -> list[str]:

@@ -58,7 +58,7 @@ def top_contenders(ratings: pd.DataFrame, scope: str, n: int = 3) -> list[str]:
 
 def evidence_lines(finetunes: pd.DataFrame, examples: dict[str, pd.DataFrame]) -> list[str]:
     """The report's sections after the ratings: each fine-tune's training figures, then example outputs."""
-    from tasks.report.report import md_table
+    from tasks.core.tables import md_table
 
     lines = []
     if len(finetunes):

@@ -37,13 +37,13 @@ from tasks.store.guards import (
     MANIFEST, TMP, disk_failure, file_lock, owner_line, parquet_damage, rm_local, say, sha256_file, temp_is_dead,
     tmp_name, write_manifest, write_owner,
 )
+from tasks.store.results import RESULT_FOLDERS
 
 if TYPE_CHECKING:
     import pandas as pd  # imported where Parquet is read or written: the command line checks a config without it
 
 DEFAULT_STORE = "./store"
 LOCKS = ".locks"
-RESULT_FOLDERS = ("models/", "adapters/")  # folder results: present only with a whole manifest
 OWNER_WAIT_S = 1.0  # how long a waiting run gives a new holder to say who it is, for the waiting line
 LOCK_POLL_S = 0.5  # how often a waiting run retries a held lock; it waits as long as the owner lives (hours)
 

@@ -15,53 +15,22 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.core import progress
-from tasks.models.chat import IGNORE, PromptFormat, encode_row, load_tokenizer, prompt_format
+from tasks.models.chat import IGNORE, PromptFormat, encode_row
 from tasks.config.schema import LoadOptions
 from tasks.core.errors import UserError
+from tasks.models.loading import base_of, load_base, model_params, peak_memory_mb
 from tasks.train.lora_kernels import PACKED_ATTENTION, _register_packed_attention, fuse_small_loras, unfuse_loras
-from tasks.compute.speeds import conversation_chars, param_count, record_rate
-from tasks.store.store import Store, content_key
+from tasks.compute.speeds import conversation_chars, record_rate
+from tasks.store.store import Store
 from tasks.compute.workers import in_worker
+from tasks.store.results import adapter_path
 
 if TYPE_CHECKING:
     from tasks.config.schema import FinetuneConfig
     from tasks.data.load import Example
 
-STAGE_VERSION = "2"  # bump when a change alters what a fine-tune computes (2: packed, shuffled batches)
 # Micro-batch token budget when nothing limits it (CPU): a whole optimizer step in one forward pass.
 UNLIMITED_TOKENS = 1 << 30
-
-
-def device() -> torch.device:
-    """CUDA when there is a GPU, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def base_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a peft wrapper (the model itself when it has none)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def attn_implementations() -> list[str]:
-    """Attention implementations to try, best first: flash-attention on CUDA when installed, SDPA, then eager.
-
-    Not every model supports each (Gemma 2 refuses SDPA in transformers 5); load_base takes the first one the
-    model accepts.
-    """
-    import importlib.util
-
-    flash = device().type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    return (["flash_attention_2"] if flash else []) + ["sdpa", "eager"]
-
-
-def peak_memory_mb(dev: torch.device) -> dict[str, float]:
-    """Peak memory so far: the process's resident set (whole life of the process), and CUDA's allocator peak."""
-    import resource
-
-    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
-    if dev.type == "cuda":
-        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
-    return out
 
 
 def encode(tok: Any, fmt: PromptFormat, ex: Example) -> tuple[list[int], list[int]]:
@@ -369,30 +338,6 @@ def _train_steps(
     }
 
 
-def model_params(config: Any) -> int:
-    """The parameter count tasks/plan/jobs.py plans with, from a transformers config (the same formula on both sides)."""
-    return param_count({k: getattr(config, k, None) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                             "num_key_value_heads", "intermediate_size", "vocab_size")})
-
-
-def load_base(model_dir: str | Path, load: LoadOptions | None = None) -> tuple[Any, Any, PromptFormat]:
-    """(model, tokenizer, prompt format) of a Hugging Face folder on the training device (bf16 on CUDA, else fp32)."""
-    from transformers import AutoModelForCausalLM
-
-    load = load or LoadOptions()
-    tok = load_tokenizer(model_dir, load)
-    dtype = torch.bfloat16 if device().type == "cuda" else torch.float32
-    for attn in attn_implementations():
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(model_dir), dtype=dtype, attn_implementation=attn, trust_remote_code=load.trust_remote_code)
-            break
-        except (ValueError, ImportError) as e:
-            if attn == "eager" or "attention" not in str(e).lower():
-                raise  # not a refused attention implementation, or nothing left to try
-    return model.to(device()), tok, prompt_format(tok, model.generation_config.eos_token_id, str(model_dir))
-
-
 def training_rows(tok: Any, fmt: PromptFormat, train: list[Example], max_length: int,
                   ) -> tuple[list[tuple[list[int], list[int]]], int]:
     """(encoded rows that fit in max_length, how many were left out): a row is never cut short of its end of turn."""
@@ -436,11 +381,6 @@ def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, o
     return metrics
 
 
-def adapter_key(model_fp: str, train_fp: str, cfg: FinetuneConfig) -> str:
-    """Content key of a fine-tune: base weights, training rows, hyper-parameters, code version."""
-    return content_key("finetune", model_fp, train_fp, cfg.model_dump(), STAGE_VERSION)
-
-
 @task(name="finetune", task_run_name="finetune-{model}-{dataset}", cache_policy=NO_CACHE)
 def finetune_task(
     model: str, dataset: str, model_dir: str, train_path: str, cfg: FinetuneConfig, key: str, store_root: str,
@@ -449,7 +389,7 @@ def finetune_task(
     """Prefect task: (local adapter folder, whether it was already in the store). Arguments are JSON-able."""
     from tasks.data.load import load_examples
 
-    store, rel = Store(store_root), f"adapters/{key}"
+    store, rel = Store(store_root), adapter_path(key)
     with store.claim(rel) as todo:  # another run training the same adapter: wait for it, then reuse it
         if not todo:
             return str(store.local_dir(rel)), True

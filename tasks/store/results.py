@@ -1,0 +1,134 @@
+"""Every result of the search: its content key and its place in the store, with each stage's version.
+
+The one source of truth for what names a result (docs/architecture.md, "How a key is made"): the plan, the stages,
+the flows and the export all key and find results through these functions, so a key is computed one way only.
+A key hashes everything that determines the result (tasks/store/keys.py content_key); a stage's version is part
+of it, so bumping a version recomputes that stage's results and everything made from them, nothing else.
+tests/test_store_keys.py holds the keys equal to those an older commit stored.
+
+A light module: pydantic config types only (no torch, Prefect, pandas), so the plan imports it before any model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tasks.store.keys import content_key
+
+if TYPE_CHECKING:
+    from tasks.config.schema import FinetuneConfig, GenerateConfig, JudgeConfig, Reference
+
+# Bump a stage's version when a change alters what the stage computes (not how fast): its results are redone.
+FINETUNE_VERSION = "2"  # 2: packed, shuffled batches
+GENERATE_VERSION = "1"  # fine-tunes' outputs, and the teacher's answers read as outputs
+REFERENCE_VERSION = "1"  # API models' outputs
+MERGE_VERSION = "1"  # mergekit's own version is part of a merge's key too; sharding changes files, not weights
+METRIC_JUDGE_VERSION = "1"
+PROMPT_VERSION = "1"  # the LLM judge's prompt text: every LLM judgment's key and `judge` label include it
+SPLIT_VERSION = "1"  # the rule that assigns rows to the development split
+ZOO_VERSION = "3"  # the demo zoo's builder (3: trained by the packed training step)
+
+# The store's layout: (path pattern, what lives there). docs/architecture.md shows it; tests/test_layout.py checks.
+LAYOUT = [
+    ("models/<key>/", "zoo, merged and adapter-merged models, Hugging Face format (merges: mergekit_config.yml)"),
+    ("adapters/<key>/", "PEFT LoRA adapters with train_metrics.json"),
+    ("outputs/<key>.parquet", "one contender's answers on one dataset's test rows (fine-tune, teacher or reference)"),
+    ("judgments/<key>.parquet", "one judged batch: a metric-judged pair of outputs, or a batch of LLM judgments"),
+    ("splits/<key>/", "a dataset's training rows split into train.jsonl and dev.jsonl for the search's own merges"),
+    ("rates/<stage>.json", "measured speed per stage and device, which the plan estimates GPU time with"),
+    ("runs/<run-id>/", "one run: config.yaml, ratings.parquet, judgments.parquet, validation.json, report.md/html"),
+    ("runs/LATEST", "the newest finished run's id"),
+]
+RESULT_FOLDERS = ("models/", "adapters/")  # folder results: present only with a whole manifest
+JUDGMENTS_GLOB = "judgments/*.parquet"
+RUNS = "runs"
+LATEST = "runs/LATEST"
+
+
+def model_path(key: str) -> str:
+    """A model's folder (zoo, merge, or an adapter candidate merged into its base)."""
+    return f"models/{key}"
+
+
+def adapter_path(key: str) -> str:
+    """A fine-tune's adapter folder."""
+    return f"adapters/{key}"
+
+
+def outputs_path(key: str) -> str:
+    """A contender's outputs on one dataset."""
+    return f"outputs/{key}.parquet"
+
+
+def judgments_path(key: str) -> str:
+    """One judged batch."""
+    return f"judgments/{key}.parquet"
+
+
+def split_path(key: str) -> str:
+    """A development split's folder."""
+    return f"splits/{key}"
+
+
+def rates_path(stage: str) -> str:
+    """The measured speeds of one stage."""
+    return f"rates/{stage}.json"
+
+
+def run_path(run_id: str) -> str:
+    """One run's folder."""
+    return f"{RUNS}/{run_id}"
+
+
+def adapter_key(model_fp: str, train_fp: str, cfg: FinetuneConfig) -> str:
+    """A fine-tune: base weights, training rows, hyper-parameters, code version."""
+    return content_key("finetune", model_fp, train_fp, cfg.model_dump(), FINETUNE_VERSION)
+
+
+def outputs_key(adapter: str, test_fp: str, cfg: GenerateConfig) -> str:
+    """A fine-tune's test outputs: adapter, test rows, generation settings, code version."""
+    return content_key("outputs", adapter, test_fp, cfg.model_dump(), GENERATE_VERSION)
+
+
+def teacher_key(test_fp: str) -> str:
+    """A dataset's own answers as outputs."""
+    return content_key("teacher", test_fp, GENERATE_VERSION)
+
+
+def reference_key(ref: Reference, test_fp: str) -> str:
+    """A reference's test outputs: model, endpoint, answer length, test rows, code version."""
+    return content_key("reference", ref.model, ref.base_url, ref.max_tokens, test_fp, REFERENCE_VERSION)
+
+
+def merge_key(recipe: dict[str, Any]) -> str:
+    """A merge: its recipe with model names replaced by fingerprints (tasks/models/merge.py recipe_fingerprint)."""
+    return content_key("merge", recipe)
+
+
+def metric_judgment_key(cfg: JudgeConfig, metric: str, test_fp: str, outputs_a: str, outputs_b: str) -> str:
+    """One metric-judged batch: the metric judge's settings, the test rows and both outputs.
+
+    Only the settings the metric judge reads are in it, so adding an LLM-judge setting re-judges nothing.
+    """
+    settings = {"kind": cfg.kind, "strong_margin": cfg.strong_margin}
+    return content_key("judge", settings, metric, test_fp, outputs_a, outputs_b, METRIC_JUDGE_VERSION)
+
+
+def llm_judgment_key(model: str, dataset: str, example_id: str, example_hash: str, first: str, second: str) -> str:
+    """One LLM judgment: judge model, prompt version, dataset, example, the shown outputs' hashes in order."""
+    return content_key("judgment", model, PROMPT_VERSION, dataset, str(example_id), example_hash, first, second)
+
+
+def llm_batch_key(judgment_keys: list[str]) -> str:
+    """A file of LLM judgments: the keys of the judgments in it."""
+    return content_key("llm-batch", sorted(judgment_keys))
+
+
+def split_key(train_fp: str, share: float) -> str:
+    """A development split: the training rows and the share set aside."""
+    return content_key("dev-split", train_fp, share, SPLIT_VERSION)
+
+
+def zoo_model_key(name: str, recipe: dict[str, Any], shape: dict[str, Any], vocab: int, parent: str | None) -> str:
+    """A demo zoo model: its recipe, the zoo's shape and vocabulary, its parent's key and the zoo's code version."""
+    return content_key("zoo", name, recipe, shape, vocab, parent, ZOO_VERSION)
