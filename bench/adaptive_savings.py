@@ -1,6 +1,6 @@
 """Adaptive planning: are its "separated" claims right, and what does it save, against random allocation and all pairs?
 
-A simulated judge where examples differ (issue 13, "What it must reach": adaptive planning). On example e contender k
+A simulated judge where examples differ (the adaptive planner's savings target). On example e contender k
 plays at theta_k + u_ek (u ~ N(0, s_u^2)): every pair and both orders of one example share the example's shifts; an
 (example, pair) shift w ~ N(0, s_w^2) is shared by the two orders of one comparison; a per-example tie propensity
 log nu_e = log nu + v_e (v ~ N(0, s_v^2)); the contender shown first gains 0.3 nats; ties by Davidson's model (nu as in
@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import _machine  # noqa: E402
 from bench.coverage import BIAS, SETTINGS, calibrate_nu, davidson  # noqa: E402
-from tasks.judge.rounds import PLAN_COLUMNS, BudgetConfig, plan_round, standing  # noqa: E402
+from tasks.judge.rounds import PLAN_COLUMNS, plan_round, standing  # noqa: E402
+from tasks.config.schema import BudgetConfig
 
 EFFECTS = SETTINGS["strong"]  # (s_u, s_w, s_v) nats
 CASES = {"clear leader": (8, 0.5), "near-tie": (8, 0.0), "24 contenders": (24, 0.5)}  # (contenders, gap)

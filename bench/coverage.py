@@ -1,6 +1,6 @@
 """Coverage of the rating intervals: do the 95% intervals of rate() contain the truth 95% of the time?
 
-A simulation with known strengths in which examples differ (issue 13, "What it must reach": Coverage). Each simulated
+A simulation with known strengths in which examples differ (the coverage target of the ratings' intervals). Each simulated
 search judges every pair of 6 contenders on every one of 60 examples, in both orders (1,800 judgments), with:
 - per-example random effects: on example e contender k plays at theta_k + u_ek (u ~ N(0, s_u^2)), so every pair and
   both orders of one example share the example's shifts; an (example, pair) shift w ~ N(0, s_w^2), shared by the two
@@ -58,7 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import _machine
 from tasks.rating.bt import fit
-from tasks.rating.rate import ELO_PER_NAT, RatingConfig, rate
+from tasks.rating.rate import ELO_PER_NAT, rate
+from tasks.config.schema import RatingConfig
 
 THETA = np.array([0.4, 0.4, 0.1, 0.1, 0.1, -0.3])  # true log-strengths (nats); m0 = m1, m2 = m3 = m4
 NAMES = [f"m{k}" for k in range(len(THETA))]

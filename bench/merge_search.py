@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _machine import header, table  # noqa: E402
 
-from tasks.config.schema import MergeSearchConfig  # noqa: E402
+from tasks.config.merge_search import MergeSearchConfig
 from tasks.plan.propose import Point, improved, propose  # noqa: E402
 
 MODELS = {"A": 0.60, "B": 0.55, "C": 0.50, "base": 0.30}

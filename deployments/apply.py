@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="worker type of the GPU stages' pool (default process)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from tasks.plan.execute import check_server
+    from tasks.plan.pool import check_server
     from tasks.core.errors import UserError
 
     try:

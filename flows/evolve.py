@@ -1,11 +1,11 @@
 """The search's own merges: rounds of propose -> merge -> fine-tune and answer on dev -> judge -> re-rate.
 
-Composed from the search's stages (handed in by flows/search.py, so that this module does not import it). Everything
+Composed from the search's steps (flows/steps.py), as the test rating is. Everything
 runs on each dataset's development split (tasks/data/devsplit.py): the configured models and every proposal are fine-tuned
 on the training rows minus the development rows and answer the development rows; the test split is not read here.
 Only the best `search.keep` proposals leave the loop: flows/search.py rates them on the test split with every other
 contender, and validation freezes its winner from that rating as before. With `search.refit` off (the default) every
-fine-tune of the search trains on the same rows (training minus development, tasks/devsplit.fit_datasets), so the
+fine-tune of the search trains on the same rows (training minus development, tasks/plan/prepare.py fit_datasets), so the
 loop's first rating and the kept proposals reuse the fine-tunes the store already holds: they only answer other rows.
 With it on, the final set is fine-tuned again on all training rows.
 
@@ -16,23 +16,24 @@ nothing it had finished.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import yaml
 from prefect import get_run_logger
 
+from flows import steps
+from flows.steps import Run
 from tasks.plan.execute import merge_models
-from tasks.config.schema import TEACHER, SearchConfig
+from tasks.config.schema import SearchConfig
+from tasks.config.base import TEACHER
 from tasks.data.devsplit import dev_split
 from tasks.core.errors import UserError
-from tasks.plan.jobs import Guard
 from tasks.judge.judgments import load_judgments
 from tasks.models.fingerprint import check_mergeable
 from tasks.plan.prepare import Prepared, merge_info
 from tasks.plan.propose import Point, config_point, improved, interval_of, kept, propose, ranked, task_base
 from tasks.rating.rate import rate
-from tasks.store.store import Store
 
 JUDGMENT_ID = ["dataset", "example_id", "contender_a", "contender_b", "order"]
 
@@ -40,11 +41,11 @@ JUDGMENT_ID = ["dataset", "example_id", "contender_a", "contender_b", "order"]
 class Loop:
     """One search's state: the development splits, the models so far, their outputs, judgments and ratings."""
 
-    def __init__(self, config: SearchConfig, prep: Prepared, paths: dict[str, str], store: str, run_rel: str,
-                 log: Any, guard: Guard, train: Callable[..., dict], judge: Callable[..., list]) -> None:
+    def __init__(self, run: Run, prep: Prepared, paths: dict[str, str]) -> None:
         """Set the loop up and write the development splits (reused from the store when there)."""
-        self.cfg, self.prep, self.paths, self.store, self.st = config, prep, paths, store, Store(store)
-        self.rel, self.log, self.guard, self.train, self.judge = f"{run_rel}/search", log, guard, train, judge
+        config = run.cfg
+        self.run, self.cfg, self.prep, self.paths, self.st = run, config, prep, paths, run.store
+        self.rel, self.log, self.guard = f"{run.rel}/search", run.log, run.guard
         self.devs = {d.spec.name: d for d in (dev_split(data, config.search.dev_share, self.st)
                                               for data in prep.datasets.values())}
         # no reference answers the development rows (each would be paid for): a reference anchor becomes the teacher
@@ -53,6 +54,7 @@ class Loop:
             anchor = TEACHER
         self.dev_cfg = config.model_copy(update={"references": [],
                                                  "rating": config.rating.model_copy(update={"anchor": anchor})})
+        self.dev_run = run.with_config(self.dev_cfg)
         self.models = dict(prep.models)
         self.kinds = config.model_kinds()
         self.outputs: dict[str, dict[str, tuple[str, str]]] = {ds: {} for ds in self.devs}
@@ -66,12 +68,12 @@ class Loop:
             return
         prep = Prepared(self.models, self.devs)
         for ds, data in self.devs.items():
-            self.outputs[ds] |= self.train(todo, data, self.paths, prep, self.dev_cfg, self.store, self.log, self.guard)
+            self.outputs[ds] |= steps.train_and_answer(self.dev_run, todo, data, self.paths, prep)
 
     def judge_and_rate(self, names: list[str]) -> pd.DataFrame:
         """Judge `names` (and the teacher) pairwise on every development split, then rate every judgment so far."""
         outs = {ds: {n: o[n] for n in [*names, TEACHER]} for ds, o in self.outputs.items()}
-        self.batches += self.judge(self.devs, outs, self.dev_cfg, self.store, self.log, self.guard)
+        self.batches += steps.judge_all(self.dev_run, self.devs, outs)
         with self.log.stage("search:rate") as row:
             judgments = load_judgments(self.st, self.batches).drop_duplicates(JUDGMENT_ID)
             self.ratings = rate(judgments, self.kinds, self.dev_cfg.rating)
@@ -87,7 +89,7 @@ class Loop:
         self.kinds[merge.name] = "merge"
         with self.log.stage(f"search:merge r{point.round}") as row:
             self.paths[merge.name], reused = merge_models(merge, self.paths, self.models[merge.name].fingerprint,
-                                                          self.cfg.compute, self.store)
+                                                          self.cfg.compute, self.run.root)
             row["reused" if reused else "computed"] += 1
 
     def mergeable(self, names: tuple[str, ...]) -> bool:
@@ -123,15 +125,14 @@ def _ratings_of(ratings: pd.DataFrame, names: list[str]) -> dict[str, list[float
     return {n: interval_of(r.loc[n]) for n in names if n in r.index}
 
 
-def evolve(config: SearchConfig, prep: Prepared, paths: dict[str, str], store: str, run_rel: str, log: Any,
-           guard: Guard, train: Callable[..., dict], judge: Callable[..., list]) -> tuple[SearchConfig, Prepared]:
+def evolve(run: Run, prep: Prepared, paths: dict[str, str]) -> tuple[SearchConfig, Prepared]:
     """Run search.rounds rounds of proposals on the development splits; return the config and models with the kept
     proposals added as merges (unchanged when search.rounds is 0). `paths` gains every proposal's merged folder."""
-    s = config.search
+    config, s = run.cfg, run.cfg.search
     if not s.rounds:
         return config, prep
     logger = get_run_logger()
-    loop = Loop(config, prep, paths, store, run_rel, log, guard, train, judge)
+    loop = Loop(run, prep, paths)
     st = loop.st
     st.write_json(f"{loop.rel}/split.json", [{"dataset": ds, "dev_share": s.dev_share, "train_rows": len(d.train),
                                               "dev_rows": len(d.test), "dev_ids": [e.id for e in d.test],

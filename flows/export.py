@@ -10,23 +10,16 @@ Writes DIR: the LoRA adapter (or with --merged full weights), the tokenizer with
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from tasks.core.errors import EnvironmentFailure, UserError
+from flows.command import Parser, one_line_errors
+from tasks.core.errors import EnvironmentFailure
 from tasks.export.export import CheckFailed, export_run
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake as one `error:` line and exit 2 (no usage dump)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(message)
 
 
 def _parser() -> argparse.ArgumentParser:
     """Command-line options."""
-    p = _Parser(prog="python -m flows.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m flows.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, metavar="RUN_ID", help="the run to export (LATEST: the newest)")
     p.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder for the export")
     p.add_argument("--dataset", default=None, metavar="NAME",
@@ -42,22 +35,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Export, print what was written and the check's line, the serve command, and the folder last."""
-    try:
+    def export() -> int:
+        """Parse, export, print."""
         args = _parser().parse_args(argv)
         result = export_run(args.run, args.out, store=args.store, dataset=args.dataset, merged=args.merged,
                             check=not args.no_check, model=args.model, log=print)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (CheckFailed, EnvironmentFailure) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    print(f"serve: {result['serve']}")
-    print(result["out"])
-    return 0
+        print(f"serve: {result['serve']}")
+        print(result["out"])
+        return 0
+
+    return one_line_errors(export, failures=(CheckFailed, EnvironmentFailure))
 
 
 if __name__ == "__main__":

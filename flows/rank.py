@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pandas as pd
 
+from flows.command import Parser, one_line_errors
 from tasks.core.errors import UserError
-from tasks.rating.rate import RatingConfig, rate
+from tasks.rating.rate import rate
+from tasks.config.schema import RatingConfig
 from tasks.report.report import ranking_rows, scale_lines
 from tasks.core.tables import text_table
 from tasks.store.store import Store
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake as one `error:` line and exit 2 (no usage dump)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
     """Command-line options."""
-    p = _Parser(prog="python -m flows.rank", description=__doc__)
+    p = Parser(prog="python -m flows.rank", description=__doc__)
     p.add_argument("--judgments", nargs="+", required=True, metavar="PATH", help="Parquet files or folders of them")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for ratings.parquet")
     p.add_argument("--anchor", default=None, help="contender pinned at --anchor-rating (default: the mean is pinned)")
@@ -88,7 +82,8 @@ def _kinds(judgments: pd.DataFrame) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Rate the judgments, write DIR/ratings.parquet, print the overall ranking and the output path."""
-    try:
+    def rank() -> int:
+        """Parse, rate, write, print."""
         args = _parser().parse_args(argv)
         cfg = RatingConfig(
             anchor=args.anchor, anchor_rating=args.anchor_rating, ties=args.ties, ci=args.ci,
@@ -97,21 +92,17 @@ def main(argv: list[str] | None = None) -> int:
         judgments = _read(_files(args.judgments), ("len_a", "len_b") if args.length_control else ())
         ratings = rate(judgments, _kinds(judgments), cfg)
         target = Store(args.out).write_parquet("ratings.parquet", ratings)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    print(text_table(ranking_rows(ratings, confidence=cfg.confidence)))
-    note = _top_note(ratings, cfg.confidence)
-    if note:
-        print(note)
-    for line in scale_lines(ratings, cfg.ties):
-        if line:
-            print(f"note: {line}")
-    print(target)
-    return 0
+        print(text_table(ranking_rows(ratings, confidence=cfg.confidence)))
+        note = _top_note(ratings, cfg.confidence)
+        if note:
+            print(note)
+        for line in scale_lines(ratings, cfg.ties):
+            if line:
+                print(f"note: {line}")
+        print(target)
+        return 0
+
+    return one_line_errors(rank, os_error_code=2)
 
 
 def _top_note(ratings: pd.DataFrame, confidence: float) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 # Set before Prefect or Hugging Face is imported anywhere in the test session.
@@ -99,6 +101,14 @@ def mini_config_dict(tiny_models: dict[str, Path], tiny_data: dict[str, tuple[Pa
     }
 
 
+def one_dataset_config_dict(tiny_models: dict[str, Path], tiny_data: dict[str, tuple[Path, Path]]) -> dict:
+    """The miniature search cut to one dataset and no held-out check: 3 models + teacher, the quickest full search."""
+    cfg = mini_config_dict(tiny_models, tiny_data)
+    cfg["datasets"] = cfg["datasets"][:1]
+    cfg.pop("validation")
+    return cfg
+
+
 @pytest.fixture()
 def mini_config(tmp_path, tiny_models, tiny_data) -> Path:
     """Path of a miniature search config YAML in a fresh folder."""
@@ -125,3 +135,27 @@ def config_error(path: Path) -> str:
     msg = str(info.value)
     assert msg and "\n" not in msg
     return msg
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str | Callable[[], str],
+             poll_s: float = 0.05) -> None:
+    """Poll `condition` until it holds; after `timeout_s`, AssertionError naming `what` (a text, or a function
+    giving one, e.g. with a log's tail). The condition may itself fail at once, e.g. when a process it waits on died."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for "
+                                 f"{what if isinstance(what, str) else what()}")
+        time.sleep(poll_s)
+
+
+@pytest.fixture()
+def server(request, monkeypatch):
+    """A fake OpenAI-compatible endpoint (tests/fake_openai.py) on loopback that wants the test module's KEY, with
+    that key in the environment variable its ENV names; shut down after the test."""
+    from tests.fake_openai import FakeOpenAI
+
+    key, env = request.module.KEY, request.module.ENV
+    monkeypatch.setenv(env, key)
+    with FakeOpenAI(key) as srv:
+        yield srv

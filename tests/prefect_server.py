@@ -11,10 +11,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,19 +97,28 @@ def group_alive(pgid: int) -> bool:
         return False
 
 
+def wait_while_running(proc: subprocess.Popen, log: Path, cond: Callable[[], bool], timeout_s: float, what: str,
+                       poll_s: float = 0.05) -> None:
+    """wait_for `cond` while `proc` runs: fail at once when the process ends first, or after `timeout_s`, either
+    way with the tail of its log."""
+    def check() -> bool:
+        if cond():
+            return True
+        assert proc.poll() is None, f"process ended before {what}:\n{log.read_text()[-3000:]}"
+        return False
+
+    wait_for(check, timeout_s, lambda: f"{what}:\n{log.read_text()[-3000:]}", poll_s)
+
+
 def wait_healthy(api_url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 600.0) -> None:
     """Wait until the server answers /health; fail with its log when it exits or takes too long."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited:\n{log.read_text()[-3000:]}")
+    def healthy() -> bool:
         try:
-            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
-                return
+            return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"prefect server not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
+            return False
+
+    wait_while_running(proc, log, healthy, timeout_s, "the prefect server to answer /health", poll_s=0.5)
 
 
 def start_server(home: Path) -> tuple[subprocess.Popen, str]:
@@ -133,13 +144,11 @@ def start_worker(pool: str, env: dict[str, str], log: Path, limit: int = 2) -> s
 
 def wait_worker_online(api_url: str, pool: str, timeout_s: float = 600.0) -> None:
     """Wait until `pool` has a worker online."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def online() -> bool:
         r = httpx.post(f"{api_url}/work_pools/{pool}/workers/filter", json={}, timeout=5)
-        if r.status_code == 200 and any(w.get("status") == "ONLINE" for w in r.json()):
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"no worker online on pool {pool} after {timeout_s} s")
+        return r.status_code == 200 and any(w.get("status") == "ONLINE" for w in r.json())
+
+    wait_for(online, timeout_s, f"a worker online on pool {pool}", poll_s=0.5)
 
 
 def slowed_search(prefix: str, seconds: float = 1.0) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import mini_config_dict
+from tests.conftest import one_dataset_config_dict
 from tests.prefect_server import ROOT, prefect_env, run_search
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -42,9 +42,7 @@ def hooked_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def small_config(tmp_path: Path, tiny_models, tiny_data) -> Path:
     """The miniature search cut to one dataset, no merge and no validation: the quickest real search."""
-    cfg = mini_config_dict(tiny_models, tiny_data)
-    cfg["datasets"] = cfg["datasets"][:1]
-    cfg.pop("validation")
+    cfg = one_dataset_config_dict(tiny_models, tiny_data)
     cfg["merges"] = []
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -19,19 +19,11 @@ from tasks.api.failures import FAILED_STREAK, Tally, too_many  # noqa: E402
 from tasks.judge.llm import Contest, cached_judgments  # noqa: E402
 from tasks.judge.prompt import judge_label  # noqa: E402
 from tasks.api.client import Endpoint, preflight  # noqa: E402
-from tasks.judge.rounds import BudgetConfig  # noqa: E402
+from tasks.config.schema import BudgetConfig
 from tasks.generate.references import reference_outputs  # noqa: E402
 from tasks.store.store import Store  # noqa: E402
-from tests.fake_openai import FakeOpenAI, Faults  # noqa: E402
+from tests.fake_openai import Faults  # noqa: E402
 from tests.test_llm_judge import ALL, ENV, KEY, _cfg, _contest, _examples, _judge_flow, _outputs  # noqa: E402
-
-
-@pytest.fixture()
-def server(monkeypatch):
-    """A fake endpoint that wants KEY, with the key in the environment."""
-    monkeypatch.setenv(ENV, KEY)
-    with FakeOpenAI(KEY) as srv:
-        yield srv
 
 
 def _big_contest(n: int = 8) -> Contest:

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from flows.cli import main
-from tasks.config.schema import MergeSearchConfig, load_config
+from tasks.config.schema import load_config
+from tasks.config.merge_search import MergeSearchConfig
 from tasks.data.load import load_examples
 from tasks.data.devsplit import split_rows
 from tasks.plan.propose import config_point, improved, kept, propose
@@ -116,25 +117,25 @@ def test_dev_share_too_small_is_one_line(tiny_models, tiny_data, tmp_path, capsy
 
 def test_search_killed_mid_round_resumes_with_the_same_proposals(tiny_models, tiny_data, tmp_path, monkeypatch,
                                                                   capsys):
-    import flows.search
+    import flows.steps
 
     config, store_dir = search_config(tiny_models, tiny_data, tmp_path, 2), tmp_path / "store"
     store = Store(str(store_dir))
-    real_judge = flows.search.judge_all
+    real_judge = flows.steps.judge_all
 
-    def killed(datasets, outputs, *args, **kw):
+    def killed(run, datasets, outputs, *args, **kw):
         """Die at round 1's judging, after its proposals were merged, fine-tuned and answered."""
         if any(name.startswith("r1-") for outs in outputs.values() for name in outs):
             raise RuntimeError("killed mid-round")
-        return real_judge(datasets, outputs, *args, **kw)
+        return real_judge(run, datasets, outputs, *args, **kw)
 
-    monkeypatch.setattr(flows.search, "judge_all", killed)
+    monkeypatch.setattr(flows.steps, "judge_all", killed)
     with pytest.raises(RuntimeError, match="killed mid-round"):
         main(["--config", str(config), "--store", str(store_dir)])
     killed_run = max((store_dir / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
     proposed = yaml.safe_load((killed_run / "search" / "round-1.yaml").read_text())
     assert len(proposed) == 2 and all(p["reason"] and p["parents"] and p["recipe"]["merge_method"] for p in proposed)
-    monkeypatch.setattr(flows.search, "judge_all", real_judge)
+    monkeypatch.setattr(flows.steps, "judge_all", real_judge)
 
     assert main(["--config", str(config), "--store", str(store_dir)]) == 0
     run = store.read_text("runs/LATEST").strip()

@@ -138,3 +138,44 @@ def test_a_run_stops_mid_way_at_the_gpu_cap_and_the_next_run_goes_on(mini_config
     stages = {s["stage"]: s for s in store.read_json(f"runs/{run2}/stages.json")}
     assert (stages["finetune:extraction"]["computed"], stages["finetune:extraction"]["reused"]) == (0, 2)
     assert stages["generate:extraction"]["computed"] == 2
+
+
+@pytest.mark.parametrize("job,task", [("FinetuneJob", "tasks.train.finetune:finetune_task"),
+                                      ("GenerateJob", "tasks.generate.outputs:generate_task")])
+def test_a_stage_job_carries_exactly_its_task_s_arguments(job, task):
+    """The job a plan emits and the task (and pool flow, flows/stages.py) that runs it meet by these names."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    import flows.stages
+    import tasks.plan.jobs as jobs
+
+    module, name = task.split(":")
+    fn = getattr(importlib.import_module(module), name).fn  # the Prefect task's own function
+    fields = [f.name for f in dataclasses.fields(getattr(jobs, job))]
+    assert fields == [p for p in inspect.signature(fn).parameters if p != "store_root"]
+    flow = {"FinetuneJob": flows.stages.finetune_flow, "GenerateJob": flows.stages.generate_flow}[job].fn
+    assert set(fields) | {"store_root"} == set(inspect.signature(flow).parameters)
+
+
+def test_the_run_s_jobs_are_the_plan_s_keys(mini_config, tmp_path):
+    """One source of truth: the jobs the run walks carry the keys the plan names, result for result."""
+    from tasks.plan.jobs import dataset_keys, finetune_jobs, generate_jobs
+    from tasks.store.results import adapter_path, outputs_path
+
+    cfg = load_config(mini_config)
+    prep = prepare(cfg)
+    plan = build_plan(cfg, prep, Store(str(tmp_path / "store")))
+    planned = {j.rel for j in plan.jobs if j.stage in ("finetune", "generate", "teacher")}
+    models = [n for n, i in prep.models.items() if i.finetuned]
+    walked = set()
+    for data in prep.datasets.values():
+        keys = dataset_keys(cfg, prep.models, data, models)
+        ft = finetune_jobs(cfg, prep.models, data, models, {m: f"/models/{m}" for m in models}, keys)
+        gen = generate_jobs(cfg, data, ft, [f"/adapters/{j.key}" for j in ft], keys)
+        walked |= {adapter_path(j.key) for j in ft} | {outputs_path(j.key) for j in gen}
+        walked.add(outputs_path(keys.outputs["teacher"]))
+        assert [j.model_dir for j in gen] == [j.model_dir for j in ft] and all(j.load == prep.models[j.model].load
+                                                                               for j in ft)
+    assert walked == planned and len(walked) == len(prep.datasets) * (2 * len(models) + 1)

@@ -110,7 +110,7 @@ def test_a_failed_output_scores_zero_for_the_metric():
 # ------------------------------------------------------------------------------- against the fake server
 
 from tests.fake_openai import Faults  # noqa: E402
-from tests.test_llm_judge import ALL, ENV, KEY, _cfg, _judge_flow, _outputs, server  # noqa: E402,F401
+from tests.test_llm_judge import ALL, ENV, KEY, _cfg, _judge_flow, _outputs  # noqa: E402
 
 
 def _truth_contest(combined: bool = True):

@@ -100,3 +100,41 @@ def test_no_import_from_a_later_layer_or_from_flows():
             if d.startswith("flows") or (layer(d) is not None and layer(d) > layer(m)):
                 bad.append(f"{m} imports {d}")
     assert not bad, "\n".join(sorted(bad))
+
+
+def _store_folders() -> tuple[str, ...]:
+    """The store's top-level folders, from the results module's layout (models/, adapters/, ..., runs/)."""
+    from tasks.store.results import LAYOUT
+
+    return tuple(dict.fromkeys(pattern.split("/")[0] + "/" for pattern, _ in LAYOUT))
+
+
+def _literal_strings(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, text) of every string literal and f-string's leading text, docstrings left out."""
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    out = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings:
+            out.append((n.lineno, n.value))
+        elif isinstance(n, ast.JoinedStr) and n.values and isinstance(n.values[0], ast.Constant):
+            out.append((n.lineno, str(n.values[0].value)))
+    return out
+
+
+def test_store_paths_are_spelled_only_in_the_results_module_and_the_store():
+    folders, allowed = _store_folders(), {"tasks.store.results", "tasks.store.store", "tasks.store.guards"}
+    assert "adapters/" in folders and "runs/" in folders
+    bad = [f"{m}:{line}: {text!r}" for m, p in modules().items() if m not in allowed
+           for line, text in _literal_strings(ast.parse(p.read_text())) if text.startswith(folders)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_architecture_doc_shows_the_store_layout_of_the_results_module():
+    from tasks.store.results import LAYOUT
+
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    block = doc.split("<!-- store-layout: checked by tests/test_layout.py against tasks/store/results.py -->", 1)[1]
+    lines = block.split("```")[1].strip().splitlines()
+    assert [tuple(line.split("  ", 1)) for line in lines] == [(p, what) for p, what in LAYOUT]

@@ -21,21 +21,13 @@ from tasks.core.errors import UserError
 from tasks.judge.llm import Contest, run_llm_judge
 from tasks.judge.prompt import judge_messages, parse_verdict, shown_to_row
 from tasks.api.client import Endpoint, Pace, preflight
-from tasks.judge.rounds import BudgetConfig
+from tasks.config.schema import BudgetConfig
 from tasks.rating.rate import rate
 from tests.conftest import mini_config_dict
 from tests.fake_openai import FENCE, FakeOpenAI, Faults, decide, free_port
 
-KEY = "sk-test-DO-NOT-LEAK-4f1c9a"
+KEY = "sk-test-DO-NOT-LEAK-4f1c9a"  # the key the `server` fixture (conftest.py) wants, set in $ENV
 ENV = "BASESEARCH_TEST_JUDGE_KEY"
-
-
-@pytest.fixture()
-def server(monkeypatch):
-    """A fake endpoint that wants KEY, with the key in the environment."""
-    monkeypatch.setenv(ENV, KEY)
-    with FakeOpenAI(KEY) as srv:
-        yield srv
 
 
 def _examples(n: int = 8) -> list[Example]:

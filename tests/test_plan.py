@@ -6,8 +6,10 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
-from tasks.judge.rounds import PLAN_COLUMNS, BudgetConfig, plan_round
+from tasks.judge.rounds import PLAN_COLUMNS, plan_round
+from tasks.config.schema import BudgetConfig
 
 EXAMPLES = {"x": [f"x{i}" for i in range(30)], "y": [f"y{i}" for i in range(10)]}
 
@@ -149,9 +151,9 @@ def test_failed_judgments_are_not_replanned():
 
 
 def test_budget_config_is_strict():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match=r"rounds\s+Extra inputs are not permitted"):
         BudgetConfig(rounds=3)  # type: ignore[call-arg]
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match=r"strategy\s+Input should be 'adaptive' or 'all-pairs'"):
         BudgetConfig(strategy="random")  # type: ignore[arg-type]
     assert all(f.description for f in BudgetConfig.model_fields.values())
 
@@ -172,7 +174,8 @@ def test_looks_are_fixed_in_advance_and_tested_at_alpha_over_their_number():
 def test_sandwich_intervals_count_an_example_once_however_often_it_is_judged():
     # Judging every comparison 4 times on the same example adds nothing: Fisher's interval halves, the sandwich
     # (clustered by example) stays as it was.
-    from tasks.rating.rate import RatingConfig, rate
+    from tasks.rating.rate import rate
+    from tasks.config.schema import RatingConfig
 
     rng = np.random.default_rng(11)
     plan = plan_round(["a", "b", "c"], EXAMPLES, pd.DataFrame(columns=PLAN_COLUMNS), BudgetConfig(strategy="all-pairs"),

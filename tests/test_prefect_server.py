@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import mini_config_dict
+from tests.conftest import one_dataset_config_dict, wait_for
 from tests.prefect_server import ROOT, free_port, prefect_env, start_server, start_worker, stop, wait_worker_online
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -48,10 +48,19 @@ def stack(tmp_path_factory):
 
 def small_config(tiny_models, tiny_data, **compute) -> dict:
     """The miniature search cut to one dataset and no held-out check (the pool run costs ~10 s per stage run)."""
-    cfg = mini_config_dict(tiny_models, tiny_data)
-    cfg["datasets"] = cfg["datasets"][:1]
-    cfg.pop("validation")
-    return cfg | ({"compute": compute} if compute else {})
+    return one_dataset_config_dict(tiny_models, tiny_data) | ({"compute": compute} if compute else {})
+
+
+def final_run(client, run_id, timeout_s: float):
+    """The flow run `run_id` once its state is final, polled each second; fail after `timeout_s`."""
+    seen = {}
+
+    def final() -> bool:
+        seen["run"] = client.read_flow_run(run_id)
+        return seen["run"].state.is_final()
+
+    wait_for(final, timeout_s, lambda: f"run {seen['run'].name} to end (still {seen['run'].state.name})", poll_s=1)
+    return seen["run"]
 
 
 def test_pool_run_from_the_search_deployment_matches_local(stack, tiny_models, tiny_data, tmp_path):
@@ -71,9 +80,7 @@ def test_pool_run_from_the_search_deployment_matches_local(stack, tiny_models, t
             "config": small_config(tiny_models, tiny_data, mode="pool", pool="gpu"), "store": str(tmp_path / "pool")})
         local = search(SearchConfig.model_validate(small_config(tiny_models, tiny_data)), str(tmp_path / "local"))
         with get_client(sync_client=True) as client:
-            while not (run := client.read_flow_run(run.id)).state.is_final():
-                assert time.monotonic() - t0 < 900, f"search run still {run.state.name} after 900 s"  # at load 15 too
-                time.sleep(1)
+            run = final_run(client, run.id, 900 - (time.monotonic() - t0))  # 900 s from t0, at load 15 too
             assert run.state.is_completed(), run.state.message
             runs = {r.name: r for r in client.read_flow_runs()}
             progress = [a for a in client.read_artifacts() if a.type == "progress"]
@@ -151,7 +158,7 @@ def test_server_that_refuses_the_credentials_is_named():
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.plan.execute import check_server
+    from tasks.plan.pool import check_server
     from tasks.core.errors import UserError
 
     class Handler(BaseHTTPRequestHandler):
@@ -181,7 +188,7 @@ def test_waiting_on_stage_runs_never_hangs(monkeypatch):
 
     from prefect.states import Completed, Failed, Running, Scheduled
 
-    import tasks.plan.execute as compute
+    import tasks.plan.pool as compute
     from tasks.core.errors import UserError
 
     monkeypatch.setattr(compute, "POLL_S", 0.01)
@@ -229,13 +236,13 @@ def test_the_ui_form_starts_from_the_demo_and_a_wrong_path_fails_in_one_line(sta
         deployed = client.read_deployment_by_name("search/ui").parameters["config"]
         assert deployed["finetune"] == load_config(ROOT / "configs" / "demo.yaml").finetune.model_dump(mode="json")
         run = run_deployment("search/ui", timeout=0, parameters={"config": cfg, "store": str(tmp_path / "store")})
-        t0 = time.monotonic()
-        while not (run := client.read_flow_run(run.id)).state.is_final():
-            assert time.monotonic() - t0 < 300, f"run still {run.state.name} after 300 s"
-            time.sleep(1)
-        time.sleep(3)  # the worker's last log lines
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
-    message = "no/such/train.jsonl: dataset file not found"
-    assert run.state.is_failed() and run.state.message == message, run.state
-    text = "\n".join(log.message for log in logs)
+        run = final_run(client, run.id, 300)
+        message = "no/such/train.jsonl: dataset file not found"
+        assert run.state.is_failed() and run.state.message == message, run.state
+        logged = lambda: "\n".join(log.message for log in client.read_logs(  # noqa: E731
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))))
+        # The run's process sends its log lines as it exits, after its final state: they come a moment later.
+        wait_for(lambda: f"error: {message}" in logged(), 60, lambda: f"the run's error line in its log:\n{logged()}",
+                 poll_s=0.5)
+        text = logged()
     assert f"error: {message}" in text and "Traceback" not in text, text

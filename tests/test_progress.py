@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from tasks.core import progress
 from tasks.compute.workers import in_worker, side_by_side
+from tests.conftest import wait_for
 
 
 def five_ticks() -> int:
@@ -25,9 +25,8 @@ def test_ticks_from_this_thread_and_from_a_worker_reach_the_bar(monkeypatch):
         assert b.done == 5
     with progress.bar("in a worker", 5) as b, progress.ticking(b), side_by_side(1):
         assert in_worker(five_ticks, what="ticking") != os.getpid()  # it ran in a worker process
-        deadline = time.monotonic() + 60
-        while b.done < 5 and time.monotonic() < deadline:  # the parent's drain thread advances it
-            time.sleep(0.05)
+        # the parent's drain thread advances it
+        wait_for(lambda: b.done >= 5, 60, lambda: f"the worker's 5 ticks on the bar (has {b.done})")
         assert b.done == 5
     progress.tick()  # no bar bound: nothing happens, nothing fails
 

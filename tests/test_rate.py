@@ -5,10 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 from scipy.optimize import minimize
 
 from tasks.core.errors import UserError
-from tasks.rating.rate import ELO_PER_NAT, RatingConfig, bradley_terry, rate, separated, win_matrix
+from tasks.rating.rate import ELO_PER_NAT, rate, separated
+from tasks.config.schema import RatingConfig
+from tasks.rating.judged import win_matrix
+from tasks.rating.bt import bradley_terry
 
 
 def simulate(n: int, k: int = 8, seed: int = 0, nu: float = 0.0, n_examples: int = 200, datasets=("d0",)):
@@ -255,7 +259,7 @@ def test_bad_input_is_one_clear_line(change, words):
 
 
 def test_rating_config_rejects_unknown_keys():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match=r"tie\s+Extra inputs are not permitted"):
         RatingConfig(tie="davidson")  # type: ignore[call-arg]
     assert all(f.description for f in RatingConfig.model_fields.values())
 

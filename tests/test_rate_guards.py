@@ -1,4 +1,4 @@
-"""Guards of the ratings (issue 13): never-compared groups, unbeaten and winless contenders, a misspelt anchor,
+"""Guards of the ratings: never-compared groups, unbeaten and winless contenders, a misspelt anchor,
 contenders whose judgments all failed, and interval labels that follow the config."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 
 from flows.rank import main as rank_main
 from tasks.core.errors import UserError
-from tasks.rating.rate import ELO_PER_NAT, RatingConfig, rate
+from tasks.rating.rate import ELO_PER_NAT, rate
+from tasks.config.schema import RatingConfig
 from tasks.report.report import interval_words, plot_ratings, ranking_rows, separation_rows, winner_line
 from tests.test_rate import simulate
 

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tasks.api.client import Endpoint, preflight  # noqa: E402
 from tasks.store.store import Store  # noqa: E402
 from tests.conftest import make_tiny_model, mini_config_dict  # noqa: E402
 from tests.fake_openai import free_port  # noqa: E402
+from tests.prefect_server import wait_while_running  # noqa: E402
 from tests.test_endpoint_failures import _answer_reference, _one_line  # noqa: E402
 from tests.test_llm_judge import ALL, ENV, KEY, _contest, _judge_flow  # noqa: E402
 
@@ -61,18 +61,15 @@ class RealServer:
 
     def wait_ready(self) -> None:
         """Poll /health until it answers; fail with the server's log if it exits or takes too long."""
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
+        def healthy() -> bool:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
+                    return r.status == 200
             except OSError:
-                pass
-            assert self.proc.poll() is None, f"transformers serve exited:\n{self.log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"transformers serve not up in {STARTUP_TIMEOUT_S} s:\n" \
-                                                f"{self.log.read_text()[-3000:]}"
-            time.sleep(0.5)
+                return False
+
+        wait_while_running(self.proc, self.log, healthy, STARTUP_TIMEOUT_S, "transformers serve to answer /health",
+                           poll_s=0.5)
 
     def listed(self) -> list[str]:
         """The model ids GET /v1/models shows now."""

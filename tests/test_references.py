@@ -18,19 +18,11 @@ from tasks.store.results import reference_key
 from tasks.store.store import Store  # noqa: E402
 from tests.fake_openai import FakeOpenAI, Faults  # noqa: E402
 
-KEY = "sk-ref-test-9b2e"
+KEY = "sk-ref-test-9b2e"  # the key the `server` fixture (conftest.py) wants, set in $ENV
 ENV = "BASESEARCH_TEST_REF_KEY"
 EXAMPLES = [Example(str(i), [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Question {i}?"}],
                     f"answer {i}") for i in range(6)]
 PRICES = {"ref-model": ModelPrice(input=1.0, output=2.0)}
-
-
-@pytest.fixture()
-def server(monkeypatch):
-    """A fake endpoint wanting KEY, the key in the environment."""
-    monkeypatch.setenv(ENV, KEY)
-    with FakeOpenAI(KEY) as srv:
-        yield srv
 
 
 @flow(name="reference-test")

@@ -5,17 +5,15 @@ no finished fine-tune is retrained, and no Parquet file is left truncated.
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import mini_config_dict
-from tests.prefect_server import prefect_env, run_search, slowed_search, start, stop
+from tests.conftest import one_dataset_config_dict
+from tests.prefect_server import prefect_env, run_search, slowed_search, start, stop, wait_while_running
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -28,21 +26,9 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir() if not p.name.startswith(".tmp")}
 
 
-def wait_for(cond, proc: subprocess.Popen, log: Path, timeout_s: float = 600) -> None:
-    """Poll until cond() holds; fail with the process's log if it exits first or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert proc.poll() is None, f"search ended before the kill:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()[-3000:]}"
-        time.sleep(0.05)
-
-
 def test_killed_in_judging_resumes_without_loss_or_rework(tiny_models, tiny_data, tmp_path):
-    cfg = mini_config_dict(tiny_models, tiny_data)
-    cfg["datasets"] = cfg["datasets"][:1]  # 3 models + teacher: 6 judged batches
-    cfg.pop("validation")
     config = tmp_path / "mini.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config.write_text(yaml.safe_dump(one_dataset_config_dict(tiny_models, tiny_data)))  # 6 judged batches
     store = tmp_path / "store"
     home = tmp_path / "prefect"
     home.mkdir()
@@ -53,7 +39,7 @@ def test_killed_in_judging_resumes_without_loss_or_rework(tiny_models, tiny_data
     proc = start([sys.executable, "-c", SLOW_JUDGING, *args], env, log)
     try:
         judged = lambda: len(list((store / "judgments").glob("*.parquet"))) if (store / "judgments").is_dir() else 0  # noqa: E731
-        wait_for(lambda: judged() >= 2, proc, log)
+        wait_while_running(proc, log, lambda: judged() >= 2, 600, "two judged batches, before the kill")
     finally:
         stop(proc, signal.SIGKILL)  # kill -9, the search and the temporary server it started
     assert proc.returncode == -signal.SIGKILL

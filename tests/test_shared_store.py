@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import mini_config_dict
+from tests.conftest import one_dataset_config_dict
 from tests.prefect_server import prefect_env, start, stop
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -22,11 +22,8 @@ WORK = ("merges", "finetune", "generate", "judge")  # stages whose results live 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory, tiny_models, tiny_data) -> Path:
     """The miniature search cut to one dataset and no held-out check: 3 models + teacher."""
-    cfg = mini_config_dict(tiny_models, tiny_data)
-    cfg["datasets"] = cfg["datasets"][:1]
-    cfg.pop("validation")
     path = tmp_path_factory.mktemp("cfg") / "mini.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(one_dataset_config_dict(tiny_models, tiny_data)))
     return path
 
 

@@ -22,6 +22,7 @@ from tasks.data.load import Example
 from tasks.judge.judgments import judge_task  # imports Prefect, which sets up logging: before any test's caplog
 from tasks.core.errors import EnvironmentFailure, UserError
 from tasks.store.store import MANIFEST, Store, tmp_name
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DF = pd.DataFrame({"example_id": [f"e{i}" for i in range(200)], "output": ["some answer text"] * 200})
@@ -157,18 +158,19 @@ def test_threads_compute_a_key_once(tmp_path: Path, caplog: pytest.LogCaptureFix
         with store.claim(rel) as todo:
             if todo:
                 calls.append(rel)
-                time.sleep(0.8)  # a training the other thread must wait for
+                # a training the other thread must wait for: it lasts until that thread says it waits
+                wait_for(lambda: bool(waits()), 60, "the other thread to wait for the claim")
                 with store.new_dir(rel) as tmp:
                     (tmp / "w.bin").write_bytes(b"w" * 100)
 
+    waits = lambda: [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]  # noqa: E731
     threads = [threading.Thread(target=slow_stage) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert calls == [rel] and store.exists(rel)
-    waits = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
-    assert len(waits) == 1 and "another task of this run" in waits[0] and rel in waits[0]
+    assert len(waits()) == 1 and "another task of this run" in waits()[0] and rel in waits()[0]
 
 
 WORKER = """
@@ -180,7 +182,7 @@ st, rel = Store(sys.argv[1]), "outputs/shared.parquet"
 with st.claim(rel) as todo:
     if todo:
         open(sys.argv[2], "a").write("computed\\n")
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while sys.argv[3] and not os.path.exists(sys.argv[3]) and time.monotonic() < deadline:
             time.sleep(0.05)  # a long computation, until the test lets it finish
         st.write_parquet(rel, pd.DataFrame({"a": [1, 2, 3]}))
@@ -194,23 +196,15 @@ def _worker(store: Path, counter: Path, release: Path | None) -> subprocess.Pope
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path: Path) -> None:
-    """Until `path` exists (a worker has started computing)."""
-    deadline = time.monotonic() + 15
-    while not path.exists():
-        assert time.monotonic() < deadline, "worker did not start"
-        time.sleep(0.05)
-
-
 def test_processes_compute_a_key_once(tmp_path: Path) -> None:
     counter, release = tmp_path / "counter", tmp_path / "release"
     first = _worker(tmp_path / "store", counter, release)
-    _wait_for(counter)
+    wait_for(counter.exists, 120, "the first worker to start computing")
     second = _worker(tmp_path / "store", counter, None)
     waiting = second.stderr.readline()  # stderr is line-buffered: its first line, as soon as it waits
     release.touch()
-    out1, _ = first.communicate(timeout=30)
-    out2, _ = second.communicate(timeout=30)
+    out1, _ = first.communicate(timeout=120)
+    out2, _ = second.communicate(timeout=120)
     assert counter.read_text() == "computed\n"
     assert "rows 3" in out1 and "rows 3" in out2
     assert f"waiting for pid {first.pid}" in waiting and "outputs/shared.parquet" in waiting
@@ -219,10 +213,10 @@ def test_processes_compute_a_key_once(tmp_path: Path) -> None:
 def test_a_dead_owners_lock_is_taken_over(tmp_path: Path) -> None:
     counter = tmp_path / "counter"
     first = _worker(tmp_path / "store", counter, tmp_path / "never")
-    _wait_for(counter)
+    wait_for(counter.exists, 120, "the first worker to start computing")
     first.kill()  # killed mid-computation: the OS drops its flock
     first.wait()
-    out2, err2 = _worker(tmp_path / "store", counter, None).communicate(timeout=30)
+    out2, err2 = _worker(tmp_path / "store", counter, None).communicate(timeout=120)
     assert counter.read_text() == "computed\ncomputed\n" and "rows 3" in out2, err2
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from tasks.config.schema import ZOO_PREFIX, Candidate
+from tasks.config.schema import Candidate
+from tasks.config.base import ZOO_PREFIX
 from tasks.core.errors import UserError
 from tasks.models.fingerprint import (SHAPE_FIELDS, TOKENIZER_FILES, ModelInfo, adapter_base, check_folder,
                                       folder_fingerprint, hub_snapshot, local_or_hub, folder_signature)
@@ -66,7 +67,7 @@ def candidate_fingerprint(c: Candidate, folder: Path | None, others: list[Candid
     An adapter's key is its base's and its own bytes'; a template override or remote-code opt-in is part of it too
     (the same weights trained in another format are another model), absent otherwise so older keys stay.
     """
-    from tasks.store.store import content_key
+    from tasks.store.keys import content_key
 
     if folder is None:
         from tasks.demo import zoo

@@ -15,11 +15,10 @@ from tasks.config.recipes import recipe_models, recipe_problem
 
 # A leaf module: only pydantic, yaml and the standard library, so that `--help` and every config error print fast.
 
-# (names, checks and the frozen base live in tasks/config/base.py; importable from here too)
-from tasks.config.base import (  # noqa: F401
-    MODEL_KINDS, NAME_MAX, TEACHER, ZOO_PREFIX, Frozen, Name, PathText, name_problem, not_utf8,
+from tasks.config.base import (
+    TEACHER, ZOO_PREFIX, Frozen, Name, PathText, not_utf8,
 )
-from tasks.config.merge_search import MergeSearchConfig  # noqa: F401  (the `search:` section; importable from here too)
+from tasks.config.merge_search import MergeSearchConfig
 
 
 class Candidate(Frozen):

@@ -67,12 +67,14 @@ def _split_folder(data: DatasetInfo, share: float, store: Store) -> tuple[Path, 
     """The split's folder in the store (train.jsonl, dev.jsonl, split.json; written once, a few KB) and its rows."""
     rel = split_path(split_key(data.train_fp, share))
     train, dev = split_rows(data.train, share)
-    with store.claim(rel) as todo:
-        if todo:
-            with store.new_dir(rel) as tmp:
-                (tmp / "train.jsonl").write_text(_jsonl(train), encoding="utf-8")
-                (tmp / "dev.jsonl").write_text(_jsonl(dev), encoding="utf-8")
-                (tmp / "split.json").write_text(json.dumps(split_record(data, share, train, dev), indent=1))
+
+    def write(tmp: Path) -> None:
+        """The split's three files."""
+        (tmp / "train.jsonl").write_text(_jsonl(train), encoding="utf-8")
+        (tmp / "dev.jsonl").write_text(_jsonl(dev), encoding="utf-8")
+        (tmp / "split.json").write_text(json.dumps(split_record(data, share, train, dev), indent=1))
+
+    store.folder_once(rel, write)
     return store.local_dir(rel), train, dev
 
 

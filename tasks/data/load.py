@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.config.schema import DatasetSpec, not_utf8
+from tasks.config.schema import DatasetSpec
+from tasks.config.base import not_utf8
 from tasks.core.errors import UserError, first_line
 
 # pandas, pyarrow and `datasets` are imported only where a Parquet file or a `datasets` folder is read: a dataset
@@ -200,7 +201,7 @@ def check_test_size(examples: list[Example], path: str) -> None:
 
 def dataset_fingerprint(path: str) -> str:
     """Content hash of a dataset file (or folder)."""
-    from tasks.store.store import file_fingerprint  # imported here: the store pulls in pandas and fsspec
+    from tasks.store.keys import file_fingerprint
 
     return file_fingerprint(path)
 

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
-from tasks.config.schema import MODEL_KINDS, ComputeConfig, JudgeConfig, LoadOptions, SearchConfig
+from tasks.config.schema import ComputeConfig, JudgeConfig, LoadOptions, SearchConfig
+from tasks.config.base import MODEL_KINDS
 from tasks.plan.prepare import fit_datasets
 from tasks.core.errors import UserError, first_line
 from tasks.store.store import Store, resolve_store
@@ -169,21 +170,21 @@ def base_folder(cfg: SearchConfig, prep: Prepared, name: str, store: Store, log:
 def locate(run: Run, prep: Prepared, store: Store, model: str, chosen: str, dataset: str, why: str, check: bool,
            log: Callable[[str], None]) -> Winner:
     """Find the model's base, its adapter for `dataset` and the search's outputs of it; UserError when one is gone."""
-    from tasks.store.results import adapter_key
-    from tasks.store.results import outputs_key
+    from tasks.plan.jobs import dataset_keys
 
-    cfg, info, data = run.config, prep.models[model], prep.datasets[dataset]
-    key = adapter_key(info.fingerprint, data.train_fp, cfg.finetune)
+    cfg, data = run.config, prep.datasets[dataset]
+    keys = dataset_keys(cfg, prep.models, data, [model], references=False)  # as the search keyed them
+    key = keys.adapters[model]
     changed = ("is this the run's store, and are its model and dataset files as they were? (the keys are hashed "
                "from the files as they are now)")
     if not store.exists(adapter_path(key)):
         raise UserError(f"store {store.root}: no adapter of {model} on {dataset} (adapters/{key}); {changed}")
-    outputs = outputs_path(outputs_key(key, data.test_fp, cfg.generate))
+    outputs = outputs_path(keys.outputs[model])
     if check and not store.exists(outputs):
         raise UserError(f"store {store.root}: no outputs of {model} on {dataset} ({outputs}) to check the export "
                         f"against; {changed}; --no-check exports without the check")
     base_dir, base_name = base_folder(cfg, prep, model, store, log)
-    return Winner(model, run.config.model_kinds()[model], chosen, dataset, why, base_dir, base_name, info.load,
+    return Winner(model, run.config.model_kinds()[model], chosen, dataset, why, base_dir, base_name, prep.models[model].load,
                   store.local_dir(adapter_path(key)), outputs)
 
 

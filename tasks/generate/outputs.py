@@ -196,7 +196,7 @@ def generate_loaded(model: Any, tok: Any, fmt: PromptFormat, dataset: str, examp
         {"dataset": dataset, "example_id": e.id, "contender": contender, **rows[i], "error": None}
         for i, e in enumerate(examples)
     ])[GENERATED_COLUMNS]
-    df.attrs["peak_memory"] = peak_memory_mb(dev)  # not a column: the outputs schema stays as DESIGN.md has it
+    df.attrs["peak_memory"] = peak_memory_mb(dev)  # not a column: the outputs columns stay as docs/architecture.md lists them
     # What the plan's estimates are measured in (tasks/plan/jobs.py): characters read and written, batch seconds.
     chars = sum(conversation_chars(e.prompt, rows[i]["output"]) for i, e in enumerate(examples))
     df.attrs["rate"] = (dev.type, chars, model_params(model.config), float((df["batch_s"] / df["batch_size"]).sum()))
@@ -219,11 +219,16 @@ def generate_task(
     from tasks.data.load import load_examples
 
     store, rel = Store(store_root), outputs_path(key)
-    with store.claim(rel) as todo:  # another run generating the same outputs: wait for it, then reuse them
-        if not todo:
-            return rel, True
+
+    def answer() -> pd.DataFrame:
+        """The fine-tune's answers, written to the store."""
         df = generate(model_dir, adapter_dir, dataset, load_examples(test_path), model, cfg, load)
         store.write_parquet(rel, df)
+        return df
+
+    df, reused = store.compute_once(rel, answer)
+    if reused:  # in the store, or made by another run this one waited for
+        return rel, True
     record_rate(store, "generate", *df.attrs["rate"])
     mem = df.attrs.get("peak_memory", {})
     get_run_logger().info(

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-# The judgments Parquet columns of DESIGN.md ("Parquet columns"), in this order.
+# The judgments Parquet columns (docs/architecture.md, "Parquet columns"), in this order.
 JUDGMENT_COLUMNS = ["dataset", "example_id", "contender_a", "contender_b", "order", "winner", "strength", "judge",
                     "raw", "prompt_tokens", "completion_tokens", "cost_usd", "error"]

@@ -82,12 +82,12 @@ def judge_task(
         if pairs_with is not None and pairs_with not in (a, b):
             continue
         rel = judgments_path(metric_judgment_key(cfg, metric, test_fp, outputs[a][1], outputs[b][1]))
-        with store.claim(rel) as todo:  # another run judging the same pair waits, then reuses the batch
-            if not todo:
-                reused += 1
-            else:
-                out_a, out_b = load_outputs(store, outputs[a][0], a), load_outputs(store, outputs[b][0], b)
-                store.write_parquet(rel, metric_judgments(dataset, examples, metric, out_a, out_b, cfg))
+        def judge(a: str = a, b: str = b, rel: str = rel) -> str:
+            """The pair's verdicts on every example, written to the store."""
+            out_a, out_b = load_outputs(store, outputs[a][0], a), load_outputs(store, outputs[b][0], b)
+            return store.write_parquet(rel, metric_judgments(dataset, examples, metric, out_a, out_b, cfg))
+
+        reused += store.compute_once(rel, judge)[1]  # another run judging the same pair: wait, then reuse the batch
         batches.append((rel, a, b))
     return batches, reused
 
@@ -99,7 +99,7 @@ def load_judgments(store: Store, batches: list[tuple[str, str, str] | pd.DataFra
     judgments a run uses (already named; see run_openai_judge).
     """
     # The LLM judge's `winner` stays object dtype: an empty slice of a pandas-3 `str` column keeps `str` through
-    # .map(), which tasks/validate.per_example_score cannot subtract from (its contenders all sit in one order).
+    # .map(), which tasks/rating/win_rates.py per_example_score cannot subtract from (its contenders all sit in one order).
     frames = [b.astype({"winner": object}) if isinstance(b, pd.DataFrame)
               else store.read_parquet(b[0]).assign(contender_a=b[1], contender_b=b[2]) for b in batches]
     frames = [f for f in frames if len(f)]

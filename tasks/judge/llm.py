@@ -31,13 +31,14 @@ from tasks.judge.llm_batch import EXTRA_COLUMNS, Call, check_judge_failures, jud
 from tasks.judge.prompt import (conversation_text, judge_label, judge_messages, shown_to_row,
                               text_hash)
 from tasks.judge.metrics import METRICS
-from tasks.store.store import Store, content_key
+from tasks.store.store import Store
+from tasks.store.keys import content_key
 from tasks.store.results import JUDGMENTS_GLOB, llm_judgment_key
 
 if TYPE_CHECKING:
     from tasks.config.schema import JudgeConfig, ModelPrice
     from tasks.data.load import Example
-    from tasks.judge.rounds import BudgetConfig
+    from tasks.config.schema import BudgetConfig
 
 T = TypeVar("T")
 

@@ -4,7 +4,7 @@ Adaptive planning (the default) judges a small uniform warm-up of every pair, th
 leader against every challenger it is not yet separated from (references included), and stops when the leader is
 separated, the budget is spent, or nothing left could change the answer.
 
-"Separated at 95%" is a claim a user bets on, so it is tested to keep its promise (issue 13):
+"Separated at 95%" is a claim a user bets on, so it is tested to keep its promise:
 - the gap between the leader and each other contender is tested with the cluster-robust (sandwich) covariance of
   the ratings, clustered by (dataset, example) (rate(ci='sandwich')): judgments of one example move together (its
   difficulty, both orders, all its pairs), which the Fisher intervals ignored (66-83% coverage for a stated 95%),
@@ -22,9 +22,10 @@ import numpy as np
 import pandas as pd
 from scipy.stats import t as student
 
-from tasks.config.schema import BudgetConfig  # defined with the rest of the config; importable from here too
+from tasks.config.schema import BudgetConfig
 from tasks.core.errors import UserError
-from tasks.rating.rate import RatingConfig, rate_with_cov
+from tasks.rating.rate import rate_with_cov
+from tasks.config.schema import RatingConfig
 
 PLAN_COLUMNS = ["dataset", "example_id", "contender_a", "contender_b"]
 # Looks at the data are made at judgment counts growing by this factor (see _checkpoints).

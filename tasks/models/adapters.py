@@ -27,9 +27,7 @@ def ensure_merged_adapter(name: str, adapter_dir: Path, base_dir: Path, key: str
                           store: Store, log: Callable[[str], None] = print) -> Path:
     """The store folder of the adapter merged into its base, merging it on first use (one run merges, others wait)."""
     rel = model_path(key)
-    with store.claim(rel) as todo:
-        if todo:
-            with store.new_dir(rel) as tmp:
-                merge_adapter(adapter_dir, base_dir, tmp, trust_remote_code)
-            log(f"candidate {name}: adapter {adapter_dir} merged into its base {base_dir}")
+    _, reused = store.folder_once(rel, lambda tmp: merge_adapter(adapter_dir, base_dir, tmp, trust_remote_code))
+    if not reused:
+        log(f"candidate {name}: adapter {adapter_dir} merged into its base {base_dir}")
     return store.local_dir(rel)

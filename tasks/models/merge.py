@@ -157,9 +157,5 @@ def run_merge(merge: Merge, paths: dict[str, str], out_dir: Path) -> None:
 def merge_task(merge: Merge, paths: dict[str, str], key: str, store_root: str) -> tuple[str, bool]:
     """Prefect task: (local folder of the merged model, whether it was already in the store)."""
     store, rel = Store(store_root), model_path(key)
-    with store.claim(rel) as todo:  # another run merging the same recipe: wait for it, then reuse it
-        if not todo:
-            return str(store.local_dir(rel)), True
-        with store.new_dir(rel) as tmp:
-            run_merge(merge, paths, tmp)
-    return str(store.local_dir(rel)), False
+    _, reused = store.folder_once(rel, lambda tmp: run_merge(merge, paths, tmp))
+    return str(store.local_dir(rel)), reused

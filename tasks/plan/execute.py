@@ -4,92 +4,27 @@
 at once), except that on a CPU-only machine fine-tunes run side by side in worker processes (`compute.workers`,
 tasks/compute/workers.py: a small model's step does not speed up with threads, but two processes do twice the work).
 `compute.mode: pool` sends every job whose result is not in the store yet to a Prefect work pool as one run
-of a stage deployment (flows/stages.py), all at once, and waits for them through the API. The jobs' arguments
-are JSON-able, so a stage run gets exactly the arguments the local call would: identical code, identical
-results. The store must be shared with the workers (one folder mounted at the same path everywhere), since
-results travel through it, not through Prefect.
+of a stage deployment (flows/stages.py, through tasks/plan/pool.py), all at once. The jobs' arguments are
+JSON-able, so a stage run gets exactly the arguments the local call would: identical code, identical results.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
-from uuid import UUID
 
 from tasks.core import progress
-from tasks.core.errors import UserError
-from tasks.config.schema import LoadOptions
 from tasks.train.finetune import finetune_task
 from tasks.generate.outputs import generate_task
 from tasks.models.merge import merge_task
 from tasks.store.store import Store
 from tasks.compute.workers import local_workers, side_by_side
+from tasks.plan.jobs import FinetuneJob, GenerateJob, stage_arguments
+from tasks.plan.pool import Batch, Progress, StageCall, _label, run_in_pool
 from tasks.store.results import adapter_path, model_path, outputs_path
 
 if TYPE_CHECKING:
-    from prefect.client.orchestration import SyncPrefectClient
-    from prefect.client.schemas.objects import FlowRun
 
-    from tasks.config.schema import ComputeConfig, FinetuneConfig, GenerateConfig, Merge
-
-STAGE_FLOWS = ("merge", "finetune", "generate")  # flow names in flows/stages.py, deployed by deployments/prefect.yaml
-DEPLOY_HINT = "apply the deployments: python deployments/apply.py"
-API_TIMEOUT_S = 10.0  # one API call; a server that takes longer is treated as unreachable
-POLL_S = float(os.environ.get("BASESEARCH_POLL_SECONDS", "2"))  # how often waiting runs are polled
-# How long runs may wait in the queue while the pool has no worker online before the search gives up;
-# a worker that restarts within this time loses nothing.
-NO_WORKER_GRACE_S = float(os.environ.get("BASESEARCH_NO_WORKER_GRACE_SECONDS", "120"))
-
-
-@dataclass(frozen=True)
-class FinetuneJob:
-    """One LoRA fine-tune: which model, on which training file, stored under which key."""
-
-    model: str
-    dataset: str
-    model_dir: str
-    train_path: str
-    cfg: FinetuneConfig
-    key: str
-    load: LoadOptions = LoadOptions()  # the model's prompt template and remote-code opt-in (tasks/models/chat.py)
-
-
-@dataclass(frozen=True)
-class GenerateJob:
-    """One fine-tune answering one test file."""
-
-    model: str
-    dataset: str
-    model_dir: str
-    adapter_dir: str
-    test_path: str
-    cfg: GenerateConfig
-    key: str
-    load: LoadOptions = LoadOptions()  # as FinetuneJob's: the same format in training and generation
-
-
-@dataclass(frozen=True)
-class Batch:
-    """A batch of GPU-stage jobs done: each job's (store path, reused?) in order, and the device time they took."""
-
-    results: list[tuple[str, bool]]
-    # Pool mode: the stage runs' summed seconds in the Running state on their workers, so the time a run waited in
-    # the queue or for its machine to start is not counted as GPU time. Local mode: None, since this machine's
-    # device is held for the stage's whole wall time, which the caller measures.
-    device_s: float | None = None
-
-
-@dataclass(frozen=True)
-class StageCall:
-    """One stage run to send to the pool: its flow, parameters, readable name, and result in the store."""
-
-    flow: str
-    name: str
-    parameters: dict[str, Any]
-    result_rel: str
-    key: str
+    from tasks.config.schema import ComputeConfig, Merge
 
 
 def merge_models(merge: Merge, paths: dict[str, str], key: str, compute: ComputeConfig, store: str) -> tuple[str, bool]:
@@ -124,7 +59,7 @@ def generate_all(jobs: list[GenerateJob], compute: ComputeConfig, store: str, ro
 
 def _params(job: FinetuneJob | GenerateJob, store: str) -> dict[str, Any]:
     """A job as deployment parameters: its fields (configs as plain dicts) and the store."""
-    out = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in vars(job).items()}
+    out = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in stage_arguments(job).items()}
     return out | {"store_root": store}
 
 
@@ -152,220 +87,13 @@ def _local(
         if workers <= 1 or len(jobs) <= 1:
             results = []
             for i, job in enumerate(jobs):
-                results.append(task(**vars(job), store_root=store))
+                results.append(task(**stage_arguments(job), store_root=store))
                 finished(i, job)
             return results
         with side_by_side(workers):
-            futures = [task.submit(**vars(job), store_root=store) for job in jobs]
+            futures = [task.submit(**stage_arguments(job), store_root=store) for job in jobs]
             results = []
             for i, (f, job) in enumerate(zip(futures, jobs)):
                 results.append(f.result())
                 finished(i, job)
         return results
-
-
-def _label(stage: str, datasets: list[str]) -> str:
-    """`finetune on extraction, classification`: what a batch of jobs does, for its progress artifact."""
-    return f"{stage} on {', '.join(dict.fromkeys(datasets))}" if datasets else stage
-
-
-_RUN_ARTIFACT: dict[str, Any] = {}  # flow run id -> its one progress artifact, reused by every batch of the run
-
-
-class Progress:
-    """The flow run's progress artifact, following one batch of stage jobs (shown on the run's page in the UI).
-
-    One artifact per flow run, not one per batch: eight of them would bury the report and the ranking.
-    """
-
-    def __init__(self, label: str, total: int) -> None:
-        """Point the run's artifact at this batch, at 0% (only inside a flow run, and only for batches worth
-        watching); create it for the run's first batch."""
-        self.label, self.total, self.finished, self.id = label, total, 0, None
-        if total < 2:
-            return
-        from prefect.artifacts import create_progress_artifact, update_progress_artifact
-        from prefect.context import FlowRunContext
-
-        ctx = FlowRunContext.get()
-        if ctx is None or ctx.flow_run is None:
-            return
-        run, description = str(ctx.flow_run.id), f"{label}: 0/{total} done"
-        try:
-            if run in _RUN_ARTIFACT:
-                update_progress_artifact(_RUN_ARTIFACT[run], 0.0, description=description)
-            else:
-                _RUN_ARTIFACT[run] = create_progress_artifact(0.0, key="progress", description=description)
-            self.id = _RUN_ARTIFACT[run]
-        except Exception:  # noqa: BLE001 - progress is a nicety; never fail a stage for it
-            self.id = None
-
-    def done(self, n: int) -> None:
-        """Count `n` more finished jobs."""
-        self.finished += n
-        if self.id is None or n == 0:
-            return
-        from prefect.artifacts import update_progress_artifact
-
-        try:
-            update_progress_artifact(self.id, 100.0 * self.finished / self.total,
-                                     description=f"{self.label}: {self.finished}/{self.total} done")
-        except Exception:  # noqa: BLE001 - see above
-            pass
-
-
-# ---------------------------------------------------------------------------------------------- pool mode
-
-
-def _client() -> SyncPrefectClient:
-    """A synchronous Prefect client whose calls give up after API_TIMEOUT_S."""
-    from prefect.client.orchestration import get_client
-
-    return get_client(sync_client=True, httpx_settings={"timeout": API_TIMEOUT_S})
-
-
-def api_url() -> str | None:
-    """The Prefect server this process talks to (None: Prefect would start a temporary one)."""
-    from prefect.settings import PREFECT_API_URL
-
-    return PREFECT_API_URL.value() or None
-
-
-def check_server() -> str:
-    """The API URL, after two quick calls (health, then an authenticated one); UserError when it is not usable."""
-    import base64
-
-    import httpx
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY
-
-    url = api_url()
-    if not url:
-        raise UserError("compute.mode pool needs a Prefect server, and PREFECT_API_URL is not set; "
-                        "hint: prefect server start, then prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api")
-    auth, key = PREFECT_API_AUTH_STRING.value(), PREFECT_API_KEY.value()
-    headers = ({"Authorization": f"Basic {base64.b64encode(auth.encode()).decode()}"} if auth
-               else {"Authorization": f"Bearer {key}"} if key else {})
-    try:
-        # Bare httpx calls: the Prefect client retries connection errors for minutes, these answer in seconds.
-        health = httpx.get(f"{url.rstrip('/')}/health", timeout=5.0, headers=headers)
-        version = httpx.get(f"{url.rstrip('/')}/admin/version", timeout=5.0, headers=headers)
-    except httpx.HTTPError as e:
-        raise UserError(f"cannot reach the Prefect server at {url} ({type(e).__name__}); "
-                        "hint: start it (prefect server start) or fix PREFECT_API_URL") from None
-    if health.status_code != 200:
-        raise UserError(f"the Prefect server at {url} answered {health.status_code} to a health check; "
-                        "hint: check PREFECT_API_URL (it ends in /api)")
-    if version.status_code in (401, 403):
-        raise UserError(f"the Prefect server at {url} refused this client ({version.status_code}); "
-                        "hint: set PREFECT_API_AUTH_STRING to the server's user:password")
-    return url
-
-
-def stage_deployment(client: SyncPrefectClient, flow: str, pool: str) -> UUID:
-    """The id of the deployment of stage flow `flow` on work pool `pool`; UserError when there is none."""
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, WorkPoolFilter, WorkPoolFilterName
-
-    found = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
-                                    work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])), limit=1)
-    if not found:
-        raise UserError(f"no deployment of the '{flow}' stage flow on work pool '{pool}' (compute.pool); hint: "
-                        f"{DEPLOY_HINT}, with the stage deployments' work pool set to '{pool}'")
-    return found[0].id
-
-
-def workers_online(client: SyncPrefectClient, pool: str) -> int:
-    """How many workers of `pool` have sent a heartbeat recently."""
-    from prefect.client.schemas.objects import WorkerStatus
-
-    return sum(w.status == WorkerStatus.ONLINE for w in client.read_workers_for_work_pool(pool))
-
-
-def check_pool(compute: ComputeConfig, merges: bool = True) -> None:
-    """Check, in seconds, that pool mode can run: server up, pool there with a worker, stage deployments there."""
-    if not compute.pool:
-        raise UserError("compute.pool: name the work pool (e.g. pool: gpu) when compute.mode is pool")
-    url = check_server()
-    from prefect.exceptions import ObjectNotFound
-
-    with _client() as client:
-        try:
-            client.read_work_pool(compute.pool)
-        except ObjectNotFound:
-            raise UserError(f"work pool '{compute.pool}' (compute.pool) does not exist on {url}; "
-                            f"hint: {DEPLOY_HINT} (it creates the pools), then "
-                            f"prefect worker start --pool {compute.pool}") from None
-        for flow in STAGE_FLOWS if merges else STAGE_FLOWS[1:]:
-            stage_deployment(client, flow, compute.pool)
-        if not workers_online(client, compute.pool):
-            raise UserError(f"work pool '{compute.pool}' has no worker online, so no stage would ever start; "
-                            f"hint: prefect worker start --pool {compute.pool}")
-
-
-def run_in_pool(calls: list[StageCall], compute: ComputeConfig, store: str) -> Batch:
-    """(store path, reused?) for every call, and the runs' device time: results already in the store are reused, the
-    rest run in the pool."""
-    st = Store(store)
-    todo = [c for c in calls if not st.exists(c.result_rel)]
-    run_s: dict[str, float] = {}
-    if todo:
-        assert compute.pool, "check_pool ran first"
-        progress = Progress(_label(todo[0].flow, [c.parameters.get("dataset", "") for c in todo if "dataset" in c.parameters]),
-                            len(todo))
-        with _client() as client:
-            runs = {c.key: _submit(client, c, compute.pool) for c in todo}
-            run_s = _wait(client, runs, todo, compute.pool, progress)
-        failed = [c.name for c in todo if not st.exists(c.result_rel)]
-        if failed:
-            raise RuntimeError(f"{', '.join(failed)}: the stage run completed but its result is not in the store "
-                               f"{st.root}; the workers must share the store (same folder at the same path, or a URL)")
-    return Batch([(c.result_rel, c not in todo) for c in calls], sum(run_s.values()))
-
-
-def _submit(client: SyncPrefectClient, call: StageCall, pool: str) -> FlowRun:
-    """Create the stage run, or find the one a killed search already created for the same result."""
-    from prefect.deployments import run_deployment
-
-    deployment = stage_deployment(client, call.flow, pool)
-    # The idempotency key is the result's content key: a search started again after a crash waits on the
-    # run it had already sent instead of sending a duplicate. A run that failed is sent again under a new key.
-    run = run_deployment(deployment, parameters=call.parameters, flow_run_name=call.name, timeout=0,
-                         idempotency_key=f"{call.flow}-{call.key}")
-    if run.state and run.state.is_final() and not run.state.is_completed():
-        run = run_deployment(deployment, parameters=call.parameters, flow_run_name=call.name, timeout=0,
-                             idempotency_key=f"{call.flow}-{call.key}-{time.time_ns()}")
-    return run
-
-
-def _wait(client: SyncPrefectClient, runs: dict[str, FlowRun], calls: list[StageCall], pool: str,
-          progress: Progress) -> dict[str, float]:
-    """Poll the runs until all are final: each completed run's seconds in the Running state (Prefect's
-    total_run_time, queueing excluded); raise on a failed run or when the pool has had no worker too long."""
-    pending = dict(runs)
-    run_s: dict[str, float] = {}
-    by_key = {c.key: c for c in calls}
-    failures: list[str] = []
-    unattended_since: float | None = None
-    while pending:
-        time.sleep(POLL_S)
-        read = {key: client.read_flow_run(run.id) for key, run in pending.items()}
-        states = {key: run.state for key, run in read.items()}
-        finished = [key for key, state in states.items() if state is not None and state.is_final()]
-        for key in finished:
-            del pending[key]
-            took = getattr(read[key], "total_run_time", None)
-            run_s[key] = took.total_seconds() if took is not None else 0.0
-            if not states[key].is_completed():
-                failures.append(f"{by_key[key].name} ({states[key].name}: {(states[key].message or '').strip()[:200]})")
-        progress.done(len(finished))
-        # Only runs still waiting for a worker matter here; a run already executing has its own worker.
-        queued = [k for k in pending if states[k] is not None and (states[k].is_scheduled() or states[k].is_pending())]
-        if queued and not workers_online(client, pool):
-            unattended_since = unattended_since or time.monotonic()
-            if time.monotonic() - unattended_since > NO_WORKER_GRACE_S:
-                raise UserError(f"work pool '{pool}' has had no worker online for {NO_WORKER_GRACE_S:.0f} s while "
-                                f"{len(queued)} stage run(s) wait; hint: prefect worker start --pool {pool}")
-        else:
-            unattended_since = None
-    if failures:
-        raise RuntimeError(f"stage run(s) failed on pool '{pool}': {'; '.join(failures)}")
-    return run_s

@@ -16,20 +16,23 @@ Validation's two fine-tunes depend on the winner, so they are planned as jobs wh
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import combinations
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from tasks.config.schema import TEACHER, ZOO_PREFIX
+from tasks.config.schema import LoadOptions
+from tasks.config.base import TEACHER, ZOO_PREFIX
 from tasks.core.errors import UserError
 from tasks.compute.speeds import conversation_chars, measured_rate, param_count
 from tasks.store.store import Store
-from tasks.store.results import adapter_path, judgments_path, metric_judgment_key, model_path, outputs_path
+from tasks.store.results import (adapter_key, adapter_path, judgments_path, metric_judgment_key, model_path,
+                                 outputs_key, outputs_path, reference_key, teacher_key)
 
 if TYPE_CHECKING:
-    from tasks.config.schema import JudgeConfig, ModelPrice, SearchConfig
+    from tasks.config.schema import FinetuneConfig, GenerateConfig, JudgeConfig, ModelPrice, SearchConfig
+    from tasks.models.fingerprint import ModelInfo
     from tasks.plan.prepare import Prepared
     from tasks.data.load import DatasetInfo
 
@@ -154,33 +157,27 @@ def _judge_usd(cfg: SearchConfig, rows: list[Any], pairs: int, share: float = 1.
 def _dataset_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, data: DatasetInfo, models: list[str],
                   rates: tuple[float, float]) -> None:
     """One dataset's fine-tunes, outputs, teacher and reference outputs, and metric-judged batches."""
-    from tasks.store.results import adapter_key
-    from tasks.store.results import outputs_key, teacher_key
-    from tasks.store.results import reference_key
 
-    name, keys = data.spec.name, {}
+    name, keys = data.spec.name, dataset_keys(cfg, prep.models, data, models)
     for m in models:
         n = param_count(prep.models[m].signature)
-        akey = adapter_key(prep.models[m].fingerprint, data.train_fp, cfg.finetune)
-        okey = outputs_key(akey, data.test_fp, cfg.generate)
-        keys[m] = okey
-        plan.jobs.append(Job("finetune", f"{m} on {name}", adapter_path(akey), store.exists(adapter_path(akey)),
+        adapter, outputs = adapter_path(keys.adapters[m]), outputs_path(keys.outputs[m])
+        plan.jobs.append(Job("finetune", f"{m} on {name}", adapter, store.exists(adapter),
                              finetune_seconds(cfg, data.train, n, rates[0])))
-        plan.jobs.append(Job("generate", f"{m} on {name}", outputs_path(okey),
-                             store.exists(outputs_path(okey)), generate_seconds(data.test, n, rates[1])))
-    keys[TEACHER] = teacher_key(data.test_fp)
-    plan.jobs.append(Job("teacher", name, outputs_path(keys[TEACHER]),
-                         store.exists(outputs_path(keys[TEACHER]))))
+        plan.jobs.append(Job("generate", f"{m} on {name}", outputs, store.exists(outputs),
+                             generate_seconds(data.test, n, rates[1])))
+    teacher = outputs_path(keys.outputs[TEACHER])
+    plan.jobs.append(Job("teacher", name, teacher, store.exists(teacher)))
     for ref in cfg.references:
-        rkey = reference_key(ref, data.test_fp)
-        keys[ref.name] = rkey
-        plan.jobs.append(Job("references", f"{ref.name} on {name}", outputs_path(rkey),
-                             store.exists(outputs_path(rkey)), usd=reference_usd(cfg, ref, data.test)))
+        rel = outputs_path(keys.outputs[ref.name])
+        plan.jobs.append(Job("references", f"{ref.name} on {name}", rel, store.exists(rel),
+                             usd=reference_usd(cfg, ref, data.test)))
     metric = next((j for j in cfg.judge_list() if j.kind == "metric"), None)
     if metric is None:
         return
-    for a, b in combinations(sorted(keys, key=keys.get), 2):
-        rel = judgments_path(metric_judgment_key(metric, data.metric, data.test_fp, keys[a], keys[b]))
+    outs = keys.outputs
+    for a, b in combinations(sorted(outs, key=outs.get), 2):
+        rel = judgments_path(metric_judgment_key(metric, data.metric, data.test_fp, outs[a], outs[b]))
         plan.jobs.append(Job("judge", f"{a} vs {b} on {name}", rel, store.exists(rel)))
 
 
@@ -189,21 +186,20 @@ def _search_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, mo
     fine-tunes and answers, and the kept proposals' test work. The proposals depend on ratings not yet made: they are
     planned at their most (every round run) as the largest model, with no key."""
     from tasks.data.devsplit import dev_split
-    from tasks.store.results import adapter_key
-    from tasks.store.results import outputs_key
 
     s, (train_rate, gen_rate) = cfg.search, plan.rates
     largest = max(param_count(prep.models[m].signature) for m in models)
     for data in prep.datasets.values():
         dev = dev_split(data, s.dev_share, store)
+        dev_keys = dataset_keys(cfg, prep.models, dev, models, references=False)
+        test_keys = dataset_keys(cfg, prep.models, data, models, references=False)
         for m in models:  # round 0; its fine-tunes are the search's own unless search.refit
-            n, akey = param_count(prep.models[m].signature), adapter_key(prep.models[m].fingerprint, dev.train_fp,
-                                                                          cfg.finetune)
-            if akey != adapter_key(prep.models[m].fingerprint, data.train_fp, cfg.finetune):
-                plan.jobs.append(Job("search", f"{m} on {dev.spec.name}", adapter_path(akey),
-                                     store.exists(adapter_path(akey)), finetune_seconds(cfg, dev.train, n, train_rate)))
-            okey = outputs_path(outputs_key(akey, dev.test_fp, cfg.generate))
-            plan.jobs.append(Job("search", f"{m} answering {dev.spec.name}", okey, store.exists(okey),
+            n, adapter = param_count(prep.models[m].signature), adapter_path(dev_keys.adapters[m])
+            if dev_keys.adapters[m] != test_keys.adapters[m]:
+                plan.jobs.append(Job("search", f"{m} on {dev.spec.name}", adapter, store.exists(adapter),
+                                     finetune_seconds(cfg, dev.train, n, train_rate)))
+            outputs = outputs_path(dev_keys.outputs[m])
+            plan.jobs.append(Job("search", f"{m} answering {dev.spec.name}", outputs, store.exists(outputs),
                                  generate_seconds(dev.test, n, gen_rate)))
         for r in range(1, s.rounds + 1):
             plan.jobs += [Job("search", f"round {r} proposal {i} on {dev.spec.name}", None, False,
@@ -228,8 +224,6 @@ def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store
     some model's held-out outputs are (a re-run that reuses every judgment picks the same winner).
     """
     from tasks.data.load import dataset_fingerprint, load_examples
-    from tasks.store.results import adapter_key
-    from tasks.store.results import outputs_key, teacher_key
 
     assert cfg.validation is not None
     spec = cfg.validation.dataset  # only sizes and file hashes here: the rows are read after the winner is frozen
@@ -252,7 +246,7 @@ def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store
     teacher = outputs_path(teacher_key(test_fp))
     plan.jobs.append(Job("validation", f"teacher on {spec.name}", teacher, store.exists(teacher)))
     # the metric judge's validation batches are free; an LLM judge's are the winner against each opponent and the
-    # teacher: the pairs validation reports (flows/search.validate_winner)
+    # teacher: the pairs validation reports (flows/search.py validate_winner)
     for judge in cfg.llm_judges():
         count, usd = _judge_usd(cfg, test, 1 + len(cfg.validation.baselines), judge=judge)
         plan.jobs.append(Job("validation", f"{_judge_name(cfg, judge)} on {spec.name}: {count:.0f} comparisons", None,
@@ -322,7 +316,7 @@ class Guard:
     """The budget caps checked before every stage that costs: what this run spent so far plus the stage's estimate.
 
     GPU time spent is measured: the wall time of the fine-tuning and generation stages that computed something, or
-    in pool mode their stage runs' time on the workers (queueing excluded: flows.search._gpu_spent);
+    in pool mode their stage runs' time on the workers (queueing excluded: flows/steps.py _gpu_spent);
     the stage's estimate is the plan's, for its results not yet in the store. Dollars spent are the references'
     and the LLM judge's new requests (the judge also stops itself at the cap, mid-stage).
     """
@@ -377,3 +371,68 @@ def plan_lines(plan: Plan) -> list[str]:
     if all(j.done for j in plan.jobs):
         lines[-1] = f"everything ({len(plan.jobs)} results) is already in the store: nothing to compute"
     return lines + [f"assumption: {a}" for a in plan.assumptions]
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """One LoRA fine-tune: which model, on which training file, stored under which key."""
+
+    model: str
+    dataset: str
+    model_dir: str
+    train_path: str
+    cfg: FinetuneConfig
+    key: str
+    load: LoadOptions = LoadOptions()  # the model's prompt template and remote-code opt-in (tasks/models/chat.py)
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """One fine-tune answering one test file."""
+
+    model: str
+    dataset: str
+    model_dir: str
+    adapter_dir: str
+    test_path: str
+    cfg: GenerateConfig
+    key: str
+    load: LoadOptions = LoadOptions()  # as FinetuneJob's: the same format in training and generation
+
+
+def stage_arguments(job: FinetuneJob | GenerateJob) -> dict[str, Any]:
+    """A job as its stage task's keyword arguments (every field; tests/test_jobs.py holds fields and parameters equal)."""
+    return {f.name: getattr(job, f.name) for f in fields(job)}
+
+
+@dataclass(frozen=True)
+class DatasetKeys:
+    """One dataset's results, keyed once: the plan, the run, the search loop and the export all read these."""
+
+    adapters: dict[str, str]  # model -> its fine-tune's key
+    outputs: dict[str, str]  # contender -> its outputs' key: the fine-tunes, the teacher, the references
+
+
+def dataset_keys(cfg: SearchConfig, models: dict[str, ModelInfo], data: DatasetInfo, names: list[str],
+                 references: bool = True) -> DatasetKeys:
+    """The keys of `names`' fine-tunes on a dataset and of every contender's outputs on its test rows."""
+    adapters = {m: adapter_key(models[m].fingerprint, data.train_fp, cfg.finetune) for m in names}
+    outputs = {m: outputs_key(a, data.test_fp, cfg.generate) for m, a in adapters.items()}
+    outputs[TEACHER] = teacher_key(data.test_fp)
+    if references:
+        outputs |= {ref.name: reference_key(ref, data.test_fp) for ref in cfg.references}
+    return DatasetKeys(adapters, outputs)
+
+
+def finetune_jobs(cfg: SearchConfig, models: dict[str, ModelInfo], data: DatasetInfo, names: list[str],
+                  paths: dict[str, str], keys: DatasetKeys) -> list[FinetuneJob]:
+    """The fine-tunes of `names` on a dataset, runnable: `paths` are the models' local folders."""
+    return [FinetuneJob(m, data.spec.name, paths[m], data.spec.train, cfg.finetune, keys.adapters[m], models[m].load)
+            for m in names]
+
+
+def generate_jobs(cfg: SearchConfig, data: DatasetInfo, finetunes: list[FinetuneJob], adapter_dirs: list[str],
+                  keys: DatasetKeys) -> list[GenerateJob]:
+    """Every fine-tune answering the dataset's test rows, once its adapter folder is there."""
+    return [GenerateJob(j.model, data.spec.name, j.model_dir, folder, data.spec.test, cfg.generate,
+                        keys.outputs[j.model], j.load) for j, folder in zip(finetunes, adapter_dirs)]

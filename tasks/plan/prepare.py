@@ -120,7 +120,7 @@ def prepare(cfg: SearchConfig, cheap_checks_passed: Callable[[], None] | None = 
     if cfg.llm_judges() or cfg.references:  # only then: its import of the API client costs time
         check_api_models(cfg)
     if cfg.compute.mode == "pool":
-        from tasks.plan.execute import check_pool  # imported here: it pulls in Prefect's client
+        from tasks.plan.pool import check_pool  # imported here: it pulls in Prefect's client
 
         check_pool(cfg.compute, merges=bool(cfg.merges))  # server, pool, worker, stage deployments: seconds, no hang
     if cfg.merges:

@@ -28,13 +28,13 @@ from scipy.sparse.csgraph import connected_components
 
 from tasks.core import progress
 from tasks.rating.bootstrap import per_example_counts, replicate_counts, resamples
-from tasks.rating.bt import (  # noqa: F401  (bradley_terry: importable too)
-    bradley_terry, cluster_cov, fit, peel, sweep_bound, tau_bounds,
+from tasks.rating.bt import (
+    cluster_cov, fit, peel, sweep_bound,
 )
 from tasks.rating.length_control import fit_controlled
-from tasks.config.schema import RatingConfig  # defined with the rest of the config; importable from here too
-from tasks.rating.judged import (  # noqa: F401  (REQUIRED_COLUMNS, WINNERS, win_matrix: importable from here too)
-    REQUIRED_COLUMNS, WINNERS, check_anchor, common_error, outcome_counts, Judged, prepare_judgments, usable, win_matrix,
+from tasks.config.schema import RatingConfig
+from tasks.rating.judged import (
+    check_anchor, common_error, outcome_counts, Judged, prepare_judgments,
 )
 
 # 400 Elo per factor of 10 in odds: one natural-log unit of strength is 400 / ln(10) ~= 173.7 Elo.
@@ -43,7 +43,7 @@ KINDS = ("candidate", "merge", "reference", "baseline")
 RATING_COLUMNS = [
     "scope", "contender", "kind", "rating", "ci_low", "ci_high",
     "n_comparisons", "win_rate", "rank", "separated_from_next",
-    # Guards (issue 13): `group` numbers the sets of contenders linked by comparisons (ratings in different groups
+    # Guards: `group` numbers the sets of contenders linked by comparisons (ratings in different groups
     # are not comparable); `unbounded` is 'above' (unbeaten: lower bound only) or 'below' (never won); `note` says
     # why in words; `ci_method` and `ci_level` say how the intervals were made, so a report labels them truly.
     "group", "unbounded", "note", "ci_method", "ci_level",

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.config.schema import MODEL_KINDS
+from tasks.config.base import MODEL_KINDS
 from tasks.store.store import Store
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 
 from tasks.core.tables import md_table
-from tasks.config.schema import MODEL_KINDS, TEACHER, SearchConfig, recipe_models
-from tasks.rating.rate import win_matrix
+from tasks.config.schema import SearchConfig, recipe_models
+from tasks.config.base import MODEL_KINDS, TEACHER
+from tasks.rating.judged import win_matrix
 from tasks.rating.win_rates import intervals_overlap
 from tasks.report.verdict import win_words
 from tasks.report.tables import WIN_RATES_CAPTION, WIN_RATES_HEADING, colour_win_rates
@@ -360,7 +361,7 @@ def markdown_report(
         parts += ["## Mean metric score per dataset (0..1, against the expected answer)", "",
                   md_table(scores.round(3).reset_index()), ""]
     if formats is not None and len(formats):
-        parts += ["## Prompt formats", "", "Each model is trained and asked in one format (README: *Model families*): "
+        parts += ["## Prompt formats", "", "Each model is trained and asked in one format (docs/model-families.md): "
                   "its own chat template, else the config's; answers end at its end-of-turn token. An answer cut "
                   f"at generate.max_new_tokens ({cfg.generate.max_new_tokens}) never reached its end of turn.", "",
                   md_table(formats), ""]

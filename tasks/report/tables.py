@@ -7,7 +7,7 @@ import re
 
 import pandas as pd
 
-from tasks.config.schema import TEACHER
+from tasks.config.base import TEACHER
 from tasks.data.load import Example
 
 EXAMPLE_ROWS = 3  # test rows shown side by side per dataset
@@ -48,7 +48,7 @@ def examples_table(examples: list[Example], outputs: dict[str, pd.DataFrame], co
 
 def top_contenders(ratings: pd.DataFrame, scope: str, n: int = 3) -> list[str]:
     """The best `n` fine-tuned models of a scope, then its API references (the teacher has its own column)."""
-    from tasks.config.schema import MODEL_KINDS
+    from tasks.config.base import MODEL_KINDS
     from tasks.rating.win_rates import pooled_models
 
     tuned = pooled_models(ratings, scope)["contender"].tolist()[:n]

@@ -2,7 +2,7 @@
 and speed? One verdict per dataset and pooled, for the top of the report and the last lines of the terminal.
 
 - Win rate: the best fine-tune's mean result against each reference over the test examples (1 win, 1/2 tie, 0 loss,
-  both orders averaged), with a bootstrap interval over examples (tasks/validate.win_rate_ci).
+  both orders averaged), with a bootstrap interval over examples (tasks/rating/win_rates.py win_rate_ci).
 - Cost of a fine-tune: the device seconds its batches took per request x `compute.usd_per_hour` of that device;
   per 1M output tokens likewise. A reference's cost is what its requests cost (`cost_usd`, from `prices`).
 - Latency: each request's own time (outputs' `latency_s`): a fine-tune's from its batch's start to its last token,
@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.config.schema import MODEL_KINDS, TEACHER, SearchConfig
+from tasks.config.schema import SearchConfig
+from tasks.config.base import MODEL_KINDS, TEACHER
 from tasks.rating.win_rates import intervals_overlap, per_example_score, pooled_models, win_rate_ci
 
 

@@ -1,6 +1,6 @@
 """The content-addressed store: every stage's result lives under a key hashed from what determines it.
 
-What several runs sharing one store can count on (DESIGN.md, "Store"):
+What several runs sharing one store can count on (docs/architecture.md, "Store layout"):
 - A folder result (models/<key>/, adapters/<key>/) counts as present only when its manifest `.manifest.json`
   (every file's name, size, sha256), written last, is there and matches; a Parquet result only when its magic
   bytes and footer are whole. A damaged result is reported in one warning line, removed and recomputed. Folders
@@ -25,19 +25,21 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import fsspec
 from filelock import FileLock, Timeout
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.core.errors import EnvironmentFailure, UserError
-from tasks.store.keys import content_key, file_fingerprint  # noqa: F401  (the store's keys, importable from here too)
+from tasks.store.keys import content_key
 from tasks.store.guards import (
     MANIFEST, TMP, disk_failure, file_lock, owner_line, parquet_damage, rm_local, say, sha256_file, temp_is_dead,
     tmp_name, write_manifest, write_owner,
 )
 from tasks.store.results import RESULT_FOLDERS
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     import pandas as pd  # imported where Parquet is read or written: the command line checks a config without it
@@ -284,6 +286,19 @@ class Store:
             return
         with self.lock(rel):
             yield not self.exists(rel)
+
+    def compute_once(self, rel: str, compute: Callable[[], T]) -> tuple[T | None, bool]:
+        """Every stage's skeleton: (compute's return, False) when this call computes `rel` (which compute writes),
+        holding its lock; (None, True) when a whole result is there, found at once or left by a run waited for."""
+        with self.claim(rel) as todo:
+            return (compute(), False) if todo else (None, True)
+
+    def folder_once(self, rel: str, fill: Callable[[Path], T]) -> tuple[T | None, bool]:
+        """compute_once for a folder result: `fill` writes a temp folder that becomes `rel` whole (new_dir)."""
+        def make() -> T:
+            with self.new_dir(rel) as tmp:
+                return fill(tmp)
+        return self.compute_once(rel, make)
 
     # ------------------------------------------------------------------------------------------ temps
 

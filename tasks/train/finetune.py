@@ -390,12 +390,10 @@ def finetune_task(
     from tasks.data.load import load_examples
 
     store, rel = Store(store_root), adapter_path(key)
-    with store.claim(rel) as todo:  # another run training the same adapter: wait for it, then reuse it
-        if not todo:
-            return str(store.local_dir(rel)), True
-        with store.new_dir(rel) as tmp:
-            m = in_worker(finetune, model_dir, load_examples(train_path), cfg, tmp, load,  # a worker if side by side
-                          what=f"fine-tune of {model} on {dataset}")
+    m, reused = store.folder_once(rel, lambda tmp: in_worker(  # a worker process when fine-tunes run side by side
+        finetune, model_dir, load_examples(train_path), cfg, tmp, load, what=f"fine-tune of {model} on {dataset}"))
+    if reused:  # in the store, or made by another run this one waited for
+        return str(store.local_dir(rel)), True
     record_rate(store, "finetune", m["device"], m["chars"], m["plan_params"], m["seconds"])
     get_run_logger().info(
         f"finetune {model} on {dataset}: loss {m['loss_first']} -> {m['loss_last']}, {m['steps']} steps, "

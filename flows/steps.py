@@ -1,0 +1,173 @@
+"""The search's steps over one run: a small run context, the stage log, and the two steps every part of the search
+composes (fine-tune and answer a dataset; judge outputs), shared by the test rating, the search loop
+(flows/evolve.py) and validation (flows/search.py).
+
+Every step walks jobs the plan module keys (tasks/plan/jobs.py dataset_keys, finetune_jobs, generate_jobs): the
+plan the command line prints and the run compute the same results under the same keys.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from prefect import get_run_logger
+
+from tasks.config.schema import SearchConfig
+from tasks.config.base import TEACHER
+from tasks.data.load import DatasetInfo
+from tasks.generate.outputs import teacher_outputs
+from tasks.generate.references import reference_outputs
+from tasks.judge.judgments import judge_task, run_openai_judge
+from tasks.plan.execute import finetune_all, generate_all
+from tasks.plan.jobs import Guard, dataset_keys, finetune_jobs, generate_jobs
+from tasks.plan.pool import Batch
+from tasks.plan.prepare import Prepared
+from tasks.store.results import adapter_path, outputs_path
+from tasks.store.store import Store
+
+
+class StageLog:
+    """Wall time and computed/reused counts of every stage, for the log, the report and BENCHMARKS.md."""
+
+    def __init__(self) -> None:
+        """Start with no stages."""
+        self.rows: list[dict[str, Any]] = []
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+        """Time a stage; the body fills `computed` and `reused` in the yielded dict."""
+        row = {"stage": name, "computed": 0, "reused": 0}
+        t0 = time.perf_counter()
+        yield row
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        self.rows.append(row)
+        get_run_logger().info(
+            f"stage {name}: {row['computed']} computed, {row['reused']} reused from the store, {row['seconds']} s"
+        )
+
+
+@dataclass
+class Run:
+    """One run of the search: its config, its store (the object and its root, which stage tasks take as text),
+    its folder in the store, its stage log and its budget guard."""
+
+    cfg: SearchConfig
+    store: Store
+    rel: str  # runs/<run-id>
+    log: StageLog
+    guard: Guard
+
+    @property
+    def root(self) -> str:
+        """The store's root as stage tasks and pool runs take it."""
+        return self.store.url
+
+    def with_config(self, cfg: SearchConfig) -> Run:
+        """The same run under another config (the search loop's and validation's: no references)."""
+        return Run(cfg, self.store, self.rel, self.log, self.guard)
+
+
+def count(row: dict[str, Any], reused: bool) -> None:
+    """Add one result to a stage's computed or reused count."""
+    row["reused" if reused else "computed"] += 1
+
+
+def _gpu_spent(run: Run) -> None:
+    """Count the last stage's GPU time as spent when it computed something: its pool runs' device time, or in local
+    mode its wall time (this machine's device was held throughout)."""
+    row = run.log.rows[-1]
+    if row["computed"]:
+        run.guard.gpu_s += row.get("device_s", row["seconds"])
+
+
+def _device_time(row: dict[str, Any], batch: Batch) -> None:
+    """Record a pool batch's device time in its stage's row (stages.json), beside the stage's wall time."""
+    if batch.device_s is not None:
+        row["device_s"] = round(batch.device_s, 2)
+
+
+def train_and_answer(run: Run, models: list[str], data: DatasetInfo, paths: dict[str, str],
+                     prep: Prepared) -> dict[str, tuple[str, str]]:
+    """Fine-tune every model on one dataset and answer its test rows: contender -> (outputs path, outputs key)."""
+    cfg, name, st, guard = run.cfg, data.spec.name, run.store, run.guard
+    keys = dataset_keys(cfg, prep.models, data, models)
+    ft_jobs = finetune_jobs(cfg, prep.models, data, models, paths, keys)
+    guard.gpu(f"fine-tuning on {name}", sum(guard.finetune_s(data.train, prep.models[j.model].signature)
+                                            for j in ft_jobs if not st.exists(adapter_path(j.key))))
+    with run.log.stage(f"finetune:{name}") as row:
+        batch = finetune_all(ft_jobs, cfg.compute, run.root)
+        _device_time(row, batch)
+        for _, reused in batch.results:
+            count(row, reused)
+    _gpu_spent(run)
+    gen_jobs = generate_jobs(cfg, data, ft_jobs, [folder for folder, _ in batch.results], keys)
+    guard.gpu(f"generation on {name}", sum(guard.generate_s(data.test, prep.models[j.model].signature)
+                                           for j in gen_jobs if not st.exists(outputs_path(j.key))))
+    with run.log.stage(f"generate:{name}") as row:
+        batch = generate_all(gen_jobs, cfg.compute, run.root, rows_per_job=len(data.test))
+        _device_time(row, batch)
+        outputs = {job.model: (rel, job.key) for job, (rel, _) in zip(gen_jobs, batch.results)}
+        for _, reused in batch.results:
+            count(row, reused)
+        teacher = outputs_path(keys.outputs[TEACHER])
+        if not st.exists(teacher):
+            st.write_parquet(teacher, teacher_outputs(name, data.test, TEACHER))
+        outputs[TEACHER] = (teacher, keys.outputs[TEACHER])
+    _gpu_spent(run)
+    if cfg.references:
+        with run.log.stage(f"references:{name}") as row:  # API models answer the same test rows, cached the same way
+            row["requests"], row["cost_usd"] = 0, 0.0
+            for ref in cfg.references:
+                if not st.exists(outputs_path(keys.outputs[ref.name])):
+                    guard.dollars(f"{ref.name} answering {name}", guard.reference_usd(ref, data.test))
+                outputs[ref.name], reused, requests, spent = reference_outputs(
+                    ref, name, data.test, data.test_fp, cfg.prices, run.root)
+                guard.usd += spent
+                count(row, reused)
+                row["requests"] += requests
+                row["cost_usd"] = round(row["cost_usd"] + spent, 6)
+    return outputs
+
+
+def judge_all(run: Run, datasets: dict[str, DatasetInfo], all_outputs: dict[str, dict[str, tuple[str, str]]],
+              pairs_with: str | None = None) -> list:
+    """Judge the outputs with every judge of the search (cfg.judge_list()): the metric judge every pair per dataset (it
+    is free), an LLM judge (openai, or combined: the metric where ground truth separates, the LLM the rest) in
+    budget.strategy's rounds over all datasets at once. `pairs_with` (validation) judges all of that contender's
+    pairs, no other.
+
+    Returns metric batches [(path, A, B)] and the LLM judges' [table]s, for load_judgments.
+    """
+    cfg, batches = run.cfg, []
+    judges = cfg.judge_list()
+    for judge in judges:
+        if judge.kind == "metric":
+            for ds, data in datasets.items():
+                with run.log.stage(f"judge:{ds}") as row:
+                    found, reused = judge_task(ds, data.test, data.metric, data.test_fp, all_outputs[ds], judge,
+                                               run.root, pairs_with)
+                    row["computed"], row["reused"] = len(found) - reused, reused
+                batches += found
+            continue
+        name = f"judge:{next(iter(datasets)) if pairs_with else cfg.budget.strategy}"
+        with run.log.stage(name + (f":{judge.model}" if len(judges) > 1 else "")) as row:
+            llm = run_openai_judge({ds: d.test for ds, d in datasets.items()}, all_outputs, cfg, run.root,
+                                   all_pairs=pairs_with is not None, spent_usd=run.guard.usd, pairs_with=pairs_with,
+                                   judge=judge, metrics={ds: d.metric for ds, d in datasets.items()})
+            _judge_row(row, llm, run.guard)
+        batches.append(llm.judgments)
+    return batches
+
+
+def _judge_row(row: dict[str, Any], llm: Any, guard: Guard) -> None:
+    """Fill a judge stage's row (stages.json and the report), count its dollars, and log why judging stopped."""
+    guard.usd += llm.new_cost_usd  # budget.max_usd covers references and judge; reused results cost nothing now
+    row["computed"], row["reused"] = llm.new, llm.reused + llm.free
+    row.update(llm.stats())
+    logger = get_run_logger()
+    logger.info(f"judge: {llm.requests} requests, ${llm.new_cost_usd:.4f} spent; stopped: {llm.stop_reason}")
+    if llm.stop_reason.startswith("dollar budget"):
+        logger.warning(f"judge: budget.max_usd reached, judging stopped early: {llm.stop_reason}")
