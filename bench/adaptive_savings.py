@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import _machine  # noqa: E402
 from bench.coverage import BIAS, SETTINGS, calibrate_nu, davidson  # noqa: E402
-from tasks.judge.rounds import PLAN_COLUMNS, plan_round, standing  # noqa: E402
 from tasks.config.schema import BudgetConfig
+from tasks.judge.rounds import PLAN_COLUMNS, plan_round, standing  # noqa: E402
 
 EFFECTS = SETTINGS["strong"]  # (s_u, s_w, s_v) nats
 CASES = {"clear leader": (8, 0.5), "near-tie": (8, 0.0), "24 contenders": (24, 0.5)}  # (contenders, gap)

@@ -70,8 +70,8 @@ def main() -> int:
 
     from prefect import flow
 
-    from flows.rerun import search_rerun
     from flows.cli import stop_temporary_server
+    from flows.rerun import search_rerun
     from flows.search import search
     from tasks.config.schema import SearchConfig
 

@@ -57,9 +57,9 @@ from numpy.polynomial.hermite_e import hermegauss
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import _machine
+from tasks.config.schema import RatingConfig
 from tasks.rating.bt import fit
 from tasks.rating.rate import ELO_PER_NAT, rate
-from tasks.config.schema import RatingConfig
 
 THETA = np.array([0.4, 0.4, 0.1, 0.1, 0.1, -0.3])  # true log-strengths (nats); m0 = m1, m2 = m3 = m4
 NAMES = [f"m{k}" for k in range(len(THETA))]

@@ -28,9 +28,9 @@ import torch  # noqa: E402
 from bench._machine import header, table  # noqa: E402
 from tasks.config.schema import FinetuneConfig, GenerateConfig  # noqa: E402
 from tasks.data.load import load_examples  # noqa: E402
-from tasks.train.finetune import finetune  # noqa: E402
-from tasks.generate.outputs import generate  # noqa: E402
 from tasks.demo.zoo import SHAPE, build_tokenizer  # noqa: E402
+from tasks.generate.outputs import generate  # noqa: E402
+from tasks.train.finetune import finetune  # noqa: E402
 
 
 def make_model(folder: Path, tok) -> Path:
@@ -48,9 +48,9 @@ def make_model(folder: Path, tok) -> Path:
 def plain_batched(model_dir: Path, adapter: Path, examples: list, max_new: int, batch: int) -> tuple[list[str], int]:
     """The peer's loop: the same merged model, prompts and stop tokens, batches of `batch` rows in dataset order,
     left-padded, one model.generate each; the adapter merge is timed, as it is in ours."""
-    from tasks.models.chat import prompt_ids, strip_stop
-    from tasks.generate.outputs import cached_base, merged_adapter
     from tasks.compute.workers import threads_for, torch_threads
+    from tasks.generate.outputs import cached_base, merged_adapter
+    from tasks.models.chat import prompt_ids, strip_stop
 
     base, tok, fmt = cached_base(model_dir)
     answers, tokens = [], 0

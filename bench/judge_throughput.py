@@ -34,10 +34,12 @@ import pandas as pd  # noqa: E402
 from prefect import flow  # noqa: E402
 
 from bench._machine import cpu_name, table  # noqa: E402
-from tasks.config.schema import JudgeConfig  # noqa: E402
+from tasks.config.schema import (
+    BudgetConfig,
+    JudgeConfig,  # noqa: E402
+)
 from tasks.data.load import Example  # noqa: E402
 from tasks.judge.llm import Contest, JudgeRun, run_llm_judge  # noqa: E402
-from tasks.config.schema import BudgetConfig
 
 KEY_ENV = "BENCH_JUDGE_KEY"
 CONTENDERS = ["c0", "c1", "c2", "c3", "c4"]  # 10 pairs

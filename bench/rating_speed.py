@@ -23,9 +23,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.rating.rate import ELO_PER_NAT, rate  # noqa: E402
 from tasks.config.schema import RatingConfig
 from tasks.rating.bt import bradley_terry
+from tasks.rating.rate import ELO_PER_NAT, rate  # noqa: E402
 
 
 def judgments(n: int, k: int, n_examples: int, n_datasets: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:

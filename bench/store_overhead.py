@@ -37,10 +37,11 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[0]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tasks.store.store as store_mod  # noqa: E402
 from _machine import header, table  # noqa: E402
-from tasks.store.store import Store  # noqa: E402
+
+import tasks.store.store as store_mod  # noqa: E402
 from tasks.store.guards import write_manifest  # noqa: E402
+from tasks.store.store import Store  # noqa: E402
 
 # File sizes in bytes, as in a demo run's store.
 MODEL_FILES = {"model.safetensors": 2_415_984, "tokenizer.json": 55_486, "config.json": 674,

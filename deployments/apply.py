@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="worker type of the GPU stages' pool (default process)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from tasks.plan.pool import check_server
     from tasks.core.errors import UserError
+    from tasks.plan.pool import check_server
 
     try:
         url = check_server()

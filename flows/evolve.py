@@ -24,13 +24,13 @@ from prefect import get_run_logger
 
 from flows import steps
 from flows.steps import Run
-from tasks.plan.execute import merge_models
-from tasks.config.schema import SearchConfig
 from tasks.config.base import TEACHER
-from tasks.data.devsplit import dev_split
+from tasks.config.schema import SearchConfig
 from tasks.core.errors import UserError
+from tasks.data.devsplit import dev_split
 from tasks.judge.judgments import load_judgments
 from tasks.models.fingerprint import check_mergeable
+from tasks.plan.execute import merge_models
 from tasks.plan.prepare import Prepared, merge_info
 from tasks.plan.propose import Point, config_point, improved, interval_of, kept, propose, ranked, task_base
 from tasks.rating.rate import rate

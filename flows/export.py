@@ -52,9 +52,9 @@ if __name__ == "__main__":
 
 # Below the command line: it never waits for Prefect's import.
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
 from flows.failures import one_line_failures
-from prefect.artifacts import create_markdown_artifact
 
 
 @flow(name="export", flow_run_name="export-{run}", log_prints=False)

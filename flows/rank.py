@@ -8,11 +8,11 @@ from pathlib import Path
 import pandas as pd
 
 from flows.command import Parser, one_line_errors
-from tasks.core.errors import UserError
-from tasks.rating.rate import rate
 from tasks.config.schema import RatingConfig
-from tasks.report.report import ranking_rows, scale_lines
+from tasks.core.errors import UserError
 from tasks.core.tables import text_table
+from tasks.rating.rate import rate
+from tasks.report.report import ranking_rows, scale_lines
 from tasks.store.store import Store
 
 

@@ -26,8 +26,8 @@ from prefect import flow, get_run_logger
 from pydantic import Field, ValidationError
 
 from flows.failures import one_line_failures
-from tasks.config.schema import Candidate, SearchConfig, load_config
 from tasks.config.base import Frozen
+from tasks.config.schema import Candidate, SearchConfig, load_config
 from tasks.core.errors import UserError
 from tasks.store.store import resolve_store
 

@@ -25,36 +25,36 @@ from typing import Any
 
 import pandas as pd
 import yaml
-from flows.failures import one_line_failures
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows import steps
 from flows.evolve import evolve
+from flows.failures import one_line_failures
 from flows.steps import Run, StageLog
-from tasks.config.schema import SearchConfig, load_config
-from tasks.config.base import MODEL_KINDS, TEACHER, ZOO_PREFIX
-from tasks.core.errors import UserError
-from tasks.plan.execute import merge_models
-from tasks.generate.outputs import finish_reasons
-from tasks.plan.jobs import BudgetStop, Guard, check_budget, dataset_keys, plan_lines, search_plan
-from tasks.judge.judgments import load_judgments, metric_scores
-from tasks.report.judge_card import card_section, ratings_by_judge
 from tasks.candidates.stage import candidate_task, zoo_task
-from tasks.plan.prepare import fit_datasets
-from tasks.plan.prepare import Prepared, held_out, prepared
-from tasks.rating.rate import rate
-from tasks.rating.judged import with_lengths
-from tasks.report.report import html_report, markdown_report, plot_ratings, ranking_rows
+from tasks.compute.workers import local_workers
+from tasks.config.base import MODEL_KINDS, TEACHER, ZOO_PREFIX
+from tasks.config.schema import SearchConfig, load_config
+from tasks.core.errors import UserError
 from tasks.core.tables import text_table
+from tasks.generate.outputs import finish_reasons
+from tasks.judge.judgments import load_judgments, metric_scores
+from tasks.plan.execute import merge_models
+from tasks.plan.jobs import BudgetStop, Guard, check_budget, dataset_keys, plan_lines, search_plan
+from tasks.plan.prepare import Prepared, fit_datasets, held_out, prepared
+from tasks.rating.judged import with_lengths
+from tasks.rating.rate import rate
+from tasks.rating.win_rates import freeze_winner, runner_up, summarize
+from tasks.report.judge_card import card_section, ratings_by_judge
+from tasks.report.report import html_report, markdown_report, plot_ratings, ranking_rows
 from tasks.report.search import search_lines
 from tasks.report.tables import evidence_lines, examples_table, finetune_table, top_contenders
-from tasks.store.store import Store, resolve_store
-from tasks.store.keys import content_key
-from tasks.rating.win_rates import freeze_winner, runner_up, summarize
 from tasks.report.verdict import recommendation, verdict_lines, verdicts
-from tasks.compute.workers import local_workers
+from tasks.store.keys import content_key
 from tasks.store.results import LATEST, adapter_path, model_path, run_path
+from tasks.store.store import Store, resolve_store
+
 
 def scores_table(prep: Prepared, frames: dict[str, dict[str, pd.DataFrame]]) -> pd.DataFrame:
     """Mean metric score of every contender on every dataset (contenders x datasets), from their outputs tables."""

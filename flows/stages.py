@@ -10,9 +10,9 @@ from __future__ import annotations
 from prefect import flow
 
 from tasks.config.schema import FinetuneConfig, GenerateConfig, LoadOptions, Merge
-from tasks.train.finetune import finetune_task
 from tasks.generate.outputs import generate_task
 from tasks.models.merge import merge_task
+from tasks.train.finetune import finetune_task
 
 
 @flow(name="merge", flow_run_name="merge-{merge.name}")

@@ -15,8 +15,8 @@ from typing import Any, Iterator
 
 from prefect import get_run_logger
 
-from tasks.config.schema import SearchConfig
 from tasks.config.base import TEACHER
+from tasks.config.schema import SearchConfig
 from tasks.data.load import DatasetInfo
 from tasks.generate.outputs import teacher_outputs
 from tasks.generate.references import reference_outputs

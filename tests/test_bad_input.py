@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config.schema import Merge, load_config
-from tasks.data.load import MIN_TEST_ROWS
-from tasks.core.errors import UserError
 from tasks.candidates.resolve import describe
+from tasks.config.schema import Merge, load_config
+from tasks.core.errors import UserError
+from tasks.data.load import MIN_TEST_ROWS
 from tasks.plan.prepare import no_expected_warning, prepare
-from tests.conftest import config_error as _error, mini_config_dict, write_config as _write, write_jsonl
+from tests.conftest import config_error as _error
+from tests.conftest import mini_config_dict, write_jsonl
+from tests.conftest import write_config as _write
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("prefect", "torch", "transformers", "mergekit", "pandas", "pyarrow", "datasets")

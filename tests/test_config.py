@@ -12,7 +12,9 @@ import pytest
 
 from tasks.config.schema import load_config
 from tasks.plan.prepare import prepare
-from tests.conftest import config_error as _error, make_tiny_model, mini_config_dict, write_config as _write, write_jsonl
+from tests.conftest import config_error as _error
+from tests.conftest import make_tiny_model, mini_config_dict, write_jsonl
+from tests.conftest import write_config as _write
 
 ROOT = Path(__file__).resolve().parent.parent
 

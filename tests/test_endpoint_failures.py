@@ -13,14 +13,13 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 import pytest  # noqa: E402
 from prefect import flow  # noqa: E402
 
-from tasks.config.schema import JudgeConfig, ModelPrice, Reference  # noqa: E402
-from tasks.core.errors import EnvironmentFailure, UserError  # noqa: E402
+from tasks.api.client import Endpoint, preflight  # noqa: E402
 from tasks.api.failures import FAILED_STREAK, Tally, too_many  # noqa: E402
+from tasks.config.schema import BudgetConfig, JudgeConfig, ModelPrice, Reference  # noqa: E402
+from tasks.core.errors import EnvironmentFailure, UserError  # noqa: E402
+from tasks.generate.references import reference_outputs  # noqa: E402
 from tasks.judge.llm import Contest, cached_judgments  # noqa: E402
 from tasks.judge.prompt import judge_label  # noqa: E402
-from tasks.api.client import Endpoint, preflight  # noqa: E402
-from tasks.config.schema import BudgetConfig
-from tasks.generate.references import reference_outputs  # noqa: E402
 from tasks.store.store import Store  # noqa: E402
 from tests.fake_openai import Faults  # noqa: E402
 from tests.test_llm_judge import ALL, ENV, KEY, _cfg, _contest, _examples, _judge_flow, _outputs  # noqa: E402

@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from flows.cli import main
-from tasks.config.schema import load_config
 from tasks.config.merge_search import MergeSearchConfig
-from tasks.data.load import load_examples
+from tasks.config.schema import load_config
 from tasks.data.devsplit import split_rows
+from tasks.data.load import load_examples
 from tasks.plan.propose import config_point, improved, kept, propose
 from tasks.store.store import Store
 from tests.conftest import mini_config_dict, write_config, write_jsonl

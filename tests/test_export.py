@@ -4,11 +4,10 @@ no template of its own takes the config's; bad input is one line and exit 2; a d
 
 from __future__ import annotations
 
-import math
-
 import contextlib
 import io
 import json
+import math
 import re
 import subprocess
 import sys
@@ -19,11 +18,11 @@ import pytest
 import yaml
 
 from flows.export import main
-from tasks.models.chat import load_tokenizer, prompt_format
 from tasks.config.schema import LoadOptions
 from tasks.data.load import load_examples
-from tasks.store.store import Store
+from tasks.models.chat import load_tokenizer, prompt_format
 from tasks.models.templates import TEMPLATES
+from tasks.store.store import Store
 from tests.conftest import make_tiny_model, mini_config_dict
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -74,9 +73,9 @@ def stored_outputs(finished: dict, model: str, dataset: str) -> pd.DataFrame:
 
 def answers(model, tok, finished: dict, dataset: str, name: str) -> pd.DataFrame:
     """Greedy answers of a model loaded by the test itself, with the search's own batched generation."""
+    from tasks.compute.workers import threads_for, torch_threads
     from tasks.config.schema import GenerateConfig
     from tasks.generate.outputs import generate_loaded
-    from tasks.compute.workers import threads_for, torch_threads
 
     examples = load_examples(str(finished["data"][dataset][1]))
     fmt = prompt_format(tok, model.generation_config.eos_token_id)

@@ -10,15 +10,15 @@ import json
 import pandas as pd
 import pytest
 
-from tasks.models.chat import IGNORE, encode_row, fold_system, generation_eos, load_tokenizer, prompt_format, prompt_ids
+from tasks.candidates.resolve import inspect_candidate
 from tasks.config.schema import FinetuneConfig, GenerateConfig, LoadOptions, load_config
+from tasks.core.errors import UserError
 from tasks.data.load import load_examples
 from tasks.demo.data import make_rows
-from tasks.core.errors import UserError
+from tasks.models.chat import IGNORE, encode_row, fold_system, generation_eos, load_tokenizer, prompt_format, prompt_ids
 from tasks.models.fingerprint import ModelInfo, check_mergeable
-from tasks.candidates.resolve import inspect_candidate
-from tasks.plan.prepare import prepare
 from tasks.models.templates import TEMPLATES
+from tasks.plan.prepare import prepare
 from tests.conftest import config_error, write_config, write_jsonl
 from tests.families import FAMILIES, build_model
 
@@ -139,8 +139,8 @@ def test_merges_are_checked_as_mergekit_merges(family_dirs, tmp_path):
 
 @pytest.mark.parametrize("name", ["llama3", "qwen2", "gemma2", "phi3"])
 def test_generation_stops_at_the_end_of_turn_after_a_short_finetune(family_dirs, tmp_path, name):
+    from tasks.generate.outputs import cached_base, generate, generate_loaded
     from tasks.train.finetune import finetune
-    from tasks.generate.outputs import generate_loaded, cached_base, generate
 
     train = load_examples(write_jsonl(tmp_path / "train.jsonl", make_rows("classification", 32, 1)))
     test = load_examples(write_jsonl(tmp_path / "test.jsonl", make_rows("classification", 20, 2)))
@@ -156,9 +156,9 @@ def test_generation_stops_at_the_end_of_turn_after_a_short_finetune(family_dirs,
 
 
 def test_an_adapter_folder_is_a_candidate(family_dirs, tmp_path):
-    from tasks.train.finetune import finetune
     from tasks.candidates.resolve import materialize
     from tasks.store.store import Store
+    from tasks.train.finetune import finetune
 
     train = load_examples(write_jsonl(tmp_path / "train.jsonl", make_rows("classification", 8, 1)))
     adapter = tmp_path / "my-finetune"

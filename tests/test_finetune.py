@@ -10,9 +10,9 @@ import torch
 
 from tasks.config.schema import FinetuneConfig
 from tasks.data.load import load_examples
-from tasks.train.lora_kernels import PACKED_ATTENTION, _register_packed_attention, fuse_small_loras, unfuse_loras
 from tasks.models.chat import IGNORE, prompt_format, prompt_ids
 from tasks.train.finetune import batch_loss_sum, encode, finetune, last_mlp, pack, pad, resolve_packing, train_steps
+from tasks.train.lora_kernels import PACKED_ATTENTION, _register_packed_attention, fuse_small_loras, unfuse_loras
 
 
 @pytest.fixture(scope="module")

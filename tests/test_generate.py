@@ -8,8 +8,8 @@ import torch
 
 from tasks.config.schema import FinetuneConfig, GenerateConfig
 from tasks.data.load import load_examples
+from tasks.generate.outputs import _BASES, GENERATED_COLUMNS, cached_base, clear_base_cache, generate
 from tasks.train.finetune import finetune
-from tasks.generate.outputs import GENERATED_COLUMNS, _BASES, cached_base, clear_base_cache, generate
 
 
 @pytest.fixture(scope="module")

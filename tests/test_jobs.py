@@ -7,11 +7,11 @@ import pytest
 import yaml
 
 from flows.cli import main
+from tasks.compute.speeds import ASSUMED_RATE, record_rate
 from tasks.config.schema import load_config
 from tasks.core.errors import UserError
 from tasks.plan.jobs import Job, Plan, build_plan, check_budget
 from tasks.plan.prepare import prepare
-from tasks.compute.speeds import ASSUMED_RATE, record_rate
 from tasks.store.store import Store
 
 

@@ -15,13 +15,12 @@ import pytest
 import yaml
 from prefect import flow
 
-from tasks.config.schema import JudgeConfig, ModelPrice
-from tasks.data.load import Example
+from tasks.api.client import Endpoint, Pace, preflight
+from tasks.config.schema import BudgetConfig, JudgeConfig, ModelPrice
 from tasks.core.errors import UserError
+from tasks.data.load import Example
 from tasks.judge.llm import Contest, run_llm_judge
 from tasks.judge.prompt import judge_messages, parse_verdict, shown_to_row
-from tasks.api.client import Endpoint, Pace, preflight
-from tasks.config.schema import BudgetConfig
 from tasks.rating.rate import rate
 from tests.conftest import mini_config_dict
 from tests.fake_openai import FENCE, FakeOpenAI, Faults, decide, free_port

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+
 import numpy as np
 import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from tasks.judge.rounds import PLAN_COLUMNS, plan_round
 from tasks.config.schema import BudgetConfig
+from tasks.judge.rounds import PLAN_COLUMNS, plan_round
 
 EXAMPLES = {"x": [f"x{i}" for i in range(30)], "y": [f"y{i}" for i in range(10)]}
 
@@ -174,8 +175,8 @@ def test_looks_are_fixed_in_advance_and_tested_at_alpha_over_their_number():
 def test_sandwich_intervals_count_an_example_once_however_often_it_is_judged():
     # Judging every comparison 4 times on the same example adds nothing: Fisher's interval halves, the sandwich
     # (clustered by example) stays as it was.
-    from tasks.rating.rate import rate
     from tasks.config.schema import RatingConfig
+    from tasks.rating.rate import rate
 
     rng = np.random.default_rng(11)
     plan = plan_round(["a", "b", "c"], EXAMPLES, pd.DataFrame(columns=PLAN_COLUMNS), BudgetConfig(strategy="all-pairs"),

@@ -118,10 +118,11 @@ def test_pool_run_from_the_search_deployment_matches_local(stack, tiny_models, t
 
 
 def test_pool_problems_give_one_line_and_a_hint(stack, tiny_models, tiny_data, tmp_path, capsys):
-    from flows.cli import main
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.cli import main
 
     with temporary_settings({PREFECT_API_URL: stack["api_url"]}), get_client(sync_client=True) as client:
         # `idle`: a pool with the stage deployments but no worker; `bare`: a pool with nothing deployed to it.
@@ -158,8 +159,8 @@ def test_server_that_refuses_the_credentials_is_named():
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.plan.pool import check_server
     from tasks.core.errors import UserError
+    from tasks.plan.pool import check_server
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's naming

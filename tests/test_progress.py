@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from tasks.core import progress
 from tasks.compute.workers import in_worker, side_by_side
+from tasks.core import progress
 from tests.conftest import wait_for
 
 

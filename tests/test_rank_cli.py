@@ -91,8 +91,8 @@ def test_rank_missing_file_exits_2_without_traceback(tmp_path):
 
 def test_rank_writes_what_rate_computes_and_the_arena_column(tmp_path, capsys):
     """The command's ratings are rate()'s on the same judgments, bit for bit (the speed work changed no number)."""
-    from tasks.rating.rate import rate
     from tasks.config.schema import RatingConfig
+    from tasks.rating.rate import rate
 
     df = judgments(800, seed=3)
     df.to_parquet(tmp_path / "j.parquet")
@@ -137,8 +137,8 @@ def test_rank_speed_bench_small():
 
 def test_rank_sandwich_intervals_are_rates(tmp_path, capsys):
     """--ci sandwich: the clustered intervals the adaptive planner stops on, as rate() computes them."""
-    from tasks.rating.rate import rate
     from tasks.config.schema import RatingConfig
+    from tasks.rating.rate import rate
 
     df = judgments(800, seed=3)
     df.to_parquet(tmp_path / "j.parquet")

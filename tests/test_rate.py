@@ -8,11 +8,11 @@ import pytest
 from pydantic import ValidationError
 from scipy.optimize import minimize
 
-from tasks.core.errors import UserError
-from tasks.rating.rate import ELO_PER_NAT, rate, separated
 from tasks.config.schema import RatingConfig
-from tasks.rating.judged import win_matrix
+from tasks.core.errors import UserError
 from tasks.rating.bt import bradley_terry
+from tasks.rating.judged import win_matrix
+from tasks.rating.rate import ELO_PER_NAT, rate, separated
 
 
 def simulate(n: int, k: int = 8, seed: int = 0, nu: float = 0.0, n_examples: int = 200, datasets=("d0",)):

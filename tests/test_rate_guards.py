@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from flows.rank import main as rank_main
+from tasks.config.schema import RatingConfig
 from tasks.core.errors import UserError
 from tasks.rating.rate import ELO_PER_NAT, rate
-from tasks.config.schema import RatingConfig
 from tasks.report.report import interval_words, plot_ratings, ranking_rows, separation_rows, winner_line
 from tests.test_rate import simulate
 

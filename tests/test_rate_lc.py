@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tasks.config.schema import RatingConfig
 from tasks.core.errors import UserError
 from tasks.rating.rate import ELO_PER_NAT, rate
-from tasks.config.schema import RatingConfig
 
 TRUE = np.array([0.6, 0.3, 0.0, -0.2, -0.7])  # nats; m3 is verbose
 LONG = np.array([1.0, 1.0, 1.0, 2.5, 1.0])  # typical output length relative to the others

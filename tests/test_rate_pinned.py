@@ -20,8 +20,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.rating.rate import rate  # noqa: E402
 from tasks.config.schema import RatingConfig
+from tasks.rating.rate import rate  # noqa: E402
 from tests.test_rate import simulate  # noqa: E402
 
 PINNED = ROOT / "tests" / "data" / "ratings_4723ccf.json"

@@ -19,11 +19,11 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
+from tasks.api.client import Endpoint, preflight  # noqa: E402
 from tasks.config.schema import JudgeConfig, Reference  # noqa: E402
 from tasks.core.errors import EnvironmentFailure, UserError  # noqa: E402
 from tasks.judge.llm import cached_judgments  # noqa: E402
 from tasks.judge.prompt import judge_label  # noqa: E402
-from tasks.api.client import Endpoint, preflight  # noqa: E402
 from tasks.store.store import Store  # noqa: E402
 from tests.conftest import make_tiny_model, mini_config_dict  # noqa: E402
 from tests.fake_openai import free_port  # noqa: E402

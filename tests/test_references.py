@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 from prefect import flow  # noqa: E402
 
 from tasks.config.schema import ModelPrice, Reference  # noqa: E402
-from tasks.data.load import Example  # noqa: E402
 from tasks.core.errors import EnvironmentFailure, UserError  # noqa: E402
+from tasks.data.load import Example  # noqa: E402
 from tasks.generate.references import reference_outputs  # noqa: E402
 from tasks.store.results import reference_key
 from tasks.store.store import Store  # noqa: E402

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from tasks.report.report import judge_lines, separation_rows, teacher_lines, validation_lines, winner_line
 from tasks.rating.win_rates import summarize, verdict, win_rate_ci
+from tasks.report.report import judge_lines, separation_rows, teacher_lines, validation_lines, winner_line
 
 
 def _ratings(separated: bool) -> pd.DataFrame:

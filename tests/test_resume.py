@@ -69,9 +69,9 @@ def test_killed_in_judging_resumes_without_loss_or_rework(tiny_models, tiny_data
         pq.read_table(path)
 
     # A user appends a candidate to the saved search's list: the re-run computes that candidate's work only.
-    from tests.conftest import make_tiny_model
     from flows.rerun import search_rerun
     from tasks.demo.zoo import build_tokenizer
+    from tests.conftest import make_tiny_model
 
     gamma = make_tiny_model(tmp_path / "gamma", seed=7, tokenizer=build_tokenizer())
     listing = tmp_path / "candidates.yaml"

@@ -4,8 +4,8 @@ damaged result is recomputed, a full disk is one line; every time the ratings eq
 from __future__ import annotations
 
 import errno
-import sys
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd

@@ -18,9 +18,9 @@ import pytest
 
 import tasks.store.store as store_mod
 from tasks.config.schema import JudgeConfig
+from tasks.core.errors import EnvironmentFailure, UserError
 from tasks.data.load import Example
 from tasks.judge.judgments import judge_task  # imports Prefect, which sets up logging: before any test's caplog
-from tasks.core.errors import EnvironmentFailure, UserError
 from tasks.store.store import MANIFEST, Store, tmp_name
 from tests.conftest import wait_for
 

@@ -12,9 +12,8 @@ from pathlib import Path
 from tasks.config.schema import Reference, load_config
 from tasks.plan.jobs import build_plan
 from tasks.plan.prepare import prepare
-from tasks.store.results import reference_key
+from tasks.store.results import llm_judgment_key, reference_key
 from tasks.store.store import Store
-from tasks.store.results import llm_judgment_key
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = json.loads((Path(__file__).parent / "data" / "store_keys_4abdc48.json").read_text())

@@ -13,11 +13,11 @@ import torch
 from prefect import flow
 from safetensors.torch import load_file
 
-from tasks.plan.execute import finetune_all
-from tasks.plan.jobs import FinetuneJob
+from tasks.compute.workers import local_workers
 from tasks.config.schema import ComputeConfig, FinetuneConfig
 from tasks.core.errors import EnvironmentFailure
-from tasks.compute.workers import local_workers
+from tasks.plan.execute import finetune_all
+from tasks.plan.jobs import FinetuneJob
 
 
 @pytest.fixture(autouse=True)

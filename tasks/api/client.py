@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, TypeVar
 
-from tasks.core.errors import UserError
 from tasks.api.failures import Tally
+from tasks.core.errors import UserError
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI

@@ -9,10 +9,10 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config.schema import Candidate
 from tasks.candidates.resolve import materialize
-from tasks.store.store import Store
+from tasks.config.schema import Candidate
 from tasks.demo.zoo import ensure_zoo_models
+from tasks.store.store import Store
 
 
 @task(name="candidate", task_run_name="candidate-{c.name}", cache_policy=NO_CACHE)

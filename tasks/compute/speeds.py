@@ -9,8 +9,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from tasks.store.store import Store
 from tasks.store.results import rates_path
+from tasks.store.store import Store
 
 # Parameter-characters per second when the store has no measurement for the device. CPU: measured by the demo on
 # this project's 2-core development machine (bench/plan_accuracy.py: 48 s of training, 1.5 s of generation; a

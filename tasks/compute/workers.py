@@ -89,9 +89,9 @@ def _init_worker(ticks: Any) -> None:
     fine-tune is never stored)."""
     import signal
 
-    import tasks.core.env  # noqa: F401  (environment defaults and warning filters, as in the flow's process)
     import torch
 
+    import tasks.core.env  # noqa: F401  (environment defaults and warning filters, as in the flow's process)
     from tasks.core import progress
 
     global _in_worker

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.config.schema import DatasetSpec
-from tasks.data.load import MIN_TEST_ROWS, DatasetInfo, Example, dataset_fingerprint
 from tasks.core.errors import UserError
+from tasks.data.load import MIN_TEST_ROWS, DatasetInfo, Example, dataset_fingerprint
 from tasks.store.results import SPLIT_VERSION, split_key, split_path
 
 if TYPE_CHECKING:

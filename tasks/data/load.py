@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.config.schema import DatasetSpec
 from tasks.config.base import not_utf8
+from tasks.config.schema import DatasetSpec
 from tasks.core.errors import UserError, first_line
 
 # pandas, pyarrow and `datasets` are imported only where a Parquet file or a `datasets` folder is read: a dataset

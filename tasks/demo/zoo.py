@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tasks.demo import data as w
 from tasks.core.errors import UserError
-from tasks.store.store import Store
+from tasks.demo import data as w
 from tasks.store.results import model_path, zoo_model_key
+from tasks.store.store import Store
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 # The roles are single special tokens, so the template costs 3 tokens a message.
@@ -319,8 +319,8 @@ def ensure_zoo_models(store: Store, names: list[str], workers: int = 1, log: Cal
 
 def _build_logged(store: Store, name: str, log: Callable[[str], None], in_worker: bool) -> None:
     """build_one with a progress bar of its steps and a log line before and after."""
-    from tasks.core import progress
     from tasks.compute.workers import in_worker as run_in_worker
+    from tasks.core import progress
 
     spec = ZOO[name]
     with store.claim(model_path(zoo_key(name))) as todo:  # another run building it: wait for it, then reuse it

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
-from tasks.config.schema import ComputeConfig, JudgeConfig, LoadOptions, SearchConfig
 from tasks.config.base import MODEL_KINDS
-from tasks.plan.prepare import fit_datasets
+from tasks.config.schema import ComputeConfig, JudgeConfig, LoadOptions, SearchConfig
 from tasks.core.errors import UserError, first_line
-from tasks.store.store import Store, resolve_store
+from tasks.plan.prepare import fit_datasets
 from tasks.store.guards import tmp_name
 from tasks.store.results import LATEST, RUNS, adapter_path, model_path, outputs_path, run_path
+from tasks.store.store import Store, resolve_store
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -205,8 +205,8 @@ def write_adapter(w: Winner, folder: Path) -> PromptFormat:
 
 def write_merged(w: Winner, folder: Path) -> PromptFormat:
     """Full weights with the adapter folded in exactly as the search generated with, and the tokenizer."""
-    from tasks.models.loading import load_base
     from tasks.generate.outputs import merged_adapter
+    from tasks.models.loading import load_base
 
     model, tok, fmt = load_base(w.base_dir, w.load)
     with merged_adapter(model, w.adapter_dir) as merged:  # the search's own merge: the very weights it generated with
@@ -229,10 +229,10 @@ def save_tokenizer(tok: Any, folder: Path) -> None:
 
 def reproduce(folder: Path, w: Winner, cfg: SearchConfig, prep: Prepared, merged: bool) -> pd.DataFrame:
     """The exported folder's greedy answers to the dataset's test rows, through the search's own generation code."""
+    from tasks.compute.workers import threads_for, torch_threads
+    from tasks.generate.outputs import generate_loaded, merged_adapter
     from tasks.models.chat import load_tokenizer, prompt_format
     from tasks.models.loading import load_base
-    from tasks.generate.outputs import generate_loaded, merged_adapter
-    from tasks.compute.workers import threads_for, torch_threads
 
     own = LoadOptions(trust_remote_code=w.load.trust_remote_code)  # the exported tokenizer's own template only
     if merged:
@@ -325,8 +325,8 @@ def data_rows(cfg: SearchConfig, prep: Prepared) -> list[str]:
 def model_card(run: Run, prep: Prepared, w: Winner, out: Path, merged: bool, fmt: PromptFormat, rank: int | None,
                check: str) -> str:
     """README.md of the export: what it is, how to serve it, the check, ratings, validation, data, recipe, config."""
-    from tasks.report.report import ranking_rows, validation_lines
     from tasks.core.tables import md_table
+    from tasks.report.report import ranking_rows, validation_lines
 
     cfg, info = run.config, prep.models[w.model]
     conf = cfg.rating.confidence

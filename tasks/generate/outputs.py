@@ -13,13 +13,13 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.compute.speeds import conversation_chars, record_rate
+from tasks.config.schema import LoadOptions
 from tasks.core import progress
 from tasks.models.chat import PromptFormat, prompt_ids, strip_stop
-from tasks.config.schema import LoadOptions
 from tasks.models.loading import device, load_base, model_params, peak_memory_mb
-from tasks.compute.speeds import conversation_chars, record_rate
-from tasks.store.store import Store
 from tasks.store.results import outputs_path
+from tasks.store.store import Store
 
 if TYPE_CHECKING:
     from tasks.config.schema import GenerateConfig

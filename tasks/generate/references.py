@@ -16,12 +16,12 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.core.errors import EnvironmentFailure, UserError
-from tasks.api.failures import Tally, api_hint, failure_line, fatal_line, kept_line
-from tasks.generate.outputs import OUTPUT_COLUMNS
 from tasks.api.client import Caller, endpoint_of, resolve_api_key, run_async
-from tasks.store.store import Store
+from tasks.api.failures import Tally, api_hint, failure_line, fatal_line, kept_line
+from tasks.core.errors import EnvironmentFailure, UserError
+from tasks.generate.outputs import OUTPUT_COLUMNS
 from tasks.store.results import outputs_path, reference_key
+from tasks.store.store import Store
 
 if TYPE_CHECKING:
     from tasks.config.schema import ModelPrice, Reference

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import pandas as pd
 
-from tasks.judge.prompt import SHOWN
 from tasks.judge.metrics import METRICS, metric_verdict
+from tasks.judge.prompt import SHOWN
 
 if TYPE_CHECKING:
     from tasks.data.load import Example

@@ -16,10 +16,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.judge.columns import JUDGMENT_COLUMNS  # shared with tasks.judge.llm, which imports nothing of this module
-from tasks.judge.metrics import metric_verdict
-from tasks.judge.metrics import METRICS
-from tasks.store.store import Store
+from tasks.judge.metrics import METRICS, metric_verdict
 from tasks.store.results import judgments_path, metric_judgment_key
+from tasks.store.store import Store
 
 if TYPE_CHECKING:
     from tasks.config.schema import JudgeConfig, SearchConfig

@@ -23,22 +23,19 @@ import pandas as pd
 import pyarrow.parquet as pq
 from prefect.utilities.annotations import quote
 
-from tasks.judge.columns import JUDGMENT_COLUMNS
 from tasks.api.failures import Tally
 from tasks.judge.card import consistency_stats, longer_won, output_lengths
-from tasks.judge.metrics import metric_verdict
+from tasks.judge.columns import JUDGMENT_COLUMNS
 from tasks.judge.llm_batch import EXTRA_COLUMNS, Call, check_judge_failures, judge_batch_task
-from tasks.judge.prompt import (conversation_text, judge_label, judge_messages, shown_to_row,
-                              text_hash)
-from tasks.judge.metrics import METRICS
-from tasks.store.store import Store
+from tasks.judge.metrics import METRICS, metric_verdict
+from tasks.judge.prompt import conversation_text, judge_label, judge_messages, shown_to_row, text_hash
 from tasks.store.keys import content_key
 from tasks.store.results import JUDGMENTS_GLOB, llm_judgment_key
+from tasks.store.store import Store
 
 if TYPE_CHECKING:
-    from tasks.config.schema import JudgeConfig, ModelPrice
+    from tasks.config.schema import BudgetConfig, JudgeConfig, ModelPrice
     from tasks.data.load import Example
-    from tasks.config.schema import BudgetConfig
 
 T = TypeVar("T")
 

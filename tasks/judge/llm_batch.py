@@ -15,14 +15,14 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.core import progress
-from tasks.judge.columns import JUDGMENT_COLUMNS
-from tasks.core.errors import EnvironmentFailure, UserError
-from tasks.api.failures import Tally, api_hint, failure_line, fatal_line, kept_line
-from tasks.judge.prompt import RESPONSE_FORMAT, judge_label, parse_verdict, shown_to_row
 from tasks.api.client import Caller, endpoint_of, resolve_api_key, run_async
-from tasks.store.store import Store
+from tasks.api.failures import Tally, api_hint, failure_line, fatal_line, kept_line
+from tasks.core import progress
+from tasks.core.errors import EnvironmentFailure, UserError
+from tasks.judge.columns import JUDGMENT_COLUMNS
+from tasks.judge.prompt import RESPONSE_FORMAT, judge_label, parse_verdict, shown_to_row
 from tasks.store.results import judgments_path, llm_batch_key
+from tasks.store.store import Store
 
 if TYPE_CHECKING:
     from tasks.config.schema import JudgeConfig, ModelPrice

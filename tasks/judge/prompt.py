@@ -9,8 +9,8 @@ import hashlib
 import json
 import re
 from typing import Mapping, Sequence
-from tasks.store.results import PROMPT_VERSION
 
+from tasks.store.results import PROMPT_VERSION
 
 VERDICTS = ("A>>B", "A>B", "A=B", "B>A", "B>>A")
 # Verdict (A = the output shown first) -> (winner among the shown outputs, strength).

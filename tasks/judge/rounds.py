@@ -22,10 +22,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import t as student
 
-from tasks.config.schema import BudgetConfig
+from tasks.config.schema import BudgetConfig, RatingConfig
 from tasks.core.errors import UserError
 from tasks.rating.rate import rate_with_cov
-from tasks.config.schema import RatingConfig
 
 PLAN_COLUMNS = ["dataset", "example_id", "contender_a", "contender_b"]
 # Looks at the data are made at judgment counts growing by this factor (see _checkpoints).

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from tasks.store.store import Store
 from tasks.store.results import model_path
+from tasks.store.store import Store
 
 
 def merge_adapter(adapter_dir: Path, base_dir: Path, out_dir: Path, trust_remote_code: bool) -> None:

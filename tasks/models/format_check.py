@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.models.chat import encode_row, generation_eos, install_template, load_tokenizer, prompt_format, template_text
 from tasks.config.schema import Candidate, DatasetSpec, LoadOptions, SearchConfig
-from tasks.data.load import Example
 from tasks.core.errors import UserError, first_line
+from tasks.data.load import Example
+from tasks.models.chat import encode_row, generation_eos, install_template, load_tokenizer, prompt_format, template_text
 
 Rows = dict[str, tuple[DatasetSpec, list[Example], list[Example]]]  # dataset -> (spec, train rows, test rows)
 

@@ -13,9 +13,8 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config.schema import Merge
 from tasks.core.errors import UserError, first_line
-from tasks.store.store import Store
 from tasks.store.results import MERGE_VERSION, model_path
-
+from tasks.store.store import Store
 
 
 def _swap_models(recipe: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+from tasks.compute.workers import local_workers, side_by_side
 from tasks.core import progress
-from tasks.train.finetune import finetune_task
 from tasks.generate.outputs import generate_task
 from tasks.models.merge import merge_task
-from tasks.store.store import Store
-from tasks.compute.workers import local_workers, side_by_side
 from tasks.plan.jobs import FinetuneJob, GenerateJob, stage_arguments
 from tasks.plan.pool import Batch, Progress, StageCall, _label, run_in_pool
 from tasks.store.results import adapter_path, model_path, outputs_path
+from tasks.store.store import Store
+from tasks.train.finetune import finetune_task
 
 if TYPE_CHECKING:
 

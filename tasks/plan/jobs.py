@@ -22,19 +22,28 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from tasks.config.schema import LoadOptions
-from tasks.config.base import TEACHER, ZOO_PREFIX
-from tasks.core.errors import UserError
 from tasks.compute.speeds import conversation_chars, measured_rate, param_count
+from tasks.config.base import TEACHER, ZOO_PREFIX
+from tasks.config.schema import LoadOptions
+from tasks.core.errors import UserError
+from tasks.store.results import (
+    adapter_key,
+    adapter_path,
+    judgments_path,
+    metric_judgment_key,
+    model_path,
+    outputs_key,
+    outputs_path,
+    reference_key,
+    teacher_key,
+)
 from tasks.store.store import Store
-from tasks.store.results import (adapter_key, adapter_path, judgments_path, metric_judgment_key, model_path,
-                                 outputs_key, outputs_path, reference_key, teacher_key)
 
 if TYPE_CHECKING:
     from tasks.config.schema import FinetuneConfig, GenerateConfig, JudgeConfig, ModelPrice, SearchConfig
+    from tasks.data.load import DatasetInfo
     from tasks.models.fingerprint import ModelInfo
     from tasks.plan.prepare import Prepared
-    from tasks.data.load import DatasetInfo
 
 CHARS_PER_TOKEN = 4  # the usual English ratio for BPE vocabularies; only the dollar estimates use it
 JUDGE_PROMPT_TOKENS = 250  # the judge's instructions and verdict format, beside the conversation and answers

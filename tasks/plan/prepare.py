@@ -11,12 +11,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from tasks.config.schema import DatasetSpec, FinetuneConfig, LoadOptions, Merge, SearchConfig, recipe_models
-from tasks.data.devsplit import check_dev_split, fit_split
-from tasks.data.load import DatasetInfo, Example, check_lengths, check_test_size, dataset_fingerprint, infer_metric, load_examples
-from tasks.core.errors import UserError
-from tasks.models.fingerprint import ModelInfo, check_mergeable
 from tasks.candidates.resolve import candidate_fingerprint, inspect_candidate, tokenizer_folder
+from tasks.config.schema import DatasetSpec, FinetuneConfig, LoadOptions, Merge, SearchConfig, recipe_models
+from tasks.core.errors import UserError
+from tasks.data.devsplit import check_dev_split, fit_split
+from tasks.data.load import (
+    DatasetInfo,
+    Example,
+    check_lengths,
+    check_test_size,
+    dataset_fingerprint,
+    infer_metric,
+    load_examples,
+)
+from tasks.models.fingerprint import ModelInfo, check_mergeable
 from tasks.store.results import merge_key
 
 if TYPE_CHECKING:
@@ -111,7 +119,9 @@ def prepare(cfg: SearchConfig, cheap_checks_passed: Callable[[], None] | None = 
         signatures[m.name] = _merged_signature([signatures[n] for n in names], source, signatures)
     if cheap_checks_passed is not None:
         cheap_checks_passed()
-    from tasks.models.format_check import check_formats  # transformers' tokenizers: after the checks that take no import
+    from tasks.models.format_check import (
+        check_formats,  # transformers' tokenizers: after the checks that take no import
+    )
 
     by_name = {c.name: c for c in sources}
     tok_folders = {n: tokenizer_folder(by_name[n], folder, sources) for n, (folder, _) in inspected.items()}

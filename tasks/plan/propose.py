@@ -25,8 +25,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from tasks.config.schema import Merge
 from tasks.config.merge_search import MergeSearchConfig
+from tasks.config.schema import Merge
 from tasks.store.keys import content_key
 
 CONFIG_STEP = 0.25  # a config merge's step (recorded only)

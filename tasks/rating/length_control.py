@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
+from tasks.config.schema import RatingConfig
 from tasks.rating.bootstrap import resamples
 from tasks.rating.bt import Rows, fit_rows, rows_cluster_cov
-from tasks.config.schema import RatingConfig
 from tasks.rating.judged import Judged
 
 # Bootstrap replicates are fitted (rounds x judgments) weights at a time, at most this many floats: each Newton step

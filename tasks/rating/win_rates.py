@@ -12,7 +12,6 @@ from tasks.config.base import MODEL_KINDS
 from tasks.store.store import Store
 
 
-
 def pooled_models(ratings: pd.DataFrame, scope: str = "overall") -> pd.DataFrame:
     """A scope's models (candidates and merges), best first; the pooled scope unless another is named."""
     pooled = ratings[(ratings["scope"] == scope) & ratings["kind"].isin(MODEL_KINDS)]

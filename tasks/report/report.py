@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.core.tables import md_table
-from tasks.config.schema import SearchConfig, recipe_models
 from tasks.config.base import MODEL_KINDS, TEACHER
+from tasks.config.schema import SearchConfig, recipe_models
+from tasks.core.tables import md_table
 from tasks.rating.judged import win_matrix
 from tasks.rating.win_rates import intervals_overlap
-from tasks.report.verdict import win_words
 from tasks.report.tables import WIN_RATES_CAPTION, WIN_RATES_HEADING, colour_win_rates
+from tasks.report.verdict import win_words
 
 
 def interval_label(ratings: pd.DataFrame, confidence: float | None = None) -> str:

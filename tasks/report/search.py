@@ -8,9 +8,9 @@ import pandas as pd
 
 from tasks.config.schema import Merge, SearchConfig
 from tasks.core.tables import md_table
-from tasks.store.store import Store
 from tasks.rating.win_rates import intervals_overlap, pooled_models, win_rate_ci
 from tasks.report.verdict import scores, win_words
+from tasks.store.store import Store
 
 
 def _interval(x: list[float] | None) -> str:

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.config.schema import SearchConfig
 from tasks.config.base import MODEL_KINDS, TEACHER
+from tasks.config.schema import SearchConfig
 from tasks.rating.win_rates import intervals_overlap, per_example_score, pooled_models, win_rate_ci
 
 

@@ -14,16 +14,16 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.core import progress
-from tasks.models.chat import IGNORE, PromptFormat, encode_row
-from tasks.config.schema import LoadOptions
-from tasks.core.errors import UserError
-from tasks.models.loading import base_of, load_base, model_params, peak_memory_mb
-from tasks.train.lora_kernels import PACKED_ATTENTION, _register_packed_attention, fuse_small_loras, unfuse_loras
 from tasks.compute.speeds import conversation_chars, record_rate
-from tasks.store.store import Store
 from tasks.compute.workers import in_worker
+from tasks.config.schema import LoadOptions
+from tasks.core import progress
+from tasks.core.errors import UserError
+from tasks.models.chat import IGNORE, PromptFormat, encode_row
+from tasks.models.loading import base_of, load_base, model_params, peak_memory_mb
 from tasks.store.results import adapter_path
+from tasks.store.store import Store
+from tasks.train.lora_kernels import PACKED_ATTENTION, _register_packed_attention, fuse_small_loras, unfuse_loras
 
 if TYPE_CHECKING:
     from tasks.config.schema import FinetuneConfig
