@@ -13,17 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from tasks.config.base import ZOO_PREFIX
 from tasks.config.schema import Candidate
 from tasks.core.errors import UserError
-from tasks.models.fingerprint import (
-    SHAPE_FIELDS,
-    TOKENIZER_FILES,
-    ModelInfo,
-    adapter_base,
-    check_folder,
-    folder_fingerprint,
-    folder_signature,
-    hub_snapshot,
-    local_or_hub,
-)
+from tasks.models.fingerprint import (SHAPE_FIELDS, TOKENIZER_FILES, ModelInfo, adapter_base, check_folder,
+                                      folder_fingerprint, folder_signature, hub_snapshot, local_or_hub)
 
 if TYPE_CHECKING:
     from tasks.store.store import Store

@@ -10,14 +10,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 # A leaf module: only pydantic, yaml and the standard library, so that `--help` and every config error print fast.
-from tasks.config.base import (
-    TEACHER,
-    ZOO_PREFIX,
-    Frozen,
-    Name,
-    PathText,
-    not_utf8,
-)
+from tasks.config.base import TEACHER, ZOO_PREFIX, Frozen, Name, PathText, not_utf8
 from tasks.config.merge_search import MergeSearchConfig
 from tasks.config.messages import format_error, hint
 from tasks.config.recipes import recipe_models, recipe_problem

@@ -26,17 +26,8 @@ from tasks.compute.speeds import conversation_chars, measured_rate, param_count
 from tasks.config.base import TEACHER, ZOO_PREFIX
 from tasks.config.schema import LoadOptions
 from tasks.core.errors import UserError
-from tasks.store.results import (
-    adapter_key,
-    adapter_path,
-    judgments_path,
-    metric_judgment_key,
-    model_path,
-    outputs_key,
-    outputs_path,
-    reference_key,
-    teacher_key,
-)
+from tasks.store.results import (adapter_key, adapter_path, judgments_path, metric_judgment_key, model_path,
+                                 outputs_key, outputs_path, reference_key, teacher_key)
 from tasks.store.store import Store
 
 if TYPE_CHECKING:

@@ -29,19 +29,8 @@ from scipy.sparse.csgraph import connected_components
 from tasks.config.schema import RatingConfig
 from tasks.core import progress
 from tasks.rating.bootstrap import per_example_counts, replicate_counts, resamples
-from tasks.rating.bt import (
-    cluster_cov,
-    fit,
-    peel,
-    sweep_bound,
-)
-from tasks.rating.judged import (
-    Judged,
-    check_anchor,
-    common_error,
-    outcome_counts,
-    prepare_judgments,
-)
+from tasks.rating.bt import cluster_cov, fit, peel, sweep_bound
+from tasks.rating.judged import Judged, check_anchor, common_error, outcome_counts, prepare_judgments
 from tasks.rating.length_control import fit_controlled
 
 # 400 Elo per factor of 10 in odds: one natural-log unit of strength is 400 / ln(10) ~= 173.7 Elo.

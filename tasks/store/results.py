@@ -11,6 +11,7 @@ A light module: pydantic config types only (no torch, Prefect, pandas), so the p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tasks.store.keys import content_key
@@ -45,39 +46,25 @@ RUNS = "runs"
 LATEST = "runs/LATEST"
 
 
-def model_path(key: str) -> str:
-    """A model's folder (zoo, merge, or an adapter candidate merged into its base)."""
-    return f"models/{key}"
+@dataclass(frozen=True)
+class Folder:
+    """A top-level folder of the store: `folder(key)` is the store path of the result with that key."""
+
+    prefix: str
+    suffix: str = ""  # a file result's extension; a folder result has none
+
+    def __call__(self, key: str) -> str:
+        """The result's path relative to the store's root."""
+        return f"{self.prefix}{key}{self.suffix}"
 
 
-def adapter_path(key: str) -> str:
-    """A fine-tune's adapter folder."""
-    return f"adapters/{key}"
-
-
-def outputs_path(key: str) -> str:
-    """A contender's outputs on one dataset."""
-    return f"outputs/{key}.parquet"
-
-
-def judgments_path(key: str) -> str:
-    """One judged batch."""
-    return f"judgments/{key}.parquet"
-
-
-def split_path(key: str) -> str:
-    """A development split's folder."""
-    return f"splits/{key}"
-
-
-def rates_path(stage: str) -> str:
-    """The measured speeds of one stage."""
-    return f"rates/{stage}.json"
-
-
-def run_path(run_id: str) -> str:
-    """One run's folder."""
-    return f"{RUNS}/{run_id}"
+model_path = Folder("models/")  # zoo, merged, and adapter-merged models
+adapter_path = Folder("adapters/")  # fine-tunes
+outputs_path = Folder("outputs/", ".parquet")  # a contender's answers on one dataset
+judgments_path = Folder("judgments/", ".parquet")  # one judged batch
+split_path = Folder("splits/")  # a development split
+rates_path = Folder("rates/", ".json")  # keyed by stage name, not by content
+run_path = Folder(f"{RUNS}/")  # keyed by run id
 
 
 def adapter_key(model_fp: str, train_fp: str, cfg: FinetuneConfig) -> str:

@@ -32,21 +32,8 @@ from filelock import FileLock, Timeout
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.core.errors import EnvironmentFailure, UserError
-from tasks.store.guards import (
-    MANIFEST,
-    TMP,
-    disk_failure,
-    file_lock,
-    owner_line,
-    parquet_damage,
-    rm_local,
-    say,
-    sha256_file,
-    temp_is_dead,
-    tmp_name,
-    write_manifest,
-    write_owner,
-)
+from tasks.store.guards import (MANIFEST, TMP, disk_failure, file_lock, owner_line, parquet_damage, rm_local, say,
+                                sha256_file, temp_is_dead, tmp_name, write_manifest, write_owner)
 from tasks.store.keys import content_key
 from tasks.store.results import RESULT_FOLDERS
 
