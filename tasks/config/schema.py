@@ -281,6 +281,18 @@ class BudgetConfig(Frozen):
     )
 
 
+class DataConfig(Frozen):
+    """Checks of the datasets before any model loads: test prompts seen in training, repeated training rows."""
+
+    max_overlap: float = Field(
+        default=0.01, ge=0, le=1, description="The largest share of a dataset's test prompts that may also appear in "
+        "its training rows (verbatim, after folding case and whitespace, or as near-duplicates) before the search "
+        "refuses to start; 1 accepts any. Overlaps under it are reported.")
+    near_duplicate: float = Field(
+        default=0.9, gt=0, le=1, description="Jaccard similarity of two prompts' word 3-grams (system messages left "
+        "out) from which they count as near-duplicates; 1 counts only verbatim and folded copies.")
+
+
 class SearchConfig(Frozen):
     """A whole search: what to try, what to score it on, and how."""
 
@@ -307,6 +319,7 @@ class SearchConfig(Frozen):
         "judges every comparison it is planned, and the ratings are fitted on all their judgments pooled, and per judge "
         "beside them. Each is a metric or openai judge, no two alike.",
     )
+    data: DataConfig = Field(default_factory=DataConfig, description="Leakage and duplicate checks of the datasets.")
     rating: RatingConfig = Field(default_factory=RatingConfig, description="Bradley-Terry settings.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Comparison planning and spending caps.")
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Where GPU stages run.")

@@ -145,6 +145,30 @@ def make_rows(task: str, n: int, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _folded_prompt(row: dict[str, Any]) -> str:
+    """A row's prompt (every message before the answer), case and whitespace folded: what a leak check compares."""
+    return " ".join(" ".join(m["content"].split()).casefold() for m in row["messages"][:-1])
+
+
+def _unique(task: str, n: int, seed: int, taken: set[str]) -> list[dict[str, Any]]:
+    """n rows of a task whose prompts are all different and none in `taken` (which gains them)."""
+    rows = []
+    for row in make_rows(task, 20 * n, seed):  # classification, the smallest world, has 768 prompts
+        key = _folded_prompt(row)
+        if key not in taken:
+            taken.add(key)
+            rows.append(row)
+            if len(rows) == n:
+                return rows
+    raise ValueError(f"demo task {task}: fewer than {n} distinct prompts from seed {seed}")
+
+
+def make_split(task: str, n_train: int, n_test: int, seed: int = 1) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, test) rows of a demo task without leaks: every prompt appears once, in one split only."""
+    taken: set[str] = set()
+    return _unique(task, n_train, seed, taken), _unique(task, n_test, seed + 1, taken)
+
+
 def write_demo_datasets(folder: str | Path, n_train: int = 160, n_test: int = 40) -> dict[str, tuple[Path, Path]]:
     """Write <task>_train.jsonl and <task>_test.jsonl for every demo task; return their paths."""
     folder = Path(folder)
@@ -152,9 +176,9 @@ def write_demo_datasets(folder: str | Path, n_train: int = 160, n_test: int = 40
     paths = {}
     for task in TASKS:
         pair = []
-        for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
+        for split, rows in zip(("train", "test"), make_split(task, n_train, n_test)):
             path = folder / f"{task}_{split}.jsonl"
-            path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(task, n, seed)), encoding="utf-8")
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             pair.append(path)
         paths[task] = (pair[0], pair[1])
     return paths
@@ -162,5 +186,5 @@ def write_demo_datasets(folder: str | Path, n_train: int = 160, n_test: int = 40
 
 if __name__ == "__main__":
     # Regenerate the demo datasets shipped in configs/demo_data (a test checks they match).
-    for name, (tr, te) in write_demo_datasets(Path(__file__).resolve().parent.parent / "configs" / "demo_data").items():
+    for name, (tr, te) in write_demo_datasets(Path(__file__).resolve().parents[2] / "configs" / "demo_data").items():
         print(name, tr, te)

@@ -15,8 +15,16 @@ from tasks.candidates.resolve import candidate_fingerprint, inspect_candidate, t
 from tasks.config.schema import DatasetSpec, FinetuneConfig, LoadOptions, Merge, SearchConfig, recipe_models
 from tasks.core.errors import UserError
 from tasks.data.devsplit import check_dev_split, fit_split
-from tasks.data.load import (DatasetInfo, Example, check_lengths, check_test_size, dataset_fingerprint, infer_metric,
-                             load_examples)
+from tasks.data.load import (
+    DatasetInfo,
+    Example,
+    check_lengths,
+    check_test_size,
+    dataset_fingerprint,
+    infer_metric,
+    load_examples,
+)
+from tasks.data.overlap import check_leaks
 from tasks.models.fingerprint import ModelInfo, check_mergeable
 from tasks.store.results import merge_key
 
@@ -94,11 +102,13 @@ def prepare(cfg: SearchConfig, cheap_checks_passed: Callable[[], None] | None = 
     warnings = [w for d in cfg.datasets for w in no_expected_warning(d, rows[d.name][1], cfg)]
     rendered = {d.name: (d, *rows[d.name]) for d in cfg.datasets}
     if cfg.validation:
-        # The held-out rows are only checked here (files, lengths, templates), to fail fast on a broken file; they
-        # are read for real after the winner is frozen.
+        # The held-out rows are only checked here (files, lengths, templates, leaks), to fail fast on a broken file;
+        # they are read for real after the winner is frozen.
         held = cfg.validation.dataset
         rendered[held.name] = (held, *_checked_rows(held, cfg.finetune))
         warnings += no_expected_warning(held, rendered[held.name][2], cfg)
+    # test prompts seen in training: refused over data.max_overlap, before anything costs
+    warnings += check_leaks(cfg.data, rendered, cfg.validation.dataset.name if cfg.validation else None)
     sources = cfg.candidates + cfg.ingredients
     # folders and signatures; no hashing yet
     inspected = {c.name: inspect_candidate(c, sources) for c in sources}
