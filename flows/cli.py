@@ -279,7 +279,11 @@ def _run(args: argparse.Namespace) -> int:
         Store(store)
         prefect_home()
 
-        if not PREFECT_API_URL.value():
+        if PREFECT_API_URL.value():
+            from tasks.plan.pool import check_server
+
+            check_server()  # a server that is gone: one line now, not Prefect's traceback minutes later
+        else:
             say("starting Prefect's temporary server in the background (set PREFECT_API_URL to use a running one)")
             servers.append(TemporaryServer())
             signal.signal(signal.SIGINT, exit_on_interrupt)  # a real server outlives Ctrl-C; this one does not

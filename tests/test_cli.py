@@ -84,6 +84,23 @@ def test_prefect_home_that_cannot_be_made_is_one_line(tmp_path, tiny_models, tin
                       "PREFECT_HOME to a writable folder"]
 
 
+def test_a_prefect_server_that_is_gone_is_one_line(tmp_path, tiny_models, tiny_data):
+    """PREFECT_API_URL persisted for the UI, server since stopped: one line with both ways out, nothing trained."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on once this is closed
+        s.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{s.getsockname()[1]}/api"
+    env = hooked_env(tmp_path, PREFECT_API_URL=gone)
+    config = small_config(tmp_path, tiny_models, tiny_data)
+    rc, out = run_search(["--config", str(config), "--store", str(tmp_path / "store")], env, tmp_path / "cli.log", 300)
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert rc == 2 and "Traceback" not in out, out[-3000:]
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot reach the Prefect server at {gone}")
+    assert "prefect server start" in errors[0] and "prefect config unset PREFECT_API_URL" in errors[0]
+    assert not (tmp_path / "store" / "adapters").exists()
+
+
 @pytest.mark.parametrize("args", [["--help"], ["--config", "CONFIG"]])
 def test_help_and_config_errors_import_nothing_heavy(tmp_path, args):
     bad = tmp_path / "bad.yaml"

@@ -137,8 +137,9 @@ def check_server() -> str:
         health = httpx.get(f"{url.rstrip('/')}/health", timeout=5.0, headers=headers)
         version = httpx.get(f"{url.rstrip('/')}/admin/version", timeout=5.0, headers=headers)
     except httpx.HTTPError as e:
-        raise UserError(f"cannot reach the Prefect server at {url} ({type(e).__name__}); "
-                        "hint: start it (prefect server start) or fix PREFECT_API_URL") from None
+        raise UserError(f"cannot reach the Prefect server at {url} ({type(e).__name__}); hint: start it (prefect "
+                        "server start), or unset PREFECT_API_URL (prefect config unset PREFECT_API_URL) and a local "
+                        "search starts a temporary server of its own") from None
     if health.status_code != 200:
         raise UserError(f"the Prefect server at {url} answered {health.status_code} to a health check; "
                         "hint: check PREFECT_API_URL (it ends in /api)")
