@@ -34,7 +34,7 @@ from flows.failures import one_line_failures
 from flows.steps import Run, StageLog
 from tasks.candidates.stage import candidate_task, zoo_task
 from tasks.compute.workers import local_workers
-from tasks.config.base import MODEL_KINDS, TEACHER, ZOO_PREFIX
+from tasks.config.base import TEACHER, ZOO_PREFIX
 from tasks.config.schema import SearchConfig, load_config
 from tasks.core.errors import UserError
 from tasks.core.tables import text_table
@@ -284,18 +284,14 @@ def search(config: SearchConfig | str, store: str | None = None, dry_run: bool =
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
-    """What the command line prints at the end: the recommendation and verdicts, the fine-tuned models' ranking with
-    its legend, the references as reference lines, the counts, and the report's path last."""
+    """What the command line prints at the end: the recommendation and verdicts, the whole pooled ranking from rank
+    1 (its `kind` column marks the references: the teacher and API models), the counts, and the report's path last."""
     reused = sum(r["reused"] for r in result["stages"])
     computed = sum(r["computed"] for r in result["stages"] if r["stage"] not in ("check", "rate"))
     ranking = pd.DataFrame(result["ranking"])
-    tuned = ranking[ranking["kind"].isin(MODEL_KINDS)]
-    refs = ranking[~ranking["kind"].isin(MODEL_KINDS)]
-    ci = next((c for c in ranking.columns if str(c).endswith(" CI")), "CI")
     verdict = result.get("verdict") or [""]
     lines = [verdict[0], *[f"  {v}" for v in verdict[1:]], "",
-             "ranking of the fine-tuned models, pooled (vs next: `>` separated from the next in the full ranking at "
-             "the configured confidence, `~` not):", text_table(tuned.drop(columns=["kind"])) if len(tuned) else "(none)"]
-    lines += [f"reference: {r['contender']} rated {r['rating']} ({ci} {r[ci]}), win rate {r['win rate']}"
-              for _, r in refs.iterrows()]
+             "ranking, all datasets pooled (kind: candidate or merge fine-tuned, reference = the teacher or an API "
+             "model; vs next: `>` separated from the next at the configured confidence, `~` not):",
+             text_table(ranking) if len(ranking) else "(none)"]
     return lines + ["", f"{computed} results computed, {reused} reused from the store.", f"report: {result['report']}"]

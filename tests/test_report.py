@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from tasks.rating.win_rates import summarize, verdict, win_rate_ci
-from tasks.report.report import judge_lines, separation_rows, teacher_lines, validation_lines, winner_line
+from tasks.report.report import (html_report, judge_lines, separation_rows, stages_table, teacher_lines,
+                                 validation_lines, winner_line)
 
 
 def _ratings(separated: bool) -> pd.DataFrame:
@@ -67,3 +68,16 @@ def test_win_rate_matrix_in_report():
     })
     table = win_rate_table(judgments)
     assert "88%" in table and "12%" in table  # x: 3.5 of 4 against y
+
+
+def test_html_shows_tags_as_text_and_stage_tables_have_no_nan():
+    """An end-of-turn token in a sentence or a table cell is shown, not swallowed as an HTML tag."""
+    from tasks.core.tables import md_table
+
+    formats = pd.DataFrame({"model": ["a", "b"], "turns end with": ["</s>", "<|im_end|>"]})
+    page = html_report(f"turns end with '</s>'\n\n{md_table(formats)}\n", b"png")
+    assert "turns end with '&lt;/s&gt;'" in page and "<td>&lt;/s&gt;</td>" in page
+    assert "<td>&lt;|im_end|&gt;</td>" in page and "</s>" not in page.replace("&lt;/s&gt;", "")
+    table = stages_table([{"stage": "finetune", "computed": 2, "reused": 0, "seconds": 1.5},
+                          {"stage": "judge", "computed": 1, "reused": 0, "seconds": 0.25, "requests": 12.0}])
+    assert "nan" not in md_table(table) and table["requests"].tolist() == ["", 12]

@@ -71,8 +71,11 @@ def test_verdicts_name_the_best_fine_tune_and_its_win_rates():
     outs = {"x": {"a": tuned_outputs(), "b": tuned_outputs(), "teacher": api_outputs().assign(latency_s=0.0),
                   "gpt": api_outputs()}}
     rows = verdicts(CFG, ratings("a"), judgments(a_wins=6), outs)
-    assert [r["scope"] for r in rows] == ["overall", "x"] and {r["model"] for r in rows} == {"a"}
-    against = {a["reference"]: a for a in rows[1]["against"]}
+    # one dataset: said once, under its name (the pooled scope would repeat it word for word)
+    assert [r["scope"] for r in rows] == ["x"] and {r["model"] for r in rows} == {"a"}
+    two = verdicts(CFG, ratings("a"), judgments(a_wins=6), outs | {"y": outs["x"]})
+    assert [r["scope"] for r in two] == ["overall", "x"]  # (y has no ratings here: no best fine-tune, no line)
+    against = {a["reference"]: a for a in rows[0]["against"]}
     assert against["teacher"]["win_rate"] == pytest.approx(0.75) and against["gpt"]["n"] == 8
     assert against["teacher"]["ci_low"] < 0.75 < against["teacher"]["ci_high"]
     lines = verdict_lines(rows, 0.95)

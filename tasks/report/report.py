@@ -365,15 +365,31 @@ def markdown_report(
                   "its own chat template, else the config's; answers end at its end-of-turn token. An answer cut "
                   f"at generate.max_new_tokens ({cfg.generate.max_new_tokens}) never reached its end of turn.", "",
                   md_table(formats), ""]
-    parts += [*(evidence or []), "## Stages", "", md_table(pd.DataFrame(stages)), ""]
+    parts += [*(evidence or []), "## Stages", "", md_table(stages_table(stages)), ""]
     return "\n".join(parts)
+
+
+def stages_table(stages: list[dict[str, Any]]) -> pd.DataFrame:
+    """The stage log as a table: a figure a stage did not record is blank (not `nan`), whole numbers without `.0`."""
+    def cell(v: Any) -> Any:
+        """One cell as a person reads it."""
+        if v is None or (isinstance(v, float) and pd.isna(v)):
+            return ""
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
+    return pd.DataFrame(stages).astype(object).map(cell)
 
 
 def html_report(markdown_text: str, png: bytes) -> str:
     """The Markdown report as one self-contained HTML page (the plot inlined)."""
     import markdown
 
-    body = colour_win_rates(markdown.markdown(markdown_text, extensions=["tables"]))
+    md = markdown.Markdown(extensions=["tables"])
+    # The report holds no HTML of its own, but outputs and end-of-turn tokens look like tags ('</s>', '<|im_end|>'):
+    # shown as text, not swallowed by the browser (Python-Markdown's documented way to leave raw HTML out).
+    md.preprocessors.deregister("html_block")
+    md.inlinePatterns.deregister("html")
+    body = colour_win_rates(md.convert(markdown_text))
     body = body.replace('src="ratings.png"', f'src="data:image/png;base64,{base64.b64encode(png).decode()}"')
     style = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .5rem}img{max-width:100%}")

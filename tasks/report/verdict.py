@@ -82,12 +82,13 @@ def scores(judgments: pd.DataFrame, datasets: list[str], player: str, other: str
 
 def verdicts(cfg: SearchConfig, ratings: pd.DataFrame, judgments: pd.DataFrame,
              outputs: dict[str, dict[str, pd.DataFrame]]) -> list[dict[str, Any]]:
-    """Per scope (pooled first, then each dataset): the best fine-tune, its serving figures, and per reference its
+    """Per scope (pooled first, then each dataset; a lone dataset once): the best fine-tune, its serving figures, and per reference its
     win rate with interval and the reference's serving figures. `outputs`: dataset -> contender -> outputs table."""
     kinds = cfg.model_kinds()
     refs = [TEACHER, *[r.name for r in cfg.references]]
     rows = []
-    for scope in ["overall", *outputs]:
+    # one dataset: the pooled scope says nothing its own does not, so it is said once, under the dataset's name
+    for scope in ["overall", *outputs] if len(outputs) > 1 else list(outputs):
         best = best_finetune(ratings, scope)
         if best is None:
             continue
