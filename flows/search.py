@@ -15,7 +15,6 @@ if __name__ == "__main__":
     run_command()
 
 import base64
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -38,44 +37,21 @@ from tasks.config.base import TEACHER, ZOO_PREFIX
 from tasks.config.schema import SearchConfig, load_config
 from tasks.core.errors import UserError
 from tasks.core.tables import text_table
-from tasks.generate.outputs import finish_reasons
-from tasks.judge.judgments import load_judgments, metric_scores
+from tasks.judge.judgments import load_judgments
 from tasks.plan.execute import merge_models
-from tasks.plan.jobs import BudgetStop, Guard, check_budget, dataset_keys, plan_lines, search_plan
+from tasks.plan.jobs import BudgetStop, Guard, check_budget, plan_lines, search_plan
 from tasks.plan.prepare import Prepared, fit_datasets, held_out, prepared
 from tasks.rating.judged import with_lengths
 from tasks.rating.rate import rate
 from tasks.rating.win_rates import freeze_winner, runner_up, summarize
+from tasks.report.evidence import evidence, formats_table, scores_table
 from tasks.report.judge_card import card_section, ratings_by_judge
 from tasks.report.report import html_report, markdown_report, plot_ratings, ranking_rows
 from tasks.report.search import search_lines
-from tasks.report.tables import evidence_lines, examples_table, finetune_table, top_contenders
 from tasks.report.verdict import recommendation, verdict_lines, verdicts
 from tasks.store.keys import content_key
-from tasks.store.results import LATEST, adapter_path, model_path, run_path
+from tasks.store.results import LATEST, model_path, run_path
 from tasks.store.store import Store, resolve_store
-
-
-def scores_table(prep: Prepared, frames: dict[str, dict[str, pd.DataFrame]]) -> pd.DataFrame:
-    """Mean metric score of every contender on every dataset (contenders x datasets), from their outputs tables."""
-    cols = {}
-    for ds, outputs in frames.items():
-        data = prep.datasets[ds]
-        cols[ds] = {c: metric_scores(data.test, data.metric, df).mean() for c, df in outputs.items()}
-    return pd.DataFrame(cols).rename_axis("contender")
-
-
-def formats_table(prep: Prepared, frames: dict[str, dict[str, pd.DataFrame]], max_new_tokens: int) -> pd.DataFrame:
-    """Every fine-tuned model's prompt format and how many of its test outputs ran to max_new_tokens."""
-    rows = []
-    for name, info in prep.models.items():
-        mine = [outputs[name] for outputs in frames.values() if name in outputs]
-        if not info.finetuned or not mine:
-            continue
-        df = pd.concat(mine)
-        cut = int((finish_reasons(df, max_new_tokens) == "length").sum())
-        rows.append({"model": name, "prompt format": info.template, "cut at max_new_tokens": f"{cut} of {len(df)}"})
-    return pd.DataFrame(rows)
 
 
 def validate_winner(run: Run, prep: Prepared, ratings: pd.DataFrame, paths: dict[str, str]) -> dict[str, Any] | None:
@@ -207,21 +183,6 @@ def publish(run_id: str, table: pd.DataFrame, md: str, png: bytes) -> None:
     # The UI shows the artifact alone: the plot travels inside it (a relative link would be broken there).
     inline = md.replace("](ratings.png)", f"](data:image/png;base64,{base64.b64encode(png).decode()})")
     create_markdown_artifact(inline, key="report", description=f"Report, run {run_id}")
-
-
-def evidence(cfg: SearchConfig, prep: Prepared, ratings: pd.DataFrame, frames: dict[str, dict[str, pd.DataFrame]],
-             st: Store) -> list[str]:
-    """The report's training figures of every fine-tune and its example outputs side by side."""
-    metrics = {}
-    for ds, data in prep.datasets.items():
-        keys = dataset_keys(cfg, prep.models, data, [m for m, info in prep.models.items() if info.finetuned])
-        for m, key in keys.adapters.items():
-            path = Path(st.local_dir(adapter_path(key)))
-            if (path / "train_metrics.json").is_file():
-                metrics[(m, ds)] = json.loads((path / "train_metrics.json").read_text())
-    examples = {ds: examples_table(data.test, frames[ds], top_contenders(ratings, ds))
-                for ds, data in prep.datasets.items()}
-    return evidence_lines(finetune_table(metrics), examples)
 
 
 def search_run_name() -> str:

@@ -35,6 +35,12 @@ def test_store_overhead_quick():
     assert "first run: writes + checks" in out and "re-run: checks only" in out and "linear extrapolation" in out
 
 
+def test_leak_check_small():
+    out = run("bench/leak_check.py", "--train", "300", "--test", "60")
+    assert out.count("18 of 60 test prompts (30%): 12 verbatim, 6 after case/whitespace folding, 0 near") == 3
+    assert "datasketch LSH at the threshold (baseline)" in out
+
+
 def test_gpu_finetune_cpu_small():
     out = run("bench/gpu_finetune.py", "--cpu-small", "--checkpointing", "off", "--steps", "1")
     assert "MFU = tokens/s * (4N + 6N_lora) / peak" in out and "| off" in out
