@@ -74,8 +74,11 @@ def validate_winner(run: Run, prep: Prepared, ratings: pd.DataFrame, paths: dict
     judgments = load_judgments(st, steps.judge_all(run, {data.spec.name: data}, {data.spec.name: outputs},
                                                    pairs_with=winner))
     st.write_parquet(f"{run.rel}/validation_judgments.parquet", judgments)
+    # an opponent ranked above the winner in the pooled rating: the search claimed no advantage over it to validate
+    rank = ratings[ratings["scope"] == "overall"].set_index("contender")["rank"]
+    behind = frozenset(o for o in [*opponents, TEACHER] if o in rank and winner in rank and rank[o] < rank[winner])
     return frozen | {"dataset": data.spec.name} | summarize(judgments, winner, [*opponents, TEACHER],
-                                                             cfg.rating.confidence)
+                                                             cfg.rating.confidence, behind)
 
 
 def materialize_models(run: Run, prep: Prepared) -> dict[str, str]:

@@ -46,6 +46,10 @@ def test_validation_verdicts():
     assert "w wins 90% (95% CI" in text and "against **b**: the advantage **held**" in text and "**h** was read" in text
     none = summarize(judgments.assign(winner="b"), "w", ["b"], 0.95)
     assert "w wins none of the 20 examples against **b**: the advantage **did not hold**" in validation_lines(none)[-1]
+    # an opponent the winner rated below in the search (the teacher, usually): no advantage was claimed to hold
+    behind = summarize(judgments.assign(winner="b"), "w", ["b"], 0.95, behind=frozenset({"b"}))
+    assert behind["against"][0]["verdict"] == "no advantage to test"
+    assert validation_lines(behind)[-1].endswith("against **b**: **no advantage to test**: it rated below b in the search.")
     # the interval is computed over examples, and narrows with more of them
     wide = win_rate_ci(pd.Series([1.0, 0.0] * 5))
     narrow = win_rate_ci(pd.Series([1.0, 0.0] * 500))

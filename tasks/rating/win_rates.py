@@ -69,19 +69,27 @@ def win_rate_ci(scores: pd.Series, confidence: float = 0.95, rounds: int = 2000,
     return float(x.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
-def verdict(rate: float, low: float) -> str:
-    """Words for a win rate: held (its interval clears 50%), held but within noise, or did not hold."""
+NO_CLAIM = "no advantage to test"  # the winner rated below this opponent in the search: it claimed nothing over it
+
+
+def verdict(rate: float, low: float, claimed: bool = True) -> str:
+    """Words for a win rate: held (its interval clears 50%), held but within noise, or did not hold; an advantage the
+    search never claimed (the winner rated below this opponent) has nothing to hold."""
+    if not claimed:
+        return NO_CLAIM
     if low > 0.5:
         return "held"
     return "held, but not significantly" if rate > 0.5 else "did not hold"
 
 
-def summarize(judgments: pd.DataFrame, winner: str, opponents: list[str], confidence: float) -> dict[str, Any]:
-    """The winner's win rate and interval against each opponent on the held-out dataset."""
+def summarize(judgments: pd.DataFrame, winner: str, opponents: list[str], confidence: float,
+              behind: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The winner's win rate and interval against each opponent on the held-out dataset; `behind`: the opponents
+    the winner rated below in the search, against which it claimed no advantage."""
     rows = []
     for other in opponents:
         scores = per_example_score(judgments, winner, other)
         rate, low, high = win_rate_ci(scores, confidence)
         rows.append({"opponent": other, "win_rate": rate, "ci_low": low, "ci_high": high, "n_examples": int(scores.size),
-                     "verdict": verdict(rate, low)})
+                     "verdict": verdict(rate, low, claimed=other not in behind)})
     return {"winner": winner, "confidence": confidence, "against": rows}

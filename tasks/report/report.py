@@ -13,7 +13,7 @@ from tasks.config.base import MODEL_KINDS, TEACHER
 from tasks.config.schema import SearchConfig, recipe_models
 from tasks.core.tables import md_table
 from tasks.rating.judged import win_matrix
-from tasks.rating.win_rates import intervals_overlap
+from tasks.rating.win_rates import NO_CLAIM, intervals_overlap
 from tasks.report.tables import WIN_RATES_CAPTION, WIN_RATES_HEADING, colour_win_rates
 from tasks.report.verdict import win_words
 
@@ -235,7 +235,9 @@ def validation_lines(val: dict[str, Any] | None) -> list[str]:
              ""]
     for row in val.get("against", []):
         said = win_words(row, f"**{row['opponent']}**", val.get("confidence", 0.95))
-        lines.append(f"- {val['winner']} {said}: the advantage **{row['verdict']}**.")
+        outcome = (f"**{NO_CLAIM}**: it rated below {row['opponent']} in the search" if row["verdict"] == NO_CLAIM
+                   else f"the advantage **{row['verdict']}**")
+        lines.append(f"- {val['winner']} {said}: {outcome}.")
     return lines
 
 
