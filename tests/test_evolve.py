@@ -172,8 +172,19 @@ def test_search_killed_mid_round_resumes_with_the_same_proposals(tiny_models, ti
     assert set(path["kept"]) <= {m.name for m in open_run(store, run).config.merges}
 
     capsys.readouterr()
+    # the plan of an unchanged re-run keys the loop's proposals and the winner as the finished run made them
+    assert main(["--config", str(config), "--store", str(store_dir), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to compute" in out and f"winner of runs/{run}, a finished run of this same config" in out
     assert main(["--config", str(config), "--store", str(store_dir)]) == 0
     assert "0 results computed" in capsys.readouterr().out
+    # a config changed in any way has no finished run: the loop is counted at its most again
+    changed = yaml.safe_load(config.read_text())
+    changed["search"]["proposals"] = 3
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    assert main(["--config", str(tmp_path / "changed.yaml"), "--store", str(store_dir), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "up to 2 rounds x 3 proposals" in out and "nothing to compute" not in out
 
 
 def test_plan_counts_the_loop_and_with_refit_off_trains_each_model_once(tiny_models, tiny_data, tmp_path):

@@ -26,8 +26,18 @@ from tasks.compute.speeds import conversation_chars, measured_rate, param_count
 from tasks.config.base import TEACHER, ZOO_PREFIX
 from tasks.config.schema import LoadOptions
 from tasks.core.errors import UserError
-from tasks.store.results import (adapter_key, adapter_path, judgments_path, metric_judgment_key, model_path,
-                                 outputs_key, outputs_path, reference_key, teacher_key)
+from tasks.plan.previous import Decisions, previous_decisions, with_proposals
+from tasks.store.results import (
+    adapter_key,
+    adapter_path,
+    judgments_path,
+    metric_judgment_key,
+    model_path,
+    outputs_key,
+    outputs_path,
+    reference_key,
+    teacher_key,
+)
 from tasks.store.store import Store
 
 if TYPE_CHECKING:
@@ -112,10 +122,11 @@ def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "c
     models = [n for n, info in prep.models.items() if info.finetuned]
     for data in prep.datasets.values():
         _dataset_jobs(plan, cfg, prep, store, data, models, (train_rate, gen_rate))
+    decisions = previous_decisions(cfg, store) if cfg.validation or cfg.search.rounds else None
     if cfg.validation:
-        _validation_jobs(plan, cfg, prep, store, (train_rate, gen_rate))
+        _validation_jobs(plan, cfg, prep, store, (train_rate, gen_rate), decisions)
     if cfg.search.rounds:
-        _search_jobs(plan, cfg, prep, store, models)
+        _search_jobs(plan, cfg, prep, store, models, decisions)
     if cfg.llm_judges():
         _llm_judge_jobs(plan, cfg, prep, models)
     if any(j.kind == "metric" for j in cfg.judge_list()) and (cfg.budget.strategy != "all-pairs" or
@@ -181,10 +192,12 @@ def _dataset_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, d
         plan.jobs.append(Job("judge", f"{a} vs {b} on {name}", rel, store.exists(rel)))
 
 
-def _search_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, models: list[str]) -> None:
+def _search_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, models: list[str],
+                 decisions: Decisions | None) -> None:
     """The loop's work (search.rounds): every model answering the development rows, then at most rounds x proposals
     fine-tunes and answers, and the kept proposals' test work. The proposals depend on ratings not yet made: they are
-    planned at their most (every round run) as the largest model, with no key."""
+    planned at their most (every round run) as the largest model, with no key, unless a finished run of this config
+    made them already (`decisions`): then they are keyed as it made them (tasks/plan/previous.py)."""
     from tasks.data.devsplit import dev_split
 
     s, (train_rate, gen_rate) = cfg.search, plan.rates
@@ -201,6 +214,9 @@ def _search_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, mo
             outputs = outputs_path(dev_keys.outputs[m])
             plan.jobs.append(Job("search", f"{m} answering {dev.spec.name}", outputs, store.exists(outputs),
                                  generate_seconds(dev.test, n, gen_rate)))
+        if decisions is not None:
+            _decided_jobs(plan, cfg, store, decisions, with_proposals(prep.models, decisions), dev, data)
+            continue
         for r in range(1, s.rounds + 1):
             plan.jobs += [Job("search", f"round {r} proposal {i} on {dev.spec.name}", None, False,
                               finetune_seconds(cfg, dev.train, largest, train_rate)
@@ -209,6 +225,10 @@ def _search_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, mo
         plan.jobs += [Job("search", f"kept proposal {i} on {data.spec.name}", None, False,
                           finetune_seconds(cfg, data.train, largest, train_rate) * s.refit
                           + generate_seconds(data.test, largest, gen_rate), optional=True) for i in range(1, s.keep + 1)]
+    if decisions is not None:
+        plan.assumptions.append(f"search: the proposals, kept merges and winner of {decisions.run}, a finished run of "
+                                "this same config, which a re-run decides again from the same judgments")
+        return
     plan.assumptions.append(
         f"search: up to {s.rounds} rounds x {s.proposals} proposals per dataset, each fine-tuned on the training rows "
         f"minus the development rows ({s.dev_share:.0%}) and answering those, counted as if every round ran (the loop "
@@ -217,11 +237,32 @@ def _search_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, mo
                                                            "proposals reuse the search's fine-tunes"))
 
 
-def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, rates: tuple[float, float]) -> None:
+def _decided_jobs(plan: Plan, cfg: SearchConfig, store: Store, decisions: Decisions, infos: dict[str, ModelInfo],
+                  dev: DatasetInfo, data: DatasetInfo) -> None:
+    """A finished run's proposals, keyed: each merged, fine-tuned on and answering the development rows; the kept
+    ones answering the test rows (and fine-tuned again on them with search.refit). A result listed once."""
+    (train_rate, gen_rate), listed = plan.rates, {j.rel for j in plan.jobs}
+    names = [p.merge.name for p in decisions.proposals if p.merge.name in infos]
+    kept = [n for n in decisions.kept if n in infos]
+    work = [(n, model_path(infos[n].fingerprint), None, 0.0) for n in names]
+    for split, who in ((dev, names), (data, kept)):
+        keys, size = dataset_keys(cfg, infos, split, who, references=False), param_count
+        work += [(f"{n} on {split.spec.name}", adapter_path(keys.adapters[n]), None,
+                  finetune_seconds(cfg, split.train, size(infos[n].signature), train_rate)) for n in who]
+        work += [(f"{n} answering {split.spec.name}", outputs_path(keys.outputs[n]), None,
+                  generate_seconds(split.test, size(infos[n].signature), gen_rate)) for n in who]
+    for name, rel, _, seconds in work:
+        if rel not in listed:
+            listed.add(rel)
+            plan.jobs.append(Job("search", name if seconds else f"merge {name}", rel, store.exists(rel), seconds))
+
+
+def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, rates: tuple[float, float],
+                     decisions: Decisions | None) -> None:
     """The winner's and its opponents' fine-tunes and outputs on the held-out dataset.
 
-    The winner is known only after judging: it is planned as the largest model, and counted as in the store when
-    some model's held-out outputs are (a re-run that reuses every judgment picks the same winner).
+    The winner is known only after judging: it is planned as the largest model, without a key, unless a finished
+    run of this config froze it (`decisions`): then it is keyed as that winner, which a re-run picks again.
     """
     from tasks.data.load import dataset_fingerprint, load_examples
 
@@ -229,16 +270,17 @@ def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store
     spec = cfg.validation.dataset  # only sizes and file hashes here: the rows are read after the winner is frozen
     train, test = load_examples(spec.train), load_examples(spec.test)
     train_fp, test_fp = dataset_fingerprint(spec.train), dataset_fingerprint(spec.test)
-    tuned = {n: i for n, i in prep.models.items() if i.finetuned}
+    infos = with_proposals(prep.models, decisions) if decisions else prep.models
+    tuned = {n: i for n, i in infos.items() if i.finetuned}
+    winner = decisions.winner if decisions and decisions.winner in tuned else "winner"
     rels = {}
     for m, info in tuned.items():
         akey = adapter_key(info.fingerprint, train_fp, cfg.finetune)
         rels[m] = (adapter_path(akey), outputs_path(outputs_key(akey, test_fp, cfg.generate)))
     largest = max(param_count(i.signature) for i in tuned.values())
-    done_any = [any(store.exists(r[k]) for m, r in rels.items() if m not in cfg.validation.baselines) for k in (0, 1)]
-    for who in ["winner", *cfg.validation.baselines]:
+    for who in dict.fromkeys([winner, *cfg.validation.baselines]):
         n = largest if who == "winner" else param_count(tuned[who].signature)
-        done = done_any if who == "winner" else [store.exists(r) for r in rels[who]]
+        done = [False, False] if who == "winner" else [store.exists(r) for r in rels[who]]
         plan.jobs.append(Job("validation", f"finetune {who} on {spec.name}", rels.get(who, (None,))[0], done[0],
                              finetune_seconds(cfg, train, n, rates[0])))
         plan.jobs.append(Job("validation", f"generate {who} on {spec.name}", rels.get(who, (None, None))[1], done[1],

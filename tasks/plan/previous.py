@@ -1,0 +1,89 @@
+"""What a finished run of the same config decided: the search loop's proposals, the ones it kept, the frozen winner.
+
+The loop's proposals and the winner depend on ratings not yet made, so a first plan counts them at their most,
+without keys. Run again on the same store, the same config makes the same decisions (they are a function of the
+stored judgments), so the plan reads them from the newest finished run of that config and keys them like every
+other result: a re-run with nothing new plans nothing to compute. A config that changed in any way finds no such
+run, and the plan counts the loop at its most again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import yaml
+
+from tasks.config.schema import Merge
+from tasks.store.results import RUNS, run_path
+
+if TYPE_CHECKING:
+    from tasks.config.schema import SearchConfig
+    from tasks.models.fingerprint import ModelInfo
+    from tasks.store.store import Store
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One merge the loop proposed: its round, its merge and the parent whose shape it has."""
+
+    round: int
+    merge: Merge
+    parent: str
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """A finished run's decisions: where it is, what the loop proposed and kept, and the winner it froze."""
+
+    run: str  # runs/<run-id>
+    proposals: list[Proposal] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    winner: str | None = None
+
+
+def _run_ids(store: Store) -> list[str]:
+    """The store's run ids, newest first (a run id carries its UTC start time after the config's name)."""
+    if not store.exists(RUNS):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.path(RUNS), detail=False)]
+    return sorted((n for n in names if n != "LATEST" and not n.startswith(".")), key=lambda n: n.rsplit("-", 3)[-3:],
+                  reverse=True)
+
+
+def previous_decisions(cfg: SearchConfig, store: Store) -> Decisions | None:
+    """The decisions of the newest run of this very config that finished (its report written), else None."""
+    config = cfg.model_dump(mode="json")
+    for run_id in _run_ids(store):
+        rel = run_path(run_id)
+        if not (store.exists(f"{rel}/report.html") and store.exists(f"{rel}/config.yaml")):
+            continue  # stopped, killed, or still running: it decided nothing for sure
+        if yaml.safe_load(store.read_text(f"{rel}/config.yaml")) != config:
+            continue
+        return _read(store, rel, cfg)
+    return None
+
+
+def _read(store: Store, rel: str, cfg: SearchConfig) -> Decisions:
+    """A finished run's proposals (round by round), kept proposals and frozen winner."""
+    proposals, kept = [], []
+    for r in range(1, cfg.search.rounds + 1):
+        if not store.exists(f"{rel}/search/round-{r}.yaml"):
+            break  # the loop stopped before this round
+        for rec in yaml.safe_load(store.read_text(f"{rel}/search/round-{r}.yaml")) or []:
+            proposals.append(Proposal(r, Merge(name=rec["name"], recipe=rec["recipe"]), next(iter(rec["parents"]))))
+    if store.exists(f"{rel}/search/search.json"):
+        kept = list(store.read_json(f"{rel}/search/search.json").get("kept", []))
+    winner = store.read_json(f"{rel}/frozen_winner.json")["winner"] if store.exists(f"{rel}/frozen_winner.json") else None
+    return Decisions(rel, proposals, kept, winner)
+
+
+def with_proposals(models: dict[str, ModelInfo], decisions: Decisions) -> dict[str, ModelInfo]:
+    """The models with every proposal added as the loop added it (tasks/plan/prepare.py merge_info), in order."""
+    from tasks.plan.prepare import merge_info
+
+    out = dict(models)
+    for p in decisions.proposals:
+        if p.parent in out:
+            out[p.merge.name] = merge_info(p.merge, out, out[p.parent].signature)
+    return out
