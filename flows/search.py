@@ -155,7 +155,8 @@ def report_run(run: Run, prep: Prepared, out: Outcome) -> dict[str, Any]:
     config, st, run_id, confidence = run.cfg, run.store, run.rel.rsplit("/", 1)[-1], run.cfg.rating.confidence
     with run.log.stage("report"):
         verdict = [*recommendation(out.ratings, out.validation, confidence),
-                   *verdict_lines(verdicts(config, out.ratings, out.judgments, out.frames), confidence)]
+                   *verdict_lines(verdicts(config, out.ratings, out.judgments, out.frames), confidence,
+                                 config.verdict.margin)]
         png = plot_ratings(out.ratings)
         card, warnings = card_section(out.judgments, {ds: d.test for ds, d in prep.datasets.items()},
                                       {ds: d.metric for ds, d in prep.datasets.items()}, out.frames,

@@ -88,6 +88,11 @@ def test_verdicts_name_the_best_fine_tune_and_its_win_rates():
     # a 0%-0% interval said in words (every example lost), not as "wins 0% (95% CI 0%-0%)"
     assert any("a wins none of the 8 examples against the teacher (worse)" in line for line in lost), lost
     assert not any("CI 0%-0%" in line for line in lost)
+    # non-inferiority: an interval whose low end stays above 50% minus the margin is "as good as", else undecided
+    even = judgments(a_wins=4)  # 4 of 8 examples: 50%, an interval far wider than 5 points
+    rows = verdicts(CFG, ratings("a"), even, outs)
+    assert "(no clear difference)" in verdict_lines(rows, 0.95)[0]
+    assert "(as good as the teacher within 49 points)" in verdict_lines(rows, 0.95, margin=0.49)[0]
 
 
 def test_the_recommendation_says_whether_the_leader_is_clear_and_how_it_validated():

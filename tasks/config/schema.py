@@ -293,6 +293,14 @@ class DataConfig(Frozen):
         "out) from which they count as near-duplicates; 1 counts only verbatim and folded copies.")
 
 
+class VerdictConfig(Frozen):
+    """How the verdict reads a fine-tune's win rate against the teacher and the references."""
+
+    margin: float = Field(
+        default=0.05, ge=0, lt=0.5, description="Non-inferiority margin in win rate: a fine-tune whose interval's low "
+        "end stays above 50% minus this (45% by default) is 'as good as' the reference within it.")
+
+
 class SearchConfig(Frozen):
     """A whole search: what to try, what to score it on, and how."""
 
@@ -320,6 +328,7 @@ class SearchConfig(Frozen):
         "beside them. Each is a metric or openai judge, no two alike.",
     )
     data: DataConfig = Field(default_factory=DataConfig, description="Leakage and duplicate checks of the datasets.")
+    verdict: VerdictConfig = Field(default_factory=VerdictConfig, description="How the verdict reads win rates.")
     rating: RatingConfig = Field(default_factory=RatingConfig, description="Bradley-Terry settings.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Comparison planning and spending caps.")
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Where GPU stages run.")

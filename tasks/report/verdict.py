@@ -130,9 +130,14 @@ def _compare(ours: Serving, theirs: Serving) -> list[str]:
     return words
 
 
-def _outcome(low: float, high: float) -> str:
-    """Words for a win rate's interval: better, worse, or not distinguishable from an even match."""
-    return "better" if low > 0.5 else "worse" if high < 0.5 else "no clear difference"
+def _outcome(low: float, high: float, ref: str, margin: float) -> str:
+    """Words for a win rate's interval: better (clear of 50%), as good within the non-inferiority margin (its low end
+    above 50% minus the margin), worse (clear below 50%), or not shown either way."""
+    if low > 0.5:
+        return "better"
+    if low >= 0.5 - margin:
+        return f"as good as {ref} within {margin * 100:.0f} points"
+    return "worse" if high < 0.5 else "no clear difference"
 
 
 def win_words(a: dict[str, Any], ref: str, confidence: float, n: int | None = None) -> str:
@@ -147,8 +152,9 @@ def win_words(a: dict[str, Any], ref: str, confidence: float, n: int | None = No
             + (f", {n} examples" if n else "") + f") against {ref}")
 
 
-def verdict_lines(rows: list[dict[str, Any]], confidence: float) -> list[str]:
-    """The verdicts in words: one line per scope and reference, then one line of the fine-tune's own figures."""
+def verdict_lines(rows: list[dict[str, Any]], confidence: float, margin: float = 0.05) -> list[str]:
+    """The verdicts in words: one line per scope and reference, then one line of the fine-tune's own figures;
+    `margin` is the non-inferiority margin in win rate (verdict.margin)."""
     lines = []
     for row in rows:
         label = "pooled" if row["scope"] == "overall" else row["scope"]
@@ -160,7 +166,8 @@ def verdict_lines(rows: list[dict[str, Any]], confidence: float) -> list[str]:
             theirs: Serving = a["serving"]
             extra = _compare(sv, theirs)
             lines.append(f"{label}: {row['model']} {win_words(a, ref, confidence, a['n'])} "
-                         f"({_outcome(a['ci_low'], a['ci_high'])})" + (", at " + " and ".join(extra) if extra else ""))
+                         f"({_outcome(a['ci_low'], a['ci_high'], ref, margin)})"
+                         + (", at " + " and ".join(extra) if extra else ""))
         if sv.p50_s is not None:
             lines.append(f"{label}: {row['model']} serves at {_money(sv.usd_per_1k)} per 1,000 requests, "
                          f"{_money(sv.usd_per_1m_out)} per 1M output tokens ({sv.where}); latency median "
