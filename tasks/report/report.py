@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from typing import Any
 
 import numpy as np
@@ -252,10 +253,16 @@ def plot_ratings(ratings: pd.DataFrame) -> bytes:
 
     scopes = list(dict.fromkeys(ratings["scope"]))
     tuned = ratings[ratings["kind"].isin(MODEL_KINDS)]
-    fig, axes = plt.subplots(1, len(scopes), figsize=(4.6 * len(scopes), 0.45 * max(tuned["contender"].nunique(), 1) + 2.2),
+    # Two panels a row: 2 x 4.6 in at 110 dpi is ~1,010 px, about the report page's width, so a browser shows the
+    # labels at their size (four panels in one row were 2,000 px, shrunk to half).
+    cols = min(2, len(scopes))
+    rows = -(-len(scopes) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, (0.45 * max(tuned["contender"].nunique(), 1) + 2.2) * rows),
                              sharey=False, squeeze=False)
+    for ax in axes.flat[len(scopes):]:
+        ax.set_visible(False)
     colors = {"candidate": "tab:blue", "merge": "tab:purple", "baseline": "tab:orange"}
-    for ax, scope in zip(axes[0], scopes):
+    for ax, scope in zip(axes.flat, scopes):
         # Best at the top, as ranked (ratings of never-compared groups are not on one scale); unrated ones left out.
         r = ratings[(ratings["scope"] == scope) & ratings["rating"].notna()].sort_values("rank", ascending=False)
         students, refs = r[r["kind"].isin(MODEL_KINDS)], r[~r["kind"].isin(MODEL_KINDS)]
@@ -285,7 +292,7 @@ def plot_ratings(ratings: pd.DataFrame) -> bytes:
     handles += [Line2D([], [], ls="--", color="gray", label="reference (teacher, API models)"),
                 Line2D([], [], lw=3, color="lightgray", label="interval")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.08 / rows, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
@@ -392,7 +399,10 @@ def html_report(markdown_text: str, png: bytes) -> str:
     md.preprocessors.deregister("html_block")
     md.inlinePatterns.deregister("html")
     body = colour_win_rates(md.convert(markdown_text))
-    body = body.replace('src="ratings.png"', f'src="data:image/png;base64,{base64.b64encode(png).decode()}"')
+    inline = f'src="data:image/png;base64,{base64.b64encode(png).decode()}"'
+    # the plot inlined (the page travels alone), and a link to the full-size file beside report.html in the run
+    body = re.sub(r'<img alt="([^"]*)" src="ratings.png" />',
+                  lambda m: f'<a href="ratings.png" title="full size"><img alt="{m[1]}" {inline} /></a>', body)
     style = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .5rem}img{max-width:100%}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>basesearch report</title>" \
