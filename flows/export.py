@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="NAME", help="export this fine-tuned model instead of the winner")
     p.add_argument("--merged", action="store_true", help="full weights with the adapter merged in (default: the adapter)")
     p.add_argument("--store", default=None, metavar="DIR", help="the search's store (default: $BASESEARCH_STORE or ./store)")
+    p.add_argument("--force", action="store_true",
+                   help="export a model the search found had learned nothing (it beat no floor on any dataset)")
     p.add_argument("--no-check", action="store_true",
                    help="skip reloading the export and answering the test rows to compare with the search's outputs")
     return p
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         """Parse, export, print."""
         args = _parser().parse_args(argv)
         result = export_run(args.run, args.out, store=args.store, dataset=args.dataset, merged=args.merged,
-                            check=not args.no_check, model=args.model, log=print)
+                            check=not args.no_check, model=args.model, log=print, force=args.force)
         print(f"serve: {result['serve']}")
         print(result["out"])
         return 0
@@ -60,11 +62,11 @@ from flows.failures import one_line_failures
 @flow(name="export", flow_run_name="export-{run}", log_prints=False)
 @one_line_failures  # a user's mistake: Failed with its one line, no traceback
 def export(run: str, out: str, dataset: str | None = None, merged: bool = False, store: str | None = None,
-           check: bool = True, model: str | None = None) -> dict[str, Any]:
+           check: bool = True, model: str | None = None, force: bool = False) -> dict[str, Any]:
     """Export run `run`'s winner (or `model`) into the new folder `out` on the worker, checked against the search's
     outputs; the model card becomes the `export` artifact. `store` defaults to $BASESEARCH_STORE, else ./store."""
     result = export_run(run, out, store=store, dataset=dataset, merged=merged, check=check, model=model,
-                        log=get_run_logger().info)
+                        log=get_run_logger().info, force=force)
     create_markdown_artifact(result["card"], key="export", description=f"Export of {result['model']}, run {result['run_id']}")
     get_run_logger().info(f"export written to {result['out']}")
     return {k: v for k, v in result.items() if k != "card"}

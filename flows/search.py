@@ -44,7 +44,8 @@ from tasks.plan.prepare import Prepared, fit_datasets, held_out, prepared
 from tasks.rating.judged import with_lengths
 from tasks.rating.rate import rate
 from tasks.rating.win_rates import freeze_winner, runner_up, summarize
-from tasks.report.evidence import evidence, formats_table, scores_table
+from tasks.report.evidence import evidence, formats_table, scores_table, training_metrics
+from tasks.report.learned import learned_lines, lift_section, lifts, nothing_learned, records
 from tasks.report.judge_card import card_section, ratings_by_judge
 from tasks.report.report import html_report, markdown_report, plot_ratings, ranking_rows
 from tasks.report.search import search_lines
@@ -126,6 +127,7 @@ class Outcome:
     """What the stages leave for the report: every outputs table, the judgments, the ratings, the validation."""
 
     frames: dict[str, dict[str, pd.DataFrame]]  # dataset -> contender -> its outputs on the test rows
+    floors: dict[str, dict[str, pd.DataFrame]]  # dataset -> each model untuned and the trivial answer -> outputs
     judgments: pd.DataFrame
     ratings: pd.DataFrame
     by_judge: pd.DataFrame | None  # several judges: each one's own ratings
@@ -140,21 +142,32 @@ def execute(run: Run, prep: Prepared) -> dict[str, Any]:
     run = run.with_config(config)
     models = [n for n, info in prep.models.items() if info.finetuned]
     all_outputs = {ds: steps.train_and_answer(run, models, data, paths, prep) for ds, data in prep.datasets.items()}
+    floors = {ds: steps.answer_floors(run, models, data, paths, prep) for ds, data in prep.datasets.items()}
     batches = steps.judge_all(run, prep.datasets, all_outputs)
     # every outputs table read once, for the judged outputs' lengths, the verdict, the scores, the formats, the examples
     frames = {ds: {c: run.store.read_parquet(rel) for c, (rel, _) in outs.items()} for ds, outs in all_outputs.items()}
+    floor_frames = {ds: {c: run.store.read_parquet(rel) for c, (rel, _) in f.items()} for ds, f in floors.items()}
     judgments, ratings, by_judge = rate_run(run, batches, frames)
     validation = validate_winner(run, prep, ratings, paths)
     if validation:
         run.store.write_json(f"{run.rel}/validation.json", validation)
-    return report_run(run, prep, Outcome(frames, judgments, ratings, by_judge, validation))
+    return report_run(run, prep, Outcome(frames, floor_frames, judgments, ratings, by_judge, validation))
 
 
 def report_run(run: Run, prep: Prepared, out: Outcome) -> dict[str, Any]:
     """The report (md, html, png) in the run's folder and as Prefect artifacts; the run becomes the store's LATEST."""
     config, st, run_id, confidence = run.cfg, run.store, run.rel.rsplit("/", 1)[-1], run.cfg.rating.confidence
     with run.log.stage("report"):
-        verdict = [*recommendation(out.ratings, out.validation, confidence),
+        trained = training_metrics(config, prep, st)
+        found = lifts(prep, {ds: out.frames[ds] | out.floors.get(ds, {}) for ds in out.frames}, confidence,
+                      config.rating.seed, {k: (m["loss_first"], m["loss_last"]) for k, m in trained.items()})
+        st.write_json(f"{run.rel}/learned.json", records(found))  # flows.export refuses a model that learned nothing
+        first, *validated = recommendation(out.ratings, out.validation, confidence)
+        if nothing_learned(found):
+            first = ("no recommendation: no fine-tune beat both its untuned base and the trivial answer on any "
+                     "dataset, so the ranking orders models that learned nothing (pooled leader: "
+                     f"{first.removeprefix('recommended base model: ').split(' ')[0]})")
+        verdict = [first, *learned_lines(found), *validated,
                    *verdict_lines(verdicts(config, out.ratings, out.judgments, out.frames), confidence,
                                  config.verdict.margin)]
         png = plot_ratings(out.ratings)
@@ -163,10 +176,11 @@ def report_run(run: Run, prep: Prepared, out: Outcome) -> dict[str, Any]:
                                       confidence, config.rating.seed, out.ratings, out.by_judge)
         for line in warnings:
             get_run_logger().warning(line)
-        md = markdown_report(config, run_id, out.ratings, scores_table(prep, out.frames), out.validation, run.log.rows,
+        md = markdown_report(config, run_id, out.ratings, scores_table(prep, {ds: out.frames[ds] | out.floors.get(ds, {}) for ds in out.frames}), out.validation, run.log.rows,
                              out.judgments, formats_table(prep, out.frames, config.generate.max_new_tokens), verdict,
                              [*search_lines(config, st, run.rel, out.ratings, out.judgments, out.validation),
-                              *evidence(config, prep, out.ratings, out.frames, st)], card)
+                              *lift_section(found, confidence), *evidence(config, prep, out.ratings, out.frames,
+                                                                          trained)], card)
         st.write_bytes(f"{run.rel}/ratings.png", png)
         st.write_text(f"{run.rel}/report.md", md)
         report = st.write_text(f"{run.rel}/report.html", html_report(md, png))

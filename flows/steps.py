@@ -15,14 +15,15 @@ from typing import Any, Iterator
 
 from prefect import get_run_logger
 
-from tasks.config.base import TEACHER
+from tasks.config.base import TEACHER, TRIVIAL
 from tasks.config.schema import SearchConfig
 from tasks.data.load import DatasetInfo
+from tasks.generate.floors import trivial_outputs
 from tasks.generate.outputs import teacher_outputs
 from tasks.generate.references import reference_outputs
 from tasks.judge.judgments import judge_task, run_openai_judge
 from tasks.plan.execute import finetune_all, generate_all
-from tasks.plan.jobs import Guard, dataset_keys, finetune_jobs, generate_jobs
+from tasks.plan.jobs import Guard, dataset_keys, finetune_jobs, generate_jobs, untuned_jobs
 from tasks.plan.pool import Batch
 from tasks.plan.prepare import Prepared
 from tasks.store.results import adapter_path, outputs_path
@@ -171,3 +172,26 @@ def _judge_row(row: dict[str, Any], llm: Any, guard: Guard) -> None:
     logger.info(f"judge: {llm.requests} requests, ${llm.new_cost_usd:.4f} spent; stopped: {llm.stop_reason}")
     if llm.stop_reason.startswith("dollar budget"):
         logger.warning(f"judge: budget.max_usd reached, judging stopped early: {llm.stop_reason}")
+
+
+def answer_floors(run: Run, models: list[str], data: DatasetInfo, paths: dict[str, str],
+                  prep: Prepared) -> dict[str, tuple[str, str]]:
+    """Each model's untuned base and the trivial answer on the dataset's test rows (tasks/generate/floors.py):
+    contender -> (outputs path, outputs key). Scored with the dataset's metric, never judged: no judge pays for them."""
+    cfg, name, st, guard = run.cfg, data.spec.name, run.store, run.guard
+    keys = dataset_keys(cfg, prep.models, data, models)
+    jobs = untuned_jobs(cfg, data, finetune_jobs(cfg, prep.models, data, models, paths, keys), keys)
+    guard.gpu(f"the untuned bases on {name}", sum(guard.generate_s(data.test, prep.models[m].signature)
+                                                   for m, j in zip(models, jobs) if not st.exists(outputs_path(j.key))))
+    with run.log.stage(f"floors:{name}") as row:
+        batch = generate_all(jobs, cfg.compute, run.root, rows_per_job=len(data.test))
+        _device_time(row, batch)
+        floors = {job.model: (rel, job.key) for job, (rel, _) in zip(jobs, batch.results)}
+        for _, reused in batch.results:
+            count(row, reused)
+        trivial = outputs_path(keys.floors[TRIVIAL])
+        if not st.exists(trivial):
+            st.write_parquet(trivial, trivial_outputs(name, data.train, data.test, data.metric))
+        floors[TRIVIAL] = (trivial, keys.floors[TRIVIAL])
+    _gpu_spent(run)
+    return floors

@@ -56,10 +56,11 @@ def finished(tmp_path_factory, tiny_data) -> dict:
 
 
 def export(finished: dict, out: Path, *args: str) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `python -m flows.export` run in-process on the finished run."""
+    """(exit code, stdout, stderr) of `python -m flows.export` run in-process on the finished run, with --force: the
+    tiny random models learn nothing in a few steps (test_a_model_that_learned_nothing_needs_force)."""
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        rc = main(["--run", finished["run"], "--store", str(finished["store"]), "--out", str(out), *args])
+        rc = main(["--run", finished["run"], "--store", str(finished["store"]), "--out", str(out), "--force", *args])
     return rc, stdout.getvalue(), stderr.getvalue()
 
 
@@ -126,7 +127,8 @@ def test_adapter_export_reloads_and_reproduces_the_search(finished, tmp_path):
         shown = (f"| {round(r.rating)} | {r.ci_low:.0f}..{r.ci_high:.0f} |" if math.isfinite(r.rating) else
                  f"| {'unbeaten' if r.rating > 0 else 'never won'} | {'>=' if r.rating > 0 else '<='} ")
         assert f"| {r.contender} | {r.kind} {shown}" in card
-    assert f"**{name}**" in card.split("## Validation")[1] and "against **teacher**: the advantage" in card
+    # the teacher out-rated every tiny fine-tune in the search: validation claims no advantage over it to test
+    assert f"**{name}**" in card.split("## Validation")[1] and "against **teacher**: **no advantage to test**" in card
     assert "## Search config" in card and "name: mini" in card and "train fingerprint" in card
 
     # The card's transformers snippet runs as written.
@@ -237,6 +239,17 @@ def test_export_flow_in_prefect(finished, tmp_path):
     from flows.export import export as export_flow
 
     assert export_flow.name == "export"
-    result = export_flow(run=finished["run"], out=str(tmp_path / "ui"), store=str(finished["store"]))
+    result = export_flow(run=finished["run"], out=str(tmp_path / "ui"), store=str(finished["store"]), force=True)
     assert result["check"] == "6 of 6 test outputs identical to the search's"
     assert (tmp_path / "ui" / "adapter_config.json").is_file() and result["model"] == winner(finished)
+
+
+def test_a_model_that_learned_nothing_needs_force(finished, tmp_path):
+    """The search found the tiny models beat neither floor: the export says so in one line and writes nothing."""
+    learned = json.loads((finished["store"] / "runs" / finished["run"] / "learned.json").read_text())
+    assert learned and not any(r["learned"] for r in learned)  # what the run found, read by the export
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(["--run", finished["run"], "--store", str(finished["store"]), "--out", str(tmp_path / "no")])
+    assert rc == 2 and len(stderr.getvalue().splitlines()) == 1 and not (tmp_path / "no").exists()
+    assert f"{winner(finished)} did not learn any dataset" in stderr.getvalue() and "--force" in stderr.getvalue()

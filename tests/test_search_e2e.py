@@ -30,16 +30,21 @@ def test_mini_search_runs_and_reruns_from_store(mini_config, tmp_path, capsys):
     # 2 local candidates (read in place), 1 merge, 3 models x 2 datasets, 2 teachers, 6 pairs x 2 datasets,
     # validation: winner + baseline fine-tunes and outputs, and the held-out teacher
     assert counts == {"candidates": (2, 2), "merges": (1, 0), "finetune": (6, 0), "generate": (6, 0),
-                      "teacher": (2, 0), "judge": (12, 0), "validation": (5, 0)}
+                      "teacher": (2, 0), "floors": (8, 0), "judge": (12, 0), "validation": (5, 0)}
     assert not (store_dir / "adapters").exists()
     assert main(["--config", str(mini_config), "--store", str(store_dir)]) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.strip()]
     assert lines[-1].startswith("report: ") and lines[-1].endswith("report.html")
     assert "alpha-beta" in out and "teacher" in out
-    # the closing lines lead with the recommendation and the verdicts; the teacher is a reference line
-    closing = out[out.index("recommended base model: "):].splitlines()
-    assert closing[1].startswith("  validation on the held-out orders: ") and "against teacher" not in closing[1]
+    # the closing lines lead with the verdict: tiny random models fine-tuned a few steps learn nothing, which the
+    # search says instead of recommending one (floors: each base untuned, the trivial answer)
+    closing = out[out.index("no recommendation: no fine-tune beat both its untuned base and the trivial answer"):]
+    closing = closing.splitlines()
+    assert "(pooled leader: " in closing[0]
+    assert [line.split(":")[0] for line in closing[1:3]] == ["  no recommendation for extraction",
+                                                              "  no recommendation for classification"]
+    assert closing[3].startswith("  validation on the held-out orders: ") and "against teacher" not in closing[3]
     assert any(line.startswith("  extraction: ") and " against the teacher (" in line for line in closing)
     # the whole ranking from rank 1, the teacher marked as a reference (it beats every tiny student here: unbeaten,
     # rated by a lower bound only)
@@ -76,7 +81,9 @@ def test_mini_search_runs_and_reruns_from_store(mini_config, tmp_path, capsys):
     assert {r["opponent"] for r in validation["against"]} >= {"teacher"}
     report = store.read_text(f"runs/{run}/report.md")
     assert "Validation on the held-out dataset" in report
-    assert report.index("## Verdict") < report.index("## Ranking") and "**Recommended base model: " in report
+    assert report.index("## Verdict") < report.index("## Ranking") and "**No recommendation: " in report
+    lifts = report.split("## Did fine-tuning work?")[1].split("\n## ")[0]
+    assert sum(line.endswith("| did not learn |") for line in lifts.splitlines()) == 6  # 3 models x 2 datasets
     # each fine-tune's training figures (3 models x 2 datasets) and example outputs side by side
     fine_tunes = report.split("## Fine-tunes")[1].split("##")[0]
     assert sum(line.startswith(("| alpha |", "| beta |", "| alpha-beta |")) for line in fine_tunes.splitlines()) == 6

@@ -3,7 +3,8 @@ code of commit 4abdc48 computed for the same inputs (tests/data/store_keys_4abdc
 
 A key that changes on purpose (it was wrong) changes this file in the same commit, and the commit says why. The
 demo plan's keys of the classification dataset (and the held-out teacher's) were rewritten when the demo data was
-regenerated without test prompts in training (tasks/demo/data.py make_split); every other key is 4abdc48's.
+regenerated without test prompts in training (tasks/demo/data.py make_split), and the floors' outputs (each model
+untuned, the trivial answer) were added; every other key is 4abdc48's.
 """
 
 from __future__ import annotations

@@ -8,8 +8,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict
 
 ZOO_PREFIX = "zoo:"
 TEACHER = "teacher"  # the contender made of each dataset's own assistant answers
+TRIVIAL = "trivial answer"  # a floor made of a dataset's trivial answers (no config name can take it: no spaces)
+UNTUNED = " untuned"  # appended to a model's name for its base answering zero-shot, another floor: "hermes untuned"
 MODEL_KINDS = ("candidate", "merge")  # what is fine-tuned and can win: a base model, not a reference
 NAME_MAX = 64
+
+
+def untuned_name(model: str) -> str:
+    """The contender name of a model's untuned base answering zero-shot."""
+    return model + UNTUNED
 
 
 def name_problem(name: str) -> str | None:

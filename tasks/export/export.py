@@ -354,8 +354,19 @@ def model_card(run: Run, prep: Prepared, w: Winner, out: Path, merged: bool, fmt
     return "\n".join(lines)
 
 
+def refuse_unlearned(st: Store, run_id: str, name: str, force: bool) -> None:
+    """UserError when the run found that `name` learned no dataset (runs/<id>/learned.json), unless forced."""
+    rel = f"{run_path(run_id)}/learned.json"
+    mine = [r for r in (st.read_json(rel) if st.exists(rel) else []) if r["model"] == name]
+    if mine and not any(r["learned"] for r in mine) and not force:
+        raise UserError(f"run {run_id}: {name} did not learn any dataset (its fine-tunes beat neither their untuned "
+                        "base nor the trivial answer: see the report's 'Did fine-tuning work?'); --force exports it "
+                        "anyway")
+
+
 def export_run(run: str, out: str, store: str | None = None, dataset: str | None = None, merged: bool = False,
-               check: bool = True, model: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+               check: bool = True, model: str | None = None, log: Callable[[str], None] = print,
+               force: bool = False) -> dict[str, Any]:
     """Export a run's winner (or --model) into the new folder `out`, check it, and say what was written.
 
     Raises UserError for bad input (before any model loads) and CheckFailed when the check finds a difference (the
@@ -369,6 +380,7 @@ def export_run(run: str, out: str, store: str | None = None, dataset: str | None
     ds, ds_why = pick_dataset(r, dataset)
     name, chosen = pick_model(r, dataset, model)
     target = out_folder(out)
+    refuse_unlearned(st, r.id, name, force)
     log(f"run {r.id}: exporting {name} ({chosen}); its adapter trained on {ds} ({ds_why})")
     prep = fit_datasets(r.config, prepare_offline(r.config), st)  # the training rows the search's fine-tunes used
     w = locate(r, prep, st, name, chosen, ds, ds_why, check, log)

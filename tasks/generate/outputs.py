@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -142,13 +143,16 @@ def generate(
     model_dir: str | Path, adapter_dir: str | Path, dataset: str, examples: list[Example], contender: str,
     cfg: GenerateConfig, load: LoadOptions | None = None,
 ) -> pd.DataFrame:
-    """Greedy answers of base + LoRA adapter on `examples`, in length-sorted, left-padded batches."""
+    """Greedy answers of base + LoRA adapter (none: `adapter_dir` empty) on `examples`, in length-sorted,
+    left-padded batches."""
     from tasks.compute.workers import threads_for, torch_threads
 
     base, tok, fmt = cached_base(model_dir, load)
     try:
         threads = threads_for(base.num_parameters(), training=False)
-        with merged_adapter(base, adapter_dir) as model, torch_threads(threads):
+        # no adapter: the untuned base answering zero-shot (a floor, tasks/generate/floors.py)
+        adapter = merged_adapter(base, adapter_dir) if adapter_dir else contextlib.nullcontext(base)
+        with adapter as model, torch_threads(threads):
             return generate_loaded(model, tok, fmt, dataset, examples, contender, cfg)
     except BaseException:
         _BASES.pop(_cache_key(model_dir, load), None)  # a failed merge may have left the weights changed

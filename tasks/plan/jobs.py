@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from tasks.compute.speeds import conversation_chars, measured_rate, param_count
-from tasks.config.base import TEACHER, ZOO_PREFIX
+from tasks.config.base import TEACHER, TRIVIAL, UNTUNED, ZOO_PREFIX, untuned_name
 from tasks.config.schema import LoadOptions
 from tasks.core.errors import UserError
 from tasks.plan.previous import Decisions, previous_decisions, with_proposals
@@ -37,6 +37,8 @@ from tasks.store.results import (
     outputs_path,
     reference_key,
     teacher_key,
+    trivial_key,
+    untuned_key,
 )
 from tasks.store.store import Store
 
@@ -179,6 +181,10 @@ def _dataset_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, d
                              generate_seconds(data.test, n, rates[1])))
     teacher = outputs_path(keys.outputs[TEACHER])
     plan.jobs.append(Job("teacher", name, teacher, store.exists(teacher)))
+    for floor, key in keys.floors.items():  # each base untuned (a generation), and the trivial answer (free)
+        n = param_count(prep.models[floor.removesuffix(UNTUNED)].signature) if floor != TRIVIAL else 0
+        plan.jobs.append(Job("floors", f"{floor} on {name}", outputs_path(key), store.exists(outputs_path(key)),
+                             generate_seconds(data.test, n, rates[1]) if n else 0.0))
     for ref in cfg.references:
         rel = outputs_path(keys.outputs[ref.name])
         plan.jobs.append(Job("references", f"{ref.name} on {name}", rel, store.exists(rel),
@@ -453,6 +459,7 @@ class DatasetKeys:
 
     adapters: dict[str, str]  # model -> its fine-tune's key
     outputs: dict[str, str]  # contender -> its outputs' key: the fine-tunes, the teacher, the references
+    floors: dict[str, str] = field(default_factory=dict)  # each model untuned, and the trivial answer -> outputs key
 
 
 def dataset_keys(cfg: SearchConfig, models: dict[str, ModelInfo], data: DatasetInfo, names: list[str],
@@ -463,7 +470,9 @@ def dataset_keys(cfg: SearchConfig, models: dict[str, ModelInfo], data: DatasetI
     outputs[TEACHER] = teacher_key(data.test_fp)
     if references:
         outputs |= {ref.name: reference_key(ref, data.test_fp) for ref in cfg.references}
-    return DatasetKeys(adapters, outputs)
+    floors = {untuned_name(m): untuned_key(models[m].fingerprint, data.test_fp, cfg.generate) for m in names}
+    floors[TRIVIAL] = trivial_key(data.train_fp, data.test_fp, data.metric)
+    return DatasetKeys(adapters, outputs, floors)
 
 
 def finetune_jobs(cfg: SearchConfig, models: dict[str, ModelInfo], data: DatasetInfo, names: list[str],
@@ -471,6 +480,13 @@ def finetune_jobs(cfg: SearchConfig, models: dict[str, ModelInfo], data: Dataset
     """The fine-tunes of `names` on a dataset, runnable: `paths` are the models' local folders."""
     return [FinetuneJob(m, data.spec.name, paths[m], data.spec.train, cfg.finetune, keys.adapters[m], models[m].load)
             for m in names]
+
+
+def untuned_jobs(cfg: SearchConfig, data: DatasetInfo, finetunes: list[FinetuneJob], keys: DatasetKeys,
+                 ) -> list[GenerateJob]:
+    """Every fine-tune's base answering the test rows with no adapter: the floor that shows its lift."""
+    return [GenerateJob(untuned_name(j.model), data.spec.name, j.model_dir, "", data.spec.test, cfg.generate,
+                        keys.floors[untuned_name(j.model)], j.load) for j in finetunes]
 
 
 def generate_jobs(cfg: SearchConfig, data: DatasetInfo, finetunes: list[FinetuneJob], adapter_dirs: list[str],

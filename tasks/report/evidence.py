@@ -40,9 +40,8 @@ def formats_table(prep: Prepared, frames: dict[str, dict[str, pd.DataFrame]], ma
     return pd.DataFrame(rows)
 
 
-def evidence(cfg: SearchConfig, prep: Prepared, ratings: pd.DataFrame, frames: dict[str, dict[str, pd.DataFrame]],
-             st: Store) -> list[str]:
-    """The report's training figures of every fine-tune and its example outputs side by side."""
+def training_metrics(cfg: SearchConfig, prep: Prepared, st: Store) -> dict[tuple[str, str], dict]:
+    """(model, dataset) -> its fine-tune's train_metrics.json (loss first and last, steps, speed)."""
     metrics = {}
     for ds, data in prep.datasets.items():
         keys = dataset_keys(cfg, prep.models, data, [m for m, info in prep.models.items() if info.finetuned])
@@ -50,6 +49,13 @@ def evidence(cfg: SearchConfig, prep: Prepared, ratings: pd.DataFrame, frames: d
             path = Path(st.local_dir(adapter_path(key)))
             if (path / "train_metrics.json").is_file():
                 metrics[(m, ds)] = json.loads((path / "train_metrics.json").read_text())
+    return metrics
+
+
+def evidence(cfg: SearchConfig, prep: Prepared, ratings: pd.DataFrame, frames: dict[str, dict[str, pd.DataFrame]],
+             metrics: dict[tuple[str, str], dict]) -> list[str]:
+    """The report's training figures of every fine-tune (`metrics`: training_metrics) and example outputs side by
+    side."""
     examples = {ds: examples_table(data.test, frames[ds], top_contenders(ratings, ds))
                 for ds, data in prep.datasets.items()}
     return evidence_lines(finetune_table(metrics), examples)

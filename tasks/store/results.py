@@ -28,6 +28,7 @@ METRIC_JUDGE_VERSION = "1"
 PROMPT_VERSION = "1"  # the LLM judge's prompt text: every LLM judgment's key and `judge` label include it
 SPLIT_VERSION = "1"  # the rule that assigns rows to the development split
 ZOO_VERSION = "3"  # the demo zoo's builder (3: trained by the packed training step)
+FLOOR_VERSION = "1"  # the trivial answer's rule (tasks/generate/floors.py)
 
 # The store's layout: (path pattern, what lives there). docs/architecture.md shows it; tests/test_layout.py checks.
 LAYOUT = [
@@ -80,6 +81,16 @@ def outputs_key(adapter: str, test_fp: str, cfg: GenerateConfig) -> str:
 def teacher_key(test_fp: str) -> str:
     """A dataset's own answers as outputs."""
     return content_key("teacher", test_fp, GENERATE_VERSION)
+
+
+def untuned_key(model_fp: str, test_fp: str, cfg: GenerateConfig) -> str:
+    """A base model's zero-shot outputs (no adapter): weights, test rows, generation settings, code version."""
+    return content_key("untuned", model_fp, test_fp, cfg.model_dump(), GENERATE_VERSION)
+
+
+def trivial_key(train_fp: str, test_fp: str, metric: str) -> str:
+    """A dataset's trivial answers: the training rows they come from, the test rows, the metric that picks the rule."""
+    return content_key("trivial", train_fp, test_fp, metric, FLOOR_VERSION)
 
 
 def reference_key(ref: Reference, test_fp: str) -> str:
