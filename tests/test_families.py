@@ -14,7 +14,7 @@ from tasks.candidates.resolve import inspect_candidate
 from tasks.config.schema import FinetuneConfig, GenerateConfig, LoadOptions, load_config
 from tasks.core.errors import UserError
 from tasks.data.load import load_examples
-from tasks.demo.data import make_rows
+from tasks.demo.data import make_rows, make_split
 from tasks.models.chat import IGNORE, encode_row, fold_system, generation_eos, load_tokenizer, prompt_format, prompt_ids
 from tasks.models.fingerprint import ModelInfo, check_mergeable
 from tasks.models.templates import TEMPLATES
@@ -81,9 +81,11 @@ def test_system_text_is_folded_into_the_first_user_turn(family_dirs):
 
 
 def _dataset(tmp_path, name, rows):
-    """A dataset entry with the same rows for training and test."""
-    path = write_jsonl(tmp_path / f"{name}.jsonl", rows)
-    return {"name": name, "train": str(path), "test": str(path)}
+    """A dataset entry training on `rows`, tested on 6 other classification rows (no test prompt in training)."""
+    seen = {json.dumps(r["messages"][:-1]) for r in rows}
+    test = [r for r in make_rows("classification", 200, 99) if json.dumps(r["messages"][:-1]) not in seen][:6]
+    return {"name": name, "train": str(write_jsonl(tmp_path / f"{name}_train.jsonl", rows)),
+            "test": str(write_jsonl(tmp_path / f"{name}_test.jsonl", test))}
 
 
 def test_a_refused_conversation_is_one_line_before_any_weights(family_dirs, tmp_path, monkeypatch):
@@ -98,7 +100,7 @@ def test_a_refused_conversation_is_one_line_before_any_weights(family_dirs, tmp_
     cands = [{"name": f"m{i}", "path": str(family_dirs[n])} for i, n in enumerate(["llama3", "qwen2", "gemma"])]
     cfg = {"name": "bad", "candidates": cands, "datasets": [_dataset(tmp_path, "labels", rows)]}
     msg = config_error(write_config(tmp_path, cfg))
-    assert msg.startswith("candidate 'm2': ") and "labels.jsonl:3" in msg and "alternate" in msg
+    assert msg.startswith("candidate 'm2': ") and "labels_train.jsonl:3" in msg and "alternate" in msg
 
 
 def test_remote_code_is_refused_without_the_opt_in(family_dirs, tmp_path):
@@ -181,6 +183,7 @@ def test_search_over_three_families_and_a_union_merge(family_dirs, tmp_path, cap
     from tasks.store.store import Store
 
     ds = lambda n, rows: write_jsonl(tmp_path / f"{n}.jsonl", rows)  # noqa: E731
+    split = make_split("classification", 24, 6)  # no test prompt in training: the leak check passes
     cfg = {
         "name": "families",
         "candidates": [{"name": n, "path": str(family_dirs[n])} for n in ("llama3", "qwen2", "gemma2")],
@@ -189,8 +192,7 @@ def test_search_over_three_families_and_a_union_merge(family_dirs, tmp_path, cap
             "merge_method": "linear", "tokenizer_source": "union", "dtype": "float32",
             "models": [{"model": "mistral_base", "parameters": {"weight": 0.5}},
                        {"model": "hermes", "parameters": {"weight": 0.5}}]}}],
-        "datasets": [{"name": "labels", "train": str(ds("train", make_rows("classification", 24, 1))),
-                      "test": str(ds("test", make_rows("classification", 6, 2)))}],
+        "datasets": [{"name": "labels", "train": str(ds("train", split[0])), "test": str(ds("test", split[1]))}],
         "finetune": {"max_steps": 20, "batch_size": 8, "learning_rate": 0.01, "max_length": 256, "lora_r": 8},
         "generate": {"max_new_tokens": 12, "batch_size": 8},
         "rating": {"bootstrap_rounds": 20},
@@ -208,10 +210,14 @@ def test_search_over_three_families_and_a_union_merge(family_dirs, tmp_path, cap
     assert json.loads((merged / "config.json").read_text())["vocab_size"] == 514  # the union of both vocabularies
     assert "tokenizer_source: union" in (merged / "mergekit_config.yml").read_text()
     outputs = pd.concat(pd.read_parquet(p) for p in (store_dir / "outputs").glob("*.parquet"))
-    tuned = outputs[outputs["contender"] != "teacher"]
+    tuned = outputs[outputs["contender"].isin({"llama3", "qwen2", "gemma2", "hermes-union"})]
     assert set(tuned["finish_reason"]) <= {"stop", "length"} and len(tuned) == 4 * 6
+    # each base also answered untuned (a floor): the same format, no adapter
+    untuned = outputs[outputs["contender"].str.endswith(" untuned")]
+    assert len(untuned) == 4 * 6 and set(untuned["finish_reason"]) <= {"stop", "length"}
     report = store.read_text(f"runs/{run}/report.md")
-    assert "<|eot_id|>" in report and "<end_of_turn>" in report and "tokenizer_source union" in report
+    # (a | inside a Markdown table cell is escaped, so the table keeps its columns)
+    assert "<\\|eot_id\\|>" in report and "<end_of_turn>" in report and "tokenizer_source union" in report
 
 
 def test_chat_template_by_name_or_jinja_file(family_dirs, tmp_path):
