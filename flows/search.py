@@ -45,8 +45,8 @@ from tasks.rating.judged import with_lengths
 from tasks.rating.rate import rate
 from tasks.rating.win_rates import freeze_winner, runner_up, summarize
 from tasks.report.evidence import evidence, formats_table, scores_table, training_metrics
-from tasks.report.learned import learned_lines, lift_section, lifts, nothing_learned, records
 from tasks.report.judge_card import card_section, ratings_by_judge
+from tasks.report.learned import learned_lines, lift_section, lifts, nothing_learned, records
 from tasks.report.report import html_report, markdown_report, plot_ratings, ranking_rows
 from tasks.report.search import search_lines
 from tasks.report.verdict import recommendation, verdict_lines, verdicts
@@ -168,7 +168,9 @@ def report_run(run: Run, prep: Prepared, out: Outcome) -> dict[str, Any]:
                      "dataset, so the ranking orders models that learned nothing (pooled leader: "
                      f"{first.removeprefix('recommended base model: ').split(' ')[0]})")
         verdict = [first, *learned_lines(found), *validated,
-                   *verdict_lines(verdicts(config, out.ratings, out.judgments, out.frames), confidence,
+                   *verdict_lines(verdicts(config, out.ratings, out.judgments, out.frames,
+                                           {ds: sum(len(m["content"]) for ex in d.test for m in ex.prompt)
+                                            for ds, d in prep.datasets.items()}), confidence,
                                  config.verdict.margin)]
         png = plot_ratings(out.ratings)
         card, warnings = card_section(out.judgments, {ds: d.test for ds, d in prep.datasets.items()},

@@ -104,3 +104,22 @@ def test_the_recommendation_says_whether_the_leader_is_clear_and_how_it_validate
         {"opponent": "a", "win_rate": 0.625, "ci_low": 0.5, "ci_high": 0.75, "verdict": "held, but not significantly"}]}
     assert recommendation(ratings("b"), val, 0.95)[1] == (
         "validation on the held-out held: b wins 62% (95% CI 50%-75%) against a: held, but not significantly")
+
+
+def test_a_priced_teacher_gets_the_cost_and_speed_ratios():
+    """teacher: {model, latency_s} with its price: the verdict says what share of its cost, how many times its speed."""
+    from tasks.config.schema import ModelPrice, TeacherConfig
+
+    outs = {"x": {"a": tuned_outputs(), "b": tuned_outputs(), "teacher": api_outputs().assign(output="x" * 400),
+                  "gpt": api_outputs()}}
+    cfg = CFG.model_copy(update={"teacher": TeacherConfig(model="gpt-4", latency_s=3.5),
+                                 "prices": {**CFG.prices, "gpt-4": ModelPrice(input=30, output=60)}})
+    lines = verdict_lines(verdicts(cfg, ratings("a"), judgments(a_wins=6), outs, {"x": 8 * 2000}), 0.95)
+    # 8 requests of 2,000 prompt characters (500 tokens) and 400 answer characters (100 tokens) at $30/$60 per 1M:
+    # $0.015 + $0.006 = $0.021 a request, $21.00 per 1,000; a's $0.0375 is 1/560 of it, its 0.875 s median 4x faster
+    teacher = next(line for line in lines if "against the teacher" in line)
+    assert "1/560 of its cost per 1,000 requests" in teacher and "4.0x its speed" in teacher
+    assert any(line.startswith("x: the teacher (gpt-4 at $30/$60 per 1M tokens, as characters / 4) costs $21.00 per "
+                               "1,000 requests") and line.endswith("latency median 3.50 s as configured") for line in lines)
+    unpriced = verdict_lines(verdicts(CFG, ratings("a"), judgments(a_wins=6), outs, {"x": 16000}), 0.95)
+    assert not any("of its cost" in line for line in unpriced if "against the teacher" in line)

@@ -293,6 +293,15 @@ class DataConfig(Frozen):
         "out) from which they count as near-duplicates; 1 counts only verbatim and folded copies.")
 
 
+class TeacherConfig(Frozen):
+    """The expensive model whose answers the datasets hold: what it costs and how fast it answers, for the verdict."""
+
+    model: str = Field(min_length=1, description="Its API model id, priced in `prices` (e.g. gpt-4o-2024-08-06): "
+                       "the verdict then says what share of its cost a fine-tune serves at.")
+    latency_s: float | None = Field(default=None, gt=0, description="Its median latency per request in seconds, "
+                                    "e.g. from your logs: the verdict then says how many times faster a fine-tune is.")
+
+
 class VerdictConfig(Frozen):
     """How the verdict reads a fine-tune's win rate against the teacher and the references."""
 
@@ -329,6 +338,7 @@ class SearchConfig(Frozen):
     )
     data: DataConfig = Field(default_factory=DataConfig, description="Leakage and duplicate checks of the datasets.")
     verdict: VerdictConfig = Field(default_factory=VerdictConfig, description="How the verdict reads win rates.")
+    teacher: TeacherConfig | None = Field(default=None, description="The model behind the datasets' answers, priced.")
     rating: RatingConfig = Field(default_factory=RatingConfig, description="Bradley-Terry settings.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Comparison planning and spending caps.")
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Where GPU stages run.")

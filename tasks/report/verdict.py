@@ -20,6 +20,7 @@ import pandas as pd
 
 from tasks.config.base import MODEL_KINDS, TEACHER
 from tasks.config.schema import SearchConfig
+from tasks.plan.jobs import CHARS_PER_TOKEN
 from tasks.rating.win_rates import intervals_overlap, per_example_score, pooled_models, win_rate_ci
 
 
@@ -35,11 +36,25 @@ class Serving:
     where: str  # e.g. "cpu at $0.10/h, 240 tokens/s, batches of 8"
 
 
-def serving(outputs: pd.DataFrame, kind: str, name: str, cfg: SearchConfig) -> Serving:
+def teacher_serving(outputs: pd.DataFrame, cfg: SearchConfig, prompt_chars: int) -> Serving:
+    """The teacher's cost from `teacher.model`'s price (tokens estimated as characters / 4: its prompts' and its
+    answers') and its latency as configured; unpriced without `teacher:`."""
+    t, n = cfg.teacher, len(outputs)
+    if t is None or t.model not in cfg.prices:
+        return Serving(n, None, None, t.latency_s if t else None, None, "the dataset's own answers")
+    price, out_tokens = cfg.prices[t.model], float(outputs["output"].str.len().sum()) / CHARS_PER_TOKEN
+    usd = (prompt_chars / CHARS_PER_TOKEN * price.input + out_tokens * price.output) / 1e6
+    return Serving(n, usd / n * 1000, usd / out_tokens * 1e6 if out_tokens else None, t.latency_s, t.latency_s,
+                   f"{t.model} at ${price.input:g}/${price.output:g} per 1M tokens, as characters / {CHARS_PER_TOKEN}")
+
+
+def serving(outputs: pd.DataFrame, kind: str, name: str, cfg: SearchConfig, prompt_chars: int = 0) -> Serving:
     """Cost and latency of a contender's outputs: a fine-tune's from its batches, a reference's from its requests."""
     n = len(outputs)
     tokens = float(outputs["completion_tokens"].sum()) if n else 0.0
-    if name == TEACHER or n == 0:
+    if name == TEACHER and n:
+        return teacher_serving(outputs, cfg, prompt_chars)
+    if n == 0:
         return Serving(n, None, None, None, None, "the dataset's own answers")
     if kind in MODEL_KINDS:
         if "batch_s" not in outputs.columns:
@@ -81,9 +96,11 @@ def scores(judgments: pd.DataFrame, datasets: list[str], player: str, other: str
 
 
 def verdicts(cfg: SearchConfig, ratings: pd.DataFrame, judgments: pd.DataFrame,
-             outputs: dict[str, dict[str, pd.DataFrame]]) -> list[dict[str, Any]]:
+             outputs: dict[str, dict[str, pd.DataFrame]], prompt_chars: dict[str, int] | None = None,
+             ) -> list[dict[str, Any]]:
     """Per scope (pooled first, then each dataset; a lone dataset once): the best fine-tune, its serving figures, and per reference its
-    win rate with interval and the reference's serving figures. `outputs`: dataset -> contender -> outputs table."""
+    win rate with interval and the reference's serving figures. `outputs`: dataset -> contender -> outputs table;
+    `prompt_chars`: dataset -> characters of its test prompts (what a priced teacher was paid to read)."""
     kinds = cfg.model_kinds()
     refs = [TEACHER, *[r.name for r in cfg.references]]
     rows = []
@@ -100,7 +117,8 @@ def verdicts(cfg: SearchConfig, ratings: pd.DataFrame, judgments: pd.DataFrame,
             s = scores(judgments, names, best, ref)
             rate, low, high = win_rate_ci(s, cfg.rating.confidence, seed=cfg.rating.seed)
             against.append({"reference": ref, "win_rate": rate, "ci_low": low, "ci_high": high, "n": int(s.size),
-                            "serving": serving(frame(ref), kinds.get(ref, "reference"), ref, cfg)})
+                            "serving": serving(frame(ref), kinds.get(ref, "reference"), ref, cfg,
+                                               sum((prompt_chars or {}).get(d, 0) for d in names))})
         rows.append({"scope": scope, "model": best, "serving": serving(frame(best), kinds[best], best, cfg),
                      "against": against})
     return rows
@@ -174,6 +192,10 @@ def verdict_lines(rows: list[dict[str, Any]], confidence: float, margin: float =
                          f"{sv.p50_s:.2f} s, p95 {sv.p95_s:.2f} s per request")
         for a in row["against"]:
             theirs = a["serving"]
+            if a["reference"] == TEACHER and theirs.usd_per_1k is not None:
+                lines.append(f"{label}: the teacher ({theirs.where}) costs {_money(theirs.usd_per_1k)} per 1,000 "
+                             f"requests, {_money(theirs.usd_per_1m_out)} per 1M output tokens"
+                             + (f"; latency median {theirs.p50_s:.2f} s as configured" if theirs.p50_s else ""))
             if a["reference"] != TEACHER and theirs.p50_s is not None:
                 lines.append(f"{label}: {a['reference']} costs {_money(theirs.usd_per_1k)} per 1,000 requests, "
                              f"{_money(theirs.usd_per_1m_out)} per 1M output tokens; latency median "
