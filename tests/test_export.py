@@ -130,6 +130,8 @@ def test_adapter_export_reloads_and_reproduces_the_search(finished, tmp_path):
     # the teacher out-rated every tiny fine-tune in the search: validation claims no advantage over it to test
     assert f"**{name}**" in card.split("## Validation")[1] and "against **teacher**: **no advantage to test**" in card
     assert "## Search config" in card and "name: mini" in card and "train fingerprint" in card
+    floors = card.split("## Did fine-tuning work?")[1].split("\n## ")[0]  # exported with --force: it says so
+    assert floors.count("for the trivial answer: **did not learn**") == 2  # extraction and classification
 
     # The card's transformers snippet runs as written.
     snippet = card.split("## Load it with transformers")[1].split("```python\n")[1].split("```")[0]

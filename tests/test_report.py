@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from tasks.rating.win_rates import summarize, verdict, win_rate_ci
-from tasks.report.report import (html_report, judge_lines, separation_rows, stages_table, teacher_lines,
+from tasks.report.report import (html_report, judge_lines, separation_rows, stages_table, stretch_notes,
+                                 teacher_lines,
                                  validation_lines, winner_line)
 
 
@@ -85,3 +86,12 @@ def test_html_shows_tags_as_text_and_stage_tables_have_no_nan():
     table = stages_table([{"stage": "finetune", "computed": 2, "reused": 0, "seconds": 1.5},
                           {"stage": "judge", "computed": 1, "reused": 0, "seconds": 0.25, "requests": 12.0}])
     assert "nan" not in md_table(table) and table["requests"].tolist() == ["", 12]
+
+
+def test_a_stretched_scale_gets_a_plain_note():
+    close = _ratings(True)
+    assert stretch_notes(close) == []
+    far = close.assign(rating=[-4000.0, 1000.0, -5000.0], ci_low=[-5500.0, 1000.0, -6000.0],
+                       ci_high=[-2500.0, 1000.0, -3900.0])
+    [note, blank] = stretch_notes(far)
+    assert note.startswith("- overall: ratings run from -6000 to 1000 Elo because one side wins nearly every") and not blank

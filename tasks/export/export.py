@@ -13,7 +13,7 @@ import os
 import shutil
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,7 @@ class Run:
     config_text: str
     ratings: pd.DataFrame
     validation: dict[str, Any] | None
+    learned: list[dict[str, Any]] = field(default_factory=list)  # each fine-tune against its floors (learned.json)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ def open_run(store: Store, run: str) -> Run:
 
     config = config.model_copy(update={"merges": [*config.merges, *kept_merges(store, rel)]})
     validation = store.read_json(f"{rel}/validation.json") if store.exists(f"{rel}/validation.json") else None
-    return Run(run, config, text, store.read_parquet(f"{rel}/ratings.parquet"), validation)
+    learned = store.read_json(f"{rel}/learned.json") if store.exists(f"{rel}/learned.json") else []
+    return Run(run, config, text, store.read_parquet(f"{rel}/ratings.parquet"), validation, learned)
 
 
 def pick_model(run: Run, dataset: str | None, model: str | None) -> tuple[str, str]:
@@ -346,6 +348,12 @@ def model_card(run: Run, prep: Prepared, w: Winner, out: Path, merged: bool, fmt
     for scope in dict.fromkeys(run.ratings["scope"]):
         lines += [f"### {scope}", "", md_table(ranking_rows(run.ratings, scope, conf)), ""]
     lines += ["## Validation on the held-out dataset", "", *validation_lines(run.validation), ""]  # as the report's
+    floors = [f"- {r['dataset']}: scored {r['score']:.2f} against {r['untuned']:.2f} for its untuned base and "
+              f"{r['trivial']:.2f} for the trivial answer: " + ("learned" if r["learned"] else "**did not learn**")
+              for r in run.learned if r["model"] == w.model]
+    if floors:
+        lines += ["## Did fine-tuning work?", "", "Its mean metric score on each dataset's test rows beside its floors "
+                  "(the same base untuned, and a trivial answer), as the search measured them:", "", *floors, ""]
     lines += ["## Data", "", *data_rows(cfg, prep), ""]
     recipe = w.base_dir / "mergekit_config.yml"
     if w.kind == "merge" and recipe.is_file():
@@ -354,12 +362,11 @@ def model_card(run: Run, prep: Prepared, w: Winner, out: Path, merged: bool, fmt
     return "\n".join(lines)
 
 
-def refuse_unlearned(st: Store, run_id: str, name: str, force: bool) -> None:
+def refuse_unlearned(run: Run, name: str, force: bool) -> None:
     """UserError when the run found that `name` learned no dataset (runs/<id>/learned.json), unless forced."""
-    rel = f"{run_path(run_id)}/learned.json"
-    mine = [r for r in (st.read_json(rel) if st.exists(rel) else []) if r["model"] == name]
+    mine = [r for r in run.learned if r["model"] == name]
     if mine and not any(r["learned"] for r in mine) and not force:
-        raise UserError(f"run {run_id}: {name} did not learn any dataset (its fine-tunes beat neither their untuned "
+        raise UserError(f"run {run.id}: {name} did not learn any dataset (its fine-tunes beat neither their untuned "
                         "base nor the trivial answer: see the report's 'Did fine-tuning work?'); --force exports it "
                         "anyway")
 
@@ -380,7 +387,7 @@ def export_run(run: str, out: str, store: str | None = None, dataset: str | None
     ds, ds_why = pick_dataset(r, dataset)
     name, chosen = pick_model(r, dataset, model)
     target = out_folder(out)
-    refuse_unlearned(st, r.id, name, force)
+    refuse_unlearned(r, name, force)
     log(f"run {r.id}: exporting {name} ({chosen}); its adapter trained on {ds} ({ds_why})")
     prep = fit_datasets(r.config, prepare_offline(r.config), st)  # the training rows the search's fine-tunes used
     w = locate(r, prep, st, name, chosen, ds, ds_why, check, log)

@@ -345,7 +345,8 @@ def markdown_report(
         parts += ["## Verdict", "", f"**{verdict[0][0].upper() + verdict[0][1:]}.**", "",
                   *[f"- {line}." for line in verdict[1:]], ""]
     parts += [f"Run `{run_id}`. {judges_text(cfg)}. Ratings are Bradley-Terry on the Elo scale with {how}.", "",
-              "![ratings](ratings.png)", "", "## Ranking (pooled, each dataset weighted equally)", "",
+              "![ratings](ratings.png)", "", *stretch_notes(ratings),
+              "## Ranking (pooled, each dataset weighted equally)", "",
               md_table(ranking_rows(ratings)), "", winner_line(ratings), "",
               "Neighbours in the ranking (`>` separated at the configured confidence, `~` not separated, "
               "`not comparable`: never compared, in another group):", "",
@@ -376,6 +377,23 @@ def markdown_report(
                   md_table(formats), ""]
     parts += [*(evidence or []), "## Stages", "", md_table(stages_table(stages)), ""]
     return "\n".join(parts)
+
+
+STRETCHED_ELO = 1500  # a scope whose fine-tunes' ratings span more than this gets a note (400 Elo = 10:1 odds)
+
+
+def stretch_notes(ratings: pd.DataFrame) -> list[str]:
+    """A plain note per scope whose ratings run to thousands: there one side wins nearly every comparison, and the
+    Bradley-Terry scale stretches to say so (a 2,000-Elo gap is 100,000:1 odds), so its win rates read better."""
+    notes = []
+    for scope, r in ratings.groupby("scope", sort=False):
+        ends = pd.concat([r["ci_low"], r["ci_high"], r["rating"]]).to_numpy(dtype=float)
+        ends = ends[np.isfinite(ends)]
+        if len(ends) and ends.max() - ends.min() > STRETCHED_ELO:
+            notes.append(f"- {scope}: ratings run from {ends.min():.0f} to {ends.max():.0f} Elo because one side wins "
+                         "nearly every comparison there; the scale stretches to say so, and the win rates in the "
+                         "tables below read better than the gaps.")
+    return [*notes, ""] if notes else []
 
 
 def stages_table(stages: list[dict[str, Any]]) -> pd.DataFrame:
