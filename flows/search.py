@@ -192,7 +192,7 @@ def report_run(run: Run, prep: Prepared, out: Outcome) -> dict[str, Any]:
         publish(run_id, table, md, png)
     get_run_logger().info(f"report: {report}")
     return {"run_id": run_id, "report": report, "ranking": table.to_dict("records"), "stages": run.log.rows,
-            "verdict": verdict}
+            "verdict": verdict, "held_out": config.validation.dataset.name if config.validation else None}
 
 
 def publish(run_id: str, table: pd.DataFrame, md: str, png: bytes) -> None:
@@ -275,4 +275,22 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
              "ranking, all datasets pooled (kind: candidate or merge fine-tuned, reference = the teacher or an API "
              "model; vs next: `>` separated from the next at the configured confidence, `~` not):",
              text_table(ranking) if len(ranking) else "(none)"]
-    return lines + ["", f"{computed} results computed, {reused} reused from the store.", f"report: {result['report']}"]
+    by_stage = ", ".join(f"{stage} {c}/{r}" for stage, (c, r) in stage_counts(result["stages"],
+                                                                            result.get("held_out")).items())
+    return lines + ["", f"{computed} results computed, {reused} reused from the store.",
+                    f"by the plan's stages (computed/reused): {by_stage}", f"report: {result['report']}"]
+
+
+def stage_counts(stages: list[dict[str, Any]], held_out: str | None) -> dict[str, tuple[int, int]]:
+    """The stage log in the plan's words: (computed, reused) per plan stage. A development split's work is the
+    search loop's, the held-out dataset's is validation's; an LLM judge's stage counts judgments, not files."""
+    out: dict[str, tuple[int, int]] = {}
+    for row in stages:
+        name, _, scope = row["stage"].partition(":")
+        if name in ("check", "rate", "report"):
+            continue
+        stage = ("search" if name == "search" or scope.endswith(".dev") else
+                 "validation" if held_out and scope == held_out else name)
+        c, r = out.get(stage, (0, 0))
+        out[stage] = (c + row["computed"], r + row["reused"])
+    return out

@@ -106,7 +106,19 @@ def test_mini_search_runs_and_reruns_from_store(mini_config, tmp_path, capsys):
     assert main(["--config", str(mini_config), "--store", str(store_dir)]) == 0
     out = capsys.readouterr().out
     assert "0 results computed" in out
+    by_stage = next(line for line in out.splitlines() if line.startswith("by the plan's stages (computed/reused): "))
+    assert "finetune 0/6" in by_stage and "generate 0/6" in by_stage and "validation 0/" in by_stage
     run2 = store.read_text("runs/LATEST").strip()
     stages = store.read_json(f"runs/{run2}/stages.json")
     assert all(s["computed"] == 0 for s in stages if s["stage"].split(":")[0] in ("merges", "finetune", "generate", "judge"))
     pd.testing.assert_frame_equal(store.read_parquet(f"runs/{run2}/ratings.parquet"), ratings)
+
+
+def test_the_closing_counts_use_the_plan_s_stages():
+    from flows.search import stage_counts
+
+    rows = [{"stage": s, "computed": c, "reused": r} for s, c, r in [
+        ("check", 9, 0), ("candidates", 0, 4), ("finetune:x.dev", 3, 0), ("search:merge r1", 1, 0),
+        ("finetune:x", 0, 3), ("generate:x", 3, 0), ("judge:x", 6, 0), ("rate", 99, 0), ("finetune:held", 2, 0)]]
+    assert stage_counts(rows, "held") == {"candidates": (0, 4), "search": (4, 0), "finetune": (0, 3),
+                                          "generate": (3, 0), "judge": (6, 0), "validation": (2, 0)}
