@@ -11,11 +11,12 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+import pandas as pd
 from prefect import get_run_logger
 
-from tasks.config.base import TEACHER, TRIVIAL
+from tasks.config.base import TEACHER, TRIVIAL, UNTUNED
 from tasks.config.schema import SearchConfig
 from tasks.data.load import DatasetInfo
 from tasks.generate.floors import trivial_outputs
@@ -23,7 +24,7 @@ from tasks.generate.outputs import teacher_outputs
 from tasks.generate.references import reference_outputs
 from tasks.judge.judgments import judge_task, run_openai_judge
 from tasks.plan.execute import finetune_all, generate_all
-from tasks.plan.jobs import Guard, dataset_keys, finetune_jobs, generate_jobs, untuned_jobs
+from tasks.plan.jobs import GenerateJob, Guard, dataset_keys, finetune_jobs, generate_jobs, untuned_jobs
 from tasks.plan.pool import Batch
 from tasks.plan.prepare import Prepared
 from tasks.store.results import adapter_path, outputs_path
@@ -105,19 +106,8 @@ def train_and_answer(run: Run, models: list[str], data: DatasetInfo, paths: dict
             count(row, reused)
     _gpu_spent(run)
     gen_jobs = generate_jobs(cfg, data, ft_jobs, [folder for folder, _ in batch.results], keys)
-    guard.gpu(f"generation on {name}", sum(guard.generate_s(data.test, prep.models[j.model].signature)
-                                           for j in gen_jobs if not st.exists(outputs_path(j.key))))
-    with run.log.stage(f"generate:{name}") as row:
-        batch = generate_all(gen_jobs, cfg.compute, run.root, rows_per_job=len(data.test))
-        _device_time(row, batch)
-        outputs = {job.model: (rel, job.key) for job, (rel, _) in zip(gen_jobs, batch.results)}
-        for _, reused in batch.results:
-            count(row, reused)
-        teacher = outputs_path(keys.outputs[TEACHER])
-        if not st.exists(teacher):
-            st.write_parquet(teacher, teacher_outputs(name, data.test, TEACHER))
-        outputs[TEACHER] = (teacher, keys.outputs[TEACHER])
-    _gpu_spent(run)
+    outputs = _answers(run, f"generation on {name}", f"generate:{name}", gen_jobs, data, prep,
+                       (TEACHER, keys.outputs[TEACHER], lambda: teacher_outputs(name, data.test, TEACHER)))
     if cfg.references:
         with run.log.stage(f"references:{name}") as row:  # API models answer the same test rows, cached the same way
             row["requests"], row["cost_usd"] = 0, 0.0
@@ -178,20 +168,30 @@ def answer_floors(run: Run, models: list[str], data: DatasetInfo, paths: dict[st
                   prep: Prepared) -> dict[str, tuple[str, str]]:
     """Each model's untuned base and the trivial answer on the dataset's test rows (tasks/generate/floors.py):
     contender -> (outputs path, outputs key). Scored with the dataset's metric, never judged: no judge pays for them."""
-    cfg, name, st, guard = run.cfg, data.spec.name, run.store, run.guard
+    cfg, name = run.cfg, data.spec.name
     keys = dataset_keys(cfg, prep.models, data, models)
     jobs = untuned_jobs(cfg, data, finetune_jobs(cfg, prep.models, data, models, paths, keys), keys)
-    guard.gpu(f"the untuned bases on {name}", sum(guard.generate_s(data.test, prep.models[m].signature)
-                                                   for m, j in zip(models, jobs) if not st.exists(outputs_path(j.key))))
-    with run.log.stage(f"floors:{name}") as row:
-        batch = generate_all(jobs, cfg.compute, run.root, rows_per_job=len(data.test))
+    return _answers(run, f"the untuned bases on {name}", f"floors:{name}", jobs, data, prep,
+                    (TRIVIAL, keys.floors[TRIVIAL], lambda: trivial_outputs(name, data.train, data.test, data.metric)))
+
+
+def _answers(run: Run, what: str, stage: str, jobs: list[GenerateJob], data: DatasetInfo, prep: Prepared,
+             free: tuple[str, str, Callable[[], pd.DataFrame]]) -> dict[str, tuple[str, str]]:
+    """Generation jobs on a dataset's test rows as one stage, the budget checked first, then a contender that costs
+    nothing (`free`: the teacher or the trivial answer; its name, key and outputs), written once. Returns
+    contender -> (outputs path, outputs key)."""
+    st, guard = run.store, run.guard
+    base = lambda job: prep.models[job.model.removesuffix(UNTUNED)].signature  # noqa: E731  (an untuned job's model)
+    guard.gpu(what, sum(guard.generate_s(data.test, base(j)) for j in jobs if not st.exists(outputs_path(j.key))))
+    with run.log.stage(stage) as row:
+        batch = generate_all(jobs, run.cfg.compute, run.root, rows_per_job=len(data.test))
         _device_time(row, batch)
-        floors = {job.model: (rel, job.key) for job, (rel, _) in zip(jobs, batch.results)}
+        outputs = {job.model: (rel, job.key) for job, (rel, _) in zip(jobs, batch.results)}
         for _, reused in batch.results:
             count(row, reused)
-        trivial = outputs_path(keys.floors[TRIVIAL])
-        if not st.exists(trivial):
-            st.write_parquet(trivial, trivial_outputs(name, data.train, data.test, data.metric))
-        floors[TRIVIAL] = (trivial, keys.floors[TRIVIAL])
+        name, key, make = free
+        if not st.exists(outputs_path(key)):
+            st.write_parquet(outputs_path(key), make())
+        outputs[name] = (outputs_path(key), key)
     _gpu_spent(run)
-    return floors
+    return outputs

@@ -27,19 +27,8 @@ from tasks.config.base import TEACHER, TRIVIAL, UNTUNED, ZOO_PREFIX, untuned_nam
 from tasks.config.schema import LoadOptions
 from tasks.core.errors import UserError
 from tasks.plan.previous import Decisions, previous_decisions, with_proposals
-from tasks.store.results import (
-    adapter_key,
-    adapter_path,
-    judgments_path,
-    metric_judgment_key,
-    model_path,
-    outputs_key,
-    outputs_path,
-    reference_key,
-    teacher_key,
-    trivial_key,
-    untuned_key,
-)
+from tasks.store.results import (adapter_key, adapter_path, judgments_path, metric_judgment_key, model_path,
+                                 outputs_key, outputs_path, reference_key, teacher_key, trivial_key, untuned_key)
 from tasks.store.store import Store
 
 if TYPE_CHECKING:

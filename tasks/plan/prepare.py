@@ -15,15 +15,8 @@ from tasks.candidates.resolve import candidate_fingerprint, inspect_candidate, t
 from tasks.config.schema import DatasetSpec, FinetuneConfig, LoadOptions, Merge, SearchConfig, recipe_models
 from tasks.core.errors import UserError
 from tasks.data.devsplit import check_dev_split, fit_split
-from tasks.data.load import (
-    DatasetInfo,
-    Example,
-    check_lengths,
-    check_test_size,
-    dataset_fingerprint,
-    infer_metric,
-    load_examples,
-)
+from tasks.data.load import (DatasetInfo, Example, check_lengths, check_test_size, dataset_fingerprint, infer_metric,
+                             load_examples)
 from tasks.data.overlap import check_leaks
 from tasks.models.fingerprint import ModelInfo, check_mergeable
 from tasks.store.results import merge_key

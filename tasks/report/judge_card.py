@@ -9,19 +9,8 @@ import pandas as pd
 
 from tasks.core.errors import UserError
 from tasks.core.tables import md_table
-from tasks.judge.card import (
-    LLM_PREFIX,
-    MIN_AGREEMENT,
-    agreement,
-    agreement_by_dataset,
-    judge_name,
-    llm_mask,
-    longer_won_counts,
-    metric_winners,
-    ok_mask,
-    output_lengths,
-    position_consistency,
-)
+from tasks.judge.card import (LLM_PREFIX, MIN_AGREEMENT, agreement, agreement_by_dataset, judge_name, llm_mask,
+                              longer_won_counts, metric_winners, ok_mask, output_lengths, position_consistency)
 from tasks.rating.rate import rate
 from tasks.report.report import _interval_text, _rating_text
 
