@@ -159,7 +159,8 @@ def report_run(run: Run, prep: Prepared, out: Outcome) -> dict[str, Any]:
     config, st, run_id, confidence = run.cfg, run.store, run.rel.rsplit("/", 1)[-1], run.cfg.rating.confidence
     with run.log.stage("report"):
         trained = training_metrics(config, prep, st)
-        found = lifts(prep, {ds: out.frames[ds] | out.floors.get(ds, {}) for ds in out.frames}, confidence,
+        with_floors = {ds: out.frames[ds] | out.floors.get(ds, {}) for ds in out.frames}
+        found = lifts(prep, with_floors, confidence,
                       config.rating.seed, {k: (m["loss_first"], m["loss_last"]) for k, m in trained.items()})
         st.write_json(f"{run.rel}/learned.json", records(found))  # flows.export refuses a model that learned nothing
         first, *validated = recommendation(out.ratings, out.validation, confidence)
@@ -178,7 +179,7 @@ def report_run(run: Run, prep: Prepared, out: Outcome) -> dict[str, Any]:
                                       confidence, config.rating.seed, out.ratings, out.by_judge)
         for line in warnings:
             get_run_logger().warning(line)
-        md = markdown_report(config, run_id, out.ratings, scores_table(prep, {ds: out.frames[ds] | out.floors.get(ds, {}) for ds in out.frames}), out.validation, run.log.rows,
+        md = markdown_report(config, run_id, out.ratings, scores_table(prep, with_floors), out.validation, run.log.rows,
                              out.judgments, formats_table(prep, out.frames, config.generate.max_new_tokens), verdict,
                              [*search_lines(config, st, run.rel, out.ratings, out.judgments, out.validation),
                               *lift_section(found, confidence), *evidence(config, prep, out.ratings, out.frames,

@@ -87,10 +87,11 @@ def overlap(train: list[Example], test: list[Example], near_duplicate: float) ->
     rest = []
     for ex in test:
         text = prompt_text(ex)
+        key = folded(text)
         if text in raw:
             result.verbatim.append((ex.id, raw[text]))
-        elif folded(text) in fold:
-            result.folded.append((ex.id, fold[folded(text)]))
+        elif key in fold:
+            result.folded.append((ex.id, fold[key]))
         else:
             rest.append((ex.id, shingles(ex)))
     if rest and near_duplicate < 1.0:

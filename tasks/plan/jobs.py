@@ -16,7 +16,7 @@ Validation's two fine-tunes depend on the winner, so they are planned as jobs wh
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from itertools import combinations
 from typing import TYPE_CHECKING, Any
 
@@ -87,8 +87,8 @@ def _chars(rows: list[Any]) -> float:
     return sum(conversation_chars(r.prompt, r.answer) for r in rows) / max(len(rows), 1)
 
 
-def _usd(price: ModelPrice | None, prompt_chars: float, answer_tokens: float) -> float:
-    """Dollars of one request: prompt tokens (characters / 4) and answer tokens at the model's price."""
+def request_usd(price: ModelPrice | None, prompt_chars: float, answer_tokens: float) -> float:
+    """Dollars of requests: prompt tokens (characters / 4) and answer tokens at the model's price."""
     if price is None:
         return 0.0
     return (prompt_chars / CHARS_PER_TOKEN * price.input + answer_tokens * price.output) / 1e6
@@ -143,7 +143,7 @@ def reference_usd(cfg: SearchConfig, ref: Any, rows: list[Any]) -> float:
     """Dollars of a reference answering test rows: their prompts, and answers as long as the teacher's."""
     prompt = sum(sum(len(m["content"]) for m in r.prompt) for r in rows)
     answer = sum(min(ref.max_tokens, len(r.answer) / CHARS_PER_TOKEN) for r in rows)
-    return _usd(cfg.prices.get(ref.model), prompt, answer)
+    return request_usd(cfg.prices.get(ref.model), prompt, answer)
 
 
 def _judge_usd(cfg: SearchConfig, rows: list[Any], pairs: int, share: float = 1.0,
@@ -153,7 +153,7 @@ def _judge_usd(cfg: SearchConfig, rows: list[Any], pairs: int, share: float = 1.
     judge = judge or cfg.judge
     count = pairs * len(rows) * (2 if judge.both_orders else 1) * share
     prompt = JUDGE_PROMPT_TOKENS * CHARS_PER_TOKEN + 3 * _chars(rows)  # conversation, two answers, reference
-    return count, count * _usd(cfg.prices.get(judge.model or ""), prompt, 30)  # a verdict: ~30 tokens of JSON
+    return count, count * request_usd(cfg.prices.get(judge.model or ""), prompt, 30)  # a verdict: ~30 tokens of JSON
 
 
 def _dataset_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, data: DatasetInfo, models: list[str],
@@ -239,17 +239,19 @@ def _decided_jobs(plan: Plan, cfg: SearchConfig, store: Store, decisions: Decisi
     (train_rate, gen_rate), listed = plan.rates, {j.rel for j in plan.jobs}
     names = [p.merge.name for p in decisions.proposals if p.merge.name in infos]
     kept = [n for n in decisions.kept if n in infos]
-    work = [(n, model_path(infos[n].fingerprint), None, 0.0) for n in names]
+    work = [Job("search", f"merge {n}", model_path(infos[n].fingerprint), False) for n in names]
     for split, who in ((dev, names), (data, kept)):
-        keys, size = dataset_keys(cfg, infos, split, who, references=False), param_count
-        work += [(f"{n} on {split.spec.name}", adapter_path(keys.adapters[n]), None,
-                  finetune_seconds(cfg, split.train, size(infos[n].signature), train_rate)) for n in who]
-        work += [(f"{n} answering {split.spec.name}", outputs_path(keys.outputs[n]), None,
-                  generate_seconds(split.test, size(infos[n].signature), gen_rate)) for n in who]
-    for name, rel, _, seconds in work:
-        if rel not in listed:
-            listed.add(rel)
-            plan.jobs.append(Job("search", name if seconds else f"merge {name}", rel, store.exists(rel), seconds))
+        keys = dataset_keys(cfg, infos, split, who, references=False)
+        for n in who:
+            size = param_count(infos[n].signature)
+            work += [Job("search", f"{n} on {split.spec.name}", adapter_path(keys.adapters[n]), False,
+                         finetune_seconds(cfg, split.train, size, train_rate)),
+                     Job("search", f"{n} answering {split.spec.name}", outputs_path(keys.outputs[n]), False,
+                         generate_seconds(split.test, size, gen_rate))]
+    for job in work:
+        if job.rel not in listed:
+            listed.add(job.rel)
+            plan.jobs.append(replace(job, done=store.exists(job.rel)))
 
 
 def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, rates: tuple[float, float],

@@ -20,7 +20,7 @@ import pandas as pd
 
 from tasks.config.base import MODEL_KINDS, TEACHER
 from tasks.config.schema import SearchConfig
-from tasks.plan.jobs import CHARS_PER_TOKEN
+from tasks.plan.jobs import CHARS_PER_TOKEN, request_usd
 from tasks.rating.win_rates import intervals_overlap, per_example_score, pooled_models, win_rate_ci
 
 
@@ -43,7 +43,7 @@ def teacher_serving(outputs: pd.DataFrame, cfg: SearchConfig, prompt_chars: int)
     if t is None or t.model not in cfg.prices:
         return Serving(n, None, None, t.latency_s if t else None, None, "the dataset's own answers")
     price, out_tokens = cfg.prices[t.model], float(outputs["output"].str.len().sum()) / CHARS_PER_TOKEN
-    usd = (prompt_chars / CHARS_PER_TOKEN * price.input + out_tokens * price.output) / 1e6
+    usd = request_usd(price, prompt_chars, out_tokens)
     return Serving(n, usd / n * 1000, usd / out_tokens * 1e6 if out_tokens else None, t.latency_s, t.latency_s,
                    f"{t.model} at ${price.input:g}/${price.output:g} per 1M tokens, as characters / {CHARS_PER_TOKEN}")
 
