@@ -257,7 +257,7 @@ def test_a_hub_candidate_is_checked_without_its_weights(family_dirs, tmp_path, m
                                               "candidates": [{"name": "phi", "path": "microsoft/Phi-3-mini"}]}))
     prep = prepare(cfg)
     assert asked and all("*.safetensors" not in p for p in asked)  # configs, tokenizer, template only
-    assert "'<|end|>'" in prep.models["phi"].template
+    assert "turns end with `<|end|>`" in prep.models["phi"].template  # a code span: shown in Markdown
     asked.clear()
     materialize(cfg.candidates[0], Store(str(tmp_path / "store")), log=lambda s: None)
     assert asked == [[*asked[0]]] and "*.safetensors" in asked[0]  # the weights come at the candidates stage

@@ -83,6 +83,9 @@ def test_html_shows_tags_as_text_and_stage_tables_have_no_nan():
     page = html_report(f"turns end with '</s>'\n\n{md_table(formats)}\n", b"png")
     assert "turns end with '&lt;/s&gt;'" in page and "<td>&lt;/s&gt;</td>" in page
     assert "<td>&lt;|im_end|&gt;</td>" in page and "</s>" not in page.replace("&lt;/s&gt;", "")
+    # a token named in a code span (a prompt format's end of turn) shows as the token, | and all, in a table cell
+    code = html_report(md_table(pd.DataFrame({"format": ["turns end with `<|im_end|>`"]})), b"png")
+    assert "<td>turns end with <code>&lt;|im_end|&gt;</code></td>" in code
     table = stages_table([{"stage": "finetune", "computed": 2, "reused": 0, "seconds": 1.5},
                           {"stage": "judge", "computed": 1, "reused": 0, "seconds": 0.25, "requests": 12.0}])
     assert "nan" not in md_table(table) and table["requests"].tolist() == ["", 12]

@@ -40,7 +40,8 @@ class PromptFormat:
     def describe(self) -> str:
         """One line for the log and the report."""
         fold = "; system text folded into the first user turn" if self.fold_system else ""
-        return f"turns end with {self.end_of_turn!r}{fold}"
+        # a code span: the token stays visible wherever the text is read as Markdown (the report, the model card)
+        return f"turns end with `{self.end_of_turn}`{fold}"
 
 
 def template_text(spec: str, where: str) -> str:

@@ -64,7 +64,7 @@ def check_formats(cfg: SearchConfig, folders: dict[str, Path | None], rows: Rows
     for key, i, c in entries:
         folder = folders[c.name]
         if folder is None:
-            loads[c.name] = LoadOptions(), "the zoo's own chat template; turns end with '</s>'"
+            loads[c.name] = LoadOptions(), "the zoo's own chat template; turns end with `</s>`"
             continue
         who = f"candidate '{c.name}'"
         try:

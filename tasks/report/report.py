@@ -417,6 +417,8 @@ def html_report(markdown_text: str, png: bytes) -> str:
     md.preprocessors.deregister("html_block")
     md.inlinePatterns.deregister("html")
     body = colour_win_rates(md.convert(markdown_text))
+    # md_table escapes | in cells; GitHub-flavoured Markdown unescapes it inside code spans, Python-Markdown does not
+    body = re.sub(r"<code>(.*?)</code>", lambda m: "<code>" + m[1].replace("\\|", "|") + "</code>", body)
     inline = f'src="data:image/png;base64,{base64.b64encode(png).decode()}"'
     # the plot inlined (the page travels alone), and a link to the full-size file beside report.html in the run
     body = re.sub(r'<img alt="([^"]*)" src="ratings.png" />',
