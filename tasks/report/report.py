@@ -383,16 +383,19 @@ STRETCHED_ELO = 1500  # a scope whose fine-tunes' ratings span more than this ge
 
 
 def stretch_notes(ratings: pd.DataFrame) -> list[str]:
-    """A plain note per scope whose ratings run to thousands: there one side wins nearly every comparison, and the
-    Bradley-Terry scale stretches to say so (a 2,000-Elo gap is 100,000:1 odds), so its win rates read better."""
+    """A plain note per scope whose ratings run to thousands because one contender wins (or loses) nearly every
+    comparison there: the Bradley-Terry scale stretches to say so (a 2,000-Elo gap is 100,000:1 odds), so its win
+    rates read better. A wide span without such a contender gets no note: nothing explains it so simply."""
     notes = []
     for scope, r in ratings.groupby("scope", sort=False):
         ends = pd.concat([r["ci_low"], r["ci_high"], r["rating"]]).to_numpy(dtype=float)
         ends = ends[np.isfinite(ends)]
-        if len(ends) and ends.max() - ends.min() > STRETCHED_ELO:
-            notes.append(f"- {scope}: ratings run from {ends.min():.0f} to {ends.max():.0f} Elo because one side wins "
-                         "nearly every comparison there; the scale stretches to say so, and the win rates in the "
-                         "tables below read better than the gaps.")
+        lopsided = r[(r["win_rate"] >= 0.9) | (r["win_rate"] <= 0.1)]
+        if len(ends) and ends.max() - ends.min() > STRETCHED_ELO and len(lopsided):
+            who = lopsided.iloc[0]
+            notes.append(f"- {scope}: ratings run from {ends.min():.0f} to {ends.max():.0f} Elo because "
+                         f"{who['contender']} wins {who['win_rate']:.0%} of its comparisons there; the scale "
+                         "stretches to say so, and the win rates in the tables below read better than the gaps.")
     return [*notes, ""] if notes else []
 
 
