@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench._machine import header, table  # noqa: E402
-from tasks.config.schema import FinetuneConfig, GenerateConfig  # noqa: E402
+from tasks.config.stages import FinetuneConfig, GenerateConfig  # noqa: E402
 from tasks.data.load import load_examples  # noqa: E402
 from tasks.demo.zoo import SHAPE, build_tokenizer  # noqa: E402
 from tasks.generate.outputs import generate  # noqa: E402

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.config.schema import FinetuneConfig, GenerateConfig, LoadOptions, Merge
+from tasks.config.schema import LoadOptions, Merge
+from tasks.config.stages import FinetuneConfig, GenerateConfig
 from tasks.generate.outputs import generate_task
 from tasks.models.merge import merge_task
 from tasks.train.finetune import finetune_task

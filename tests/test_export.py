@@ -75,7 +75,7 @@ def stored_outputs(finished: dict, model: str, dataset: str) -> pd.DataFrame:
 def answers(model, tok, finished: dict, dataset: str, name: str) -> pd.DataFrame:
     """Greedy answers of a model loaded by the test itself, with the search's own batched generation."""
     from tasks.compute.workers import threads_for, torch_threads
-    from tasks.config.schema import GenerateConfig
+    from tasks.config.stages import GenerateConfig
     from tasks.generate.outputs import generate_loaded
 
     examples = load_examples(str(finished["data"][dataset][1]))

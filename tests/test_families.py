@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from tasks.candidates.resolve import inspect_candidate
-from tasks.config.schema import FinetuneConfig, GenerateConfig, LoadOptions, load_config
+from tasks.config.schema import LoadOptions, load_config
+from tasks.config.stages import FinetuneConfig, GenerateConfig
 from tasks.core.errors import UserError
 from tasks.data.load import load_examples
 from tasks.demo.data import make_rows, make_split

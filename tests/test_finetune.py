@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tasks.config.schema import FinetuneConfig
+from tasks.config.stages import FinetuneConfig
 from tasks.data.load import load_examples
 from tasks.models.chat import IGNORE, prompt_format, prompt_ids
 from tasks.train.finetune import batch_loss_sum, encode, finetune, last_mlp, pack, pad, resolve_packing, train_steps

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.config.schema import FinetuneConfig, GenerateConfig
+from tasks.config.stages import FinetuneConfig, GenerateConfig
 from tasks.data.load import load_examples
 from tasks.generate.outputs import _BASES, GENERATED_COLUMNS, cached_base, clear_base_cache, generate
 from tasks.train.finetune import finetune

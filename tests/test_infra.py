@@ -164,7 +164,8 @@ def _apply_module():
 
 def test_the_search_form_starts_from_the_demo_config(deployments):
     from flows.search import search
-    from tasks.config.schema import FinetuneConfig, SearchConfig, load_config
+    from tasks.config.schema import SearchConfig, load_config
+    from tasks.config.stages import FinetuneConfig
 
     spec = _apply_module().deployment_spec()
     deployed = next(d for d in spec["deployments"] if d["entrypoint"] == "flows/search.py:search")

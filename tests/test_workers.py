@@ -14,7 +14,8 @@ from prefect import flow
 from safetensors.torch import load_file
 
 from tasks.compute.workers import local_workers
-from tasks.config.schema import ComputeConfig, FinetuneConfig
+from tasks.config.schema import ComputeConfig
+from tasks.config.stages import FinetuneConfig
 from tasks.core.errors import EnvironmentFailure
 from tasks.plan.execute import finetune_all
 from tasks.plan.jobs import FinetuneJob

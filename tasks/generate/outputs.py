@@ -23,7 +23,7 @@ from tasks.store.results import outputs_path
 from tasks.store.store import Store
 
 if TYPE_CHECKING:
-    from tasks.config.schema import GenerateConfig
+    from tasks.config.stages import GenerateConfig
     from tasks.data.load import Example
 
 # Base models kept loaded between generate calls, by resolved folder: every fine-tune of one base answers its

@@ -32,7 +32,8 @@ from tasks.store.results import (adapter_key, adapter_path, judgments_path, metr
 from tasks.store.store import Store
 
 if TYPE_CHECKING:
-    from tasks.config.schema import FinetuneConfig, GenerateConfig, JudgeConfig, ModelPrice, SearchConfig
+    from tasks.config.schema import JudgeConfig, ModelPrice, SearchConfig
+    from tasks.config.stages import FinetuneConfig, GenerateConfig
     from tasks.data.load import DatasetInfo
     from tasks.models.fingerprint import ModelInfo
     from tasks.plan.prepare import Prepared

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from tasks.candidates.resolve import candidate_fingerprint, inspect_candidate, tokenizer_folder
-from tasks.config.schema import DatasetSpec, FinetuneConfig, LoadOptions, Merge, SearchConfig, recipe_models
+from tasks.config.schema import DatasetSpec, LoadOptions, Merge, SearchConfig, recipe_models
+from tasks.config.stages import FinetuneConfig
 from tasks.core.errors import UserError
 from tasks.data.devsplit import check_dev_split, fit_split
 from tasks.data.load import (DatasetInfo, Example, check_lengths, check_test_size, dataset_fingerprint, infer_metric,

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from tasks.store.keys import content_key
 
 if TYPE_CHECKING:
-    from tasks.config.schema import FinetuneConfig, GenerateConfig, JudgeConfig, Reference
+    from tasks.config.schema import JudgeConfig, Reference
+    from tasks.config.stages import FinetuneConfig, GenerateConfig
 
 # Bump a stage's version when a change alters what the stage computes (not how fast): its results are redone.
 FINETUNE_VERSION = "2"  # 2: packed, shuffled batches

@@ -26,7 +26,7 @@ from tasks.store.store import Store
 from tasks.train.lora_kernels import PACKED_ATTENTION, _register_packed_attention, fuse_small_loras, unfuse_loras
 
 if TYPE_CHECKING:
-    from tasks.config.schema import FinetuneConfig
+    from tasks.config.stages import FinetuneConfig
     from tasks.data.load import Example
 
 # Micro-batch token budget when nothing limits it (CPU): a whole optimizer step in one forward pass.
