@@ -71,7 +71,7 @@ def main() -> None:
                           "test": str(test), "metric": "exact"}],
             # the demo's LoRA settings; a step count instead of its 4 epochs, since the families start untrained
             "finetune": {"max_steps": 20 if a.quick else 60, "batch_size": 8, "learning_rate": 0.01,
-                         "max_length": 256, "lora_r": 16, "lora_alpha": 32},
+                         "max_length": 256, "lora_r": 16, "lora_alpha": 32, "search": {"enabled": False}},
             "generate": {"max_new_tokens": 48, "batch_size": 40},
             "rating": {"bootstrap_rounds": 50},
         }

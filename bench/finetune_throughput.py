@@ -30,7 +30,7 @@ from bench._machine import header, table  # noqa: E402
 from tasks.data.load import load_examples  # noqa: E402
 from tasks.demo.zoo import SHAPE, build_tokenizer  # noqa: E402
 from tasks.models.chat import IGNORE, prompt_format  # noqa: E402
-from tasks.train.finetune import encode, resolve_packing, train_steps  # noqa: E402
+from tasks.train.loop import encode, resolve_packing, train_steps
 
 LR, BATCH, R, ALPHA = 3e-3, 8, 16, 32
 

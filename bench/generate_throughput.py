@@ -88,7 +88,8 @@ def main() -> None:
         adapter = Path(tmp) / "adapter"
         adapter.mkdir()
         train = load_examples(ROOT / "configs" / "demo_data" / "extraction_train.jsonl")
-        finetune(model_dir, train, FinetuneConfig(max_steps=4, batch_size=8, learning_rate=1e-2, max_length=256),
+        finetune(model_dir, train, FinetuneConfig(max_steps=4, batch_size=8, learning_rate=1e-2, max_length=256,
+            search={"enabled": False}),
                  adapter)
         results, outs = [], {}
         plain_batched(model_dir, adapter, examples[:2], 4, batch)  # warm-up, as for ours

@@ -1,7 +1,7 @@
 """GPU fine-tuning throughput and MFU: LoRA r=16 on every linear layer of a Mistral-7B-shaped model.
 
 The model gets random bf16 weights created on the GPU (nothing is downloaded), and trains through our own
-training step (tasks.train.finetune.train_steps: bf16 autocast, SDPA, padding-free packing with per-row attention,
+training step (tasks.train.loop.train_steps: bf16 autocast, SDPA, padding-free packing with per-row attention,
 loss on answer tokens only). Each micro-batch is one packed 2,048-token sequence of 4 examples of 512 tokens
 (256 prompt + 256 answer); an optimizer step takes --packs of them (gradient accumulation). A few warm-up steps,
 then timed steps; prints tokens/s and MFU.
@@ -48,7 +48,8 @@ except ImportError:  # a bare GPU image: tasks.train.finetune needs only prefect
 import torch  # noqa: E402
 
 from bench._machine import header, table  # noqa: E402
-from tasks.train.finetune import IGNORE, train_steps  # noqa: E402
+from tasks.train.finetune import IGNORE  # noqa: E402
+from tasks.train.loop import train_steps
 
 MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768, rope_theta=10000.0)

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from bench._machine import header  # noqa: E402
 from tasks.demo import zoo  # noqa: E402
-from tasks.train.finetune import train_steps  # noqa: E402
+from tasks.train.loop import train_steps
 
 
 def cpu_s() -> float:

@@ -38,6 +38,7 @@ from tasks.config.schema import SearchConfig, load_config
 from tasks.core.errors import UserError
 from tasks.core.tables import text_table
 from tasks.judge.judgments import load_judgments
+from tasks.judge.repeat import repeat_judges
 from tasks.plan.execute import merge_models
 from tasks.plan.jobs import BudgetStop, Guard, check_budget, plan_lines, search_plan
 from tasks.plan.prepare import Prepared, fit_datasets, held_out, prepared
@@ -122,6 +123,22 @@ def rate_run(run: Run, batches: list, frames: dict[str, dict[str, pd.DataFrame]]
     return judgments, ratings, by_judge
 
 
+def repeat_stage(run: Run, prep: Prepared, all_outputs: dict[str, dict[str, tuple[str, str]]],
+                 batches: list) -> pd.DataFrame | None:
+    """Each LLM judge's repeat sample of the test rating asked a second time (tasks/judge/repeat.py), its dollars
+    counted, written beside the run's judgments: the judge card's repeatability, never rated. None: no LLM judge."""
+    if not run.cfg.llm_judges():
+        return None
+    with run.log.stage("judge:repeat") as row:
+        llm = load_judgments(run.store, [b for b in batches if isinstance(b, pd.DataFrame)])  # the LLM judges' tables
+        rep = repeat_judges(llm, {ds: d.test for ds, d in prep.datasets.items()}, all_outputs, run.cfg, run.root,
+                            spent_usd=run.guard.usd)
+        run.guard.usd += rep.new_cost_usd  # budget.max_usd covers the repeats as any judgment
+        row.update(computed=rep.new, reused=rep.reused, requests=rep.requests, cost_usd=round(rep.new_cost_usd, 4))
+    run.store.write_parquet(f"{run.rel}/judge_repeats.parquet", rep.table)
+    return rep.table
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What the stages leave for the report: every outputs table, the judgments, the ratings, the validation."""
@@ -132,6 +149,7 @@ class Outcome:
     ratings: pd.DataFrame
     by_judge: pd.DataFrame | None  # several judges: each one's own ratings
     validation: dict[str, Any] | None
+    repeats: pd.DataFrame | None = None  # LLM judges: the repeated judgments, for the judge card (never rated)
 
 
 def execute(run: Run, prep: Prepared) -> dict[str, Any]:
@@ -144,6 +162,7 @@ def execute(run: Run, prep: Prepared) -> dict[str, Any]:
     all_outputs = {ds: steps.train_and_answer(run, models, data, paths, prep) for ds, data in prep.datasets.items()}
     floors = {ds: steps.answer_floors(run, models, data, paths, prep) for ds, data in prep.datasets.items()}
     batches = steps.judge_all(run, prep.datasets, all_outputs)
+    repeats = repeat_stage(run, prep, all_outputs, batches)
     # every outputs table read once, for the judged outputs' lengths, the verdict, the scores, the formats, the examples
     frames = {ds: {c: run.store.read_parquet(rel) for c, (rel, _) in outs.items()} for ds, outs in all_outputs.items()}
     floor_frames = {ds: {c: run.store.read_parquet(rel) for c, (rel, _) in f.items()} for ds, f in floors.items()}
@@ -151,7 +170,7 @@ def execute(run: Run, prep: Prepared) -> dict[str, Any]:
     validation = validate_winner(run, prep, ratings, paths)
     if validation:
         run.store.write_json(f"{run.rel}/validation.json", validation)
-    return report_run(run, prep, Outcome(frames, floor_frames, judgments, ratings, by_judge, validation))
+    return report_run(run, prep, Outcome(frames, floor_frames, judgments, ratings, by_judge, validation, repeats))
 
 
 def report_run(run: Run, prep: Prepared, out: Outcome) -> dict[str, Any]:
@@ -176,7 +195,8 @@ def report_run(run: Run, prep: Prepared, out: Outcome) -> dict[str, Any]:
         png = plot_ratings(out.ratings)
         card, warnings = card_section(out.judgments, {ds: d.test for ds, d in prep.datasets.items()},
                                       {ds: d.metric for ds, d in prep.datasets.items()}, out.frames,
-                                      confidence, config.rating.seed, out.ratings, out.by_judge)
+                                      confidence, config.rating.seed, out.ratings, out.by_judge,
+                                      repeats=out.repeats)
         for line in warnings:
             get_run_logger().warning(line)
         md = markdown_report(config, run_id, out.ratings, scores_table(prep, with_floors), out.validation, run.log.rows,

@@ -25,10 +25,10 @@ def merge_flow(merge: Merge, paths: dict[str, str], key: str, store_root: str) -
 @flow(name="finetune", flow_run_name="finetune-{model}-{dataset}")
 def finetune_flow(
     model: str, dataset: str, model_dir: str, train_path: str, cfg: FinetuneConfig, key: str, store_root: str,
-    load: LoadOptions | None = None,
+    load: LoadOptions | None = None, dev_from: str = "", dev_share: float = 0.0,
 ) -> tuple[str, bool]:
     """LoRA fine-tune one model on one dataset into store/adapters/<key>: (folder, already there?)."""
-    return finetune_task(model, dataset, model_dir, train_path, cfg, key, store_root, load)
+    return finetune_task(model, dataset, model_dir, train_path, cfg, key, store_root, load, dev_from, dev_share)
 
 
 @flow(name="generate", flow_run_name="generate-{model}-{dataset}")

@@ -5,9 +5,10 @@ Out of process: python -m tests.fake_openai --latency 0.1   (prints `PORT <n>`; 
 
 Judge prompts (those with the judge's fenced ANSWER A / ANSWER B blocks) get a deterministic verdict: the answer
 with more word overlap with the reference wins (strongly when the gap is large); without a reference, the one
-whose text hashes lower. Other prompts (references' test rows) get a deterministic answer. Faults are decided per
-prompt from a hash of its body, on the first attempt only (transient) unless marked permanent, so a client that
-retries always ends with a verdict. Only 127.0.0.1 is ever bound.
+whose text hashes lower (`coin_flip`: a coin drawn per prompt and attempt instead). Other prompts (references'
+test rows) get a deterministic answer. Faults are decided per prompt from a hash of its body, on the first attempt
+only (transient) unless marked permanent, so a client that retries always ends with a verdict. Only 127.0.0.1 is
+ever bound.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Faults:
     rate_always_unparseable: float = 0.0  # every attempt: no verdict (a permanent failure)
     ignore_response_format: bool = False  # answer in prose, as endpoints without structured output do
     prefer_first: bool = False  # a position-biased judge: always "A>B"
+    coin_flip: bool = False  # a judge that answers at random: A>B or B>A by a coin drawn per prompt and attempt
     rate_400: float = 0.0  # every attempt: 400 with a context-length message (a request the server cannot take)
     reject_response_format: bool = False  # 400 "response_format is not supported" to a request that has one
     chat_401: bool = False  # chat rejects every key (GET /models still accepts it)
@@ -299,6 +301,8 @@ class _Handler(BaseHTTPRequestHandler):
             return None
 
         verdict = decide(text, f.prefer_first)
+        if f.coin_flip and verdict is not None:  # the n-th asking of a prompt draws its own coin: repeatable runs
+            verdict = "A>B" if _unit(text, f"coin{attempt}") < 0.5 else "B>A"
         refusal = None
         if fault == "refusal":
             content, refusal = None, "I'm sorry, I can't help with that."

@@ -149,7 +149,7 @@ def build_model(name: str, folder: Path, seed: int = 0, pretrain_steps: int = 0,
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_config(fam, tok, **shape), attn_implementation="eager")
     if pretrain_steps and tok.chat_template:
-        from tasks.train.finetune import train_steps
+        from tasks.train.loop import train_steps
 
         rows = _chats(tok, 24, seed)
         random.Random(seed).shuffle(rows)

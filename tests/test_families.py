@@ -149,7 +149,8 @@ def test_generation_stops_at_the_end_of_turn_after_a_short_finetune(family_dirs,
     test = load_examples(write_jsonl(tmp_path / "test.jsonl", make_rows("classification", 20, 2)))
     gen = GenerateConfig(max_new_tokens=12, batch_size=20)
     before = generate_loaded(*cached_base(family_dirs[name]), "c", test, name, gen)  # no adapter yet
-    cfg = FinetuneConfig(max_steps=30, batch_size=8, learning_rate=1e-2, max_length=256, lora_r=8)
+    cfg = FinetuneConfig(max_steps=30, batch_size=8, learning_rate=1e-2, max_length=256, lora_r=8,
+        search={"enabled": False})
     metrics = finetune(family_dirs[name], train, cfg, tmp_path / "adapter")
     assert metrics["attn_implementation"] == ("eager" if name == "gemma2" else "sdpa")  # Gemma 2 refuses SDPA
     after = generate(family_dirs[name], tmp_path / "adapter", "c", test, name, gen)
@@ -165,7 +166,8 @@ def test_an_adapter_folder_is_a_candidate(family_dirs, tmp_path):
 
     train = load_examples(write_jsonl(tmp_path / "train.jsonl", make_rows("classification", 8, 1)))
     adapter = tmp_path / "my-finetune"
-    finetune(family_dirs["llama3"], train, FinetuneConfig(max_steps=1, batch_size=4, lora_r=4), adapter)
+    finetune(family_dirs["llama3"], train, FinetuneConfig(max_steps=1, batch_size=4, lora_r=4,
+        search={"enabled": False}), adapter)
     assert (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").exists()
     ds = _dataset(tmp_path, "labels", make_rows("classification", 6, 1))
     cfg = load_config(write_config(tmp_path, {"name": "a", "datasets": [ds], "candidates": [
@@ -194,7 +196,8 @@ def test_search_over_three_families_and_a_union_merge(family_dirs, tmp_path, cap
             "models": [{"model": "mistral_base", "parameters": {"weight": 0.5}},
                        {"model": "hermes", "parameters": {"weight": 0.5}}]}}],
         "datasets": [{"name": "labels", "train": str(ds("train", split[0])), "test": str(ds("test", split[1]))}],
-        "finetune": {"max_steps": 20, "batch_size": 8, "learning_rate": 0.01, "max_length": 256, "lora_r": 8},
+        "finetune": {"max_steps": 20, "batch_size": 8, "learning_rate": 0.01, "max_length": 256, "lora_r": 8,
+                     "search": {"enabled": False}},  # formats, not settings, are under test here
         "generate": {"max_new_tokens": 12, "batch_size": 8},
         "rating": {"bootstrap_rounds": 20},
     }

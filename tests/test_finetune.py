@@ -11,7 +11,8 @@ import torch
 from tasks.config.stages import FinetuneConfig
 from tasks.data.load import load_examples
 from tasks.models.chat import IGNORE, prompt_format, prompt_ids
-from tasks.train.finetune import batch_loss_sum, encode, finetune, last_mlp, pack, pad, resolve_packing, train_steps
+from tasks.train.finetune import finetune
+from tasks.train.loop import batch_loss_sum, encode, last_mlp, pack, pad, resolve_packing, train_steps
 from tasks.train.lora_kernels import PACKED_ATTENTION, _register_packed_attention, fuse_small_loras, unfuse_loras
 
 
@@ -76,7 +77,7 @@ def test_pack_boundaries(rows):
 def test_packed_loss_equals_padded_loss(tiny_models, rows, tok, attn):
     model = lora_model(tiny_models["alpha"])
     n = sum(sum(t != IGNORE for t in y[1:]) for _, y in rows)
-    batch = {k: v for k, v in __import__("tasks.train.finetune", fromlist=["collate"]).collate(rows, tok.pad_token_id).items()}
+    batch = {k: v for k, v in __import__("tasks.train.loop", fromlist=["collate"]).collate(rows, tok.pad_token_id).items()}
     hf = model(**batch).loss  # transformers' own loss on the right-padded, masked batch, every position computed
     hf.backward()
     g_hf = grads(model)
@@ -146,7 +147,7 @@ def test_fused_lora_same_loss_and_grads(tiny_models, rows):
 
 
 def test_finetune_writes_adapter_and_memory(tiny_models, tiny_data, tmp_path):
-    cfg = FinetuneConfig(max_steps=3, batch_size=4, learning_rate=3e-3, max_length=128)
+    cfg = FinetuneConfig(max_steps=3, batch_size=4, learning_rate=3e-3, max_length=128, search={"enabled": False})
     m = finetune(tiny_models["alpha"], load_examples(tiny_data["orders"][0]), cfg, tmp_path)
     saved = json.loads((tmp_path / "train_metrics.json").read_text())
     assert saved["steps"] == 3 and saved["packing"] is False and saved["peak_rss_mb"] > 0 and m == saved

@@ -25,7 +25,8 @@ def adapters(sharp_model, tiny_data, tmp_path_factory):
     out = {}
     for name in ("extraction", "classification"):
         folder = tmp_path_factory.mktemp(f"adapter-{name}")
-        cfg = FinetuneConfig(max_steps=4, batch_size=4, learning_rate=1e-2, max_length=128, lora_r=4)
+        cfg = FinetuneConfig(max_steps=4, batch_size=4, learning_rate=1e-2, max_length=128, lora_r=4,
+            search={"enabled": False})
         finetune(sharp_model, load_examples(tiny_data[name][0]), cfg, folder)
         out[name] = folder
     return out

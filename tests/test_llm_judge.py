@@ -278,11 +278,15 @@ def test_search_with_openai_judge_and_reference_reruns_free_and_never_leaks_the_
     assert main(["--config", str(config), "--store", str(store_dir)]) == 0
     out = capsys.readouterr()
     first = server.stats()
-    assert first["chat"] > 0 and first["paid_twice"] == 0
+    assert first["chat"] > 0
 
     store = Store(str(store_dir))
     run = store.read_text("runs/LATEST").strip()
     ratings = store.read_parquet(f"runs/{run}/ratings.parquet")
+    # The judge card's repeats: 50 judgments asked a second time (judge.repeat_min), the only prompts paid twice, kept
+    # apart from the judgments the ratings read.
+    repeats = store.read_parquet(f"runs/{run}/judge_repeats.parquet")
+    assert len(repeats) == 50 and repeats["error"].isna().all() and first["paid_twice"] == 50
     overall = ratings[ratings.scope == "overall"].set_index("contender")
     assert overall.loc["gpt-ref", "kind"] == "reference"
     assert {"alpha", "beta", "teacher", "gpt-ref"} <= set(overall.index)
@@ -290,10 +294,15 @@ def test_search_with_openai_judge_and_reference_reruns_free_and_never_leaks_the_
     assert judgments["judge"].str.startswith("openai:judge-model").all()
     assert judgments["error"].isna().all()
     assert judgments["cost_usd"].sum() > 0
+    assert not set(repeats["repeat_key"]) & set(judgments["key"]) and set(repeats["key"]) <= set(judgments["key"])
+    n = ratings.loc[ratings.scope == "overall", "n_comparisons"].sum()
+    assert n == 2 * judgments["error"].isna().sum()  # every rated judgment is a first one: none of the repeats
     stages = store.read_json(f"runs/{run}/stages.json")
+    assert [(s["requests"], s["computed"]) for s in stages if s["stage"] == "judge:repeat"] == [(50, 50)]
     judge_rows = [s for s in stages if s["stage"].startswith("judge:")]
     assert judge_rows[0]["stop"] == "all pairs judged" and judge_rows[0]["requests"] > 0
     assert "stop" in store.read_text(f"runs/{run}/report.md")
+    assert "### Repeatability" in store.read_text(f"runs/{run}/report.md")
     assert store.exists(f"runs/{run}/validation.json")
     held = store.read_parquet(f"runs/{run}/validation_judgments.parquet")  # no reference is asked the held-out rows
     asked = set(held["contender_a"]) | set(held["contender_b"])
@@ -337,7 +346,8 @@ def test_search_loop_judged_by_the_llm_never_asks_a_reference_the_development_ro
     assert judgments["judge"].str.startswith("openai:judge-model").all()
     assert set(path["kept"]) <= set(judgments["contender_a"]) | set(judgments["contender_b"])
     assert {"gpt-ref"} <= set(judgments["contender_a"]) | set(judgments["contender_b"])
-    assert server.stats()["paid_twice"] == 0
+    # only the test rating's repeats are asked twice: the search loop and validation repeat nothing
+    assert server.stats()["paid_twice"] == len(store.read_parquet(f"runs/{run}/judge_repeats.parquet")) > 0
 
 
 def test_search_with_wrong_key_fails_at_once_with_one_line(server, tmp_path, tiny_models, tiny_data, monkeypatch,

@@ -161,13 +161,13 @@ def test_budget_config_is_strict():
 
 def test_looks_are_fixed_in_advance_and_tested_at_alpha_over_their_number():
     # The arithmetic in _checkpoints' docstring: 16 contenders, 3 x 200 examples, warm-up 4, both orders.
-    from tasks.judge.rounds import _checkpoints, _look_level, _Universe
+    from tasks.judge.rounds import _checkpoints, _Universe, look_level
 
     uni = _Universe([f"m{i:02d}" for i in range(16)], {f"d{d}": [str(i) for i in range(200)] for d in range(3)})
     grid = _checkpoints(uni, BudgetConfig(), orders=2)
     assert grid[0] == 4 * 120 * 2 and grid[-1] < 120 * 600 * 2 and len(grid) == 23
     assert (grid % 2 == 0).all() and (np.diff(grid) >= 0.25 * grid[:-1] - 2).all()
-    assert _look_level(0.95, len(grid) + 1) == pytest.approx(1 - 0.05 / 24)
+    assert look_level(0.95, len(grid) + 1) == pytest.approx(1 - 0.05 / 24)
     capped = _checkpoints(uni, BudgetConfig(max_comparisons=3000), orders=2)
     assert capped[-1] < 3000 and len(capped) < len(grid)
 

@@ -41,7 +41,7 @@ def spawned_workers() -> int:
 
 
 def test_side_by_side_equals_one_after_another(tmp_path, tiny_models, tiny_data):
-    cfg = FinetuneConfig(max_steps=3, batch_size=4, learning_rate=3e-3, max_length=128)
+    cfg = FinetuneConfig(max_steps=3, batch_size=4, learning_rate=3e-3, max_length=128, search={"enabled": False})
     jobs = [FinetuneJob(name, "extraction", str(path), str(tiny_data["extraction"][0]), cfg, f"k-{name}")
             for name, path in tiny_models.items()]
     one = finetune_flow(jobs, 1, str(tmp_path / "one"))
@@ -65,7 +65,7 @@ def die(*args, **kwargs):
 
 def test_a_killed_worker_is_one_line_naming_the_job(tmp_path, tiny_models, tiny_data, monkeypatch):
     monkeypatch.setattr("tasks.train.finetune.finetune", die)  # pickled by name: the worker runs tests.test_workers.die
-    cfg = FinetuneConfig(max_steps=3, batch_size=4, learning_rate=3e-3, max_length=128)
+    cfg = FinetuneConfig(max_steps=3, batch_size=4, learning_rate=3e-3, max_length=128, search={"enabled": False})
     jobs = [FinetuneJob(name, "extraction", str(path), str(tiny_data["extraction"][0]), cfg, f"k-{name}")
             for name, path in tiny_models.items()]
     with pytest.raises(EnvironmentFailure, match=r"^fine-tune of (alpha|beta) on extraction: its worker process died"):

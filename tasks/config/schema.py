@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -150,6 +151,20 @@ class JudgeConfig(Frozen):
         default=5000, ge=1, description="openai judge: most comparisons per Prefect task; its judgments are written "
         "to the store every 500 as they come, so a killed run loses at most that many."
     )
+    repeat_share: float = Field(
+        default=0.05, ge=0, le=1, description="openai and combined judges: share of the test rating's LLM judgments "
+        "asked a second time for the judge card's repeatability (a sample fixed by each judgment's key; paid like any "
+        "judgment, never rated).",
+    )
+    repeat_min: int = Field(
+        default=50, ge=0, description="openai and combined judges: at least this many judgments repeated (all of them "
+        "when fewer); repeat_share and repeat_min both 0 turn repeats off.",
+    )
+
+    def repeat_count(self, judgments: int) -> int:
+        """How many of an LLM judge's judgments the judge card asks again: repeat_share of them, rounded up, at least
+        repeat_min, at most all (tasks/judge/repeat.py; the plan prices them the same way)."""
+        return min(judgments, max(self.repeat_min, math.ceil(self.repeat_share * judgments)))
 
     @model_validator(mode="after")
     def _llm_needs_a_model(self) -> "JudgeConfig":

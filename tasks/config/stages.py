@@ -2,15 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Literal
 
 from pydantic import Field
 
 from tasks.config.base import Frozen
 
+# LoRA's usual peak learning rate on a 7B model (the QLoRA and Axolotl recipes: 1e-4..3e-4); smaller models take
+# larger ones. `auto` scales it by (7e9 / parameters)^(1/3): 1B -> 3.8e-4, 70B -> 9.3e-5, the demo zoo's 0.6M -> 4.5e-3
+# (near the 3e-3 the demo was tuned at by hand), kept within [5e-5, 1e-2]; parameters as models.loading.model_params.
+LORA_LR_7B, LR_FLOOR, LR_CEILING = 2e-4, 5e-5, 1e-2
+# `auto` epochs: enough passes to train on about this many rows (120 rows -> 9 epochs), 1 to 10 of them: a small
+# dataset needs several passes to move a model at all, a large one is learnt in one.
+AUTO_EPOCH_ROWS, AUTO_EPOCHS_MAX = 1000, 10
+RUNG_SHARE = 0.25  # finetune.search: the share of the schedule every rate trains before all but the best stop
+
+
+class SettingsSearch(Frozen):
+    """Each (model, dataset) at its own best settings: learning rates tried on the development split, the best
+    continued, and the number of epochs where its development loss was lowest (tasks/train/settings_search.py)."""
+
+    enabled: bool = Field(default=True, description="Search the learning rate and epochs per (model, dataset); "
+                          "false trains every pair with the one learning_rate and epochs below.")
+    learning_rates: list[float] = Field(
+        default_factory=list, description="Learning rates to try; empty: 3 spanning 10x around learning_rate "
+        "(x 1/3.16, x 1, x 3.16).")
+    patience: int = Field(default=2, ge=1, description="Development checks in a row without a lower loss before the "
+                          "best learning rate's run stops early.")
+
+    def cost(self, dev_share: float) -> float:
+        """The search's steps in fine-tunes of one fixed setting, at their most: every rate a quarter of the schedule,
+        the best the rest, on the rows left after the development split: (3 x 1/4 + 3/4) x (1 - 0.2) = 1.2."""
+        return ((len(self.learning_rates) or 3) * RUNG_SHARE + 1 - RUNG_SHARE) * (1 - dev_share)
+
 
 class FinetuneConfig(Frozen):
-    """LoRA hyper-parameters, the same for every (model, dataset) pair."""
+    """LoRA hyper-parameters: the starting point of each (model, dataset)'s settings search, or the settings
+    themselves with the search off."""
 
     lora_r: int = Field(default=8, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(default=16, ge=1, description="LoRA scale numerator (scale = alpha / r).")
@@ -18,9 +47,14 @@ class FinetuneConfig(Frozen):
     target_modules: str | list[str] = Field(
         default="all-linear", description="Modules that get adapters; `all-linear` is every linear layer but the head."
     )
-    learning_rate: float = Field(default=2e-4, gt=0, description="AdamW peak learning rate (linear decay).")
-    epochs: float = Field(default=1.0, gt=0, description="Passes over the training rows.")
-    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float | Literal["auto"] = Field(
+        default="auto", description="AdamW peak learning rate (linear decay); auto: 2e-4 x (7e9 / parameters)^(1/3), "
+        "what suits LoRA at the model's size (the middle of the search's three).")
+    epochs: float | Literal["auto"] = Field(
+        default="auto", description="Passes over the training rows (with the search: the most it may choose); "
+        "auto: enough to train on about 1,000 rows, 1 to 10 passes.")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps (instead of "
+                                  "epochs).")
     batch_size: int = Field(default=8, ge=1, description="Rows per optimizer step.")
     max_length: int = Field(default=512, ge=8, description="Longest training sequence in tokens; longer rows are cut.")
     seed: int = Field(default=0, description="Seed for LoRA init and batch order.")
@@ -33,6 +67,29 @@ class FinetuneConfig(Frozen):
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in the backward pass: less memory, ~30% more compute."
     )
+    search: SettingsSearch = Field(default_factory=SettingsSearch, description="The learning rate and epochs "
+                                   "searched per (model, dataset) on the development split.")
+
+    def lr_for(self, params: int) -> float:
+        """The peak learning rate for a model of `params` parameters."""
+        if self.learning_rate != "auto":
+            return float(self.learning_rate)
+        return min(LR_CEILING, max(LR_FLOOR, LORA_LR_7B * (7e9 / max(params, 1)) ** (1 / 3)))
+
+    def epochs_for(self, rows: int) -> float:
+        """Passes over `rows` training rows."""
+        if self.epochs != "auto":
+            return float(self.epochs)
+        return float(min(AUTO_EPOCHS_MAX, max(1, math.ceil(AUTO_EPOCH_ROWS / max(rows, 1)))))
+
+    def steps_for(self, rows: int) -> int:
+        """Optimizer steps of one fine-tune on `rows` training rows."""
+        return self.max_steps or math.ceil(self.epochs_for(rows) * rows / self.batch_size)
+
+    def identity(self) -> dict[str, Any]:
+        """What keys a fine-tune: every field, the search's only when it is on (so switching it off keys as before
+        it existed)."""
+        return self.model_dump(exclude=set() if self.search.enabled else {"search"})
 
 
 class GenerateConfig(Frozen):

@@ -52,6 +52,15 @@ def check_dev_split(name: str, rows: list[Example], share: float) -> None:
                         "lower search.dev_share")
 
 
+def check_settings_split(name: str, rows: list[Example], share: float) -> None:
+    """UserError when finetune.search would have no development rows to choose settings on, or nothing to train."""
+    train, dev = split_rows(rows, share)
+    if not dev or not train:
+        raise UserError(f"finetune.search: search.dev_share {share:g} of dataset '{name}' leaves {len(dev)} of its "
+                        f"{len(rows)} training rows to choose the learning rate and epochs on and {len(train)} to "
+                        "train; add rows, change search.dev_share, or set finetune.search.enabled: false")
+
+
 def _row_json(ex: Example) -> dict[str, Any]:
     """A row as a JSONL line of the fine-tuning format, with its id and ground truth kept."""
     row: dict[str, Any] = {"id": ex.id, "messages": [*ex.prompt, {"role": "assistant", "content": ex.answer}]}
@@ -86,7 +95,8 @@ def dev_split(data: DatasetInfo, share: float, store: Store) -> DatasetInfo:
     folder, train, dev = _split_folder(data, share, store)
     spec = DatasetSpec(name=data.spec.name + DEV_SUFFIX, train=str(folder / "train.jsonl"),
                        test=str(folder / "dev.jsonl"), metric=data.metric)
-    return DatasetInfo(spec, train, dev, dataset_fingerprint(spec.train), dataset_fingerprint(spec.test), data.metric)
+    return DatasetInfo(spec, train, dev, dataset_fingerprint(spec.train), dataset_fingerprint(spec.test), data.metric,
+                       source=data)
 
 
 def fit_split(data: DatasetInfo, share: float, store: Store) -> DatasetInfo:

@@ -245,7 +245,7 @@ def zoo_key(name: str) -> str:
 
 def _train(model: Any, tok: Any, spec: ZooModel) -> dict[str, Any]:
     """Full-parameter training of a zoo model on its mix (loss on every token)."""
-    from tasks.train.finetune import train_steps
+    from tasks.train.loop import train_steps
 
     rng = random.Random(spec.seed)
     batch = 16

@@ -355,11 +355,30 @@ def model_card(run: Run, prep: Prepared, w: Winner, out: Path, merged: bool, fmt
         lines += ["## Did fine-tuning work?", "", "Its mean metric score on each dataset's test rows beside its floors "
                   "(the same base untuned, and a trivial answer), as the search measured them:", "", *floors, ""]
     lines += ["## Data", "", *data_rows(cfg, prep), ""]
+    lines += training_lines(w.adapter_dir / "train_metrics.json")
     recipe = w.base_dir / "mergekit_config.yml"
     if w.kind == "merge" and recipe.is_file():
         lines += ["## Merge recipe (mergekit)", "", "```yaml", recipe.read_text(encoding="utf-8").rstrip(), "```", ""]
     lines += ["## Search config", "", "```yaml", run.config_text.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def training_lines(metrics_file: Path) -> list[str]:
+    """The card's training section: the settings the adapter trained with, and what its settings search tried."""
+    import pandas as pd
+
+    from tasks.core.tables import md_table
+    from tasks.report.tables import settings_cells
+
+    if not metrics_file.is_file():
+        return []
+    m = json.loads(metrics_file.read_text())
+    cells = settings_cells(m) | {"steps": m.get("steps"), "training loss": f"{m.get('loss_first')} -> "
+                                 f"{m.get('loss_last')}"}
+    how = ("the learning rate and epochs its settings search chose on the development rows (finetune.search)"
+           if m.get("search") else "the config's fixed settings (finetune.search off)")
+    return ["## Training", "", f"LoRA on the training rows, with {how}:", "",
+            md_table(pd.DataFrame([cells]).fillna("")), ""]
 
 
 def refuse_unlearned(run: Run, name: str, force: bool) -> None:

@@ -1,4 +1,5 @@
-"""The judge card: can the judge be believed? Position consistency, length bias and agreement with ground truth.
+"""The judge card: can the judge be believed? Position consistency, length bias, agreement with ground truth, and
+repeatability.
 
 - Position consistency: of the comparisons an LLM judge saw in both orders, the share whose two verdicts name the
   same winner (from the verdicts as given, before disagreements were settled as ties).
@@ -7,6 +8,8 @@
   (ground truth separates them), the share of the LLM judge's verdicts naming the metric's winner (a tie counts as
   not agreeing), with a percentile bootstrap interval over examples: the judgments of one example (its pairs and
   both orders) rise and fall together, so resampling judgments one by one would make the interval too narrow.
+- Repeatability: of a fixed sample of judgments asked a second time (tasks/judge/repeat.py), the share whose two
+  verdicts agree, and how far each contender's win rate on the sample moved, in points and standard errors.
 A leaf module (pandas, numpy, the prompt's verdict table), imported by the LLM judge; tasks.rating.rate only when the
 ratings per judge are asked for.
 """
@@ -63,9 +66,14 @@ def shown_winner(df: pd.DataFrame) -> pd.Series:
     return out
 
 
-def _judged(df: pd.DataFrame) -> np.ndarray:
+def judged_mask(df: pd.DataFrame) -> np.ndarray:
     """LLM rows without an error whose two outputs differed (identical outputs tie without a call)."""
-    keep = llm_mask(df) & ok_mask(df)
+    return asked_mask(df) & ok_mask(df)
+
+
+def asked_mask(df: pd.DataFrame) -> np.ndarray:
+    """LLM rows whose two outputs differed, so the judge was asked (an error included)."""
+    keep = np.array(llm_mask(df), dtype=bool)  # a copy: the mask may be a read-only view
     if {"hash_first", "hash_second"} <= set(df.columns):
         keep &= (df["hash_first"].astype(str) != df["hash_second"].astype(str)).to_numpy()
     if "raw" in df.columns:
@@ -75,7 +83,7 @@ def _judged(df: pd.DataFrame) -> np.ndarray:
 
 def position_consistency(df: pd.DataFrame) -> tuple[float | None, int]:
     """(share of comparisons seen in both orders whose two verdicts agree, how many such comparisons)."""
-    rows = df[_judged(df)].assign(shown=lambda d: shown_winner(d))
+    rows = df[judged_mask(df)].assign(shown=lambda d: shown_winner(d))
     if len(rows) == 0:
         return None, 0
     g = rows.groupby(["judge", *PAIR], sort=False).agg(orders=("order", "nunique"), n=("order", "size"),
@@ -200,6 +208,50 @@ def agreement_by_dataset(judgments: pd.DataFrame, metric_win: pd.Series, confide
         a = agreement(judgments.loc[idx], metric_win.loc[idx], confidence, seed=seed)
         rows.append({"judge": name, "dataset": ds, **a})
     return pd.DataFrame(rows, columns=["judge", "dataset", "share", "low", "high", "n", "examples", "ties"])
+
+
+# ------------------------------------------------------------------------------------------ repeatability
+
+ALPACA_EVAL_RERUN = ("For scale: the same judge re-run on AlpacaEval 2 moved a win rate 3.4 points, about 3 standard "
+                     "errors.")
+
+
+def _repeated(repeats: pd.DataFrame) -> pd.DataFrame:
+    """Repeat rows with both verdicts (a repeat not sent, or failed, says nothing about the judge)."""
+    ok = ok_mask(repeats) & repeats["winner_second"].isin(["a", "b", "tie"]).to_numpy()
+    return repeats[ok & repeats["winner_first"].isin(["a", "b", "tie"]).to_numpy()]
+
+
+def repeat_agreement(repeats: pd.DataFrame, confidence: float = 0.95, rounds: int = 2000,
+                     seed: int = 0) -> dict[str, Any]:
+    """Share of repeated judgments whose two verdicts name the same winner (a tie is a winner of its own), with a
+    percentile bootstrap interval over examples (one example's judgments rise and fall together)."""
+    rows = _repeated(repeats)
+    if len(rows) == 0:
+        return {"share": None, "low": None, "high": None, "n": 0}
+    agree = (rows["winner_first"] == rows["winner_second"]).to_numpy(dtype=float)
+    cluster, _ = pd.factorize(pd.MultiIndex.from_frame(rows[["dataset", "example_id"]].astype(str)))
+    low, high = _cluster_interval(np.bincount(cluster, agree), np.bincount(cluster).astype(float), confidence,
+                                  rounds, seed)
+    return {"share": float(agree.mean()), "low": low, "high": high, "n": len(rows)}
+
+
+def win_rate_moves(repeats: pd.DataFrame) -> pd.DataFrame:
+    """Per contender, its win rate on the repeated judgments (a tie half a win) by the first and by the second
+    verdicts, the move (second - first), and |move| in standard errors of a win rate over its n judgments,
+    sqrt(p(1-p)/n) at the two rates' mean p (both rates 0, or both 1: no move, 0 SE)."""
+    rows = _repeated(repeats)
+    score = {"a": 1.0, "tie": 0.5, "b": 0.0}  # contender a's
+    first, second = rows["winner_first"].map(score).astype(float), rows["winner_second"].map(score).astype(float)
+    sides = [pd.DataFrame({"contender": rows["contender_a"], "first": first, "second": second}),
+             pd.DataFrame({"contender": rows["contender_b"], "first": 1 - first, "second": 1 - second})]
+    g = pd.concat(sides, ignore_index=True).groupby("contender", sort=True)
+    out = g.agg(n=("first", "size"), first=("first", "mean"), second=("second", "mean")).reset_index()
+    out["move"] = out["second"] - out["first"]
+    p = (out["first"] + out["second"]) / 2
+    out["se"] = np.sqrt(p * (1 - p) / out["n"])
+    out["move_se"] = np.where(out["se"] > 0, out["move"].abs() / out["se"].where(out["se"] > 0, 1.0), 0.0)
+    return out.sort_values(["move_se", "contender"], ascending=[False, True], ignore_index=True)
 
 
 # ------------------------------------------------------------------------------------------ ratings per judge

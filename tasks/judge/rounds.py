@@ -166,11 +166,15 @@ def _checkpoints(uni: _Universe, cfg: BudgetConfig, orders: int) -> np.ndarray:
     would test at z = 3.8 for nothing; growing 25% apart costs at most 25% more judgments than needed (about 12% on
     average). Looks are also at least a quarter round apart, so the rounds cut to end at a look are not tiny.
     """
-    pairs = len(uni.pair_i)
-    most = pairs * uni.n_examples * orders
+    return look_grid(len(uni.pair_i), uni.n_examples, cfg, orders)
+
+
+def look_grid(pairs: int, n_examples: int, cfg: BudgetConfig, orders: int) -> np.ndarray:
+    """The looks of _checkpoints for `pairs` pairs over `n_examples` examples (the plan's estimate reads them too)."""
+    most = pairs * n_examples * orders
     if cfg.max_comparisons is not None:
         most = min(most, cfg.max_comparisons // orders * orders)
-    n = min(cfg.warmup_per_pair, uni.n_examples) * pairs * orders or cfg.round_size * orders
+    n = min(cfg.warmup_per_pair, n_examples) * pairs * orders or cfg.round_size * orders
     grid = []
     while n < most:
         grid.append(n)
@@ -179,7 +183,7 @@ def _checkpoints(uni: _Universe, cfg: BudgetConfig, orders: int) -> np.ndarray:
     return np.array(grid, dtype=np.int64)
 
 
-def _look_level(confidence: float, looks: int) -> float:
+def look_level(confidence: float, looks: int) -> float:
     """The confidence each look is tested at so that all `looks` together are wrong at most 1 - confidence."""
     return 1.0 - (1.0 - confidence) / looks
 
@@ -219,7 +223,7 @@ def _examples_met(judgments: pd.DataFrame, leader: str) -> dict[str, int]:
 def standing(judgments: pd.DataFrame, contenders: Sequence[str], level: float) -> Standing | None:
     """Test the pooled leader against every other contender at `level` (sandwich gap tests); None before any data.
 
-    One test per look: the planner passes the level corrected for its looks (_look_level); a single final test
+    One test per look: the planner passes the level corrected for its looks (look_level); a single final test
     (e.g. after judging a fixed sample) passes the confidence itself.
     """
     names = {str(c) for c in contenders}
@@ -301,7 +305,7 @@ def _adaptive(uni: _Universe, done: pd.DataFrame, judged: np.ndarray, cfg: Budge
     empty = uni.frame(np.empty(0, dtype=np.int64))
     grid = _checkpoints(uni, cfg, orders)
     looks = len(grid) + 1  # the checkpoints and the last look, when the budget or the slots run out
-    level = _look_level(cfg.confidence, looks)
+    level = look_level(cfg.confidence, looks)
     names = list(uni.names)
 
     def last_look(why: str) -> tuple[pd.DataFrame, str]:

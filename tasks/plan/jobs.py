@@ -8,8 +8,9 @@ Estimates:
   recorded in the store (rates/<stage>.json); where none was measured, the assumption used is named in the plan.
   Characters, not tokens: the plan reads no tokenizer, and a rate measured in characters carries the tokenizer's
   characters-per-token ratio with it.
-- Dollars (references and the LLM judge) = tokens (characters / 4) x `prices`; the judge's count is the number of
-  comparisons the planning strategy may make (all pairs, or `budget.max_comparisons` when smaller).
+- Dollars (references and the LLM judge) = tokens (characters / 4) x `prices`; the judge's count is all pairs (or
+  `budget.max_comparisons` when smaller), or with `budget.strategy: adaptive` an estimate of where its planner stops,
+  the bound beside it (tasks/plan/judge_cost.py).
 Validation's two fine-tunes depend on the winner, so they are planned as jobs whose key is known only then.
 """
 
@@ -26,21 +27,20 @@ from tasks.compute.speeds import conversation_chars, measured_rate, param_count
 from tasks.config.base import TEACHER, TRIVIAL, UNTUNED, ZOO_PREFIX, untuned_name
 from tasks.config.schema import LoadOptions
 from tasks.core.errors import UserError
+from tasks.plan.judge_cost import (CHARS_PER_TOKEN, JudgeCost, judge_assumption, judge_costs, request_usd,
+                                   validation_costs)
 from tasks.plan.previous import Decisions, previous_decisions, with_proposals
 from tasks.store.results import (adapter_key, adapter_path, judgments_path, metric_judgment_key, model_path,
-                                 outputs_key, outputs_path, reference_key, teacher_key, trivial_key, untuned_key)
+                                 outputs_key, outputs_path, reference_key, split_key, teacher_key, trivial_key,
+                                 untuned_key)
 from tasks.store.store import Store
 
 if TYPE_CHECKING:
-    from tasks.config.schema import JudgeConfig, ModelPrice, SearchConfig
+    from tasks.config.schema import SearchConfig
     from tasks.config.stages import FinetuneConfig, GenerateConfig
     from tasks.data.load import DatasetInfo
     from tasks.models.fingerprint import ModelInfo
     from tasks.plan.prepare import Prepared
-
-CHARS_PER_TOKEN = 4  # the usual English ratio for BPE vocabularies; only the dollar estimates use it
-JUDGE_PROMPT_TOKENS = 250  # the judge's instructions and verdict format, beside the conversation and answers
-
 
 @dataclass(frozen=True)
 class Job:
@@ -62,6 +62,7 @@ class Plan:
     jobs: list[Job] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
     rates: tuple[float, float] = (0.0, 0.0)  # fine-tuning and generation, in parameter-characters per second
+    judging: list[str] = field(default_factory=list)  # each judge's comparisons and dollars, as the plan prints them
 
     def table(self) -> pd.DataFrame:
         """Per stage: results needed, already in the store, to compute, and the estimated cost of those."""
@@ -88,13 +89,6 @@ def _chars(rows: list[Any]) -> float:
     return sum(conversation_chars(r.prompt, r.answer) for r in rows) / max(len(rows), 1)
 
 
-def request_usd(price: ModelPrice | None, prompt_chars: float, answer_tokens: float) -> float:
-    """Dollars of requests: prompt tokens (characters / 4) and answer tokens at the model's price."""
-    if price is None:
-        return 0.0
-    return (prompt_chars / CHARS_PER_TOKEN * price.input + answer_tokens * price.output) / 1e6
-
-
 def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "cpu") -> Plan:
     """Every job the config implies, from the checked config and fingerprints alone; loads no model."""
     from tasks.plan.prepare import fit_datasets
@@ -114,13 +108,16 @@ def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "c
     models = [n for n, info in prep.models.items() if info.finetuned]
     for data in prep.datasets.values():
         _dataset_jobs(plan, cfg, prep, store, data, models, (train_rate, gen_rate))
-    decisions = previous_decisions(cfg, store) if cfg.validation or cfg.search.rounds else None
+    decisions = previous_decisions(cfg, store) if cfg.validation or cfg.search.rounds or cfg.llm_judges() else None
     if cfg.validation:
         _validation_jobs(plan, cfg, prep, store, (train_rate, gen_rate), decisions)
     if cfg.search.rounds:
         _search_jobs(plan, cfg, prep, store, models, decisions)
     if cfg.llm_judges():
-        _llm_judge_jobs(plan, cfg, prep, models)
+        contenders = len(models) + 1 + len(cfg.references)  # the fine-tunes, the teacher, the references
+        for cost in judge_costs(cfg, {d.spec.name: d.test for d in prep.datasets.values()}, contenders):
+            _judge_job(plan, "judge", cost, decisions)
+        plan.assumptions.append(judge_assumption(cfg, contenders, sum(len(d.test) for d in prep.datasets.values())))
     if any(j.kind == "metric" for j in cfg.judge_list()) and (cfg.budget.strategy != "all-pairs" or
                                                               cfg.budget.max_comparisons):
         # Its verdicts cost nothing and take milliseconds, so stopping early would only lose information.
@@ -130,9 +127,11 @@ def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "c
 
 
 def finetune_seconds(cfg: SearchConfig, data_rows: list[Any], params: int, rate: float) -> float:
-    """Seconds of one fine-tune: optimizer steps x rows per step x characters per row x parameters / rate."""
-    steps = cfg.finetune.max_steps or math.ceil(cfg.finetune.epochs * len(data_rows) / cfg.finetune.batch_size)
-    return steps * cfg.finetune.batch_size * _chars(data_rows) * params / rate
+    """Seconds of one fine-tune: optimizer steps x rows per step x characters per row x parameters / rate; with
+    finetune.search, its settings search's steps too, at their most (tasks/train/settings_search.py)."""
+    ft = cfg.finetune
+    runs = 1 + (ft.search.cost(cfg.search.dev_share) if ft.search.enabled else 0)
+    return runs * ft.steps_for(len(data_rows)) * ft.batch_size * _chars(data_rows) * params / rate
 
 
 def generate_seconds(test_rows: list[Any], params: int, rate: float) -> float:
@@ -147,14 +146,19 @@ def reference_usd(cfg: SearchConfig, ref: Any, rows: list[Any]) -> float:
     return request_usd(cfg.prices.get(ref.model), prompt, answer)
 
 
-def _judge_usd(cfg: SearchConfig, rows: list[Any], pairs: int, share: float = 1.0,
-               judge: JudgeConfig | None = None) -> tuple[float, float]:
-    """(comparisons, dollars) of an LLM judge (default cfg.judge) on `pairs` pairs of contenders over `rows` (`share`
-    of them)."""
-    judge = judge or cfg.judge
-    count = pairs * len(rows) * (2 if judge.both_orders else 1) * share
-    prompt = JUDGE_PROMPT_TOKENS * CHARS_PER_TOKEN + 3 * _chars(rows)  # conversation, two answers, reference
-    return count, count * request_usd(cfg.prices.get(judge.model or ""), prompt, 30)  # a verdict: ~30 tokens of JSON
+def _judge_job(plan: Plan, stage: str, cost: JudgeCost, decisions: Decisions | None) -> None:
+    """An LLM judge's comparisons on one dataset as a job (keyless: planned in rounds), and its plan line; after a
+    finished run of this config, only the judgments that failed in it (its rounds replay from the store)."""
+    failed = decisions.failed_for(stage, cost.dataset, cost.model) if decisions else None
+    if failed is None:
+        plan.jobs.append(Job(stage, cost.job_name(), None, False, usd=cost.usd))
+        plan.judging.append(cost.line())
+        return
+    usd = failed * cost.usd / max(cost.count + cost.repeats, 1)
+    plan.jobs.append(Job(stage, f"{cost.name}: the {failed} failed judgments of {decisions.run}", None, not failed,
+                         usd=usd))
+    if failed:
+        plan.judging.append(f"{cost.name}: {failed} judgments that failed in {decisions.run} asked again, ${usd:.2f}")
 
 
 def _dataset_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, data: DatasetInfo, models: list[str],
@@ -186,6 +190,9 @@ def _dataset_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, d
     for a, b in combinations(sorted(outs, key=outs.get), 2):
         rel = judgments_path(metric_judgment_key(metric, data.metric, data.test_fp, outs[a], outs[b]))
         plan.jobs.append(Job("judge", f"{a} vs {b} on {name}", rel, store.exists(rel)))
+    pairs = math.comb(len(outs), 2)
+    plan.judging.append(f"metric judge on {name}: {pairs * len(data.test):,} comparisons ({pairs} pairs x "
+                        f"{len(data.test):,} rows), free")
 
 
 def _search_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store, models: list[str],
@@ -273,7 +280,7 @@ def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store
     winner = decisions.winner if decisions and decisions.winner in tuned else "winner"
     rels = {}
     for m, info in tuned.items():
-        akey = adapter_key(info.fingerprint, train_fp, cfg.finetune)
+        akey = adapter_key(info.fingerprint, train_fp, cfg.finetune, dev_identity(cfg, train_fp))
         rels[m] = (adapter_path(akey), outputs_path(outputs_key(akey, test_fp, cfg.generate)))
     largest = max(param_count(i.signature) for i in tuned.values())
     for who in dict.fromkeys([winner, *cfg.validation.baselines]):
@@ -287,36 +294,8 @@ def _validation_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, store: Store
     plan.jobs.append(Job("validation", f"teacher on {spec.name}", teacher, store.exists(teacher)))
     # the metric judge's validation batches are free; an LLM judge's are the winner against each opponent and the
     # teacher: the pairs validation reports (flows/search.py validate_winner)
-    for judge in cfg.llm_judges():
-        count, usd = _judge_usd(cfg, test, 1 + len(cfg.validation.baselines), judge=judge)
-        plan.jobs.append(Job("validation", f"{_judge_name(cfg, judge)} on {spec.name}: {count:.0f} comparisons", None,
-                             False, usd=usd))
-
-
-def _llm_judge_jobs(plan: Plan, cfg: SearchConfig, prep: Prepared, models: list[str]) -> None:
-    """The LLM judge's comparisons as one job per dataset, with the strategy's largest count and its dollars."""
-    contenders = len(models) + 1 + len(cfg.references)  # the fine-tunes, the teacher, the references
-    pairs = math.comb(contenders, 2)
-    total = sum(_judge_usd(cfg, d.test, pairs)[0] for d in prep.datasets.values())
-    cap = cfg.budget.max_comparisons
-    share = min(1.0, cap / total) if cap else 1.0
-    for judge in cfg.llm_judges():  # each LLM judge plans its own rounds, under the same cap
-        for d in prep.datasets.values():
-            count, usd = _judge_usd(cfg, d.test, pairs, share, judge)
-            plan.jobs.append(Job("judge", f"{_judge_name(cfg, judge)} on {d.spec.name}: up to {count:.0f} comparisons",
-                                 None, False, usd=usd))
-    combined = any(j.kind == "combined" for j in cfg.llm_judges())
-    plan.assumptions.append("judge: every comparison is counted as a paid request; identical outputs tie without "
-                            "one" + (" and adaptive planning stops once the leader is separated" if
-                                     cfg.budget.strategy == "adaptive" else "") +
-                            (", the combined judge pays only where the metric ties (rows without `expected`, or equal "
-                             "scores)" if combined else "") + ", so the dollars are an upper bound")
-
-
-def _judge_name(cfg: SearchConfig, judge: JudgeConfig) -> str:
-    """How the plan names an LLM judge: 'LLM judge', or with its model when there are several."""
-    kind = "combined judge" if judge.kind == "combined" else "LLM judge"
-    return f"{kind} {judge.model}" if len(cfg.llm_judges()) > 1 else kind
+    for cost in validation_costs(cfg, spec.name, test):
+        _judge_job(plan, "validation", cost, decisions)
 
 
 def planning_device(cfg: SearchConfig) -> str:
@@ -334,12 +313,15 @@ def search_plan(cfg: SearchConfig, prep: Prepared, store: Store) -> Plan:
 
 
 def check_budget(plan: Plan, cfg: SearchConfig) -> None:
-    """Refuse, in one line, a search whose plan alone exceeds a budget cap."""
+    """Refuse, in one line, a search whose plan alone exceeds a budget cap (adaptive judging counts at its estimate:
+    a run that goes past it stops at budget.max_usd anyway)."""
     b = cfg.budget
     if b.max_usd is not None and plan.usd() > b.max_usd:
+        adaptive = b.strategy == "all-pairs" and cfg.llm_judges()  # an estimate far below all pairs
         raise UserError(f"budget.max_usd: the plan's judge and reference requests are estimated at "
                         f"${plan.usd():.2f}, ${plan.usd() - b.max_usd:.2f} over the cap of ${b.max_usd:.2f}; raise it, "
-                        "or cut references, contenders or budget.max_comparisons")
+                        "or cut references, contenders or budget.max_comparisons" +
+                        (", or judge with budget.strategy: adaptive" if adaptive else ""))
     need = plan.gpu_hours(required=True)  # the search loop's proposals stop themselves before a round over the cap
     if b.max_gpu_hours is not None and need > b.max_gpu_hours:
         raise UserError(f"budget.max_gpu_hours: the plan's fine-tunes and generations are estimated at "
@@ -402,15 +384,17 @@ _GO_ON = "what the run computed is in the store: raise the cap and run again to 
 
 
 def plan_lines(plan: Plan) -> list[str]:
-    """The plan as the command line and the log print it: one table, the totals, the assumptions."""
+    """The plan as the command line and the log print it: one table, the totals, each judge's comparisons, the
+    assumptions."""
     from tasks.core.tables import text_table
 
     lines = [text_table(plan.table()), "",
              f"to compute: {sum(not j.done for j in plan.jobs)} of {len(plan.jobs)} results, estimated "
              f"{plan.gpu_hours():.4f} GPU-hours and ${plan.usd():.2f}"]
+    judging = [f"judge: {line}" for line in plan.judging]
     if all(j.done for j in plan.jobs):
-        lines[-1] = f"everything ({len(plan.jobs)} results) is already in the store: nothing to compute"
-    return lines + [f"assumption: {a}" for a in plan.assumptions]
+        lines[-1], judging = f"everything ({len(plan.jobs)} results) is already in the store: nothing to compute", []
+    return lines + judging + [f"assumption: {a}" for a in plan.assumptions]
 
 
 @dataclass(frozen=True)
@@ -424,6 +408,8 @@ class FinetuneJob:
     cfg: FinetuneConfig
     key: str
     load: LoadOptions = LoadOptions()  # the model's prompt template and remote-code opt-in (tasks/models/chat.py)
+    dev_from: str = ""  # finetune.search: the training file whose development rows (share dev_share) choose settings
+    dev_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -457,7 +443,8 @@ class DatasetKeys:
 def dataset_keys(cfg: SearchConfig, models: dict[str, ModelInfo], data: DatasetInfo, names: list[str],
                  references: bool = True) -> DatasetKeys:
     """The keys of `names`' fine-tunes on a dataset and of every contender's outputs on its test rows."""
-    adapters = {m: adapter_key(models[m].fingerprint, data.train_fp, cfg.finetune) for m in names}
+    dev = dev_identity(cfg, (data.source or data).train_fp)
+    adapters = {m: adapter_key(models[m].fingerprint, data.train_fp, cfg.finetune, dev) for m in names}
     outputs = {m: outputs_key(a, data.test_fp, cfg.generate) for m, a in adapters.items()}
     outputs[TEACHER] = teacher_key(data.test_fp)
     if references:
@@ -470,8 +457,15 @@ def dataset_keys(cfg: SearchConfig, models: dict[str, ModelInfo], data: DatasetI
 def finetune_jobs(cfg: SearchConfig, models: dict[str, ModelInfo], data: DatasetInfo, names: list[str],
                   paths: dict[str, str], keys: DatasetKeys) -> list[FinetuneJob]:
     """The fine-tunes of `names` on a dataset, runnable: `paths` are the models' local folders."""
-    return [FinetuneJob(m, data.spec.name, paths[m], data.spec.train, cfg.finetune, keys.adapters[m], models[m].load)
-            for m in names]
+    dev = ((data.source or data).spec.train, cfg.search.dev_share) if cfg.finetune.search.enabled else ("", 0.0)
+    return [FinetuneJob(m, data.spec.name, paths[m], data.spec.train, cfg.finetune, keys.adapters[m], models[m].load,
+                        *dev) for m in names]
+
+
+def dev_identity(cfg: SearchConfig, source_train_fp: str) -> str:
+    """The development split that chooses a dataset's fine-tune settings ('' with finetune.search off): the
+    dataset's own training rows and search.dev_share, as the merge loop splits them."""
+    return split_key(source_train_fp, cfg.search.dev_share) if cfg.finetune.search.enabled else ""
 
 
 def untuned_jobs(cfg: SearchConfig, data: DatasetInfo, finetunes: list[FinetuneJob], keys: DatasetKeys,

@@ -40,6 +40,17 @@ class Decisions:
     proposals: list[Proposal] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     winner: str | None = None
+    # LLM judgments that failed in it: stage ('judge', 'validation') -> (dataset, judge label) -> how many; the only
+    # judgments a re-run asks again. None when it has no LLM judgments on record.
+    failed: dict[str, dict[tuple[str, str], int]] | None = None
+
+    def failed_for(self, stage: str, dataset: str, model: str) -> int | None:
+        """Failed judgments of this judge model on this dataset in this stage of the finished run (None: nothing on
+        record, so nothing is known)."""
+        if self.failed is None or stage not in self.failed:
+            return None
+        return sum(n for (ds, label), n in self.failed[stage].items()
+                   if ds == dataset and label.startswith(f"openai:{model}@"))
 
 
 def _run_ids(store: Store) -> list[str]:
@@ -75,7 +86,23 @@ def _read(store: Store, rel: str, cfg: SearchConfig) -> Decisions:
     if store.exists(f"{rel}/search/search.json"):
         kept = list(store.read_json(f"{rel}/search/search.json").get("kept", []))
     winner = store.read_json(f"{rel}/frozen_winner.json")["winner"] if store.exists(f"{rel}/frozen_winner.json") else None
-    return Decisions(rel, proposals, kept, winner)
+    return Decisions(rel, proposals, kept, winner, _failed(store, rel))
+
+
+def _failed(store: Store, rel: str) -> dict[str, dict[tuple[str, str], int]] | None:
+    """A finished run's failed LLM judgments per stage, dataset and judge label (None without LLM judgments)."""
+    out = {}
+    for stage, name in (("judge", "judgments"), ("validation", "validation_judgments")):
+        if not store.exists(f"{rel}/{name}.parquet"):
+            continue
+        df = store.read_parquet(f"{rel}/{name}.parquet")
+        if "error" not in df.columns:
+            continue
+        llm = df[df["judge"].astype(str).str.startswith("openai:")]
+        if len(llm):
+            counts = llm["error"].notna().groupby([llm["dataset"].astype(str), llm["judge"].astype(str)]).sum()
+            out[stage] = {key: int(n) for key, n in counts.items()}
+    return out or None
 
 
 def with_proposals(models: dict[str, ModelInfo], decisions: Decisions) -> dict[str, ModelInfo]:

@@ -9,8 +9,10 @@ import pandas as pd
 
 from tasks.core.errors import UserError
 from tasks.core.tables import md_table
-from tasks.judge.card import (LLM_PREFIX, MIN_AGREEMENT, agreement, agreement_by_dataset, judge_name, llm_mask,
-                              longer_won_counts, metric_winners, ok_mask, output_lengths, position_consistency)
+from tasks.judge.card import (ALPACA_EVAL_RERUN, LLM_PREFIX, MIN_AGREEMENT, agreement, agreement_by_dataset,
+                              judge_name, llm_mask, longer_won_counts, metric_winners, ok_mask, output_lengths,
+                              position_consistency, repeat_agreement, win_rate_moves)
+from tasks.judge.repeat import NOT_SENT, eligible
 from tasks.rating.rate import rate
 from tasks.report.report import _interval_text, _rating_text
 
@@ -67,8 +69,9 @@ def _agreement_text(share: float | None, low: float | None, high: float | None, 
 def card_section(judgments: pd.DataFrame, examples: Mapping[str, list[Example]], metrics: Mapping[str, str],
                  outputs: Mapping[str, Mapping[str, pd.DataFrame]], confidence: float = 0.95, seed: int = 0,
                  pooled: pd.DataFrame | None = None, by_judge: pd.DataFrame | None = None,
-                 threshold: float = MIN_AGREEMENT) -> tuple[list[str], list[str]]:
-    """(the report's judge card in Markdown, its warning lines); nothing when no LLM judge took part."""
+                 threshold: float = MIN_AGREEMENT, repeats: pd.DataFrame | None = None) -> tuple[list[str], list[str]]:
+    """(the report's judge card in Markdown, its warning lines); nothing when no LLM judge took part. `repeats`: the
+    run's repeated judgments (tasks/judge/repeat.py), shown as the card's repeatability."""
     if len(judgments) == 0 or "judge" not in judgments.columns or not llm_mask(judgments).any():
         return [], []
     win = metric_winners(judgments, examples, metrics, outputs)
@@ -108,9 +111,53 @@ def card_section(judgments: pd.DataFrame, examples: Mapping[str, list[Example]],
                 "prompt, reference setting and model before trusting its ranking"
                 for r in per_ds.itertuples(index=False) if r.n and r.share < threshold]
     lines += ["", *[f"**Warning:** {w}." for w in warnings]] if warnings else []
+    if repeats is not None:
+        lines += ["", *repeat_lines(judgments, repeats, confidence, seed)]
     if by_judge is not None and len(by_judge) and pooled is not None:
         lines += ["", *_per_judge_lines(pooled, by_judge)]
     return lines + [""], warnings
+
+
+def _move_text(moves: pd.DataFrame) -> str:
+    """The largest win-rate move: 'hermes 61% -> 65%, +3.8 points = 1.1 SE (18 judgments)', or a dash."""
+    if len(moves) == 0:
+        return "-"
+    m = moves.iloc[0]
+    return (f"{m['contender']} {m['first']:.0%} -> {m['second']:.0%}, {100 * m['move']:+.1f} points = "
+            f"{m['move_se']:.1f} SE ({int(m['n'])} judgments)")
+
+
+def repeat_lines(judgments: pd.DataFrame, repeats: pd.DataFrame, confidence: float = 0.95, seed: int = 0) -> list[str]:
+    """The card's repeatability: per judge, how many judgments were asked again, how often the two verdicts agree, and
+    the largest move of a contender's win rate on them; the metric judge is deterministic and is not repeated."""
+    rows, notes = [], []
+    for name in dict.fromkeys(judgments["judge"].map(judge_name)):
+        if not name.startswith(LLM_PREFIX):
+            rows.append({"judge": name, "repeated": "-", "verdicts agree": "deterministic: the same two outputs always "
+                         "get the same verdict, so nothing is repeated", "largest win-rate move": "0 (none possible)"})
+            continue
+        mine = repeats[repeats["judge"] == name] if len(repeats) else repeats
+        made = len(eligible(judgments, name))
+        a = repeat_agreement(mine, confidence, seed=seed)
+        rows.append({"judge": name, "repeated": f"{a['n']} of {made} ({a['n'] / made:.0%})" if made else "0",
+                     "verdicts agree": _agreement_text(a["share"], a["low"], a["high"], a["n"], confidence),
+                     "largest win-rate move": _move_text(win_rate_moves(mine))})
+        unsent = int((mine["error"] == NOT_SENT).sum()) if len(mine) else 0
+        failed = int((~ok_mask(mine)).sum()) - unsent if len(mine) else 0
+        if unsent or failed:
+            notes.append(f"- **{name}**: of {len(mine)} repeats planned, {unsent} not sent (budget.max_usd) and "
+                         f"{failed} failed; they are asked on the next run.")
+        elif not len(mine) and made:
+            notes.append(f"- **{name}**: not repeated (judge.repeat_share and judge.repeat_min are 0).")
+    return ["### Repeatability", "",
+            "A fixed sample of each LLM judge's judgments (`judge.repeat_share` of those it made by a call, at least "
+            "`judge.repeat_min`; chosen by a hash of each judgment's key, so every run re-asks the same ones) was "
+            "asked a second time; the second verdicts are not rated (`judge_repeats.parquet`). *Verdicts agree*: the "
+            f"share naming the same winner both times (a tie as a winner of its own), with a {confidence:.0%} "
+            "bootstrap interval over examples. *Largest win-rate move*: how far a contender's win "
+            "rate on the sample moved from the first verdicts to the second (a tie half a win), in points and in "
+            f"standard errors of that win rate, sqrt(p(1-p)/n). {ALPACA_EVAL_RERUN}", "",
+            md_table(pd.DataFrame(rows)), *([""] + notes if notes else [])]
 
 
 def _per_judge_lines(pooled: pd.DataFrame, by_judge: pd.DataFrame) -> list[str]:

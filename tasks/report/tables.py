@@ -15,15 +15,29 @@ CELL_CHARS = 160  # longer texts are cut (with an ellipsis) so a table row stays
 
 
 def finetune_table(metrics: dict[tuple[str, str], dict]) -> pd.DataFrame:
-    """One row per fine-tune (model, dataset): training time, tokens/s, peak memory and the loss it reached."""
+    """One row per fine-tune (model, dataset): the settings it trained with (and what its search tried), training
+    time, tokens/s, peak memory and the loss it reached."""
     rows = []
     for (model, dataset), m in metrics.items():
         peak = m.get("peak_rss_mb") or m.get("peak_cuda_mb")
-        rows.append({"model": model, "dataset": dataset, "device": m.get("device", "?"), "steps": m.get("steps"),
-                     "seconds": m.get("seconds"), "tokens/s": round(m.get("tokens_per_s") or 0),
-                     "peak memory MB": round(peak) if peak else "", "loss first": m.get("loss_first"),
-                     "loss last": m.get("loss_last")})
+        rows.append({"model": model, "dataset": dataset, **settings_cells(m), "device": m.get("device", "?"),
+                     "steps": m.get("steps"), "seconds": m.get("plan_seconds", m.get("seconds")),
+                     "tokens/s": round(m.get("tokens_per_s") or 0), "peak memory MB": round(peak) if peak else "",
+                     "loss first": m.get("loss_first"), "loss last": m.get("loss_last")})
     return pd.DataFrame(rows)
+
+
+def settings_cells(m: dict) -> dict[str, object]:
+    """A fine-tune's learning rate and epochs, and with finetune.search the rates it tried (a diverged one marked)
+    and its development loss from the first check to the lowest."""
+    s = m.get("search")
+    cells: dict[str, object] = {"learning rate": f"{m['learning_rate']:.2g}" if "learning_rate" in m else "",
+                                "epochs": m.get("epochs", "")}
+    if s:
+        cells["rates tried"] = ", ".join(f"{lr:.2g}" + (" (diverged)" if lr in s.get("diverged", []) else "")
+                                         for lr in s["learning_rates"])
+        cells["dev loss"] = f"{s['first_dev_loss']} -> {s['best_dev_loss']} ({s['dev_rows']} rows)"
+    return cells
 
 
 def _cell(text: object) -> str:
@@ -62,8 +76,11 @@ def evidence_lines(finetunes: pd.DataFrame, examples: dict[str, pd.DataFrame]) -
 
     lines = []
     if len(finetunes):
-        lines += ["## Fine-tunes", "", "Training time, throughput, peak memory and loss of every LoRA fine-tune "
-                  "(from its adapter's train_metrics.json).", "", md_table(finetunes), ""]
+        lines += ["## Fine-tunes", "", "The settings, training time (its settings search included), throughput, "
+                  "peak memory and loss of every LoRA fine-tune (from its adapter's train_metrics.json). With "
+                  "`finetune.search`, each (model, dataset) tried the rates shown on its development rows (training "
+                  "on the rest), the best went on, and the fine-tune trained on all its rows at that rate for the "
+                  "epochs where the development loss was lowest.", "", md_table(finetunes.fillna("")), ""]
     if examples:
         lines += ["## Example outputs", "", f"The first {EXAMPLE_ROWS} test rows of each dataset: the prompt's last "
                   "message, the expected answer, the teacher's, and the best fine-tunes' (best first) and the "

@@ -69,9 +69,11 @@ rates_path = Folder("rates/", ".json")  # keyed by stage name, not by content
 run_path = Folder(f"{RUNS}/")  # keyed by run id
 
 
-def adapter_key(model_fp: str, train_fp: str, cfg: FinetuneConfig) -> str:
-    """A fine-tune: base weights, training rows, hyper-parameters, code version."""
-    return content_key("finetune", model_fp, train_fp, cfg.model_dump(), FINETUNE_VERSION)
+def adapter_key(model_fp: str, train_fp: str, cfg: FinetuneConfig, dev: str = "") -> str:
+    """A fine-tune: base weights, training rows, hyper-parameters, code version, and the development split that
+    chose its settings (finetune.search; '' with the search off, keyed as before the search existed)."""
+    parts = ("finetune", model_fp, train_fp, cfg.identity(), FINETUNE_VERSION)
+    return content_key(*parts, dev) if dev else content_key(*parts)
 
 
 def outputs_key(adapter: str, test_fp: str, cfg: GenerateConfig) -> str:
@@ -116,6 +118,12 @@ def metric_judgment_key(cfg: JudgeConfig, metric: str, test_fp: str, outputs_a: 
 def llm_judgment_key(model: str, dataset: str, example_id: str, example_hash: str, first: str, second: str) -> str:
     """One LLM judgment: judge model, prompt version, dataset, example, the shown outputs' hashes in order."""
     return content_key("judgment", model, PROMPT_VERSION, dataset, str(example_id), example_hash, first, second)
+
+
+def llm_repeat_key(judgment_key: str) -> str:
+    """The second asking of an LLM judgment (the judge card's repeatability): its own key, so the first's cached
+    verdict never answers it, and a re-run finds it in the store."""
+    return content_key("judgment-repeat", judgment_key)
 
 
 def llm_batch_key(judgment_keys: list[str]) -> str:

@@ -1,14 +1,10 @@
-"""LoRA fine-tuning (peft) of one model on one dataset, with the loss on the assistant's tokens only."""
+"""The fine-tuning stage: a LoRA adapter (peft) of one model on one dataset, at the settings its search chose."""
 
 from __future__ import annotations
 
 import json
-import math
-import random
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from prefect import get_run_logger, task
@@ -17,364 +13,61 @@ from prefect.cache_policies import NO_CACHE
 from tasks.compute.speeds import conversation_chars, record_rate
 from tasks.compute.workers import in_worker
 from tasks.config.schema import LoadOptions
-from tasks.core import progress
-from tasks.core.errors import UserError
-from tasks.models.chat import IGNORE, PromptFormat, encode_row
-from tasks.models.loading import base_of, load_base, model_params, peak_memory_mb
+from tasks.data.devsplit import row_position
+from tasks.models.loading import base_of, load_base, model_params
 from tasks.store.results import adapter_path
 from tasks.store.store import Store
-from tasks.train.lora_kernels import PACKED_ATTENTION, _register_packed_attention, fuse_small_loras, unfuse_loras
+from tasks.train.loop import Trainer, training_mode, training_rows
+from tasks.train.settings_search import search_settings
 
 if TYPE_CHECKING:
     from tasks.config.stages import FinetuneConfig
     from tasks.data.load import Example
 
-# Micro-batch token budget when nothing limits it (CPU): a whole optimizer step in one forward pass.
-UNLIMITED_TOKENS = 1 << 30
-
-
-def encode(tok: Any, fmt: PromptFormat, ex: Example) -> tuple[list[int], list[int]]:
-    """(input ids, labels) of one training row in the model's prompt format (tasks/models/chat.py): labels on the target."""
-    return encode_row(tok, fmt, ex.prompt, ex.answer)
-
-
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Shuffled batches of indices, each made of similar lengths so that little compute goes on padding.
-
-    Rows are shuffled, cut into windows of 16 batches, sorted by length inside each window, batched, and the
-    batches shuffled again: order stays random across windows while padding within a batch stays small.
-    """
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = batch_size * 16
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def shuffled_batches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
-    """One epoch of plain random batches (packing leaves no padding, so nothing is gained by grouping lengths).
-
-    Popped from the end, like length_grouped_batches' list.
-    """
-    order = list(range(n))
-    rng.shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)][::-1]
-
-
-def _targets(labels: list[int]) -> list[int]:
-    """What each position must predict: the next token's label; the last position predicts nothing."""
-    return list(labels[1:]) + [IGNORE]
-
-
-def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch of (ids, labels) into tensors with an attention mask (labels unshifted, HF style)."""
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):
-        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def pack(rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-    """Padding-free batch: all rows end to end in one sequence, positions restarting at 0 for each row.
-
-    transformers reads the position resets as sequence boundaries and keeps attention inside each row
-    (a block-diagonal causal mask with SDPA, variable-length kernels with flash attention), so each row is
-    computed exactly as if alone. `targets` holds each position's next-token label, IGNORE at each row's end,
-    so no row learns to predict the next row's first token.
-    """
-    ids = torch.tensor([t for x, _ in rows for t in x], dtype=torch.long)[None]
-    pos = torch.tensor([p for x, _ in rows for p in range(len(x))], dtype=torch.long)[None]
-    tgt = torch.tensor([t for _, y in rows for t in _targets(y)], dtype=torch.long)[None]
-    bounds = torch.tensor([0] + [len(x) for x, _ in rows]).cumsum(0)  # stays on the CPU (see packed_sdpa_attention)
-    return {"input_ids": ids, "position_ids": pos, "targets": tgt, "cu_seq_lens_q": bounds}
-
-
-def pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; `targets` as in pack (IGNORE on padding).
-
-    No attention mask: with right padding and causal attention a real token only ever sees the real tokens
-    before it, so a mask changes nothing the loss reads (padding positions have no target and pass no
-    gradient back); without one, SDPA runs its plain causal kernel and transformers builds no 4-D mask.
-    """
-    b = collate(rows, pad_id)
-    tgt = torch.full_like(b["labels"], IGNORE)
-    tgt[:, :-1] = b["labels"][:, 1:]
-    return {"input_ids": b["input_ids"], "targets": tgt}
-
-
-def micro_batches(rows: list[tuple[list[int], list[int]]], budget: int, packing: bool) -> list[list[int]]:
-    """Split one optimizer step's rows into micro-batches of at most `budget` tokens (padding counted).
-
-    A row longer than the budget goes alone. Gradients are accumulated over the micro-batches, so the step
-    computes the same as one big batch.
-    """
-    out: list[list[int]] = []
-    cur: list[int] = []
-    for i, (ids, _) in enumerate(rows):
-        cost = (sum(len(rows[j][0]) for j in cur) + len(ids)) if packing else \
-            (len(cur) + 1) * max([len(ids)] + [len(rows[j][0]) for j in cur])
-        if cur and cost > budget:
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    return out + ([cur] if cur else [])
-
-
-def last_mlp(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The position-wise MLP of the model's last decoder layer (Llama-family layout), or None.
-
-    None as well when that layer is checkpointed: its recomputation in the backward pass would run the MLP in full.
-    """
-    inner = base_of(model)
-    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if not layers or getattr(layers[-1], "gradient_checkpointing", False):
-        return None
-    return getattr(layers[-1], "mlp", None)
-
-
-@contextmanager
-def mlp_only_at(mlp: torch.nn.Module | None, where: torch.Tensor) -> Iterator[None]:
-    """Run `mlp` only at the positions `where` (a bool mask over batch x sequence); elsewhere it outputs zeros.
-
-    Used on the last layer: only positions with a target reach the loss, so its MLP at the others (~77% of the
-    demo's positions are prompt) would be computed and thrown away. The MLP is position-wise, so the kept
-    positions get exactly what they would get from the full call.
-    """
-    if mlp is None:
-        yield
-        return
-    full = mlp.forward
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        out[where] = full(x[where][None])[0]  # as one (1, kept, hidden) row: MoE blocks read a 3-D shape
-        return out
-
-    mlp.forward = forward
-    try:
-        yield
-    finally:
-        del mlp.forward
-
-
-def batch_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy of a (packed or padded) batch on its target tokens.
-
-    Logits are computed only at the positions that have a target (`logits_to_keep`): on assistant-only data
-    most positions are prompt, and the head's matmul and the float32 logits there would be wasted. For the
-    same reason the last layer's MLP runs only where a row has a target (mlp_only_at).
-    """
-    tgt = batch["targets"]
-    where = tgt != IGNORE
-    keep = where.any(0).nonzero().squeeze(1)  # positions with a target in any row
-    kwargs = {k: v for k, v in batch.items() if k != "targets"}
-    if base_of(model).config._attn_implementation != PACKED_ATTENTION:
-        kwargs.pop("cu_seq_lens_q", None)  # flash attention / SDPA read the rows from position_ids instead
-    partial = not bool(where.all())  # every position learned: nothing to skip
-    with mlp_only_at(last_mlp(model) if partial else None, where):
-        logits = model(**kwargs, use_cache=False, logits_to_keep=keep).logits
-    return torch.nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), tgt[:, keep].flatten(), ignore_index=IGNORE, reduction="sum"
-    )
-
-
-def auto_token_budget(model: torch.nn.Module, dev: torch.device, checkpointing: bool) -> int:
-    """Largest micro-batch (tokens) expected to fit in free GPU memory; unlimited on CPU.
-
-    Estimate of activation memory per token in bf16 for a decoder: ~(16 * hidden + 6 * intermediate) values
-    per layer without checkpointing, ~(2 * hidden) per layer plus one layer's full set with it; 60% of free
-    memory is used. An out-of-memory error halves the budget and redoes the step (train_steps), so the
-    estimate only needs to be about right.
-    """
-    if dev.type != "cuda":
-        return UNLIMITED_TOKENS
-    cfg = getattr(model, "config", None)
-    hidden = getattr(cfg, "hidden_size", 4096)
-    inter = getattr(cfg, "intermediate_size", 4 * hidden)
-    layers = getattr(cfg, "num_hidden_layers", 32)
-    vocab = getattr(cfg, "vocab_size", 32000)
-    per_layer = 16 * hidden + 6 * inter
-    acts = 2 * hidden * layers + per_layer if checkpointing else per_layer * layers
-    per_token = 2 * acts + 8 * vocab  # bf16 activations; float32 logits and their gradient
-    free, _ = torch.cuda.mem_get_info(dev)
-    return max(256, int(0.6 * free / per_token))
-
-
-def resolve_packing(packing: bool | str, attn: str) -> bool:
-    """`packing` itself, or for "auto": pack only where flash-attention's variable-length kernels read packed rows.
-
-    With SDPA a pack needs one attention call per row; on the demo's CPU bench that made packed steps ~6% slower
-    than length-grouped padded batches (1.5% padding), which SDPA runs as one causal call.
-    """
-    return attn.startswith("flash_attention") if packing == "auto" else bool(packing)
-
-
-def train_steps(
-    model: torch.nn.Module,
-    rows: list[tuple[list[int], list[int]]],
-    *,
-    lr: float,
-    steps: int,
-    batch_size: int,
-    seed: int,
-    pad_id: int,
-    packing: bool | str = "auto",
-    gradient_checkpointing: bool = False,
-    max_tokens: int | None = None,
-) -> dict[str, Any]:
-    """Train `model` for `steps` AdamW steps (linear warm-up 10%, then linear decay) and return metrics.
-
-    Each step takes `batch_size` rows; the loss is the mean over the step's target tokens (labels that are
-    not IGNORE, next-token shifted). With `packing` the rows go end to end in one padding-free sequence per
-    micro-batch; without it they are right-padded, length-grouped batches; "auto" picks (resolve_packing).
-    `max_tokens` caps a micro-batch (default: what fits in GPU memory, unlimited on CPU). CUDA runs in bf16
-    autocast; CPU in float32.
-    """
-    inner = base_of(model)
-    attn = inner.config._attn_implementation
-    packing = resolve_packing(packing, attn)
-    window = getattr(inner.config, "sliding_window", None)
-    if packing and attn == "sdpa" and (window is None or max(len(x) for x, _ in rows) <= window):
-        _register_packed_attention()
-        inner.set_attn_implementation(PACKED_ATTENTION)
-    fused = fuse_small_loras(model)
-    try:
-        return _train_steps(model, rows, lr=lr, steps=steps, batch_size=batch_size, seed=seed, pad_id=pad_id,
-                            packing=packing, gradient_checkpointing=gradient_checkpointing, max_tokens=max_tokens)
-    finally:
-        unfuse_loras(fused)
-        if inner.config._attn_implementation != attn:
-            inner.set_attn_implementation(attn)
-
-
-def _train_steps(
-    model: torch.nn.Module, rows: list[tuple[list[int], list[int]]], *, lr: float, steps: int, batch_size: int,
-    seed: int, pad_id: int, packing: bool, gradient_checkpointing: bool, max_tokens: int | None,
-) -> dict[str, Any]:
-    """train_steps' loop, once the attention implementation is chosen."""
-    dev = next(model.parameters()).device
-    # Tiny gradients drift into subnormal floats, which x86 CPUs process ~100x slower; flush them to zero.
-    torch.set_flush_denormal(True)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    if gradient_checkpointing:
-        inner = base_of(model)
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel per step on CPU and CUDA (CPU foreach falls back to ~10 small ops per tensor: 1.2 ms vs
-    # 0.5 ms a step for the demo's 56 LoRA tensors)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
-    warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
-    )
-    budget = max_tokens or auto_token_budget(model, dev, gradient_checkpointing)
-    rng = random.Random(seed)
-    lengths = [len(ids) for ids, _ in rows]
-    batches: list[list[int]] = []
-    losses, tokens, padded, t0 = [], 0, 0, time.perf_counter()
-    model.train()
-    # bf16 autocast on GPU halves memory traffic; CPU stays in fp32 (same code path, exact arithmetic).
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-    for _ in range(steps):
-        if not batches:
-            batches = shuffled_batches(len(rows), batch_size, rng) if packing else \
-                length_grouped_batches(lengths, batch_size, rng)
-        step_rows = [rows[i] for i in batches.pop()]
-        n_targets = sum(sum(t != IGNORE for t in _targets(y)) for _, y in step_rows)
-        while True:
-            try:
-                step_loss, step_padded = 0.0, 0
-                for mb in micro_batches(step_rows, budget, packing):
-                    sub = [step_rows[i] for i in mb]
-                    batch = {k: v if k == "cu_seq_lens_q" else v.to(dev, non_blocking=True)
-                             for k, v in (pack(sub) if packing else pad(sub, pad_id)).items()}
-                    with autocast:
-                        loss = batch_loss_sum(model, batch) / max(1, n_targets)
-                    loss.backward()
-                    step_loss += loss.detach()
-                    step_padded += batch["input_ids"].numel()
-                break
-            except torch.cuda.OutOfMemoryError:
-                if budget <= 64:
-                    raise
-                opt.zero_grad(set_to_none=True)
-                batch = loss = None  # noqa: F841 (free the failed micro-batch before retrying)
-                torch.cuda.empty_cache()
-                budget = min(budget, sum(len(x) for x, _ in step_rows)) // 2
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(step_loss))
-        progress.tick()  # the terminal's bar, wherever it is drawn (nothing when none is bound)
-        tokens += sum(len(x) for x, _ in step_rows)
-        padded += step_padded
-    seconds = time.perf_counter() - t0
-    if gradient_checkpointing:
-        inner.gradient_checkpointing_disable()
-    k = max(1, len(losses) // 10)  # report the mean of the first and last 10% of steps: single steps are noisy
-    return {
-        "steps": steps,
-        "tokens": tokens,
-        "padded_tokens": padded,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
-        "loss_first": round(sum(losses[:k]) / k, 4),
-        "loss_last": round(sum(losses[-k:]) / k, 4),
-        "device": dev.type,
-        "packing": packing,
-        "gradient_checkpointing": gradient_checkpointing,
-        "micro_batch_tokens": None if budget >= UNLIMITED_TOKENS else budget,
-        **peak_memory_mb(dev),
-    }
-
-
-def training_rows(tok: Any, fmt: PromptFormat, train: list[Example], max_length: int,
-                  ) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """(encoded rows that fit in max_length, how many were left out): a row is never cut short of its end of turn."""
-    rows = [encode(tok, fmt, ex) for ex in train]
-    kept = [r for r in rows if len(r[0]) <= max_length]
-    if not kept:
-        raise UserError(f"every training row is longer than finetune.max_length {max_length}; raise it")
-    return kept, len(rows) - len(kept)
-
 
 def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, out_dir: Path,
-             load: LoadOptions | None = None) -> dict[str, Any]:
-    """Train a LoRA adapter of `model_dir` on `train`, save it (and train_metrics.json) in `out_dir`."""
+             load: LoadOptions | None = None, dev: list[Example] | None = None) -> dict[str, Any]:
+    """Train a LoRA adapter of `model_dir` on `train`, save it (and train_metrics.json) in `out_dir`.
+
+    With finetune.search on, the learning rate and epochs are first searched on `dev` (the development rows), each
+    rate trained on `train` less those rows; the adapter then trains on all of `train` with the chosen ones.
+    """
     from peft import LoraConfig, get_peft_model
 
+    if cfg.search.enabled and not dev:
+        raise ValueError("finetune.search needs development rows (dev=...); or set finetune.search.enabled false")
     torch.manual_seed(cfg.seed)
     model, tok, fmt = load_base(model_dir, load)
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
-        task_type="CAUSAL_LM",
-    )
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    params = model_params(base_of(model).config)
     rows, left_out = training_rows(tok, fmt, train, cfg.max_length)
-    steps = cfg.max_steps or math.ceil(cfg.epochs * len(rows) / cfg.batch_size)
-    metrics = train_steps(
-        model, rows, lr=cfg.learning_rate, steps=steps, batch_size=cfg.batch_size, seed=cfg.seed,
-        pad_id=tok.pad_token_id, packing=cfg.packing, gradient_checkpointing=cfg.gradient_checkpointing,
-    )
+    lr, steps, search = cfg.lr_for(params), cfg.steps_for(len(rows)), None
+    with training_mode(model, rows, cfg.packing, cfg.gradient_checkpointing) as packed:
+        if cfg.search.enabled:
+            seen = {row_position(ex) for ex in dev}  # a row's content hash: the development rows leave the fit rows
+            fit, _ = training_rows(tok, fmt, [ex for ex in train if row_position(ex) not in seen], cfg.max_length)
+            dev_rows, _ = training_rows(tok, fmt, dev, cfg.max_length)
+            epochs = None if cfg.max_steps else cfg.epochs_for(len(rows))  # the fine-tune's, so a share maps to it
+            search = search_settings(model, fit, dev_rows, cfg, params, tok.pad_token_id, packed, epochs)
+            lr, steps = search["learning_rate"], max(1, round(search["share"] * steps))
+        trainer = Trainer(model, rows, lr=lr, steps=steps, batch_size=cfg.batch_size, seed=cfg.seed,
+                          pad_id=tok.pad_token_id, packing=packed, checkpointing=cfg.gradient_checkpointing)
+        trainer.advance(steps)
+    metrics = trainer.metrics()
+    metrics["learning_rate"] = lr
+    metrics["epochs"] = round(steps * cfg.batch_size / len(rows), 2)
+    if search is not None:
+        metrics["search"] = search
     metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics["rows_left_out"] = left_out  # longer than max_length (named at the check)
-    # What the plan's estimates are measured in (tasks/plan/jobs.py): characters trained on, and parameters.
+    # What the plan's estimates are measured in (tasks/plan/jobs.py): characters trained on, and parameters; the
+    # search's steps count too, so that its rate stays the plan's unit.
     chars = sum(conversation_chars(ex.prompt, ex.answer) for ex in train) / len(train)
-    metrics["chars"] = round(steps * cfg.batch_size * chars)
-    metrics["plan_params"] = model_params(base_of(model).config)
+    metrics["chars"] = round((steps + (search["steps_trained"] if search else 0)) * cfg.batch_size * chars)
+    metrics["plan_params"] = params
+    metrics["plan_seconds"] = round(metrics["seconds"] + (search["seconds"] if search else 0.0), 3)
     metrics["attn_implementation"] = base_of(model).config._attn_implementation
     model.save_pretrained(str(out_dir))
     (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -384,21 +77,36 @@ def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, o
 @task(name="finetune", task_run_name="finetune-{model}-{dataset}", cache_policy=NO_CACHE)
 def finetune_task(
     model: str, dataset: str, model_dir: str, train_path: str, cfg: FinetuneConfig, key: str, store_root: str,
-    load: LoadOptions | None = None,
+    load: LoadOptions | None = None, dev_from: str = "", dev_share: float = 0.0,
 ) -> tuple[str, bool]:
-    """Prefect task: (local adapter folder, whether it was already in the store). Arguments are JSON-able."""
+    """Prefect task: (local adapter folder, whether it was already in the store). Arguments are JSON-able; the
+    development rows are the share `dev_share` of the training file `dev_from` (the dataset's own, before any
+    split), as the merge loop's."""
+    from tasks.data.devsplit import split_rows
     from tasks.data.load import load_examples
 
     store, rel = Store(store_root), adapter_path(key)
+    dev = split_rows(load_examples(dev_from), dev_share)[1] if cfg.search.enabled else None
     m, reused = store.folder_once(rel, lambda tmp: in_worker(  # a worker process when fine-tunes run side by side
-        finetune, model_dir, load_examples(train_path), cfg, tmp, load, what=f"fine-tune of {model} on {dataset}"))
+        finetune, model_dir, load_examples(train_path), cfg, tmp, load, dev, what=f"fine-tune of {model} on {dataset}"))
     if reused:  # in the store, or made by another run this one waited for
         return str(store.local_dir(rel)), True
-    record_rate(store, "finetune", m["device"], m["chars"], m["plan_params"], m["seconds"])
+    record_rate(store, "finetune", m["device"], m["chars"], m["plan_params"], m["plan_seconds"])
     get_run_logger().info(
-        f"finetune {model} on {dataset}: loss {m['loss_first']} -> {m['loss_last']}, {m['steps']} steps, "
+        f"finetune {model} on {dataset}: {settings_line(m)}loss {m['loss_first']} -> {m['loss_last']}, "
+        f"{m['steps']} steps, "
         f"{m['tokens_per_s']:.0f} tokens/s, peak memory {m['peak_rss_mb']:.0f} MB resident"
         + (f", {m['peak_gpu_mb']:.0f} MB GPU" if "peak_gpu_mb" in m else "")
         + (f"; {m['rows_left_out']} rows longer than max_length left out" if m.get("rows_left_out") else "")
     )
     return str(store.local_dir(rel)), False
+
+
+def settings_line(m: dict[str, Any]) -> str:
+    """What the settings search chose, for the log: '' without one."""
+    s = m.get("search")
+    if not s:
+        return ""
+    tried = ", ".join(f"{lr:.2g}" for lr in s["learning_rates"])
+    return (f"learning rate {s['learning_rate']:.2g} (of {tried}), {m['epochs']:g} epochs (development loss "
+            f"{s['first_dev_loss']} -> {s['best_dev_loss']}, {s['dev_rows']} rows); ")
