@@ -48,8 +48,8 @@ except ImportError:  # a bare GPU image: tasks.train.finetune needs only prefect
 import torch  # noqa: E402
 
 from bench._machine import header, table  # noqa: E402
-from tasks.train.finetune import IGNORE  # noqa: E402
-from tasks.train.loop import train_steps
+from tasks.models.chat import IGNORE  # noqa: E402
+from tasks.train.loop import train_steps  # noqa: E402
 
 MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768, rope_theta=10000.0)

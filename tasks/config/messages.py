@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+
+UNION_BRANCH = re.compile(r"^(float|int|str|bool|none|literal\[.*\]|list\[.*\]|dict\[.*\])$")
 
 
 def hint(word: str, choices: list[str]) -> str:
@@ -58,10 +61,15 @@ def model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | N
     return model
 
 
+def _without_branch(loc: tuple) -> tuple:
+    """A validation error's location without the union branch pydantic appends to it ('float', "literal['auto']")."""
+    return loc[:-1] if loc and isinstance(loc[-1], str) and UNION_BRANCH.match(loc[-1]) else loc
+
+
 def format_error(root: type[BaseModel], path: Path, text: str, err: ValidationError) -> str:
     """One line naming the file, line and key of the first validation error."""
     e = err.errors()[0]
-    loc = tuple(e["loc"])
+    loc = _without_branch(tuple(e["loc"]))
     key = ".".join(str(p) for p in loc) or "(top level)"
     line = key_line(text, loc)
     where = f"{path}:{line}" if line else str(path)
@@ -72,4 +80,8 @@ def format_error(root: type[BaseModel], path: Path, text: str, err: ValidationEr
     if e["type"] == "missing":
         return f"{where}: missing key '{key}'"
     msg = e["msg"].removeprefix("Value error, ")
+    # a field like `epochs: float | 'auto'` fails in each branch: name the other choices in the same line
+    others = [o["msg"].removeprefix("Input should be ") for o in err.errors()[1:]
+              if o["type"] == "literal_error" and _without_branch(tuple(o["loc"])) == loc]
+    msg += "".join(f", or {o}" for o in others)
     return f"{where}: {msg}" if e["type"] == "value_error" and not loc else f"{where}: {key}: {msg}"

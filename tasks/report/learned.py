@@ -85,7 +85,8 @@ def learned_lines(found: list[Lift]) -> list[str]:
         best = max(mine, key=lambda lift: lift.score)
         lines.append(f"no recommendation for {ds}: no fine-tune beat both its untuned base ({best.untuned:.2f}) and "
                      f"the trivial answer ({best.trivial:.2f}) on the metric; the best, {_why_not(best)}: try more "
-                     "steps or a higher learning rate (finetune:), or check the dataset")
+                     "epochs or other learning rates (finetune.epochs, finetune.search; the report's Fine-tunes "
+                     "table shows what was tried), a larger base, or check the dataset")
     return lines
 
 
