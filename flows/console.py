@@ -1,4 +1,4 @@
-"""The `basesearch` console command: `basesearch search|rank|export ...` is `python -m flows.search|rank|export ...`."""
+"""The `basesearch` console command: `basesearch search|rank|export|ingest ...` is `python -m flows.<command> ...`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ commands:
   search   run a search (the demo without --config): python -m flows.search
   rank     re-rate existing judgments without touching any model: python -m flows.rank
   export   write a finished run's winner ready to serve: python -m flows.export
+  ingest   production traffic or fine-tuning rows to clean datasets: python -m flows.ingest
 
 `basesearch COMMAND --help` lists a command's options."""
 
@@ -33,5 +34,9 @@ def main() -> None:
         from flows.export import main as export
 
         raise SystemExit(export(rest))
-    print(f"error: basesearch: no command '{command}' (search, rank, export)", file=sys.stderr)
+    elif command == "ingest":
+        from flows.ingest import main as ingest
+
+        raise SystemExit(ingest(rest))
+    print(f"error: basesearch: no command '{command}' (search, rank, export, ingest)", file=sys.stderr)
     raise SystemExit(2)

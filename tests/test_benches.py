@@ -41,6 +41,12 @@ def test_leak_check_small():
     assert "datasketch LSH at the threshold (baseline)" in out
 
 
+def test_ingest_speed_small():
+    out = run("bench/ingest_speed.py", "--rows", "2000")
+    assert "| ingest (every step)" in out and "read + parse JSON (floor)" in out
+    assert "500 exact and 200 near duplicates, 1,240 rows written" in out and "equal to the log's truth" in out
+
+
 def test_gpu_finetune_cpu_small():
     out = run("bench/gpu_finetune.py", "--cpu-small", "--checkpointing", "off", "--steps", "1")
     assert "MFU = tokens/s * (4N + 6N_lora) / peak" in out and "| off" in out

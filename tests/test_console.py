@@ -24,7 +24,7 @@ def test_no_command_prints_the_usage_and_an_unknown_one_a_line(monkeypatch, caps
     code, out, _ = _run(monkeypatch, capsys)
     assert code == 2 and "search" in out and "rank" in out and "export" in out
     code, _, err = _run(monkeypatch, capsys, "serch")
-    assert code == 2 and err.strip() == "error: basesearch: no command 'serch' (search, rank, export)"
+    assert code == 2 and err.strip() == "error: basesearch: no command 'serch' (search, rank, export, ingest)"
 
 
 def test_rank_and_export_get_the_rest_of_the_line(monkeypatch, capsys, tmp_path):

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from tasks.config.stages import FinetuneConfig, SettingsSearch
-from tasks.core.errors import UserError
-from tasks.data.devsplit import check_settings_split, split_rows
+from tasks.data.devsplit import settings_split_warning, split_rows
 from tasks.data.load import load_examples
 from tasks.train.finetune import finetune
 from tasks.train.settings_search import Run, _continue, check_steps
@@ -132,9 +131,13 @@ def test_switching_the_search_off_keys_fine_tunes_as_before_it_existed():
     assert set(on.identity()) - {"search"} == set(off.identity())
 
 
-def test_too_few_rows_for_a_development_split_is_one_line_naming_the_dataset(tiny_data):
+def test_too_few_rows_for_a_development_split_warns_and_trains_at_the_given_settings(tiny_models, tiny_data,
+                                                                                   tmp_path):
     rows = load_examples(tiny_data["classification"][0])[:2]
     share = next(s for s in (0.01, 0.99) if not all(split_rows(rows, s)))
-    with pytest.raises(UserError, match="finetune.search: search.dev_share .* of dataset 'emails'") as e:
-        check_settings_split("emails", rows, share)
-    assert "\n" not in str(e.value) and "finetune.search.enabled: false" in str(e.value)
+    (line,) = settings_split_warning("emails", rows, share)
+    assert line.startswith("finetune.search: search.dev_share") and "dataset 'emails'" in line and "\n" not in line
+    cfg = FinetuneConfig(learning_rate=3e-3, epochs=1, max_length=128)
+    (tmp_path / "a").mkdir()
+    m = finetune(tiny_models["alpha"], rows, cfg, tmp_path / "a", dev=[])
+    assert "search" not in m and m["learning_rate"] == 3e-3

@@ -52,13 +52,15 @@ def check_dev_split(name: str, rows: list[Example], share: float) -> None:
                         "lower search.dev_share")
 
 
-def check_settings_split(name: str, rows: list[Example], share: float) -> None:
-    """UserError when finetune.search would have no development rows to choose settings on, or nothing to train."""
+def settings_split_warning(name: str, rows: list[Example], share: float) -> list[str]:
+    """A warning when finetune.search has no development rows (or nothing else to train on) in a dataset: its
+    fine-tunes then train with finetune.learning_rate and epochs as given."""
     train, dev = split_rows(rows, share)
-    if not dev or not train:
-        raise UserError(f"finetune.search: search.dev_share {share:g} of dataset '{name}' leaves {len(dev)} of its "
-                        f"{len(rows)} training rows to choose the learning rate and epochs on and {len(train)} to "
-                        "train; add rows, change search.dev_share, or set finetune.search.enabled: false")
+    if dev and train:
+        return []
+    return [f"finetune.search: search.dev_share {share:g} of dataset '{name}' leaves {len(dev)} of its {len(rows)} "
+            "training rows to choose the learning rate and epochs on, so its fine-tunes train with "
+            "finetune.learning_rate and epochs as given; add rows or raise search.dev_share to search them"]
 
 
 def _row_json(ex: Example) -> dict[str, Any]:

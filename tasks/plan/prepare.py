@@ -15,7 +15,7 @@ from tasks.candidates.resolve import candidate_fingerprint, inspect_candidate, t
 from tasks.config.schema import DatasetSpec, LoadOptions, Merge, SearchConfig, recipe_models
 from tasks.config.stages import FinetuneConfig
 from tasks.core.errors import UserError
-from tasks.data.devsplit import check_dev_split, check_settings_split, fit_split
+from tasks.data.devsplit import check_dev_split, fit_split, settings_split_warning
 from tasks.data.load import (DatasetInfo, Example, check_lengths, check_test_size, dataset_fingerprint, infer_metric,
                              load_examples)
 from tasks.data.overlap import check_leaks
@@ -93,10 +93,10 @@ def prepare(cfg: SearchConfig, cheap_checks_passed: Callable[[], None] | None = 
     if cfg.search.rounds:  # the search's own merges train and rate on a share of the training rows
         for d in cfg.datasets:
             check_dev_split(d.name, rows[d.name][0], cfg.search.dev_share)
-    if cfg.finetune.search.enabled:  # each (model, dataset) chooses its settings on the same development rows
-        for d in cfg.datasets:
-            check_settings_split(d.name, rows[d.name][0], cfg.search.dev_share)
     warnings = [w for d in cfg.datasets for w in no_expected_warning(d, rows[d.name][1], cfg)]
+    if cfg.finetune.search.enabled:  # each (model, dataset) chooses its settings on the same development rows
+        warnings += [w for d in cfg.datasets for w in settings_split_warning(d.name, rows[d.name][0],
+                                                                            cfg.search.dev_share)]
     rendered = {d.name: (d, *rows[d.name]) for d in cfg.datasets}
     if cfg.validation:
         # The held-out rows are only checked here (files, lengths, templates, leaks), to fail fast on a broken file;
@@ -104,7 +104,7 @@ def prepare(cfg: SearchConfig, cheap_checks_passed: Callable[[], None] | None = 
         held = cfg.validation.dataset
         rendered[held.name] = (held, *_checked_rows(held, cfg.finetune))
         if cfg.finetune.search.enabled:
-            check_settings_split(held.name, rendered[held.name][1], cfg.search.dev_share)
+            warnings += settings_split_warning(held.name, rendered[held.name][1], cfg.search.dev_share)
         warnings += no_expected_warning(held, rendered[held.name][2], cfg)
     # test prompts seen in training: refused over data.max_overlap, before anything costs
     warnings += check_leaks(cfg.data, rendered, cfg.validation.dataset.name if cfg.validation else None)

@@ -30,11 +30,12 @@ def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, o
     """Train a LoRA adapter of `model_dir` on `train`, save it (and train_metrics.json) in `out_dir`.
 
     With finetune.search on, the learning rate and epochs are first searched on `dev` (the development rows), each
-    rate trained on `train` less those rows; the adapter then trains on all of `train` with the chosen ones.
+    rate trained on `train` less those rows; the adapter then trains on all of `train` with the chosen ones (with
+    `dev` empty, at the configured ones).
     """
     from peft import LoraConfig, get_peft_model
 
-    if cfg.search.enabled and not dev:
+    if cfg.search.enabled and dev is None:
         raise ValueError("finetune.search needs development rows (dev=...); or set finetune.search.enabled false")
     torch.manual_seed(cfg.seed)
     model, tok, fmt = load_base(model_dir, load)
@@ -45,7 +46,7 @@ def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, o
     rows, left_out = training_rows(tok, fmt, train, cfg.max_length)
     lr, steps, search = cfg.lr_for(params), cfg.steps_for(len(rows)), None
     with training_mode(model, rows, cfg.packing, cfg.gradient_checkpointing) as packed:
-        if cfg.search.enabled:
+        if cfg.search.enabled and dev:  # none: a dataset too small to split (the check warned), fixed settings
             seen = {row_position(ex) for ex in dev}  # a row's content hash: the development rows leave the fit rows
             fit, _ = training_rows(tok, fmt, [ex for ex in train if row_position(ex) not in seen], cfg.max_length)
             dev_rows, _ = training_rows(tok, fmt, dev, cfg.max_length)

@@ -1,0 +1,89 @@
+"""The ingest's options: one frozen model, the command line's and the Prefect form's (a leaf: pydantic only)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from tasks.config.base import Frozen, PathText
+
+# A log line that cannot be read is usually a crash mid-write (the last line cut short); many of them mean the
+# wrong file or format, which is said at once rather than ingested as a handful of rows.
+MAX_UNREADABLE = 0.01
+
+
+def utc(moment: datetime) -> datetime:
+    """The moment as an aware UTC datetime (a naive one is taken as UTC, as logs write it)."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+class IngestConfig(Frozen):
+    """What `python -m flows.ingest` and the `ingest` flow read, filter, clean and write."""
+
+    source: PathText = Field(description="A JSONL file of logged chat-completion requests and responses, a JSONL or "
+                             "Parquet file of fine-tuning rows (messages), or a folder of such files (read in name "
+                             "order, so a new day's file sorts last).")
+    out: PathText = Field(description="The folder for train.jsonl, test.jsonl, ingest.json and ingest.md: new, empty, "
+                          "or holding an earlier ingest's files (replaced).")
+    models: tuple[str, ...] = Field(default=(), description="Keep only requests to these models (the request's "
+                                    "model, or the response's dated snapshot of it, e.g. gpt-4o-2024-08-06 for "
+                                    "gpt-4o); empty: every model.")
+    metadata: dict[str, str] = Field(default_factory=dict, description="Keep only rows whose metadata has each of "
+                                     "these values (dotted keys reach nested values; values compared as text).")
+    since: datetime | None = Field(default=None, description="Keep only requests at or after this time (ISO; a "
+                                   "time without a zone is UTC). Rows without a time are dropped when a window is "
+                                   "set.")
+    until: datetime | None = Field(default=None, description="Keep only requests before this time (ISO, exclusive).")
+    exact_dedup: bool = Field(default=True, description="Drop a row whose prompt repeats an earlier row's after "
+                              "folding case and whitespace (off: kept, and grouped with it in the split).")
+    near_dedup: bool = Field(default=True, description="Drop a row whose prompt is a near-duplicate of an earlier "
+                             "row's (off: kept, and grouped with it in the split).")
+    near_threshold: float = Field(default=0.9, gt=0, le=1, description="Jaccard similarity of two prompts' word "
+                                  "n-gram sets (system messages left out) from which they are near-duplicates.")
+    shingle_words: int = Field(default=5, ge=1, le=20, description="Words per n-gram of the near-duplicate check "
+                               "(5, as distilabel's MinHash dedup).")
+    group_by: str | None = Field(default=None, description="Dotted path of a row's conversation or thread id (e.g. "
+                                 "metadata.thread_id): rows sharing it land on the same side of the split. None, or "
+                                 "a row without it: the row's near-duplicate cluster.")
+    test_share: float = Field(default=0.2, ge=0, lt=1, description="Share of the groups written to test.jsonl.")
+    held_out_share: float = Field(default=0.0, ge=0, lt=1, description="Share of the groups carved out to "
+                                  "held_out.jsonl (the search's validation dataset); 0: no such file.")
+    scrub_pii: bool = Field(default=True, description="Replace e-mail addresses, phone numbers, card numbers, IBANs, "
+                            "IP addresses and API keys by typed placeholders (<EMAIL>, <PHONE>...); off "
+                            "(--keep-pii): only counted and reported.")
+    phone_region: str = Field(default="US", min_length=2, max_length=2, description="Region whose national phone "
+                              "formats are recognised (international +CC numbers are, whatever it is).")
+    prune_static: bool = Field(default=False, description="Remove the static system prompt from the rows and write "
+                               "it to static_prompt.txt (it is detected and reported either way).")
+    static_share: float = Field(default=0.5, gt=0, le=1, description="A system prompt in at least this share of the "
+                                "rows is the static one.")
+    tool_calls: Literal["keep", "drop"] = Field(default="keep", description="keep: an assistant's tool call becomes "
+                                                "its JSON text and a tool's result a user turn; drop: rows with "
+                                                "either are dropped and counted.")
+    max_unreadable: float = Field(default=MAX_UNREADABLE, ge=0, le=1, description="The largest share of unreadable "
+                                  "lines skipped and counted; over it the ingest stops in one line naming the first.")
+    examples: int = Field(default=3, ge=0, le=20, description="Examples shown per kind in ingest.md.")
+
+    @field_validator("since", "until")
+    @classmethod
+    def _utc(cls, moment: datetime | None) -> datetime | None:
+        """Times are compared in UTC."""
+        return None if moment is None else utc(moment)
+
+    @field_validator("phone_region")
+    @classmethod
+    def _region(cls, region: str) -> str:
+        """Region codes are upper case (ISO 3166)."""
+        return region.upper()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> IngestConfig:
+        """A window that ends before it starts, or shares that leave no training rows, are mistakes."""
+        if self.since and self.until and self.until <= self.since:
+            raise ValueError(f"until ({self.until.isoformat()}) is not after since ({self.since.isoformat()})")
+        if self.test_share + self.held_out_share >= 1:
+            raise ValueError(f"test_share + held_out_share is {self.test_share + self.held_out_share:g}: no row "
+                             "would be left for training")
+        return self
