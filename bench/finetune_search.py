@@ -53,11 +53,12 @@ def run(cfg: Path, store: Path, models: Path) -> dict:
     env = os.environ | {"HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                         "PREFECT_HOME": tempfile.mkdtemp()}
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "flows.search", "--config", str(cfg), "--store", str(store)], cwd=ROOT,
-                   env=env, check=True, stdout=subprocess.DEVNULL)
+    with open(store / "search.log", "w") as log:  # the search's own lines, kept out of the bench's table
+        subprocess.run([sys.executable, "-m", "flows.search", "--config", str(cfg), "--store", str(store)], cwd=ROOT,
+                       env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     metrics = [json.loads(p.read_text()) for p in (store / "adapters").glob("*/train_metrics.json")]
-    run_dir = max((store / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    run_dir = store / "runs" / (store / "runs" / "LATEST").read_text().strip()
     stages = json.loads((run_dir / "stages.json").read_text())
     ratings = pd.read_parquet(run_dir / "ratings.parquet")
     pooled = ratings[ratings["scope"] == "overall"].sort_values("rating", ascending=False)
