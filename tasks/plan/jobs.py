@@ -106,6 +106,11 @@ def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "c
         rel = model_path(prep.models[m.name].fingerprint)
         plan.jobs.append(Job("merges", m.name, rel, store.exists(rel)))
     models = [n for n, info in prep.models.items() if info.finetuned]
+    if cfg.finetune.search.enabled:
+        plan.assumptions.append(f"finetune: each fine-tune includes its settings search (finetune.search), at its most "
+                                f"{1 + cfg.finetune.search.cost(cfg.search.dev_share):.1f}x one fixed setting: the "
+                                "rates tried on a quarter of the schedule each, the best to the end, on the rows left "
+                                "after the development split")
     for data in prep.datasets.values():
         _dataset_jobs(plan, cfg, prep, store, data, models, (train_rate, gen_rate))
     decisions = previous_decisions(cfg, store) if cfg.validation or cfg.search.rounds or cfg.llm_judges() else None
