@@ -1,6 +1,10 @@
 """Rating speed: our Bradley-Terry solver against its fair peers on the same data, same process: choix's
 ilsr_pairwise_dense and FastChat's L-BFGS (bench/fastchat_bt.py) on the same counts, rate() against FastChat's
-compute_bt on the same judgments; also the earlier choix.ilsr_pairwise on raw pairs, and rate() with the bootstrap.
+compute_bt on the same judgments; also the earlier choix.ilsr_pairwise on raw pairs, rate() with the bootstrap, and
+the Davidson tie model's fit on its own (no peer fits it).
+
+The solver and choix's dense solver take well under a millisecond, so they are timed interleaved (one call of each
+per round, best of many rounds): a burst of load from another job then slows both, not one.
 
 python bench/rating_speed.py [--quick]
 """
@@ -61,6 +65,37 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
     return best, out
 
 
+def interleaved(fns: list, rounds: int) -> tuple[list[float], list[object], float]:
+    """Best wall time (seconds) of each function over `rounds` rounds of one call each, their last results, and the
+    median over rounds of the first's time over the second's (the ratio the load moves least)."""
+    best, out, ratio = [float("inf")] * len(fns), [None] * len(fns), []
+    for _ in range(rounds):
+        sec = []
+        for n, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            out[n] = fn()
+            sec.append(time.perf_counter() - t0)
+            best[n] = min(best[n], sec[-1])
+        ratio.append(sec[0] / sec[1])
+    return best, out, float(np.median(ratio))
+
+
+def davidson_counts(n: int, k: int, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Win and tie count matrices of n judgments among k contenders drawn from a Davidson model (nu = 0.7: ~26% ties)."""
+    rng = np.random.default_rng(seed)
+    theta = rng.normal(0.0, 1.0, k)
+    a = rng.integers(0, k, n)
+    b = (a + rng.integers(1, k, n)) % k
+    d = theta[a] - theta[b]
+    den = np.exp(d / 2) + np.exp(-d / 2) + 0.7
+    u = rng.random(n)
+    a_wins, tie = u < np.exp(d / 2) / den, u > 1 - 0.7 / den
+    win, lose = np.where(a_wins, a, b)[~tie], np.where(a_wins, b, a)[~tie]
+    w = np.bincount(win * k + lose, minlength=k * k).reshape(k, k).astype(float)
+    t = np.bincount(a[tie] * k + b[tie], minlength=k * k).reshape(k, k).astype(float)
+    return w, t + t.T
+
+
 def main() -> int:
     """Run the benchmark and print one table: each of our rows beside the peer it is measured against."""
     ap = argparse.ArgumentParser(description=__doc__)
@@ -83,11 +118,22 @@ def main() -> int:
     df, win, lose = judgments(n, 100, n_examples=1000, n_datasets=1)
     # The same K x K count matrix for both: counts[i, j] = times i beat j.
     counts = np.bincount(win * 100 + lose, minlength=100 * 100).reshape(100, 100).astype(float)
-    t_dense, p_dense = best_of(lambda: choix.ilsr_pairwise_dense(counts), 5)
+    no_ties = np.zeros((1, 100, 100))
+    (t_dense, t_ours_c), (p_dense, p_ours_c), med = interleaved(
+        [lambda: choix.ilsr_pairwise_dense(counts), lambda: fit(counts[None], no_ties, "bt", 1e-4)[0][0]], 300)
     add("choix.ilsr_pairwise_dense, count matrix", 100, t_dense)
-    t_ours_c, p_ours_c = best_of(lambda: fit(counts[None], np.zeros((1, 100, 100)), "bt", 1e-4)[0][0], 5)
     add("ours: tasks.rating.bt.fit, the same count matrix", 100, t_ours_c, "choix dense", t_dense,
         np.abs(centred(p_ours_c) - centred(p_dense)).max())
+    notes = [f"fit vs choix dense, interleaved, 300 rounds: best {1e3 * t_ours_c:.3f} ms vs {1e3 * t_dense:.3f} ms "
+             f"({t_dense / t_ours_c:.2f}x); median of the rounds' ratios {med:.2f}x"]
+    w_d, t_d = davidson_counts(n, 100)
+    share = t_d.sum() / 2 / (w_d.sum() + t_d.sum() / 2)
+    (t_dav, t_plain), _, _ = interleaved([lambda: fit(w_d[None], t_d[None], "davidson", 1e-4),
+                                          lambda: fit((w_d + t_d / 2)[None], no_ties, "bt", 1e-4)], 100)
+    add(f"ours: fit, Davidson ties ({share:.0%} ties)", 100, t_dav)
+    add("ours: fit, the same with ties as half wins (bt)", 100, t_plain)
+    notes.append(f"Davidson fit {1e3 * t_dav:.3f} ms, {t_dav / t_plain:.1f}x the plain fit of the same judgments "
+                 "(ties as half wins)")
     # FastChat's L-BFGS on its preferred input: the distinct (a, b, outcome) rows of the battles with their counts
     battles = fastchat_bt.battles_from_judgments(df)
     m, o, models, wts = fastchat_bt.schedule(battles)
@@ -123,13 +169,16 @@ def main() -> int:
     t_k_core, _ = best_of(lambda: bradley_terry(win_k, lose_k, 1000), 3)
     add("ours: bradley_terry(winner, loser arrays)", 1000, t_k_core)
 
-    print(f"# rating speed: {n:,} judgments (no ties), best of 3-5 runs each, one process")
+    print(f"# rating speed: {n:,} judgments (no ties but the Davidson rows), best of 3-5 runs each (the count-matrix "
+          "fits: of interleaved rounds), one process")
     print(
         f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}, "
         f"load average {os.getloadavg()[0]:.1f} at the end, numpy {np.__version__}, "
         f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}"
     )
     print(f"# command: python bench/rating_speed.py{' --quick' if args.quick else ''}")
+    for note in notes:
+        print(f"# {note}")
     print(f"{'method':<50} {'K':>5} {'seconds':>9} {'vs peer':>22} {'max |dElo|':>11}")
     for name, k, sec, peer, ratio, d in rows:
         vs = f"{ratio:.1f}x {peer}" if peer else ""

@@ -7,6 +7,7 @@ Fingerprints, which hash every byte of the data and of local weights, come last.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -20,6 +21,7 @@ from tasks.data.load import (DatasetInfo, Example, check_lengths, check_test_siz
                              load_examples)
 from tasks.data.overlap import check_leaks
 from tasks.models.fingerprint import ModelInfo, check_mergeable
+from tasks.store.guards import say
 from tasks.store.results import merge_key
 
 if TYPE_CHECKING:
@@ -28,11 +30,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Prepared:
-    """The checked search: models (candidates then merges, in dependency order), datasets, and warnings to log."""
+    """The checked search: models (candidates then merges, in dependency order), datasets, warnings to log, and
+    notes: what the checks did (e.g. how many distinct prompt formats rendered the rows), lines to log as info."""
 
     models: dict[str, ModelInfo] = field(default_factory=dict)
     datasets: dict[str, DatasetInfo] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _checked_rows(spec: DatasetSpec, finetune: FinetuneConfig) -> tuple[list[Example], list[Example]]:
@@ -127,8 +131,9 @@ def prepare(cfg: SearchConfig, cheap_checks_passed: Callable[[], None] | None = 
 
     by_name = {c.name: c for c in sources}
     tok_folders = {n: tokenizer_folder(by_name[n], folder, sources) for n, (folder, _) in inspected.items()}
-    loads, format_warnings = check_formats(cfg, tok_folders, rendered)
+    loads, format_warnings, format_note = check_formats(cfg, tok_folders, rendered)
     warnings += format_warnings
+    say(logging.INFO, format_note)
     if cfg.llm_judges() or cfg.references:  # only then: its import of the API client costs time
         check_api_models(cfg)
     if cfg.compute.mode == "pool":
@@ -142,7 +147,7 @@ def prepare(cfg: SearchConfig, cheap_checks_passed: Callable[[], None] | None = 
         for m in cfg.merges:
             validate_recipe(m, placeholder_paths)
     return Prepared(_fingerprinted_models(cfg, inspected, signatures, loads),
-                    {d.name: _dataset_info(d, *rows[d.name]) for d in cfg.datasets}, warnings)
+                    {d.name: _dataset_info(d, *rows[d.name]) for d in cfg.datasets}, warnings, [format_note])
 
 
 def _merged_signature(sigs: list[dict[str, Any]], source: Any, named: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -17,69 +17,69 @@ def _pair_terms(d: np.ndarray, tau: np.ndarray, model: str, need: str) -> dict[s
     """Per-pair log-probabilities and their derivatives in d = theta_i - theta_j and the tie parameter tau.
 
     lw(d) = log P(i beats j), lt(d) = log P(tie); tau is Davidson's log(nu) or Rao-Kupper's log(eta).
-    need='ll' returns only values, need='grad' also first and second derivatives.
+    need='ll' returns only values, 'grad' only first and second derivatives, 'all' both from the same exponentials.
     """
     d = np.clip(d, -_CLIP_D, _CLIP_D)
     t = tau[:, None, None]
+    out: dict[str, np.ndarray] = {}
     if model == "bt":
         e = np.exp(-d)
-        if need == "ll":
-            return {"lw": -np.log1p(e)}
-        pj = e / (1.0 + e)  # P(j beats i) = sigma(-d)
-        return {"lw1": pj, "lw2": -pj * (1.0 - pj)}
+        if need != "grad":
+            out["lw"] = -np.log1p(e)
+        if need != "ll":
+            pj = e / (1.0 + e)  # P(j beats i) = sigma(-d)
+            out |= {"lw1": pj, "lw2": pj * (pj - 1.0)}
+        return out
     if model == "davidson":
         # P(i) = e^{d/2}/D, P(j) = e^{-d/2}/D, P(tie) = nu/D with D = e^{d/2} + e^{-d/2} + nu (Davidson 1970);
         # |d| <= 60 keeps e^{d/2} <= 1e13, so the direct form cannot overflow.
         e = np.exp(d / 2)
         nu = np.exp(t)
         big_d = e + 1.0 / e + nu
-        if need == "ll":
+        if need != "grad":
             log_d = np.log(big_d)
-            return {"lw": d / 2 - log_d, "lt": t - log_d}
+            out |= {"lw": d / 2 - log_d, "lt": t - log_d}
+        if need == "ll":
+            return out
         inv = 1.0 / big_d
         pi, pj, q = e * inv, inv / e, nu * inv
         s = (pi - pj) / 2  # sinh(d/2)/D
         h = -((pi + pj) / 4 - s * s)  # -(d2/dd2) log D
         sq = s * q
         qq = -(q - q * q)
-        return {
+        return out | {
             "lw1": 0.5 - s, "lt1": -s, "lw2": h, "lt2": h,
             "lwt": -q, "ltt": 1.0 - q, "lwtt": qq, "lttt": qq, "lwdt": sq, "ltdt": sq,
         }
     # Rao-Kupper (1967): P(i) = sigma(d - k), P(tie) = (e^{2k} - 1) / ((1 + e^{k-d})(1 + e^{k+d})), k = log eta > 0.
-    if need == "ll":
+    if need != "grad":
         lw = -np.logaddexp(0.0, t - d)
-        return {"lw": lw, "lt": np.log(np.expm1(2 * t)) + lw - np.logaddexp(0.0, t + d)}
+        out |= {"lw": lw, "lt": np.log(np.expm1(2 * t)) + lw - np.logaddexp(0.0, t + d)}
+    if need == "ll":
+        return out
     a, b = expit(t - d), expit(t + d)
     va, vb = a * (1 - a), b * (1 - b)
     e2 = np.exp(-2 * t)
-    return {
+    return out | {
         "lw1": a, "lt1": a - b, "lw2": -va, "lt2": -va - vb,
         "lwt": -a, "ltt": 2.0 / (1.0 - e2) - a - b, "lwtt": -va, "lttt": -4 * e2 / (1 - e2) ** 2 - va - vb,
         "lwdt": va, "ltdt": va - vb,
     }
 
 
-def _loglik(theta: np.ndarray, tau: np.ndarray, w: np.ndarray, t: np.ndarray, model: str, ridge: float) -> np.ndarray:
-    """Penalised log-likelihood of each replicate: sum W*lw + 1/2 sum T*lt - ridge/2 |theta|^2."""
-    d = theta[:, :, None] - theta[:, None, :]
-    terms = _pair_terms(d, tau, model, "ll")
-    ll = (w * terms["lw"]).sum(axis=(1, 2))
-    if "lt" in terms:
-        ll = ll + 0.5 * np.where(t > 0, t * terms["lt"], 0.0).sum(axis=(1, 2))
-    pen = ridge * (theta**2).sum(axis=1) + (ridge * tau**2 if model != "bt" else 0.0)
-    return ll - 0.5 * pen
-
-
-def _grad_hess(theta: np.ndarray, tau: np.ndarray, w: np.ndarray, t: np.ndarray, model: str, ridge: float):
-    """Gradient and Hessian of the penalised log-likelihood in (theta, tau), batched over replicates."""
+def _evaluate(theta: np.ndarray, tau: np.ndarray, w: np.ndarray, t: np.ndarray, model: str, ridge: float
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Penalised log-likelihood sum W*lw + 1/2 sum T*lt - ridge/2 |(theta, tau)|^2 of each replicate, with its
+    gradient and Hessian in (theta[, tau]): one pass of exponentials for all three."""
     nb, k = theta.shape
-    d = theta[:, :, None] - theta[:, None, :]
-    f = _pair_terms(d, tau, model, "grad")
+    f = _pair_terms(theta[:, :, None] - theta[:, None, :], tau, model, "all")
     tied = model != "bt"
     ht = 0.5 * t
-    g_mat = w * f["lw1"] + (ht * f["lt1"] if tied else 0.0)
-    a_mat = w * f["lw2"] + (ht * f["lt2"] if tied else 0.0)
+    ll = (w * f["lw"]).sum(axis=(1, 2)) - 0.5 * ridge * (theta**2).sum(axis=1)
+    g_mat, a_mat = w * f["lw1"], w * f["lw2"]
+    if tied:
+        ll = ll + (np.where(t > 0, ht * f["lt"], 0.0)).sum(axis=(1, 2)) - 0.5 * ridge * tau**2
+        g_mat, a_mat = g_mat + ht * f["lt1"], a_mat + ht * f["lt2"]
     # d ll / d theta_k = sum_j G_kj - sum_i G_ik; the Hessian is minus the Laplacian of S = A + A^T.
     grad_t = g_mat.sum(axis=2) - g_mat.sum(axis=1) - ridge * theta
     s_mat = a_mat + a_mat.transpose(0, 2, 1)
@@ -89,7 +89,7 @@ def _grad_hess(theta: np.ndarray, tau: np.ndarray, w: np.ndarray, t: np.ndarray,
     idx = np.arange(k)
     hess[:, idx, idx] += s_mat.sum(axis=2) - ridge
     if not tied:
-        return grad_t, hess
+        return ll, grad_t, hess
     gt = w * f["lwdt"] + ht * f["ltdt"]
     h_kt = gt.sum(axis=2) - gt.sum(axis=1)
     g_tau = (w * f["lwt"] + ht * f["ltt"]).sum(axis=(1, 2)) - ridge * tau
@@ -97,24 +97,57 @@ def _grad_hess(theta: np.ndarray, tau: np.ndarray, w: np.ndarray, t: np.ndarray,
     hess[:, :k, k] = h_kt
     hess[:, k, :k] = h_kt
     hess[:, k, k] = h_tt
-    return np.concatenate([grad_t, g_tau[:, None]], axis=1), hess
+    return ll, np.concatenate([grad_t, g_tau[:, None]], axis=1), hess
+
+
+def _evaluate_bt(theta: np.ndarray, w: np.ndarray, met: np.ndarray, won: np.ndarray, ridge: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """_evaluate for plain Bradley-Terry with every |theta_i - theta_j| < 60 (no clip needed), from the games
+    met = W + W^T and the wins won = W 1, in fewer passes over (B, K, K): e^(theta_j - theta_i) as an outer product
+    of 2K exponentials, not K^2; gradient won_i - sum_j met_ij P_ij; 0.1 ms against 0.2 ms at K = 100."""
+    nb, k = theta.shape
+    mid = (theta.max(axis=1) + theta.min(axis=1))[:, None] / 2  # |theta - mid| < 30: the exponentials stay finite
+    pw = 1.0 / (1.0 + np.exp(mid - theta)[:, :, None] * np.exp(theta - mid)[:, None, :])  # P(i beats j)
+    ll = np.einsum("bij,bij->b", w, np.log(pw)) - 0.5 * ridge * np.einsum("bi,bi->b", theta, theta)
+    grad = won - np.einsum("bij,bij->bi", met, pw) - ridge * theta
+    hess = met * (pw * (1.0 - pw))  # minus the Laplacian of this, minus the ridge
+    hess.reshape(nb, k * k)[:, :: k + 1] -= hess.sum(axis=2) + ridge
+    return ll, grad, hess
 
 
 def _solve(neg_hess: np.ndarray, grad: np.ndarray) -> np.ndarray:
     """Newton directions (-H)^-1 g for a batch, by Cholesky (-H is positive definite: concave ll plus ridge).
 
-    scipy's batched Cholesky solve is used rather than np.linalg.solve, whose batched LU took seconds instead of
-    milliseconds for 100 systems of 100x100 on this 2-core machine whenever the other core was busy.
+    One system goes straight to LAPACK's dposv (47 us for 100x100, against 104 us through scipy's batched solve);
+    a batch uses scipy's batched Cholesky solve rather than np.linalg.solve, whose batched LU took seconds instead
+    of milliseconds for 100 systems of 100x100 on this 2-core machine whenever the other core was busy.
     """
-    try:
-        return scipy.linalg.solve(neg_hess, grad[..., None], assume_a="pos", check_finite=False)[..., 0]
-    except (np.linalg.LinAlgError, ValueError):
-        return (np.linalg.pinv(neg_hess) @ grad[..., None])[..., 0]  # only if a replicate degenerates
+    if len(neg_hess) == 1:
+        _, x, info = scipy.linalg.lapack.dposv(neg_hess[0], grad[0])
+        if info == 0:
+            return x[None]
+    else:
+        try:
+            return scipy.linalg.solve(neg_hess, grad[..., None], assume_a="pos", check_finite=False)[..., 0]
+        except (np.linalg.LinAlgError, ValueError):
+            pass
+    return (np.linalg.pinv(neg_hess) @ grad[..., None])[..., 0]  # only if a replicate degenerates
 
 
 def tau_bounds(model: str) -> tuple[float, float]:
     """Feasible range of the tie parameter (Rao-Kupper needs eta > 1, i.e. log eta > 0)."""
     return (1e-6, 20.0) if model == "rao-kupper" else (-30.0, 30.0)
+
+
+def _start(won: np.ndarray, games: np.ndarray) -> np.ndarray:
+    """Log-strengths to start from, given the wins (a tie half a win each way) and games W + W^T + T: each
+    contender's mean log-odds against the opponents it met, +0.5 so that a sweep stays finite. On a complete design
+    this is the least-squares fit of the pairwise log-odds: on 1M judgments of 100 contenders it is within 0.05 nats
+    of the MLE, so Newton takes 3 steps, not 6."""
+    # log((won_ij + 1/2) / (won_ji + 1/2)) = L_ij - L_ji with L = log(1 + 2 won), which is 0 where i never won:
+    # so pairs that never met add nothing without a mask
+    odds = np.log1p(2 * won)
+    return (odds.sum(axis=2) - odds.sum(axis=1)) / np.maximum((games > 0).sum(axis=2), 1)
 
 
 def fit(
@@ -130,12 +163,14 @@ def fit(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Maximum (penalised) likelihood for a batch of count matrices W (B,K,K) and ties T (B,K,K).
 
-    Damped Newton with step halving: the log-likelihood is concave in (theta, tau), so each accepted step
-    increases it and the iteration converges quadratically near the optimum (typically 5-8 steps).
+    Damped Newton with step halving (see _ascend) from theta0, else from the pairwise log-odds (_start).
     Returns theta (B,K) in nats, tau (B,), and the Hessian at the optimum (B,n,n) for Fisher intervals.
     """
     nb, k, _ = w.shape
-    theta = np.zeros((nb, k)) if theta0 is None else np.array(np.broadcast_to(theta0, (nb, k)), dtype=float)
+    tied = model != "bt"  # plain Bradley-Terry ignores T (ties='half' has put them in W as half wins)
+    won = w + 0.5 * t if tied else w
+    games = won + won.transpose(0, 2, 1)
+    theta = _start(won, games) if theta0 is None else np.array(np.broadcast_to(theta0, (nb, k)), dtype=float)
     if model == "bt":
         tau = np.zeros(nb)
     elif tau0 is not None:
@@ -145,54 +180,84 @@ def fit(
         total = w.sum(axis=(1, 2)) + 0.5 * t.sum(axis=(1, 2))
         share = np.clip(0.5 * t.sum(axis=(1, 2)) / np.maximum(total, 1e-12), 1e-3, 0.99)
         tau = np.log(2 * share / (1 - share)) if model == "davidson" else np.log((1 + share) / (1 - share))
-    tied = model != "bt"
     z = np.concatenate([theta, tau[:, None]], axis=1) if tied else theta
-    z = _newton(z, lambda z, a: _loglik(z[:, :k], _tau_of(z, k, tied, tau, a), w[a], t[a], model, ridge),
-                lambda z, a: _grad_hess(z[:, :k], _tau_of(z, k, tied, tau, a), w[a], t[a], model, ridge),
-                k if tied else None, tau_bounds(model), max_iter, tol)
-    theta, tau = z[:, :k], (z[:, k] if tied else tau)
-    if want_hess:
-        _, hess = _grad_hess(theta, tau, w, t, model, ridge)
-    return theta, tau, hess if want_hess else None
+    met_won = (games, w.sum(axis=2)) if not tied else None
+
+    def evaluate(zz: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ll, gradient and Hessian of the replicates a (all of them: views, no copy of W and T)."""
+        sub = slice(None) if len(a) == nb else a
+        if met_won is not None and (zz.max(axis=1) - zz.min(axis=1) < _CLIP_D).all():
+            return _evaluate_bt(zz, w[sub], met_won[0][sub], met_won[1][sub], ridge)
+        return _evaluate(zz[:, :k], _tau_of(zz, k, tied, tau, a), w[sub], t[sub], model, ridge)
+
+    z = _ascend(z, evaluate, k if tied else None, tau_bounds(model), max_iter, tol)
+    hess = evaluate(z, np.arange(nb))[2] if want_hess else None
+    return z[:, :k], (z[:, k] if tied else tau), hess
+
+
+def _ascend(z: np.ndarray, evaluate, tau_col: int | None, bounds: tuple[float, float], max_iter: int, tol: float
+            ) -> np.ndarray:
+    """Damped Newton ascent of a batch of concave log-likelihoods in z (B, n); evaluate(z_a, a) gives the active
+    replicates' (ll, gradient, Hessian) at once, so an accepted trial point needs no second pass.
+
+    A step is halved until ll does not fall; the tie parameter (column tau_col) is kept within bounds. A replicate
+    stops when its full Newton step is under sqrt(tol) nats: Newton squares the error near the optimum (the log-odds
+    terms' third derivative is bounded by their second), so that step leaves it ~tol away and is taken unchecked.
+    """
+    ll, grad, hess = evaluate(z, np.arange(len(z)))
+    active = np.arange(len(z))
+    for _ in range(max_iter):
+        step = _newton_step(z[active], grad, hess, tau_col, bounds)
+        fin = np.abs(step).max(axis=1) < np.sqrt(tol)
+        if fin.any():
+            z[active[fin]] = _bounded(z[active[fin]] + step[fin], tau_col, bounds)
+            active, step = active[~fin], step[~fin]
+            if not len(active):
+                break
+        z_a, ll_a = z[active], ll[active]
+        size = np.ones(len(active))
+        for _half in range(30):
+            new_z = _bounded(z_a + size[:, None] * step, tau_col, bounds)
+            new_ll, grad, hess = evaluate(new_z, active)
+            worse = ~(new_ll >= ll_a - 1e-12 * np.abs(ll_a))
+            if not worse.any():
+                break
+            size[worse] /= 2
+        moved = ~worse
+        z[active[moved]], ll[active[moved]] = new_z[moved], new_ll[moved]
+        going = moved & (new_ll - ll_a > 1e-13 * np.abs(ll_a))  # a replicate that cannot gain any more stops
+        active, grad, hess = active[going], grad[going], hess[going]
+        if not len(active):
+            break
+    return z
+
+
+def _newton_step(z: np.ndarray, grad: np.ndarray, hess: np.ndarray, tau_col: int | None,
+                 bounds: tuple[float, float]) -> np.ndarray:
+    """Newton steps (-H)^-1 g; where the tie parameter (the last column) sits on a bound its gradient pushes past,
+    it is held there and the step solves for the strengths alone (projected Newton: a step that leaves the box and
+    is clipped back need not go uphill, and damping it then stalls short of the optimum)."""
+    step = _solve(-hess, grad)
+    if tau_col is None:
+        return step
+    tau, g = z[:, tau_col], grad[:, tau_col]
+    held = ((tau <= bounds[0]) & (g < 0)) | ((tau >= bounds[1]) & (g > 0))
+    if held.any():
+        step[held, tau_col] = 0.0
+        step[held, :tau_col] = _solve(-hess[held][:, :tau_col, :tau_col], grad[held, :tau_col])
+    return step
+
+
+def _bounded(z: np.ndarray, tau_col: int | None, bounds: tuple[float, float]) -> np.ndarray:
+    """z with its tie-parameter column (if any) clipped to its feasible range."""
+    if tau_col is not None:
+        z[:, tau_col] = np.clip(z[:, tau_col], *bounds)
+    return z
 
 
 def _tau_of(z: np.ndarray, k: int, tied: bool, tau: np.ndarray, active: np.ndarray) -> np.ndarray:
     """The tie parameter of the active replicates: z's last column, or the fixed (zero) tau of plain Bradley-Terry."""
     return z[:, k] if tied else tau[active]
-
-
-def _newton(z: np.ndarray, loglik, grad_hess, tau_col: int | None, bounds: tuple[float, float], max_iter: int,
-            tol: float) -> np.ndarray:
-    """Damped Newton ascent of a batch of concave log-likelihoods in the parameters z (B, n), with step halving.
-
-    loglik(z_active, active) and grad_hess(z_active, active) see the replicates still moving (active: their indices);
-    the tie parameter (column tau_col, if any) is kept within bounds.
-    """
-    nb = len(z)
-    idx = np.arange(nb)
-    ll = loglik(z, idx)
-    active = np.ones(nb, dtype=bool)
-    for _ in range(max_iter):
-        a = np.flatnonzero(active)
-        grad, hess = grad_hess(z[active], a)
-        step = _solve(-hess, grad)
-        z_a, ll_a = z[active], ll[active]
-        size = np.ones(len(z_a))
-        for _half in range(30):
-            new_z = z_a + size[:, None] * step
-            if tau_col is not None:
-                new_z[:, tau_col] = np.clip(new_z[:, tau_col], *bounds)
-            new_ll = loglik(new_z, a)
-            worse = ~(new_ll >= ll_a - 1e-12 * np.abs(ll_a))
-            if not worse.any():
-                break
-            size[worse] /= 2
-        done = (np.abs(size[:, None] * step).max(axis=1) < tol) | (new_ll - ll_a <= 1e-13 * np.abs(ll_a))
-        z[active], ll[active] = new_z, new_ll
-        active[a[done]] = False
-        if not active.any():
-            break
-    return z
 
 
 @dataclass(frozen=True)
@@ -295,7 +360,8 @@ def fit_rows(rows: Rows, weights: np.ndarray, model: str, ridge: float, z0: np.n
         hess[:, np.arange(m), np.arange(m)] -= ridge
         return np.concatenate(grad, axis=1) - ridge * zz, hess
 
-    zz = _newton(z[:, :m].copy(), loglik, grad_hess, k + 1 if tied else None, tau_bounds(model), max_iter, tol)
+    zz = _ascend(z[:, :m].copy(), lambda zz, a: (loglik(zz, a), *grad_hess(zz, a)), k + 1 if tied else None,
+                 tau_bounds(model), max_iter, tol)
     z[:, :m] = zz
     return z, (grad_hess(zz, np.arange(nb))[1] if want_hess else None)
 
