@@ -106,11 +106,6 @@ def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "c
         rel = model_path(prep.models[m.name].fingerprint)
         plan.jobs.append(Job("merges", m.name, rel, store.exists(rel)))
     models = [n for n, info in prep.models.items() if info.finetuned]
-    if cfg.finetune.search.enabled:
-        plan.assumptions.append(f"finetune: each fine-tune includes its settings search (finetune.search), at its most "
-                                f"{1 + cfg.finetune.search.cost(cfg.search.dev_share):.1f}x one fixed setting: the "
-                                "rates tried on a quarter of the schedule each, the best to the end, on the rows left "
-                                "after the development split")
     for data in prep.datasets.values():
         _dataset_jobs(plan, cfg, prep, store, data, models, (train_rate, gen_rate))
     decisions = previous_decisions(cfg, store) if cfg.validation or cfg.search.rounds or cfg.llm_judges() else None
@@ -123,6 +118,12 @@ def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "c
         for cost in judge_costs(cfg, {d.spec.name: d.test for d in prep.datasets.values()}, contenders):
             _judge_job(plan, "judge", cost, decisions)
         plan.assumptions.append(judge_assumption(cfg, contenders, sum(len(d.test) for d in prep.datasets.values())))
+    if cfg.finetune.search.enabled and any(not j.done for j in plan.jobs
+                                           if j.stage in ("finetune", "search") or j.name.startswith("finetune")):
+        plan.assumptions.append(f"finetune: each fine-tune includes its settings search (finetune.search), at its most "
+                                f"{1 + cfg.finetune.search.cost(cfg.search.dev_share):.1f}x one fixed setting: the "
+                                "rates tried on a quarter of the schedule each, the best to the end, on the rows left "
+                                "after the development split")
     if any(j.kind == "metric" for j in cfg.judge_list()) and (cfg.budget.strategy != "all-pairs" or
                                                               cfg.budget.max_comparisons):
         # Its verdicts cost nothing and take milliseconds, so stopping early would only lose information.
