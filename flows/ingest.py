@@ -22,7 +22,8 @@ from tasks.ingest.config import IngestConfig
 
 # Option name -> IngestConfig field for the options given as they are (flags and renamed ones are mapped in _config).
 PLAIN = ("since", "until", "group_by", "test_share", "held_out_share", "near_threshold", "shingle_words",
-         "phone_region", "static_share", "max_unreadable", "examples")
+         "phone_region", "static_share", "max_unreadable", "examples", "base_url", "api_key_env", "api_key_secret",
+         "page_size", "concurrency")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     d = IngestConfig.model_fields
     p = Parser(prog="python -m flows.ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SOURCE", help="JSONL of logged requests, JSONL or Parquet of fine-tuning rows, "
-                   "or a folder of such files")
+                   "a folder of such files, or openai:stored-completions (the store=true traffic at --base-url)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the outputs (new, empty, or an earlier "
                    "ingest's)")
     p.add_argument("--model", action="append", default=[], metavar="NAME", help="keep requests to this model "
@@ -64,6 +65,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest share of unreadable lines skipped (default %(default)s)")
     p.add_argument("--examples", type=int, default=d["examples"].default, metavar="N",
                    help="examples per kind in ingest.md (default %(default)s)")
+    api = p.add_argument_group("openai:stored-completions")
+    api.add_argument("--base-url", metavar="URL", help="OpenAI-compatible endpoint (default: OpenAI's)")
+    api.add_argument("--api-key-env", default=d["api_key_env"].default, metavar="VAR",
+                     help="environment variable holding the API key (default %(default)s)")
+    api.add_argument("--api-key-secret", metavar="BLOCK", help="Prefect Secret block holding it, when VAR is unset")
+    api.add_argument("--page-size", type=int, default=d["page_size"].default, metavar="N",
+                     help="completions and messages per page (1-100, default %(default)s)")
+    api.add_argument("--concurrency", type=int, default=d["concurrency"].default, metavar="N",
+                     help="completions whose messages are fetched at once (default %(default)s)")
     return p
 
 

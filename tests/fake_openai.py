@@ -6,7 +6,8 @@ Out of process: python -m tests.fake_openai --latency 0.1   (prints `PORT <n>`; 
 Judge prompts (those with the judge's fenced ANSWER A / ANSWER B blocks) get a deterministic verdict: the answer
 with more word overlap with the reference wins (strongly when the gap is large); without a reference, the one
 whose text hashes lower (`coin_flip`: a coin drawn per prompt and attempt instead). Other prompts (references'
-test rows) get a deterministic answer. Faults are decided per prompt from a hash of its body, on the first attempt
+test rows) get a deterministic answer; a request with `store: true` is kept as a stored completion, listed and
+paged as OpenAI's API does (tests/fake_stored.py). Faults are decided per prompt from a hash of its body, on the first attempt
 only (transient) unless marked permanent, so a client that retries always ends with a verdict. Only 127.0.0.1 is
 ever bound.
 """
@@ -24,6 +25,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests.fake_stored import StoredCompletions
 
 HOST = "127.0.0.1"  # loopback only, never any other address
 FENCE = re.compile(r"<<<(ANSWER A|ANSWER B|REFERENCE) ([0-9a-f]+)>>>\n(.*?)\n<<<END \1 \2>>>", re.S)
@@ -116,7 +119,8 @@ def answer(model: str, messages: list[dict[str, Any]]) -> str:
 
 
 class FakeOpenAI:
-    """A ThreadingHTTPServer on 127.0.0.1 (a free port) speaking /v1/chat/completions and /v1/models."""
+    """A ThreadingHTTPServer on 127.0.0.1 (a free port) speaking /v1/chat/completions, /v1/models and the stored
+    completions' listing (GET /v1/chat/completions, GET /v1/chat/completions/{id}/messages)."""
 
     def __init__(self, api_key: str | None = "sk-test", faults: Faults | None = None, port: int = 0) -> None:
         """Bind (not yet serve) on loopback; `api_key` None accepts any key."""
@@ -124,6 +128,7 @@ class FakeOpenAI:
         self.faults = faults or Faults()
         self.lock = threading.Lock()
         self._stats = Stats()
+        self.stored = StoredCompletions()  # `store: true` requests, and what a test seeds with stored.add
         server = self
 
         class Handler(_Handler):
@@ -216,11 +221,15 @@ class _Handler(BaseHTTPRequestHandler):
         return False
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        """GET /v1/models and /_stats."""
+        """GET /v1/models, the stored completions' lists and /_stats."""
         with self.owner.lock:
             self.owner._stats.requests += 1
         if self.path == "/_stats":
             return self._send(200, self.owner.stats())
+        if self.owner.stored.route(self.path):
+            if self._authorized():
+                self._send(*self.owner.stored.answer(self.path))
+            return None
         if self.path.rstrip("/") == "/v1/models":
             with self.owner.lock:
                 self.owner._stats.models += 1
@@ -322,12 +331,15 @@ class _Handler(BaseHTTPRequestHandler):
             st.completion_tokens += usage["completion_tokens"]
             if fault is None:
                 st.paid[key] += 1
-        self._send(200, {
+        completion = {
             "id": f"chatcmpl-{key}-{attempt}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "usage": usage,
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": content, "refusal": refusal}}],
-        })
+        }
+        if req.get("store"):
+            self.owner.stored.add({**completion, "metadata": req.get("metadata") or {}}, messages)
+        self._send(200, completion)
         return None
 
 

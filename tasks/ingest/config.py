@@ -23,8 +23,9 @@ class IngestConfig(Frozen):
     """What `python -m flows.ingest` and the `ingest` flow read, filter, clean and write."""
 
     source: PathText = Field(description="A JSONL file of logged chat-completion requests and responses, a JSONL or "
-                             "Parquet file of fine-tuning rows (messages), or a folder of such files (read in name "
-                             "order, so a new day's file sorts last).")
+                             "Parquet file of fine-tuning rows (messages), a folder of such files (read in name "
+                             "order, so a new day's file sorts last), or openai:stored-completions (the store=true "
+                             "traffic of the endpoint at base_url, oldest first).")
     out: PathText = Field(description="The folder for train.jsonl, test.jsonl, ingest.json and ingest.md: new, empty, "
                           "or holding an earlier ingest's files (replaced).")
     models: tuple[str, ...] = Field(default=(), description="Keep only requests to these models (the request's "
@@ -65,6 +66,16 @@ class IngestConfig(Frozen):
     max_unreadable: float = Field(default=MAX_UNREADABLE, ge=0, le=1, description="The largest share of unreadable "
                                   "lines skipped and counted; over it the ingest stops in one line naming the first.")
     examples: int = Field(default=3, ge=0, le=20, description="Examples shown per kind in ingest.md.")
+    base_url: str | None = Field(default=None, description="The OpenAI-compatible endpoint whose stored completions "
+                                 "are read (source openai:stored-completions); None: OpenAI's.")
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="Environment variable holding that endpoint's API "
+                             "key (read as the judge reads its key: never logged nor written to the manifest).")
+    api_key_secret: str | None = Field(default=None, description="Prefect Secret block holding the key, read when the "
+                                       "environment variable is unset.")
+    page_size: int = Field(default=100, ge=1, le=100, description="Stored completions (and messages) asked for per "
+                           "page (the API allows 1 to 100).")
+    concurrency: int = Field(default=8, ge=1, le=64, description="Stored completions whose messages are fetched at "
+                             "once (one request each, more for long conversations).")
 
     @field_validator("since", "until")
     @classmethod

@@ -27,6 +27,13 @@ REFUSAL = re.compile(
     r"\s+(?:help|assist|comply|do that|fulfil|fulfill|engage)\b", re.IGNORECASE)  # not "provide", "answer": "I can't
 # provide a refund, but an agent will confirm it" and "I can't answer without your order number" are answers
 REFUSAL_MAX_CHARS = 300
+SNAPSHOT = re.compile(r"\d{4}(?:-\d{2}-\d{2})?")  # the date suffix of a snapshot: 2024-08-06, or 0613 (gpt-4's)
+
+
+def is_snapshot(served: str, model: str) -> bool:
+    """Whether `served` is a dated snapshot of `model` (gpt-4o-2024-08-06, gpt-4-0613), not another model that shares
+    its prefix (gpt-4o-mini is not gpt-4o)."""
+    return served.startswith(f"{model}-") and SNAPSHOT.fullmatch(served[len(model) + 1:]) is not None
 
 
 def is_refusal(answer: str) -> bool:
@@ -34,12 +41,12 @@ def is_refusal(answer: str) -> bool:
     return len(answer) <= REFUSAL_MAX_CHARS and bool(REFUSAL.match(answer.replace("\u2019", "'")))
 
 
-def _selected(rec: Record, cfg: IngestConfig) -> str | None:
+def not_selected(rec: Record, cfg: IngestConfig) -> str | None:
     """The selection filter that leaves the row out, or None."""
     if cfg.models:
         served = str(rec.served_by or "")
         if str(rec.model) not in cfg.models and served not in cfg.models and \
-                not any(served.startswith(f"{m}-") for m in cfg.models):
+                not any(is_snapshot(served, m) for m in cfg.models):
             return "model"
     for key, value in cfg.metadata.items():
         found = lookup(rec.metadata, key)
@@ -57,7 +64,7 @@ def _selected(rec: Record, cfg: IngestConfig) -> str | None:
 
 def drop_reason(rec: Record, cfg: IngestConfig) -> str | None:
     """Why the row is dropped (its first reason, in the module's order), or None when it is kept."""
-    reason = _selected(rec, cfg) or rec.defect
+    reason = not_selected(rec, cfg) or rec.defect
     if reason:
         return reason
     if rec.finish_reason == "length":

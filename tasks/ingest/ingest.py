@@ -26,6 +26,7 @@ from tasks.ingest.normalize import Unreadable
 from tasks.ingest.scrub import Scrubber, snippet
 from tasks.ingest.sources import raw_rows, source_files, to_record
 from tasks.ingest.split import SIDES, group_hash, group_key, side
+from tasks.ingest.stored import Listing, is_stored, listing_of, stored_rows
 
 OUTPUTS = ("train.jsonl", "test.jsonl", "held_out.jsonl", "static_prompt.txt", "ingest.json", "ingest.md")
 EARLY_LINES = 100  # the first lines all unreadable: the wrong file, said at once instead of after a full read
@@ -38,17 +39,35 @@ class Plan:
     cfg: IngestConfig
     files: tuple[Path, ...]
     out: Path
+    listing: Listing | None = None  # a stored-completions source: what is asked of the API, and what it answered
+
+    def reads(self) -> str:
+        """What the ingest reads, in words."""
+        if self.listing is not None:
+            asked = ", ".join(f"{k} {v}" for k, v in self.listing.filters.items()) or "no filter"
+            return (f"list the stored completions of {self.listing.where} ({asked}; oldest first, "
+                    f"{self.cfg.page_size} a page), then each kept one's messages")
+        size = sum(f.stat().st_size for f in self.files)
+        return (f"read {len(self.files)} file(s), {size / 1e6:.1f} MB: {', '.join(str(f) for f in self.files[:3])}"
+                + (" ..." if len(self.files) > 3 else ""))
+
+    def rows(self) -> Iterator[tuple[str, Any]]:
+        """(where, raw row or Unreadable) for every row of the source, in order."""
+        if self.listing is not None:
+            yield from stored_rows(self.cfg, self.listing)
+            return
+        for path in self.files:
+            for number, raw in raw_rows(path):
+                yield f"{path}:{number}", raw
 
     def lines(self) -> list[str]:
-        """The plan in words: the files, each step on or off, the outputs."""
+        """The plan in words: the source, each step on or off, the outputs."""
         c = self.cfg
-        size = sum(f.stat().st_size for f in self.files)
         keep = [f"models {', '.join(c.models)}" if c.models else "",
                 " ".join(f"{k}={v}" for k, v in c.metadata.items()),
                 f"since {c.since.isoformat()}" if c.since else "", f"until {c.until.isoformat()}" if c.until else ""]
         return [
-            f"read {len(self.files)} file(s), {size / 1e6:.1f} MB: {', '.join(str(f) for f in self.files[:3])}"
-            + (" ..." if len(self.files) > 3 else ""),
+            self.reads(),
             f"keep {'; '.join(k for k in keep if k) or 'every model and time'}; drop errors, cut answers, refusals, "
             f"empty answers, images" + (", tool calls" if c.tool_calls == "drop" else ""),
             f"personal data and secrets: {'replaced by placeholders' if c.scrub_pii else 'counted only (--keep-pii)'}",
@@ -64,7 +83,8 @@ class Plan:
 
 def plan_ingest(cfg: IngestConfig) -> Plan:
     """Check the source and the output folder; UserError in one line when either is wrong."""
-    files = source_files(cfg.source)
+    listing = listing_of(cfg) if is_stored(cfg.source) else None
+    files = [] if listing else source_files(cfg.source)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{cfg.out}: exists and is not a folder")
@@ -77,7 +97,7 @@ def plan_ingest(cfg: IngestConfig) -> Plan:
     for f in files:
         if f.resolve().parent == resolved and f.name in OUTPUTS:
             raise UserError(f"{f}: the source is one of the files this ingest would write; name another --out")
-    return Plan(cfg, tuple(files), out)
+    return Plan(cfg, tuple(files), out, listing)
 
 
 @dataclass
@@ -174,61 +194,59 @@ def _read(plan: Plan, tally: Tally, scrubber: Scrubber, temp: TempRows, static: 
     dedup = Dedup(cfg.near_threshold, cfg.shingle_words, True, lambda i: temp.get(i)["messages"][:-1])
     absorbed: dict[int, list[str]] = {}
     kept_copies: Counter[int] = Counter()  # exact copies kept (dedup off): their ids get a suffix to stay unique
-    for path in plan.files:
-        for number, raw in raw_rows(path):
-            tally.lines += 1
-            where = f"{path}:{number}"
-            try:
-                rec = to_record(raw, where, cfg.tool_calls, cfg.group_by)
-            except Unreadable as e:
-                tally.unreadable[str(e)] += 1
-                tally.first_unreadable = tally.first_unreadable or f"{where}: {e}"
-                tally.example(f"unreadable: {e}", where)
-                if tally.lines == EARLY_LINES and sum(tally.unreadable.values()) == EARLY_LINES:
-                    raise UserError(f"{tally.first_unreadable}; and so are the next {EARLY_LINES - 1} lines: not a "
-                                    "log of chat-completion requests nor fine-tuning rows") from None
+    for where, raw in plan.rows():
+        tally.lines += 1
+        try:
+            rec = to_record(raw, where, cfg.tool_calls, cfg.group_by)
+        except Unreadable as e:
+            tally.unreadable[str(e)] += 1
+            tally.first_unreadable = tally.first_unreadable or f"{where}: {e}"
+            tally.example(f"unreadable: {e}", where)
+            if tally.lines == EARLY_LINES and sum(tally.unreadable.values()) == EARLY_LINES:
+                raise UserError(f"{tally.first_unreadable}; and so are the next {EARLY_LINES - 1} lines: not a "
+                                "log of chat-completion requests nor fine-tuning rows") from None
+            continue
+        reason = drop_reason(rec, cfg)
+        if reason:
+            tally.dropped[reason] += 1
+            if tally.wants(f"dropped: {reason}"):
+                tally.example(f"dropped: {reason}", f"{where}: {snippet(_last_user(rec.messages), scrubber)}")
+            continue
+        tally.kept += 1
+        tally.changed.update(rec.changes)
+        finds: Counter[str] = Counter()
+        messages = scrubber.messages(rec.messages, finds)
+        expected = scrubber.value(rec.expected, finds)
+        scrubber.tally(finds)
+        rid = row_id(rec.messages)
+        if finds and tally.wants("personal data and secrets"):
+            listed = ", ".join(f"{n} {kind}" for kind, n in sorted(finds.items()))
+            shown = snippet(_last_user(messages), scrubber)
+            tally.example("personal data and secrets", f"{rid} ({listed}): {shown}")
+        match, keys = dedup.match(messages[:-1])
+        cluster = rid
+        if match.kind:
+            tally.duplicates[match.kind] += 1
+            if tally.wants(f"duplicate ({match.kind})"):
+                how = "exact" if match.kind == "exact" else f"near, Jaccard {match.similarity:.2f}"
+                tally.example(f"duplicate ({match.kind})", f"{where} repeats {temp.get(match.rep)['id']} ({how})")
+            if cfg.exact_dedup if match.kind == "exact" else cfg.near_dedup:
+                tally.duplicates_dropped += 1
+                absorbed.setdefault(match.rep, []).append(rec.source_id)
                 continue
-            reason = drop_reason(rec, cfg)
-            if reason:
-                tally.dropped[reason] += 1
-                if tally.wants(f"dropped: {reason}"):
-                    tally.example(f"dropped: {reason}", f"{where}: {snippet(_last_user(rec.messages), scrubber)}")
-                continue
-            tally.kept += 1
-            tally.changed.update(rec.changes)
-            finds: Counter[str] = Counter()
-            messages = scrubber.messages(rec.messages, finds)
-            expected = scrubber.value(rec.expected, finds)
-            scrubber.tally(finds)
-            rid = row_id(rec.messages)
-            if finds and tally.wants("personal data and secrets"):
-                listed = ", ".join(f"{n} {kind}" for kind, n in sorted(finds.items()))
-                shown = snippet(_last_user(messages), scrubber)
-                tally.example("personal data and secrets", f"{rid} ({listed}): {shown}")
-            match, keys = dedup.match(messages[:-1])
-            cluster = rid
-            if match.kind:
-                tally.duplicates[match.kind] += 1
-                if tally.wants(f"duplicate ({match.kind})"):
-                    how = "exact" if match.kind == "exact" else f"near, Jaccard {match.similarity:.2f}"
-                    tally.example(f"duplicate ({match.kind})", f"{where} repeats {temp.get(match.rep)['id']} ({how})")
-                if cfg.exact_dedup if match.kind == "exact" else cfg.near_dedup:
-                    tally.duplicates_dropped += 1
-                    absorbed.setdefault(match.rep, []).append(rec.source_id)
-                    continue
-                cluster = temp.get(match.rep)["cluster"]
-                if match.kind == "exact":
-                    kept_copies[match.rep] += 1
-                    rid = f"{rid}-{kept_copies[match.rep]}"
-            row = {"id": rid, "source_id": rec.source_id, "messages": messages, "group": rec.group, "cluster": cluster}
-            if expected is not None:
-                row["expected"] = expected
-            index = temp.append(row)
-            if not match.kind:
-                dedup.add(index, keys)
-            tally.rows += 1
-            tally.saw_time(rec.time)
-            static.see(messages)
+            cluster = temp.get(match.rep)["cluster"]
+            if match.kind == "exact":
+                kept_copies[match.rep] += 1
+                rid = f"{rid}-{kept_copies[match.rep]}"
+        row = {"id": rid, "source_id": rec.source_id, "messages": messages, "group": rec.group, "cluster": cluster}
+        if expected is not None:
+            row["expected"] = expected
+        index = temp.append(row)
+        if not match.kind:
+            dedup.add(index, keys)
+        tally.rows += 1
+        tally.saw_time(rec.time)
+        static.see(messages)
     return absorbed
 
 
@@ -236,7 +254,8 @@ def _check_read(plan: Plan, tally: Tally) -> None:
     """Refuse a source with too many unreadable lines, or nothing left, in one line."""
     bad = sum(tally.unreadable.values())
     if not tally.lines:
-        raise UserError(f"{plan.cfg.source}: no rows (the file or folder is empty)")
+        empty = "no stored completion listed" if plan.listing else "the file or folder is empty"
+        raise UserError(f"{plan.cfg.source}: no rows ({empty})")
     if bad and bad / tally.lines > plan.cfg.max_unreadable:
         raise UserError(f"{tally.first_unreadable}; {bad} of {tally.lines} lines unreadable ({bad / tally.lines:.1%}), "
                         f"over --max-unreadable ({plan.cfg.max_unreadable:.0%}): fix the source or raise it")

@@ -76,6 +76,14 @@ def _counts(plan: Plan, tally: Tally, scrubber: Scrubber) -> dict[str, Any]:
     }
 
 
+def _source(plan: Plan) -> dict[str, Any]:
+    """The source as read: each file's size and sha256, or what the stored-completions API was asked and answered."""
+    if plan.listing is not None:
+        return {"path": plan.cfg.source, "api": plan.listing.manifest()}
+    return {"path": plan.cfg.source, "files": [{"path": str(f), "bytes": f.stat().st_size, "sha256": file_sha256(f)}
+                                               for f in plan.files]}
+
+
 def manifest(plan: Plan, tally: Tally, scrubber: Scrubber, static_text: str | None,
              outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The manifest as a dict (ingest.json)."""
@@ -88,8 +96,7 @@ def manifest(plan: Plan, tally: Tally, scrubber: Scrubber, static_text: str | No
     rows = {f"{s}.jsonl": tally.sides[s] for s in tally.groups}
     return {
         "manifest_version": MANIFEST_VERSION,
-        "source": {"path": cfg.source, "files": [{"path": str(f), "bytes": f.stat().st_size, "sha256": file_sha256(f)}
-                                                 for f in plan.files]},
+        "source": _source(plan),
         "options": cfg.model_dump(mode="json", exclude={"out"}),
         "window": _window(plan, tally),
         "counts": _counts(plan, tally, scrubber),
