@@ -190,46 +190,48 @@ def fit(
             return _evaluate_bt(zz, w[sub], met_won[0][sub], met_won[1][sub], ridge)
         return _evaluate(zz[:, :k], _tau_of(zz, k, tied, tau, a), w[sub], t[sub], model, ridge)
 
-    z = _ascend(z, evaluate, k if tied else None, tau_bounds(model), max_iter, tol)
+    z = ascend(z, evaluate, k if tied else None, tau_bounds(model), max_iter, tol)[0]
     hess = evaluate(z, np.arange(nb))[2] if want_hess else None
     return z[:, :k], (z[:, k] if tied else tau), hess
 
 
-def _ascend(z: np.ndarray, evaluate, tau_col: int | None, bounds: tuple[float, float], max_iter: int, tol: float
-            ) -> np.ndarray:
+def ascend(z: np.ndarray, evaluate, tau_col: int | None, bounds: tuple[float, float], max_iter: int, tol: float
+           ) -> tuple[np.ndarray, np.ndarray]:
     """Damped Newton ascent of a batch of concave log-likelihoods in z (B, n); evaluate(z_a, a) gives the active
     replicates' (ll, gradient, Hessian) at once, so an accepted trial point needs no second pass.
 
     A step is halved until ll does not fall; the tie parameter (column tau_col) is kept within bounds. A replicate
     stops when its full Newton step is under sqrt(tol) nats: Newton squares the error near the optimum (the log-odds
     terms' third derivative is bounded by their second), so that step leaves it ~tol away and is taken unchecked.
+    Returns z and each replicate's Hessian at its last accepted point (the length-controlled fit's covariance).
     """
     ll, grad, hess = evaluate(z, np.arange(len(z)))
+    last = hess.copy()
     active = np.arange(len(z))
     for _ in range(max_iter):
         step = _newton_step(z[active], grad, hess, tau_col, bounds)
         fin = np.abs(step).max(axis=1) < np.sqrt(tol)
         if fin.any():
-            z[active[fin]] = _bounded(z[active[fin]] + step[fin], tau_col, bounds)
+            z[active[fin]] = bounded(z[active[fin]] + step[fin], tau_col, bounds)
             active, step = active[~fin], step[~fin]
             if not len(active):
                 break
         z_a, ll_a = z[active], ll[active]
         size = np.ones(len(active))
         for _half in range(30):
-            new_z = _bounded(z_a + size[:, None] * step, tau_col, bounds)
+            new_z = bounded(z_a + size[:, None] * step, tau_col, bounds)
             new_ll, grad, hess = evaluate(new_z, active)
             worse = ~(new_ll >= ll_a - 1e-12 * np.abs(ll_a))
             if not worse.any():
                 break
             size[worse] /= 2
         moved = ~worse
-        z[active[moved]], ll[active[moved]] = new_z[moved], new_ll[moved]
+        z[active[moved]], ll[active[moved]], last[active[moved]] = new_z[moved], new_ll[moved], hess[moved]
         going = moved & (new_ll - ll_a > 1e-13 * np.abs(ll_a))  # a replicate that cannot gain any more stops
         active, grad, hess = active[going], grad[going], hess[going]
         if not len(active):
             break
-    return z
+    return z, last
 
 
 def _newton_step(z: np.ndarray, grad: np.ndarray, hess: np.ndarray, tau_col: int | None,
@@ -248,7 +250,7 @@ def _newton_step(z: np.ndarray, grad: np.ndarray, hess: np.ndarray, tau_col: int
     return step
 
 
-def _bounded(z: np.ndarray, tau_col: int | None, bounds: tuple[float, float]) -> np.ndarray:
+def bounded(z: np.ndarray, tau_col: int | None, bounds: tuple[float, float]) -> np.ndarray:
     """z with its tie-parameter column (if any) clipped to its feasible range."""
     if tau_col is not None:
         z[:, tau_col] = np.clip(z[:, tau_col], *bounds)
@@ -360,8 +362,8 @@ def fit_rows(rows: Rows, weights: np.ndarray, model: str, ridge: float, z0: np.n
         hess[:, np.arange(m), np.arange(m)] -= ridge
         return np.concatenate(grad, axis=1) - ridge * zz, hess
 
-    zz = _ascend(z[:, :m].copy(), lambda zz, a: (loglik(zz, a), *grad_hess(zz, a)), k + 1 if tied else None,
-                 tau_bounds(model), max_iter, tol)
+    zz = ascend(z[:, :m].copy(), lambda zz, a: (loglik(zz, a), *grad_hess(zz, a)), k + 1 if tied else None,
+               tau_bounds(model), max_iter, tol)[0]
     z[:, :m] = zz
     return z, (grad_hess(zz, np.arange(nb))[1] if want_hess else None)
 

@@ -77,11 +77,29 @@ def common_error(failed: pd.DataFrame) -> str:
 def _codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Integer codes of a column and its distinct values (factorize: hashing, no per-row Python)."""
     codes, uniques = pd.factorize(values)
-    return codes.astype(np.int64), np.asarray(uniques, dtype=object)
+    return codes.astype(np.int64, copy=False), np.asarray(uniques, dtype=object)
+
+
+def _dense_rank(key: np.ndarray, stride: int, n_datasets: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each key's rank among the distinct keys (dataset * stride + example code, the example code -1 where missing),
+    as pd.factorize(sort=True) numbers them, and each rank's dataset. By marking the used keys in an array of all
+    possible keys where that is at most 4 per judgment: factorize's hash table of 5M keys peaked ~300 MB."""
+    if n_datasets * stride + 1 > 4 * max(len(key), 1):
+        codes, uniq = pd.factorize(key, sort=True)
+        return codes.astype(np.int64, copy=False), (np.asarray(uniq) // stride).astype(np.int64)
+    used = np.zeros(n_datasets * stride + 1, dtype=bool)
+    used[key + 1] = True  # + 1: a missing example's code is -1
+    rank = np.cumsum(used) - 1
+    uniq = np.flatnonzero(used) - 1
+    return rank[key + 1], uniq // stride
 
 
 def prepare_judgments(judgments: pd.DataFrame, cfg: RatingConfig) -> Judged:
-    """Validate the judgments and encode them as integer arrays; self-comparisons are dropped."""
+    """Validate the judgments and encode them as integer arrays; self-comparisons are dropped.
+
+    Each per-judgment temporary is let go once used (`del`): at 5M judgments each is 40 MB, and holding them all to the
+    end made this the run's peak (flows.rank: 2.2 GB before, docs/judging.md).
+    """
     df, failed = _split(judgments)
     ca, ua = _codes(df["contender_a"])
     cb, ub = _codes(df["contender_b"])
@@ -93,23 +111,28 @@ def prepare_judgments(judgments: pd.DataFrame, cfg: RatingConfig) -> Judged:
     pos = {n: k for k, n in enumerate(names)}
     a = np.array([pos[str(n)] for n in ua], dtype=np.int64)[ca]
     b = np.array([pos[str(n)] for n in ub], dtype=np.int64)[cb]
+    del ca, cb
     ds_raw, ds_names = _codes(df["dataset"])
     ds_order = np.argsort([str(v) for v in ds_names], kind="stable")
     ds = np.argsort(ds_order)[ds_raw]  # datasets numbered in sorted name order
+    del ds_raw
     datasets = np.array([str(ds_names[k]) for k in ds_order], dtype=object)
     # Examples are identified within their dataset; numbering by (dataset, example) keeps each dataset's
     # examples contiguous so the bootstrap can resample them dataset by dataset.
     ex_local, _ = _codes(df["example_id"])
     stride = int(ex_local.max(initial=0)) + 1
-    ex, ukey = pd.factorize(ds * stride + ex_local, sort=True)
-    ex_ds = (np.asarray(ukey) // stride).astype(np.int64)
+    ex, ex_ds = _dense_rank(ds * stride + ex_local, stride, len(datasets))
+    del ex_local
     win_codes, win_names = _codes(df["winner"])
     out_ab = np.array([WINNERS.index(str(v)) for v in win_names], dtype=np.int64)[win_codes]
+    del win_codes
     keep = a != b
     # Canonical order i < j: when a > b the verdict flips (a win for a is a win for the higher code).
     swap = a > b
     i, j = np.where(swap, b, a), np.where(swap, a, b)
+    del a, b
     out = np.where(swap & (out_ab < 2), 1 - out_ab, out_ab)
+    del out_ab
     w = np.ones(len(df))
     if "strength" in df.columns:
         strong = (pd.to_numeric(df["strength"], errors="coerce").to_numpy() == 2) & (out < 2)

@@ -16,22 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Mapping
 
 import numpy as np
 import pandas as pd
-import scipy.linalg
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
 from tasks.config.schema import RatingConfig
-from tasks.core import progress
-from tasks.rating.bootstrap import per_example_counts, replicate_counts, resamples
-from tasks.rating.bt import cluster_cov, fit, peel, sweep_bound
+from tasks.rating.bt import fit, sweep_bound
 from tasks.rating.judged import Judged, check_anchor, common_error, outcome_counts, prepare_judgments
-from tasks.rating.length_control import fit_controlled
+from tasks.rating.length_control import Controlled
+from tasks.rating.scopes import MAX_CHUNK_FLOATS, Scope, fit_scopes, make_scopes, scope_for, scope_matrices
 
 # 400 Elo per factor of 10 in odds: one natural-log unit of strength is 400 / ln(10) ~= 173.7 Elo.
 ELO_PER_NAT = 400.0 / math.log(10.0)
@@ -51,76 +49,7 @@ RATING_COLUMNS = [
 # With rating.length_control: the plain fit beside the controlled one (which then fills rating, ci_low, ci_high,
 # rank), and the length term in Elo per unit of (len_a - len_b) / (len_a + len_b) with its interval, per scope.
 LENGTH_COLUMNS = ["rating_raw", "ci_low_raw", "ci_high_raw", "length_coef", "length_coef_low", "length_coef_high"]
-# Bootstrap replicates are materialised as dense (rounds, datasets, 3, K, K) counts in chunks of at most
-# this many floats (2e7 floats = 160 MB), so 1,000 contenders bootstrap in small batches instead of 2.4 GB.
-_MAX_CHUNK_FLOATS = 20_000_000
-
-
-# ------------------------------------------------------------------------------------------- scopes
-
-
-@dataclass
-class _Scope:
-    """One rating scope: a dataset, or all datasets pooled with equal weight."""
-
-    name: str
-    mix: np.ndarray  # weight of each dataset's counts in this scope
-    members: np.ndarray  # contender codes fitted in this scope: those compared there, less the peeled ones
-    model: str  # 'bt', 'davidson' or 'rao-kupper' (no ties in a scope -> plain Bradley-Terry)
-    theta: np.ndarray | None = None
-    tau: np.ndarray | None = None
-    cov: np.ndarray | None = None
-    boot: np.ndarray | None = None  # (B, members) bootstrap log-strengths
-    everyone: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # all codes compared here
-    above: list[int] = field(default_factory=list)  # codes peeled as unbeaten (rating +inf), in peel order
-    below: list[int] = field(default_factory=list)  # codes peeled as never winning (rating -inf), in peel order
-
-
-def _scope_matrices(counts: np.ndarray, scope: _Scope, cfg: RatingConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Win matrix W[i,j] (i beat j) and symmetric tie matrix T of a scope, batched: counts is (B, D, 3, K, K)."""
-    x = np.tensordot(counts, scope.mix, axes=([1], [0]))
-    m = scope.members
-    x = x[:, :, m][:, :, :, m]
-    w = x[:, 0] + x[:, 1].transpose(0, 2, 1)
-    t = x[:, 2] + x[:, 2].transpose(0, 2, 1)
-    if cfg.ties == "half":
-        w, t = w + 0.5 * t, np.zeros_like(t)
-    return w, t
-
-
-def _scopes(p: Judged, raw: np.ndarray, weighted: np.ndarray, cfg: RatingConfig) -> list[_Scope]:
-    """The per-dataset scopes and the pooled 'overall' scope (datasets weighted equally)."""
-    nd = len(p.datasets)
-    totals = weighted.sum(axis=(1, 2, 3))
-    scopes = []
-    for d in range(nd):
-        mix = np.zeros(nd)
-        mix[d] = 1.0
-        scopes.append(_scope_for(str(p.datasets[d]), mix, raw, weighted, cfg))
-    if nd > 1:
-        # Equal weight per dataset: scale each so its total weight is the mean total (sum stays the same),
-        # e.g. 10,000 and 1,000 judgments become 5,500 each, so neither dataset dominates the pooled fit.
-        mix = np.where(totals > 0, totals.mean() / np.maximum(totals, 1e-12), 0.0)
-        scopes.insert(0, _scope_for("overall", mix, raw, weighted, cfg))
-    return [s for s in scopes if len(s.everyone) > 1]  # a dataset of self-comparisons only has nobody to rate
-
-
-def _scope_for(name: str, mix: np.ndarray, raw: np.ndarray, weighted: np.ndarray, cfg: RatingConfig) -> _Scope:
-    """Build one scope: its members are the contenders with at least one judgment there."""
-    n = np.tensordot(mix > 0, raw, axes=([0], [0])).sum(axis=0)
-    per = n.sum(axis=1) + n.sum(axis=0)
-    members = np.flatnonzero(per > 0)
-    ties = np.tensordot(mix, weighted, axes=([0], [0]))[2].sum()
-    model = "bt" if cfg.ties == "half" or ties <= 0 else cfg.ties
-    scope = _Scope(name, mix, members, model, everyone=members)
-    w, t = _scope_matrices(weighted[None], scope, cfg)
-    core, above, below = peel(w[0], t[0])
-    scope.members, scope.above, scope.below = members[core], [int(members[k]) for k in above], [
-        int(members[k]) for k in below]
-    return scope
-
-
-# ------------------------------------------------------------------------------------------ bootstrap
+_MAX_CHUNK_FLOATS = MAX_CHUNK_FLOATS  # floats per chunk of bootstrap counts (tasks/rating/scopes.py); tests set it here
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -178,7 +107,7 @@ def _grouped_var(cov: np.ndarray, labels: np.ndarray, anchor: int | None) -> np.
 
 
 def _core_intervals(
-    scope: _Scope, labels: np.ndarray, anchor: int | None, cfg: RatingConfig
+    scope: Scope, labels: np.ndarray, anchor: int | None, cfg: RatingConfig
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Ratings, interval ends and (bootstrap) Elo replicates of the fitted contenders, each group on its reference."""
     rating = _grouped_elo(scope.theta, labels, anchor, cfg)
@@ -216,7 +145,7 @@ def _distinct_examples(p: Judged, mix: np.ndarray) -> np.ndarray:
     return c + c.T
 
 
-def _place_peeled(p: Judged, scope: _Scope, pos: dict[int, int], met: np.ndarray, rows: _Rows,
+def _place_peeled(p: Judged, scope: Scope, pos: dict[int, int], met: np.ndarray, rows: _Rows,
                   cfg: RatingConfig) -> None:
     """Group and bound every peeled contender, the last peeled first (the opponents it swept are placed by then).
 
@@ -254,7 +183,7 @@ def _place_peeled(p: Judged, scope: _Scope, pos: dict[int, int], met: np.ndarray
         rows.note[q] = f"{how}, so the rating is unbounded {what[4]}; {cfg.confidence:.0%} {what[5]} bound only"
 
 
-def _separation(order: np.ndarray, rows: _Rows, cidx: np.ndarray, reps: np.ndarray | None, scope: _Scope,
+def _separation(order: np.ndarray, rows: _Rows, cidx: np.ndarray, reps: np.ndarray | None, scope: Scope,
                 cfg: RatingConfig) -> np.ndarray:
     """Is each contender clear of the next one in rank? Never across groups (they were never compared)."""
     alpha = 1.0 - cfg.confidence
@@ -289,7 +218,7 @@ def _group_numbers(rows: _Rows, met: np.ndarray) -> np.ndarray:
 
 
 def _scope_table(
-    p: Judged, scope: _Scope, raw: np.ndarray, kinds: Mapping[str, str], cfg: RatingConfig
+    p: Judged, scope: Scope, raw: np.ndarray, kinds: Mapping[str, str], cfg: RatingConfig
 ) -> pd.DataFrame:
     """Ratings rows of one scope: point estimate, interval, counts, win rate, rank, separation and the guards."""
     every = scope.everyone
@@ -348,7 +277,7 @@ def _scope_table(
     return table.assign(ci_method=cfg.ci, ci_level=cfg.confidence)
 
 
-def _failed_rows(p: Judged, scope: _Scope, rated: set[str], kinds: Mapping[str, str], after: int) -> pd.DataFrame:
+def _failed_rows(p: Judged, scope: Scope, rated: set[str], kinds: Mapping[str, str], after: int) -> pd.DataFrame:
     """Rows for the scope's contenders with no usable judgment: no rating, ranked last, the reason in `note`."""
     f = p.failed
     if scope.name != "overall":
@@ -367,45 +296,6 @@ def _failed_rows(p: Judged, scope: _Scope, rated: set[str], kinds: Mapping[str, 
     return pd.DataFrame(out)
 
 
-def _fit_scopes(p: Judged, scopes: list[_Scope], weighted: np.ndarray, cfg: RatingConfig) -> None:
-    """Point fits (and Fisher covariances) of every scope, then the bootstrap replicates if asked for."""
-    for s in scopes:
-        w, t = _scope_matrices(weighted[None], s, cfg)
-        theta, tau, hess = fit(w, t, s.model, cfg.ridge, want_hess=cfg.ci != "bootstrap")
-        s.theta, s.tau = theta[0], tau[0]
-        k = len(s.members)
-        if cfg.ci == "fisher":
-            # Covariance of theta: the theta block of the inverse of the negative Hessian (tau profiled out).
-            s.cov = scipy.linalg.cho_solve(scipy.linalg.cho_factor(-hess[0]), np.eye(len(hess[0])))[:k, :k]
-        elif cfg.ci == "sandwich":
-            # The same fit, its gradient summed per (dataset, example): see tasks.rating.bt.cluster_cov.
-            local = np.full(len(p.names), -1)
-            local[s.members] = np.arange(k)
-            a, b = local[p.i], local[p.j]
-            on = (a >= 0) & (b >= 0) & (s.mix[p.ds] > 0)
-            s.cov = cluster_cov(a[on], b[on], p.out[on], (p.w * s.mix[p.ds])[on], p.ex[on], s.theta, float(s.tau),
-                                s.model, -hess[0])[:k, :k]
-    if cfg.ci != "bootstrap":
-        return
-    rng = np.random.default_rng(cfg.seed)
-    per_round = len(p.datasets) * 3 * len(p.names) ** 2
-    chunk = max(1, _MAX_CHUNK_FLOATS // per_round)
-    per_example = per_example_counts(p)
-    parts: dict[str, list[np.ndarray]] = {s.name: [] for s in scopes}
-    # A bar only when it takes a while: the demo's 200 rounds of 7 contenders take ~0.2 s.
-    with progress.bar("rate: bootstrap", cfg.bootstrap_rounds if per_round * cfg.bootstrap_rounds > 1e7 else 0,
-                      "rounds") as bar:
-        for resample in resamples(p, cfg.bootstrap_rounds, chunk, rng, _MAX_CHUNK_FLOATS):
-            counts = replicate_counts(p, resample, per_example)
-            for s in scopes:
-                w, t = _scope_matrices(counts, s, cfg)
-                theta, _, _ = fit(w, t, s.model, cfg.ridge, theta0=s.theta, tau0=s.tau)
-                parts[s.name].append(theta)
-            bar.advance(len(counts))
-    for s in scopes:
-        s.boot = np.concatenate(parts[s.name])
-
-
 def rate(
     judgments: pd.DataFrame, kinds: Mapping[str, str] | None = None, cfg: RatingConfig = RatingConfig()
 ) -> pd.DataFrame:
@@ -420,23 +310,29 @@ def rate_with_cov(
 
     Var(rating_a - rating_b) = C[a, a] + C[b, b] - 2 C[a, b]: the gap test of any two contenders (the planner's).
     """
+    return rate_judged(prepare_judgments(judgments, cfg), kinds, cfg)
+
+
+def rate_judged(p: Judged, kinds: Mapping[str, str] | None, cfg: RatingConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """rate_with_cov() of judgments already encoded (tasks.rating.judged.Judged: flows.rank reads Parquet into one)."""
     kinds = kinds or {}
-    p = prepare_judgments(judgments, cfg)
     check_anchor(p, cfg)
     raw = outcome_counts(p, None)
     weighted = outcome_counts(p, p.w)
-    scopes = _scopes(p, raw, weighted, cfg)
-    _fit_scopes(p, scopes, weighted, cfg)
+    scopes = make_scopes(p, raw, weighted, cfg)
+    # length control fits its point first and its bootstrap replicates on the plain bootstrap's draws (made once)
+    controlled = Controlled(p, scopes, cfg) if cfg.length_control else None
+    fit_scopes(p, scopes, weighted, cfg, controlled.replicates if controlled is not None else None, _MAX_CHUNK_FLOATS)
     table = _tables(p, scopes, raw, kinds, cfg)
     table = table.merge(_arena(p, scopes, raw, weighted, cfg), on=["scope", "contender"], how="left")
     top = scopes[0] if scopes and scopes[0].cov is not None else None  # 'overall', or the only dataset
     names = [str(x) for x in p.names[top.members]] if top is not None else []
     cov = pd.DataFrame(ELO_PER_NAT**2 * top.cov if top is not None else np.empty((0, 0)), index=names, columns=names)
-    if not cfg.length_control:
+    if controlled is None:
         return table[RATING_COLUMNS], cov
-    controlled, coef = fit_controlled(p, scopes, cfg)
+    lc_scopes, coef = controlled.result()
     plain = table.set_index(["scope", "contender"])
-    lc = _tables(p, controlled, raw, kinds, cfg).drop(columns="rating_arena", errors="ignore")
+    lc = _tables(p, lc_scopes, raw, kinds, cfg).drop(columns="rating_arena", errors="ignore")
     key = pd.MultiIndex.from_frame(lc[["scope", "contender"]])
     lc["rating_arena"] = plain["rating_arena"].reindex(key).to_numpy()
     for col in ("rating", "ci_low", "ci_high"):
@@ -448,7 +344,7 @@ def rate_with_cov(
     return lc[RATING_COLUMNS + LENGTH_COLUMNS], cov
 
 
-def _tables(p: Judged, scopes: list[_Scope], raw: np.ndarray, kinds: Mapping[str, str], cfg: RatingConfig
+def _tables(p: Judged, scopes: list[Scope], raw: np.ndarray, kinds: Mapping[str, str], cfg: RatingConfig
             ) -> pd.DataFrame:
     """Every scope's table, the pooled one first."""
     tables = [_scope_table(p, s, raw, kinds, cfg) for s in scopes]
@@ -458,14 +354,14 @@ def _tables(p: Judged, scopes: list[_Scope], raw: np.ndarray, kinds: Mapping[str
     return pd.concat(tables, ignore_index=True)
 
 
-def _arena(p: Judged, scopes: list[_Scope], raw: np.ndarray, weighted: np.ndarray, cfg: RatingConfig) -> pd.DataFrame:
+def _arena(p: Judged, scopes: list[Scope], raw: np.ndarray, weighted: np.ndarray, cfg: RatingConfig) -> pd.DataFrame:
     """Each scope's half-win-ties fit of all its judgments in one pool (FastChat's compute_bt): scope, contender,
     rating_arena; each never-compared group on its own scale, unbeaten (never winning) contenders at +inf (-inf)."""
     half = cfg.model_copy(update={"ties": "half"})
     rows = []
     for s in scopes:
-        pool = _scope_for(s.name, (s.mix > 0).astype(float), raw, weighted, half)
-        w, t = _scope_matrices(weighted[None], pool, half)
+        pool = scope_for(s.name, (s.mix > 0).astype(float), raw, weighted, half)
+        w, t = scope_matrices(weighted[None], pool, half)
         theta = fit(w, t, "bt", cfg.ridge)[0][0]
         names = [str(x) for x in p.names[pool.members]]
         met = w[0] + w[0].T
