@@ -206,8 +206,8 @@ def check_formats(cfg: SearchConfig, folders: dict[str, Path | None], rows: Rows
         warnings += _row_problems(f, rows, cfg.finetune.max_length)
     n_rows = sum(len(train) + len(test) for _, train, test in rows.values())
     n_local = sum(len(f.names) for f in formats.values())
-    summary = (f"format check: {n_rows:,} rows rendered in {len(formats)} distinct prompt "
+    summary = "" if not n_local else (f"format check: {n_rows:,} rows rendered in {len(formats)} distinct prompt "
                f"format{'s' * (len(formats) != 1)} for {n_local} local candidate{'s' * (n_local != 1)} "
                f"({n_rows * len(formats):,} renders, {len(toks.loaded)} tokenizer{'s' * (len(toks.loaded) != 1)} "
-               "loaded)")
+               "loaded)")  # none for zoo candidates: their format is the zoo's, checked by its tests
     return loads, warnings, summary

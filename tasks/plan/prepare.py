@@ -133,7 +133,8 @@ def prepare(cfg: SearchConfig, cheap_checks_passed: Callable[[], None] | None = 
     tok_folders = {n: tokenizer_folder(by_name[n], folder, sources) for n, (folder, _) in inspected.items()}
     loads, format_warnings, format_note = check_formats(cfg, tok_folders, rendered)
     warnings += format_warnings
-    say(logging.INFO, format_note)
+    if format_note:
+        say(logging.INFO, format_note)
     if cfg.llm_judges() or cfg.references:  # only then: its import of the API client costs time
         check_api_models(cfg)
     if cfg.compute.mode == "pool":
@@ -147,7 +148,7 @@ def prepare(cfg: SearchConfig, cheap_checks_passed: Callable[[], None] | None = 
         for m in cfg.merges:
             validate_recipe(m, placeholder_paths)
     return Prepared(_fingerprinted_models(cfg, inspected, signatures, loads),
-                    {d.name: _dataset_info(d, *rows[d.name]) for d in cfg.datasets}, warnings, [format_note])
+                    {d.name: _dataset_info(d, *rows[d.name]) for d in cfg.datasets}, warnings, [format_note] if format_note else [])
 
 
 def _merged_signature(sigs: list[dict[str, Any]], source: Any, named: dict[str, dict[str, Any]]) -> dict[str, Any]:
