@@ -148,7 +148,8 @@ def prepare(cfg: SearchConfig, cheap_checks_passed: Callable[[], None] | None = 
         for m in cfg.merges:
             validate_recipe(m, placeholder_paths)
     return Prepared(_fingerprinted_models(cfg, inspected, signatures, loads),
-                    {d.name: _dataset_info(d, *rows[d.name]) for d in cfg.datasets}, warnings, [format_note] if format_note else [])
+                    {d.name: _dataset_info(d, *rows[d.name]) for d in cfg.datasets}, warnings,
+                    [format_note] if format_note else [])
 
 
 def _merged_signature(sigs: list[dict[str, Any]], source: Any, named: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -202,7 +203,7 @@ def merge_info(m: Merge, models: dict[str, ModelInfo], signature: dict[str, Any]
 
 
 def check_api_models(cfg: SearchConfig) -> None:
-    """The LLM judge and the references: settings make sense, keys are there, endpoints answer (tasks.api.client.preflight)."""
+    """The LLM judge and the references: settings make sense, keys are there, endpoints answer (preflight)."""
     from tasks.api.client import endpoint_of, preflight
 
     for i, judge in enumerate(cfg.judge_list()):
