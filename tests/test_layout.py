@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # tasks/ packages in pipeline order: a module may import from its own package and from the packages before it.
-LAYERS = ["core", "config", "store", "compute", "data", "ingest", "api", "models", "train", "demo", "candidates", "generate",
+LAYERS = ["core", "config", "store", "compute", "data", "api", "ingest", "models", "train", "demo", "candidates", "generate",
           "rating", "judge", "plan", "report", "export"]
 MAX_LINES = 500
 
