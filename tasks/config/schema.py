@@ -64,15 +64,38 @@ class Merge(Frozen):
 
 
 class DatasetSpec(Frozen):
-    """One customer task: train and test rows in the OpenAI fine-tuning format."""
+    """One customer dataset: train and test rows in the OpenAI fine-tuning format (files, or an ingest folder)."""
 
     name: Name = Field(description="Short name of the dataset.")
     train: PathText = Field(description="JSONL, Parquet or a `datasets` folder of training rows; relative to the "
-                            "config file, or in the Prefect UI's form to the worker's working folder.")
-    test: PathText = Field(description="JSONL, Parquet or a `datasets` folder of test rows; relative like `train`.")
+                            "config file, or in the Prefect UI's form to the worker's working folder. Given by "
+                            "`path` when that is set.")
+    test: PathText = Field(description="JSONL, Parquet or a `datasets` folder of test rows; relative like `train`. "
+                           "Given by `path` when that is set.")
     metric: Literal["exact", "json", "rouge"] | None = Field(
         default=None, description="How the metric judge scores an output; inferred from the data when absent."
     )
+    path: PathText | None = Field(default=None, description="An ingest folder (python -m flows.ingest --out): train "
+                                  "is its train.jsonl, test its test.jsonl (or held_out.jsonl, see `part`); instead of "
+                                  "train and test.")
+    part: Literal["test", "held_out"] = Field(default="test", description="With `path`: the folder's file judged: "
+                                              "test.jsonl (a search dataset), or held_out.jsonl (the ingest's "
+                                              "--held-out-share carve-out, for validation.dataset: groups the "
+                                              "search never saw).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_folder(cls, raw: Any) -> Any:
+        """`path` names train and test (the ingest folder's files); giving both ways is a mistake."""
+        if not isinstance(raw, dict) or raw.get("path") is None:
+            if isinstance(raw, dict) and raw.get("part") not in (None, "test"):
+                raise ValueError("part: only with path (an ingest folder)")
+            return raw
+        if raw.get("train") is not None or raw.get("test") is not None:
+            raise ValueError("path: an ingest folder gives train and test; set path, or train and test, not both")
+        folder = str(raw["path"]).rstrip("/")
+        part = raw.get("part") or "test"
+        return {**raw, "train": f"{folder}/train.jsonl", "test": f"{folder}/{part}.jsonl"}
 
 
 class Reference(Frozen):
@@ -418,7 +441,10 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         return str((base / p).resolve())
 
     def fix_dataset(d: Any) -> Any:
-        return {**d, "train": fix(d.get("train")), "test": fix(d.get("test"))} if isinstance(d, dict) else d
+        if not isinstance(d, dict):
+            return d
+        folder = {"path": fix(d["path"])} if d.get("path") is not None else {}
+        return {**d, "train": fix(d.get("train")), "test": fix(d.get("test")), **folder}
 
     out = dict(raw)
     if isinstance(out.get("datasets"), list):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,10 @@ from tasks.core.errors import UserError, first_line
 # error in JSONL prints before they would have loaded.
 
 ROLES = {"system", "user", "assistant"}
+TEXT_PARTS = {"text", "input_text", "output_text"}  # content parts read as text (OpenAI's chat and Responses names)
+MEDIA_PARTS = {"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file"}
+# An ingest folder's files whose rows every contender answers: its pruned static prompt is added back to them.
+ANSWERED_FILES = ("test.jsonl", "held_out.jsonl")
 # Without the model's tokenizer a row's tokens can only be bounded. Whole prompts average 3.5-4.5 UTF-8 bytes a
 # token with the Mistral, Llama and GPT tokenizers on English prose (code, JSON and other scripts take more
 # tokens), so bytes / 6 is a lower bound no real prompt goes below: a row refused with it is surely too long.
@@ -42,6 +48,46 @@ class Example:
         return self.answer if self.expected is None else self.expected
 
 
+def _text(m: dict[str, Any], i: int, at: str) -> str:
+    """A message's text: a string, or text-only content parts joined by newlines; else one line naming what it is."""
+    role, content = m.get("role"), m.get("content")
+    what = f"{at}: message {i + 1} ({role})"
+    if role == "assistant" and (m.get("tool_calls") or m.get("function_call")):
+        raise UserError(f"{what} is a tool call (tool_calls), which the search cannot train on; python -m flows.ingest "
+                        "writes tool calls as JSON text (or drops those rows with --drop-tool-calls)")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        raise UserError(f"{what}: content is a JSON object, not text; write it as a JSON string (json.dumps)")
+    if isinstance(content, (list, tuple)) or hasattr(content, "tolist"):
+        parts = list(content.tolist() if hasattr(content, "tolist") else content)
+        kinds = [p.get("type") if isinstance(p, dict) else type(p).__name__ for p in parts]
+        bad = next((k for k in kinds if k not in TEXT_PARTS), None)
+        if bad in MEDIA_PARTS:
+            raise UserError(f"{what}: a content part of type '{bad}'; a text model cannot learn from it (drop the row, "
+                            "or run python -m flows.ingest, which drops and counts such rows)")
+        if bad is not None or not parts:
+            raise UserError(f"{what}: content parts must be text parts ({{\"type\": \"text\", \"text\": ...}}), "
+                            f"found {bad or 'none'}")
+        return "\n".join(str(p.get("text") or "") for p in parts)
+    raise UserError(f"{what}: no text content" + (" (null)" if content is None else f" ({type(content).__name__})"))
+
+
+def _messages(msgs: list[dict[str, Any]], at: str) -> list[dict[str, str]]:
+    """The messages as {role, content} text turns; one line for a role or content the search cannot train on."""
+    out = []
+    for i, m in enumerate(msgs):
+        role = m.get("role")
+        if role in ("tool", "function"):
+            raise UserError(f"{at}: message {i + 1} has role '{role}' (a tool's result), which the search cannot train "
+                            "on; python -m flows.ingest writes it as a user turn (or drops the row)")
+        if role not in ROLES:
+            raise UserError(f"{at}: message {i + 1} has role {role!r}; each message needs a role "
+                            f"({'/'.join(sorted(ROLES))}) and text content")
+        out.append({"role": role, "content": _text(m, i, at)})
+    return out
+
+
 def _check_row(row: Any, where: str, line: int) -> Example:
     """Turn one raw row into an Example, or raise a one-line error naming the file and line."""
     if not isinstance(row, dict):
@@ -56,10 +102,9 @@ def _check_row(row: Any, where: str, line: int) -> Example:
         msgs = msgs.tolist()
     if not isinstance(msgs, (list, tuple)) or not msgs:
         raise UserError(f"{where}:{line}: 'messages' must be a non-empty list")
-    msgs = [dict(m) if not isinstance(m, dict) else m for m in msgs]
-    for m in msgs:
-        if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise UserError(f"{where}:{line}: each message needs a role ({'/'.join(sorted(ROLES))}) and text content")
+    if not all(isinstance(m, dict) or hasattr(m, "keys") for m in msgs):
+        raise UserError(f"{where}:{line}: 'messages' must be a list of objects with a role and content")
+    msgs = _messages([dict(m) for m in msgs], f"{where}:{line}")
     if msgs[-1]["role"] != "assistant":
         raise UserError(f"{where}:{line}: no assistant message at the end (the teacher's answer)")
     if len(msgs) < 2:
@@ -77,7 +122,7 @@ def _check_row(row: Any, where: str, line: int) -> Example:
             pass
     return Example(
         id=str(rid) if rid is not None else str(line),
-        prompt=[{"role": m["role"], "content": m["content"]} for m in msgs[:-1]],
+        prompt=msgs[:-1],
         answer=msgs[-1]["content"],
         expected=expected,
         line=line,
@@ -151,14 +196,56 @@ def _raw_rows(path: Path) -> list[tuple[int, Any]]:
     return _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)
 
 
+def static_prompt(path: str | Path) -> str | None:
+    """The static system prompt an ingest pruned from the folder `path` sits in, when `path` is a file of rows every
+    contender answers (test.jsonl, held_out.jsonl): added back to them, so references and the teacher get their
+    instructions and the judge sees the request as production sent it; the training rows stay pruned."""
+    p = Path(path)
+    text, manifest = p.parent / "static_prompt.txt", p.parent / "ingest.json"
+    if p.name not in ANSWERED_FILES or not text.is_file() or not manifest.is_file():
+        return None
+    try:
+        pruned = (json.loads(manifest.read_text(encoding="utf-8")).get("static_prompt") or {}).get("pruned")
+    except (ValueError, AttributeError):
+        raise UserError(f"{manifest}: not an ingest manifest (broken JSON)") from None
+    return text.read_text(encoding="utf-8") if pruned else None
+
+
+def _missing(p: Path) -> str:
+    """The one line for a dataset file that is not there (an ingest folder's says how to make it)."""
+    if (p.parent / "ingest.json").is_file() and p.name == "held_out.jsonl":
+        return f"{p}: this ingest has no held-out part; ingest again with --held-out-share (e.g. 0.1)"
+    if p.name in ("train.jsonl", *ANSWERED_FILES) and p.parent.is_dir() and not (p.parent / "ingest.json").is_file():
+        return f"{p}: dataset file not found ({p.parent} is not an ingest folder: write one with python -m flows.ingest)"
+    return f"{p}: dataset file not found"
+
+
+def _note_names(examples: list[Example], raw: list[tuple[int, Any]], path: str) -> None:
+    """Say once per file how many rows had `name` fields on their messages, which the search drops."""
+    named = [line for line, row in raw if isinstance(row, dict) and isinstance(row.get("messages"), list)
+             and any(isinstance(m, dict) and m.get("name") for m in row["messages"])]
+    if named:
+        from tasks.store.guards import say
+
+        say(logging.WARNING, f"{path}:{named[0]}: {len(named)} of {len(examples)} rows name a message's author "
+                             "(`name`); the search drops the names (chat templates have no place for them)")
+
+
 def load_examples(path: str) -> list[Example]:
     """Every row of a dataset file, checked; raise UserError on the first bad one."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{path}: dataset file not found")
-    examples = [_check_row(row, str(p), line) for line, row in _raw_rows(p)]
+        raise UserError(_missing(p))
+    raw = _raw_rows(p)
+    examples = [_check_row(row, str(p), line) for line, row in raw]
     if not examples:
         raise UserError(f"{path}: dataset file is empty")
+    _note_names(examples, raw, str(p))
+    static = static_prompt(p)
+    if static is not None:  # rows that kept a system message of their own keep it
+        system = {"role": "system", "content": static}
+        examples = [e if e.prompt[0]["role"] == "system" else replace(e, prompt=[system, *e.prompt])
+                    for e in examples]
     ids = [e.id for e in examples]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -200,10 +287,14 @@ def check_test_size(examples: list[Example], path: str) -> None:
 
 
 def dataset_fingerprint(path: str) -> str:
-    """Content hash of a dataset file (or folder)."""
+    """Content hash of a dataset file (or folder), and of the static prompt added back to its rows (if any)."""
     from tasks.store.keys import file_fingerprint
 
-    return file_fingerprint(path)
+    fp = file_fingerprint(path)
+    static = static_prompt(path)
+    if static is None:
+        return fp
+    return hashlib.sha256(f"{fp}\0{static}".encode()).hexdigest()[:len(fp)]
 
 
 def infer_metric(examples: list[Example]) -> str:
