@@ -1,24 +1,27 @@
 """Turn production traffic (logged chat-completion requests) or existing fine-tuning rows into clean datasets:
 
     python -m flows.ingest SOURCE --out DIR [--group-by metadata.thread_id] [--model M] [--since T] ...
+    python -m flows.ingest relabel DIR --model M [--base-url URL] [--mode regenerate|revise --instructions FILE]
 
 Writes DIR/train.jsonl and DIR/test.jsonl (the OpenAI fine-tuning format the search reads, each row with a stable
 id, its source ids and its split group), DIR/ingest.json (the manifest: source, options, window, counts at every
 step, sha256 of the outputs) and DIR/ingest.md (what was kept, dropped and changed). Same source and options, same
-bytes. The steps are described in docs/ingest.md; the Python API is tasks/ingest/ingest.py run_ingest, and the
+bytes. `relabel` asks a stronger model for new answers to an ingest folder's rows and writes them beside the
+originals (DIR/train.relabeled.jsonl, DIR/relabel.json). The steps are described in docs/ingest.md; the Python API is tasks/ingest/ingest.py run_ingest, and the
 Prefect flow `ingest` below runs it from the UI.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from pydantic import ValidationError
 
 from flows.command import Parser, one_line_errors
 from tasks.core.errors import UserError
-from tasks.ingest.config import IngestConfig
+from tasks.ingest.config import IngestConfig, RelabelConfig
 
 # Option name -> IngestConfig field for the options given as they are (flags and renamed ones are mapped in _config).
 PLAIN = ("since", "until", "group_by", "test_share", "held_out_share", "near_threshold", "shingle_words",
@@ -88,6 +91,52 @@ def _metadata(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _relabel_parser() -> argparse.ArgumentParser:
+    """Options of `relabel` (their defaults are RelabelConfig's)."""
+    d = RelabelConfig.model_fields
+    p = Parser(prog="python -m flows.ingest relabel", description="Ask a stronger model for new answers to an ingest "
+               "folder's rows; written beside the originals as SPLIT.relabeled.jsonl, with relabel.json.")
+    p.add_argument("folder", metavar="DIR", help="an ingest folder (python -m flows.ingest --out DIR)")
+    p.add_argument("--model", required=True, metavar="M", help="the stronger model, as the endpoint names it")
+    p.add_argument("--base-url", metavar="URL", help="OpenAI-compatible endpoint (default: OpenAI's)")
+    p.add_argument("--api-key-env", default=d["api_key_env"].default, metavar="VAR",
+                   help="environment variable holding the API key (default %(default)s)")
+    p.add_argument("--api-key-secret", metavar="BLOCK", help="Prefect Secret block holding it, when VAR is unset")
+    p.add_argument("--mode", choices=("regenerate", "revise"), default=d["mode"].default,
+                   help="answer afresh, or rewrite the original answer as --instructions say (default %(default)s)")
+    p.add_argument("--instructions", metavar="FILE", help="text file: how to revise (or, regenerating, a system "
+                   "message put first)")
+    p.add_argument("--split", action="append", choices=("train", "test", "held_out"), dest="splits",
+                   help="file of the folder to relabel (repeatable; default: train)")
+    p.add_argument("--max-tokens", type=int, default=d["max_tokens"].default, metavar="N",
+                   help="longest new answer (default %(default)s)")
+    p.add_argument("--price-input", type=float, metavar="USD", help="USD per 1M prompt tokens of the model")
+    p.add_argument("--price-output", type=float, metavar="USD", help="USD per 1M completion tokens of the model")
+    p.add_argument("--max-usd", type=float, metavar="USD", help="stop before spending this much (needs the prices)")
+    p.add_argument("--concurrency", type=int, default=d["concurrency"].default, metavar="N",
+                   help="requests in flight (default %(default)s)")
+    p.add_argument("--rpm", type=int, metavar="N", help="requests-per-minute limit of the endpoint")
+    return p
+
+
+def _validated(model: type[Any], fields: dict[str, Any]) -> Any:
+    """A config model built from option values; a bad value is one line naming the option."""
+    try:
+        return model(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        # a check across options (the window, the shares) names the option its message starts with
+        field = str(err["loc"][0] if err["loc"] else msg.split(":", 1)[0].split(" ", 1)[0])
+        raise UserError(f"--{field.replace('_', '-')}: {msg.removeprefix(f'{field}: ')}") from None
+
+
+def _relabel_config(args: argparse.Namespace) -> RelabelConfig:
+    """The relabel options as a RelabelConfig."""
+    fields = {k: v for k, v in vars(args).items() if v is not None}
+    return _validated(RelabelConfig, {**fields, "splits": tuple(args.splits or ("train",))})
+
+
 def _config(args: argparse.Namespace) -> IngestConfig:
     """The options as an IngestConfig; a bad value is one line naming the option."""
     fields: dict[str, Any] = {k: getattr(args, k) for k in PLAIN if getattr(args, k) is not None}
@@ -95,23 +144,24 @@ def _config(args: argparse.Namespace) -> IngestConfig:
                "metadata": _metadata(args.metadata), "exact_dedup": not args.no_exact_dedup,
                "near_dedup": not args.no_near_dedup, "scrub_pii": not args.keep_pii, "prune_static": args.prune_static,
                "tool_calls": "drop" if args.drop_tool_calls else "keep"}
-    try:
-        return IngestConfig(**fields)
-    except ValidationError as e:
-        err = e.errors()[0]
-        msg = err["msg"].removeprefix("Value error, ")
-        # a check across options (the window, the shares) names the option its message starts with
-        field = err["loc"][0] if err["loc"] else msg.split(" ", 1)[0]
-        raise UserError(f"--{str(field).replace('_', '-')}: {msg}") from None
+    return _validated(IngestConfig, fields)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Ingest, print the plan, the counts and the output folder last."""
     def ingest_command() -> int:
-        """Parse, ingest, print."""
+        """Parse, ingest (or relabel), print."""
+        args = sys.argv[1:] if argv is None else argv
+        if args[:1] == ["relabel"]:
+            from tasks.ingest.relabel import run_relabel
+
+            relabel = _relabel_config(_relabel_parser().parse_args(args[1:]))
+            run_relabel(relabel, log=print)
+            print(relabel.folder)
+            return 0
         from tasks.ingest.ingest import run_ingest
 
-        cfg = _config(_parser().parse_args(argv))
+        cfg = _config(_parser().parse_args(args))
         run_ingest(cfg, log=print)
         print(cfg.out)
         return 0

@@ -98,3 +98,45 @@ class IngestConfig(Frozen):
             raise ValueError(f"test_share + held_out_share is {self.test_share + self.held_out_share:g}: no row "
                              "would be left for training")
         return self
+
+
+class RelabelConfig(Frozen):
+    """What `python -m flows.ingest relabel` asks a stronger model, of which rows, and how much it may spend."""
+
+    folder: PathText = Field(description="The ingest folder whose rows get new answers (its files stay as they are).")
+    model: str = Field(description="The stronger model that answers, as the endpoint names it (e.g. gpt-4o).")
+    base_url: str | None = Field(default=None, description="Its OpenAI-compatible endpoint; None: OpenAI's.")
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="Environment variable holding the API key (read "
+                             "as the judge reads its key: never logged nor written).")
+    api_key_secret: str | None = Field(default=None, description="Prefect Secret block holding the key, read when the "
+                                       "environment variable is unset.")
+    mode: Literal["regenerate", "revise"] = Field(default="regenerate", description="regenerate: the model answers "
+                                                  "the conversation afresh; revise: it rewrites the original answer "
+                                                  "as the instructions say.")
+    instructions: PathText | None = Field(default=None, description="A text file of instructions: with revise, how to "
+                                          "rewrite (required); with regenerate, a system message put first.")
+    splits: tuple[Literal["train", "test", "held_out"], ...] = Field(default=("train",), min_length=1, description=
+                                                                     "The folder's files relabeled, each into "
+                                                                     "SPLIT.relabeled.jsonl beside it.")
+    max_tokens: int = Field(default=1024, ge=1, description="Longest new answer in tokens (temperature is always 0).")
+    price_input: float | None = Field(default=None, ge=0, description="USD per 1M prompt tokens of the model (None: "
+                                      "not priced).")
+    price_output: float | None = Field(default=None, ge=0, description="USD per 1M completion tokens of the model.")
+    max_usd: float | None = Field(default=None, gt=0, description="Stop asking before this many dollars are spent "
+                                  "(each call reserved at its highest cost); rows not asked keep their original answer "
+                                  "and are asked by the next run. Needs the prices.")
+    concurrency: int = Field(default=16, ge=1, description="Requests in flight at once.")
+    rpm: int | None = Field(default=None, ge=1, description="Requests-per-minute limit of the endpoint (None: none).")
+    max_retries: int = Field(default=6, ge=0, description="Retries of a 429, 5xx, timeout or dropped connection.")
+    timeout_s: float = Field(default=120.0, gt=0, description="Seconds before one request is abandoned (and retried).")
+
+    @model_validator(mode="after")
+    def _complete(self) -> RelabelConfig:
+        """Revising needs instructions; a dollar cap needs both prices."""
+        if self.mode == "revise" and not self.instructions:
+            raise ValueError("instructions: --mode revise needs a file of instructions (how to rewrite the answers)")
+        if (self.price_input is None) != (self.price_output is None):
+            raise ValueError("price_input: give both prices (input and output, USD per 1M tokens), or neither")
+        if self.max_usd is not None and self.price_input is None:
+            raise ValueError("max_usd: a dollar cap needs the model's prices (--price-input and --price-output)")
+        return self

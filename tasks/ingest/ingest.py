@@ -29,6 +29,7 @@ from tasks.ingest.split import SIDES, group_hash, group_key, side
 from tasks.ingest.stored import Listing, is_stored, listing_of, stored_rows
 
 OUTPUTS = ("train.jsonl", "test.jsonl", "held_out.jsonl", "static_prompt.txt", "ingest.json", "ingest.md")
+RELABEL_OUTPUTS = ("relabel.json", ".relabeled.jsonl")  # kept by a new ingest: the next relabel asks only new rows
 EARLY_LINES = 100  # the first lines all unreadable: the wrong file, said at once instead of after a full read
 
 
@@ -81,6 +82,11 @@ class Plan:
         ]
 
 
+def relabel_output(name: str) -> bool:
+    """Whether a file in the output folder is relabel's (left alone by an ingest into the same folder)."""
+    return name == RELABEL_OUTPUTS[0] or name.endswith(RELABEL_OUTPUTS[1])
+
+
 def plan_ingest(cfg: IngestConfig) -> Plan:
     """Check the source and the output folder; UserError in one line when either is wrong."""
     listing = listing_of(cfg) if is_stored(cfg.source) else None
@@ -89,7 +95,8 @@ def plan_ingest(cfg: IngestConfig) -> Plan:
     if out.exists() and not out.is_dir():
         raise UserError(f"{cfg.out}: exists and is not a folder")
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS and not p.name.startswith(".ingest-"))
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS and not p.name.startswith(".ingest-")
+                         and not relabel_output(p.name))
         if foreign:
             raise UserError(f"{cfg.out}: holds files an ingest did not write ({', '.join(foreign[:3])}); name a new "
                             "or empty folder, or an earlier ingest's")
