@@ -1,9 +1,10 @@
 """Export a finished run's winner ready to serve, and check it is what was judged:
 
-    python -m flows.export --run RUN_ID [--dataset NAME] [--merged] --out DIR [--store DIR]
+    python -m flows.export --run RUN_ID [--dataset NAME] [--merged] --out DIR [--store DIR] [--check vllm]
 
 Writes DIR: the LoRA adapter (or with --merged full weights), the tokenizer with its chat template, and a model card
-(README.md) with the vllm serve and transformers commands. The Python API is tasks/export/export.py; the Prefect flow
+(README.md) with the vllm serve and transformers commands. --check vllm starts the card's own vllm serve command
+(BASESEARCH_VLLM_PYTHON names the python that has vLLM) and compares its answers with the search's. The Python API is tasks/export/export.py; the Prefect flow
 `export` below runs it from the UI.
 """
 
@@ -30,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, metavar="DIR", help="the search's store (default: $BASESEARCH_STORE or ./store)")
     p.add_argument("--force", action="store_true",
                    help="export a model the search found had learned nothing (it beat no floor on any dataset)")
+    p.add_argument("--check", default="transformers", choices=["transformers", "vllm"], metavar="ENGINE",
+                   help="answer the test rows with this engine and compare with the search's outputs: transformers "
+                        "(default), or vllm: the model card's own `vllm serve` command, asked through the openai "
+                        "client (BASESEARCH_VLLM_PYTHON: the python that has vLLM)")
     p.add_argument("--no-check", action="store_true",
                    help="skip reloading the export and answering the test rows to compare with the search's outputs")
     return p
@@ -41,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         """Parse, export, print."""
         args = _parser().parse_args(argv)
         result = export_run(args.run, args.out, store=args.store, dataset=args.dataset, merged=args.merged,
-                            check=not args.no_check, model=args.model, log=print, force=args.force)
+                            check=not args.no_check, model=args.model, log=print, force=args.force,
+                            engine=args.check)
         print(f"serve: {result['serve']}")
         print(result["out"])
         return 0
@@ -62,11 +68,13 @@ from flows.failures import one_line_failures
 @flow(name="export", flow_run_name="export-{run}", log_prints=False)
 @one_line_failures  # a user's mistake: Failed with its one line, no traceback
 def export(run: str, out: str, dataset: str | None = None, merged: bool = False, store: str | None = None,
-           check: bool = True, model: str | None = None, force: bool = False) -> dict[str, Any]:
+           check: bool = True, model: str | None = None, force: bool = False,
+           check_engine: str = "transformers") -> dict[str, Any]:
     """Export run `run`'s winner (or `model`) into the new folder `out` on the worker, checked against the search's
-    outputs; the model card becomes the `export` artifact. `store` defaults to $BASESEARCH_STORE, else ./store."""
+    outputs in `check_engine` (transformers, or vllm: the card's own server, with BASESEARCH_VLLM_PYTHON set on the
+    worker); the model card becomes the `export` artifact. `store` defaults to $BASESEARCH_STORE, else ./store."""
     result = export_run(run, out, store=store, dataset=dataset, merged=merged, check=check, model=model,
-                        log=get_run_logger().info, force=force)
+                        log=get_run_logger().info, force=force, engine=check_engine)
     create_markdown_artifact(result["card"], key="export", description=f"Export of {result['model']}, run {result['run_id']}")
     get_run_logger().info(f"export written to {result['out']}")
     return {k: v for k, v in result.items() if k != "card"}

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +123,9 @@ def test_adapter_export_reloads_and_reproduces_the_search(finished, tmp_path):
 
     card = (out / "README.md").read_text()
     assert f"**Base model**: `{base}`" in card and "fine-tuned on extraction" in card.lower()
-    assert f"vllm serve {base} --enable-lora --lora-modules {name}-extraction={out} " in card
+    assert f"vllm serve {base} --enable-lora --max-lora-rank " in card and f" --lora-modules {name}-extraction={out} " in card
+    assert "--dtype float32 --generation-config" in card  # as the search generated on CPU; stops served by the server
+    assert stat.S_IMODE((out / "adapter_model.safetensors").stat().st_mode) == 0o644  # the store's copy is 0600
     for r in ratings(finished).itertuples():  # every row, as the report's ranking tables show it
         shown = (f"| {round(r.rating)} | {r.ci_low:.0f}..{r.ci_high:.0f} |" if math.isfinite(r.rating) else
                  f"| {'unbeaten' if r.rating > 0 else 'never won'} | {'>=' if r.rating > 0 else '<='} ")

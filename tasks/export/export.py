@@ -23,6 +23,8 @@ from pydantic import ValidationError
 from tasks.config.base import MODEL_KINDS
 from tasks.config.schema import ComputeConfig, JudgeConfig, LoadOptions, SearchConfig
 from tasks.core.errors import UserError, first_line
+from tasks.export.serve import Serving, card_serve_command, search_dtype, serve_lines, write_generation_config
+from tasks.export.vllm import VllmCheckConfig, check_in_vllm, vllm_python
 from tasks.plan.prepare import fit_datasets
 from tasks.store.guards import tmp_name
 from tasks.store.results import LATEST, RUNS, adapter_path, model_path, outputs_path, run_path
@@ -33,9 +35,6 @@ if TYPE_CHECKING:
 
     from tasks.models.chat import PromptFormat
     from tasks.plan.prepare import Prepared
-
-VLLM_MAX_LORA_RANK = 16  # vllm serve's default --max-lora-rank; a higher rank needs the flag
-
 
 class CheckFailed(Exception):
     """The exported folder answers the test rows differently from the search's stored outputs."""
@@ -262,46 +261,6 @@ def compare(produced: pd.DataFrame, stored: pd.DataFrame) -> tuple[int, int, str
                                               f"the export {got.get(i)!r}")
 
 
-def serve_lines(w: Winner, out: Path, merged: bool, fmt: PromptFormat, cfg: SearchConfig, example: list[dict],
-                rank: int | None) -> list[str]:
-    """The model card's serving section: vllm serve, an OpenAI client request, and loading with transformers."""
-    served = f"{w.model}-{w.dataset}"
-    remote = " --trust-remote-code" if w.load.trust_remote_code else ""
-    if merged:
-        cmd = f"vllm serve {out} --served-model-name {served}{remote}"
-    else:
-        rank_flag = f" --max-lora-rank {rank}" if rank and rank > VLLM_MAX_LORA_RANK else ""
-        cmd = (f"vllm serve {w.base_name} --enable-lora --lora-modules {served}={out}{rank_flag} "
-               f"--chat-template {out / 'chat_template.jinja'}{remote}")
-    from tasks.models.chat import fold_system
-
-    stops, n = list(fmt.stop_ids), cfg.generate.max_new_tokens
-    fold = "  # system text folded into the user turn: this template refuses a system message" if fmt.fold_system \
-        else ""
-    example = fold_system(example) if fmt.fold_system else example
-    kw = ", trust_remote_code=True" if w.load.trust_remote_code else ""
-    load = (f'model = AutoModelForCausalLM.from_pretrained("{out}"{kw})' if merged else
-            f'model = AutoModelForCausalLM.from_pretrained("{w.base_name}"{kw})\n'
-            f'model = PeftModel.from_pretrained(model, "{out}").merge_and_unload()  # folded in, as the search ran it')
-    return [
-        "## Serve it with vLLM (OpenAI-compatible server)", "", "```bash", cmd, "```", "",
-        (f"Ask it as the search did: greedy (temperature 0), at most {n} new tokens, stopping at every end-of-turn "
-         f"token ({', '.join(map(str, stops))}):"), "", "```python", "from openai import OpenAI", "",
-        'client = OpenAI(base_url="http://localhost:8000/v1", api_key="EMPTY")',
-        f"messages = {json.dumps(example, ensure_ascii=False)}  # the first test row of {w.dataset}{fold}",
-        f'reply = client.chat.completions.create(model="{served}", messages=messages, temperature=0, max_tokens={n},',
-        f'                                       extra_body={{"stop_token_ids": {stops}}})',
-        "print(reply.choices[0].message.content)", "```", "",
-        "## Load it with transformers", "", "```python",
-        *([] if merged else ["from peft import PeftModel"]),
-        "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-        f'tok = AutoTokenizer.from_pretrained("{out}"{kw})', load,
-        f"messages = {json.dumps(example, ensure_ascii=False)}{fold}",
-        'inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)',
-        f"out = model.generate(**inputs, max_new_tokens={n}, do_sample=False, eos_token_id={stops})",
-        'print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())', "```", ""]
-
-
 def _train_file(d: Any) -> str:
     """The training file a dataset's fine-tunes read: a split one (search.refit off) also names its configured file."""
     if d.source is None:
@@ -324,14 +283,14 @@ def data_rows(cfg: SearchConfig, prep: Prepared) -> list[str]:
             "|---|---|---|---|---|---|---|", *rows]
 
 
-def model_card(run: Run, prep: Prepared, w: Winner, out: Path, merged: bool, fmt: PromptFormat, rank: int | None,
-               check: str) -> str:
+def model_card(run: Run, prep: Prepared, w: Winner, serving: Serving, fmt: PromptFormat, check: str) -> str:
     """README.md of the export: what it is, how to serve it, the check, ratings, validation, data, recipe, config."""
     from tasks.core.tables import md_table
+    from tasks.models.chat import fold_system
     from tasks.report.report import ranking_rows, validation_lines
 
     cfg, info = run.config, prep.models[w.model]
-    conf = cfg.rating.confidence
+    conf, merged, rank = cfg.rating.confidence, serving.merged, serving.rank
     hub = "" if Path(w.base_name).is_absolute() else f"base_model: {w.base_name}\n"
     what = ("full weights, the LoRA adapter merged in" if merged else f"a LoRA adapter (rank {rank}) of `{w.base_name}`")
     lines = [f"---\nlibrary_name: {'transformers' if merged else 'peft'}\n{hub}tags: [basesearch, lora]\n---", "",
@@ -342,7 +301,8 @@ def model_card(run: Run, prep: Prepared, w: Winner, out: Path, merged: bool, fmt
              f"- **Fine-tuned on**: dataset {w.dataset} ({w.dataset_why}).",
              f"- **Prompt format**: {info.template or fmt.describe()}; the tokenizer here carries that chat template.",
              f"- **Check**: {check}", ""]
-    lines += serve_lines(w, out, merged, fmt, cfg, prep.datasets[w.dataset].test[0].prompt, rank)
+    example = prep.datasets[w.dataset].test[0].prompt
+    lines += serve_lines(serving, fold_system(example) if fmt.fold_system else example, w.dataset, fmt.fold_system, [])
     lines += ["## Ratings", "", f"Bradley-Terry ratings (Elo scale) with {conf:.0%} intervals, pooled and per dataset.",
               ""]
     for scope in dict.fromkeys(run.ratings["scope"]):
@@ -392,12 +352,15 @@ def refuse_unlearned(run: Run, name: str, force: bool) -> None:
 
 def export_run(run: str, out: str, store: str | None = None, dataset: str | None = None, merged: bool = False,
                check: bool = True, model: str | None = None, log: Callable[[str], None] = print,
-               force: bool = False) -> dict[str, Any]:
-    """Export a run's winner (or --model) into the new folder `out`, check it, and say what was written.
+               force: bool = False, engine: str = "transformers") -> dict[str, Any]:
+    """Export a run's winner (or --model) into the new folder `out`, check it in `engine` (transformers, or vllm: the
+    card's own server command), and say what was written.
 
     Raises UserError for bad input (before any model loads) and CheckFailed when the check finds a difference (the
     export is then left in `out` for inspection).
     """
+    if engine not in ("transformers", "vllm"):
+        raise UserError(f"--check {engine}: not an engine the check knows (transformers, vllm)")
     root = resolve_store(store)
     if "://" not in root and not Path(root).is_dir():
         raise UserError(f"store {root}: no such folder; --store DIR or $BASESEARCH_STORE names the search's store")
@@ -407,6 +370,7 @@ def export_run(run: str, out: str, store: str | None = None, dataset: str | None
     name, chosen = pick_model(r, dataset, model)
     target = out_folder(out)
     refuse_unlearned(r, name, force)
+    vllm = VllmCheckConfig(**vllm_python()) if check and engine == "vllm" else None  # before any model loads
     log(f"run {r.id}: exporting {name} ({chosen}); its adapter trained on {ds} ({ds_why})")
     prep = fit_datasets(r.config, prepare_offline(r.config), st)  # the training rows the search's fine-tunes used
     w = locate(r, prep, st, name, chosen, ds, ds_why, check, log)
@@ -416,23 +380,72 @@ def export_run(run: str, out: str, store: str | None = None, dataset: str | None
     tmp.mkdir()
     try:
         fmt = write_merged(w, tmp) if merged else write_adapter(w, tmp)
-        rank = json.loads((w.adapter_dir / "adapter_config.json").read_text()).get("r")
+        serving = serving_of(w, st, target, merged, fmt, r.config)
+        write_generation_config(tmp, None if merged else w.base_dir, fmt.stop_ids)
         line, problem = "not run (--no-check)", ""
-        if check:
+        if vllm is not None:
+            line = "check (vllm): not finished"  # replaced once the server has answered from the final folder
+        elif check:
             same, total, problem = compare(reproduce(tmp, w, r.config, prep, merged), st.read_parquet(w.outputs_rel))
             line = f"{same} of {total} test outputs identical to the search's"
             log(f"check: {line}")
-        card = model_card(r, prep, w, target, merged, fmt, rank, line + (
-            " (loaded from this folder with transformers" + ("" if merged else " and peft")
-            + ", answered greedily with the search's generation settings)" if check else ""))
+        how = (" (loaded from this folder with transformers" + ("" if merged else " and peft")
+               + ", answered greedily with the search's generation settings)") if check and vllm is None else ""
+        card = model_card(r, prep, w, serving, fmt, line + how)
         (tmp / "README.md").write_text(card, encoding="utf-8")
+        readable(tmp)
         if target.is_dir():
             target.rmdir()  # empty, checked above
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if vllm is not None:  # the card's command names the final folder: the server starts once it is in place
+        line, problem, card = check_served(w, prep, st, r.config, serving, fmt, card, vllm, log)
     if problem:
-        raise CheckFailed(f"check: {line}; {problem}; the export is left in {target} for inspection")
-    serve = next(x for x in card.splitlines() if x.startswith("vllm serve"))
+        raise CheckFailed(f"{line if vllm else 'check: ' + line}; {problem}; the export is left in {target} for "
+                          "inspection")
     return {"run_id": r.id, "model": name, "kind": w.kind, "dataset": ds, "base": w.base_name, "merged": merged,
-            "out": str(target), "check": line if check else None, "serve": serve, "card": card}
+            "out": str(target), "check": line if check else None, "serve": card_serve_command(card), "card": card}
+
+
+def readable(folder: Path) -> None:
+    """Every file 0644 and folder 0755: a server running as another user reads the export (the store keeps some
+    files 0600, and copy2 keeps their mode)."""
+    folder.chmod(0o755)
+    for p in folder.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def serving_of(w: Winner, st: Store, out: Path, merged: bool, fmt: PromptFormat, cfg: SearchConfig) -> Serving:
+    """How the export is served: the dtype the search generated in (its outputs' device), rank, stops."""
+    from tasks.models.loading import device
+
+    stored = st.read_parquet(w.outputs_rel) if st.exists(w.outputs_rel) else None
+    devices = list(stored["device"].astype(str)) if stored is not None and "device" in stored else [device().type]
+    rank = json.loads((w.adapter_dir / "adapter_config.json").read_text()).get("r")
+    return Serving(out=out, served=f"{w.model}-{w.dataset}", base=w.base_name, merged=merged,
+                   dtype=search_dtype(devices), rank=rank, stops=fmt.stop_ids,
+                   max_new_tokens=cfg.generate.max_new_tokens, remote_code=w.load.trust_remote_code,
+                   base_is_merge=w.kind == "merge" and not merged)
+
+
+def check_served(w: Winner, prep: Prepared, st: Store, cfg: SearchConfig, serving: Serving, fmt: PromptFormat,
+                 card: str, vllm: VllmCheckConfig, log: Callable[[str], None]) -> tuple[str, str, str]:
+    """(line, problem, card): the card's vllm serve command run, the test rows asked, the card's check line set."""
+    from tasks.generate.outputs import finish_reasons
+
+    stored = st.read_parquet(w.outputs_rel)
+    ends = finish_reasons(stored, cfg.generate.max_new_tokens)
+    want = {str(i): (o, f) for i, o, f in zip(stored["example_id"], stored["output"], ends)}
+    from tasks.models.chat import fold_system, load_tokenizer
+
+    rows = [(str(e.id), fold_system(e.prompt) if fmt.fold_system else e.prompt) for e in prep.datasets[w.dataset].test]
+    tok = load_tokenizer(serving.out, LoadOptions(trust_remote_code=w.load.trust_remote_code))
+    verdict = check_in_vllm(card_serve_command(card), serving.served, rows, want, tok, serving.max_new_tokens,
+                            cfg.generate.batch_size, vllm, log)
+    log(verdict.line)
+    note = (f" (this card's vllm serve command, vLLM {vllm.version}, each test row asked through the openai client as "
+            f"below, {cfg.generate.batch_size} at a time: {verdict.tokens_per_s:.0f} output tokens/s)")
+    card = card.replace("- **Check**: check (vllm): not finished", f"- **Check**: {verdict.line}{note}", 1)
+    (serving.out / "README.md").write_text(card, encoding="utf-8")
+    return verdict.line, verdict.problem, card
