@@ -145,3 +145,20 @@ def test_text_parts_are_read_and_dropped_names_are_noted(tmp_path, caplog):
     assert [r.message for r in caplog.records] == [
         f"{path}:2: 2 of 3 rows name a message's author (`name`); the search drops the names (chat templates have no "
         "place for them)"]
+
+
+def test_too_few_rows_for_a_search_says_what_each_step_took(tmp_path):
+    from tests.test_ingest import log_line, write_lines
+
+    words = ["parcel", "invoice", "refund", "address", "courier", "label", "locker", "tracking"]
+    lines = [log_line(f"r{i}", f"question about my {w} number {i} please") for i, w in enumerate(words)]
+    lines += [log_line("e1", "broken one", answer=None), log_line("c1", "cut one", finish="length"),
+              log_line("d1", lines[0]["request"]["messages"][0]["content"])]
+    said: list[str] = []
+    m = run_ingest(IngestConfig(source=str(write_lines(tmp_path / "log.jsonl", lines)), out=str(tmp_path / "out")),
+                   log=said.append)
+    test = m["counts"]["split"]["test"]["rows"]
+    assert test < 5 and m["counts"]["rows"] == 8
+    line = (f"too few rows for a search: {8 - test} train and {test} test (it needs a training row and 5 test rows); "
+            "of 11 lines, unreadable: none; dropped: 1 cut (length), 1 error; duplicates dropped: 1")
+    assert said[-1] == f"warning: {line}" and f"**Warning: {line}.**" in (tmp_path / "out" / "ingest.md").read_text()

@@ -116,6 +116,19 @@ def _reasons(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
 
 
+def shortfall(c: dict[str, Any]) -> str | None:
+    """A line when a side is too small for the search (fewer test rows than its intervals need, or no training row),
+    with how many lines each step took away; else None."""
+    from tasks.data.load import MIN_TEST_ROWS
+
+    test, train = c["split"]["test"]["rows"], c["split"]["train"]["rows"]
+    if test >= MIN_TEST_ROWS and train:
+        return None
+    return (f"too few rows for a search: {train} train and {test} test (it needs a training row and {MIN_TEST_ROWS} "
+            f"test rows); of {c['lines']} lines, unreadable: {_reasons(c['unreadable'])}; dropped: "
+            f"{_reasons(c['dropped'])}; duplicates dropped: {c['duplicates_dropped']}")
+
+
 def markdown(m: dict[str, Any], examples: dict[str, list[str]], static_text: str | None) -> str:
     """ingest.md: the steps with their counts, the examples, the window and the outputs."""
     c, o = m["counts"], m["options"]
@@ -141,6 +154,9 @@ def markdown(m: dict[str, Any], examples: dict[str, list[str]], static_text: str
     lines = [f"# Ingest of {m['source']['path']}", "",
              f"{c['lines']} lines read, {c['rows']} rows written: {written}.", "",
              "## Steps", "", _table(["step", "rows in", "rows out", "what"], steps), ""]
+    short = shortfall(c)
+    if short:
+        lines[3:3] = [f"**Warning: {short}.**", ""]
     if static_text is not None:
         shown = static_text if len(static_text) <= 400 else static_text[:400] + "..."
         lines += ["## Static system prompt", "", "```", shown.replace("```", "'''"), "```", ""]
@@ -185,4 +201,7 @@ def finish(plan: Plan, tally: Tally, scrubber: Scrubber, static_text: str | None
     if c["unreadable"]:
         log(f"unreadable lines skipped: {_reasons(c['unreadable'])}, first {tally.first_unreadable}")
     log("written: " + ", ".join(f"{s} {v['rows']} rows" for s, v in c["split"].items()))
+    short = shortfall(c)
+    if short:
+        log(f"warning: {short}")
     return m
