@@ -92,6 +92,10 @@ async def _judge_one(
             break
         if reply.refusal:
             error = f"refused: {reply.refusal}"
+        elif reply.finish_reason == "length" and 0 < reply.completion_tokens < max_tokens:
+            # A server (vLLM) shortens max_tokens to the context the prompt leaves: the prompt is what is too long.
+            error = (f"unparseable (cut at the context length): the reply stopped after {reply.completion_tokens} of "
+                     f"{max_tokens} tokens, where the prompt filled the model's context")
         elif reply.finish_reason == "length":
             error = f"unparseable (cut at max_tokens): no verdict in the reply's first {max_tokens} tokens"
         else:
@@ -187,6 +191,10 @@ def _judge_hint(cfg: JudgeConfig, kind: str) -> str:
     if kind == "unparseable (cut at max_tokens)":
         return (f"raise judge.max_tokens (now {cfg.max_tokens}) so that the reply reaches its verdict, or use a "
                 "judge.model that answers in the asked JSON format")
+    if kind == "unparseable (cut at the context length)":
+        return ("the judge's prompts fill its model's context, so raising judge.max_tokens cannot help: use a "
+                "judge.model with a longer context (a vLLM server: a larger --max-model-len), or shorter answers to "
+                "judge (generate.max_new_tokens)")
     if kind == "refused":
         return "the model refuses to judge: use another judge.model"
     other = ("judge.structured: false if the endpoint mangles JSON output" if cfg.structured
