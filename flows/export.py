@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="answer the test rows with this engine and compare with the search's outputs: transformers "
                         "(default), or vllm: the model card's own `vllm serve` command, asked through the openai "
                         "client (BASESEARCH_VLLM_PYTHON: the python that has vLLM)")
+    p.add_argument("--no-compare", action="store_true",
+                   help="with --check vllm: skip serving the other form (the merged weights for an adapter, the "
+                        "adapter for --merged) to measure which to deploy")
     p.add_argument("--no-check", action="store_true",
                    help="skip reloading the export and answering the test rows to compare with the search's outputs")
     return p
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         result = export_run(args.run, args.out, store=args.store, dataset=args.dataset, merged=args.merged,
                             check=not args.no_check, model=args.model, log=print, force=args.force,
-                            engine=args.check)
+                            engine=args.check, compare_forms=not args.no_compare)
         print(f"serve: {result['serve']}")
         print(result["out"])
         return 0
@@ -69,12 +72,13 @@ from flows.failures import one_line_failures
 @one_line_failures  # a user's mistake: Failed with its one line, no traceback
 def export(run: str, out: str, dataset: str | None = None, merged: bool = False, store: str | None = None,
            check: bool = True, model: str | None = None, force: bool = False,
-           check_engine: str = "transformers") -> dict[str, Any]:
+           check_engine: str = "transformers", compare_forms: bool = True) -> dict[str, Any]:
     """Export run `run`'s winner (or `model`) into the new folder `out` on the worker, checked against the search's
     outputs in `check_engine` (transformers, or vllm: the card's own server, with BASESEARCH_VLLM_PYTHON set on the
-    worker); the model card becomes the `export` artifact. `store` defaults to $BASESEARCH_STORE, else ./store."""
+    worker; `compare_forms`: also serve the other form, to measure which to deploy); the model card becomes the
+    `export` artifact. `store` defaults to $BASESEARCH_STORE, else ./store."""
     result = export_run(run, out, store=store, dataset=dataset, merged=merged, check=check, model=model,
-                        log=get_run_logger().info, force=force, engine=check_engine)
+                        log=get_run_logger().info, force=force, engine=check_engine, compare_forms=compare_forms)
     create_markdown_artifact(result["card"], key="export", description=f"Export of {result['model']}, run {result['run_id']}")
     get_run_logger().info(f"export written to {result['out']}")
     return {k: v for k, v in result.items() if k != "card"}

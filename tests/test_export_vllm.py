@@ -93,7 +93,9 @@ def test_chatml_adapter_whose_eos_is_not_its_end_of_turn_is_served_as_judged(fin
     out = tmp_path / "adapter"
     rc, stdout, stderr = export(finished, out, "--model", "qwen2", "--check", "vllm")
     assert rc == 0, stderr
-    assert VLLM_LINE.search(stdout).groups() == (str(TEST_ROWS), str(TEST_ROWS), "all stopped at end of turn")
+    # the adapter, then (which to deploy) its merged weights, each served by its own command
+    every = (str(TEST_ROWS), str(TEST_ROWS), "all stopped at end of turn")
+    assert VLLM_LINE.findall(stdout) == [every, every], stdout
     assert "Traceback" not in stderr
 
     card = (out / "README.md").read_text()
@@ -102,6 +104,11 @@ def test_chatml_adapter_whose_eos_is_not_its_end_of_turn_is_served_as_judged(fin
                    f"--chat-template {out}/chat_template.jinja --dtype float32 --generation-config {out}")
     assert f"- **Check**: check (vllm): {TEST_ROWS} of {TEST_ROWS} test outputs identical" in card
     assert "stop_token_ids" not in card  # the client sends none: the server's generation config stops
+    deploy = card.split("### Which to deploy")[1].split("```")[0]
+    speeds = re.search(r"merged weights (\d+) output tokens/s, the adapter (\d+) \((\d+)% of merged\)", deploy)
+    assert speeds and int(speeds[1]) > 0 and int(speeds[2]) > 0, deploy
+    assert f"the other form's answers: {TEST_ROWS} of {TEST_ROWS} test outputs identical" in deploy
+    assert not [p for p in tmp_path.iterdir() if p.name != "adapter"]  # the other form's folder is gone
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [im_end, eos]
     for f in out.iterdir():  # a server running as another user can read every file
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
@@ -113,10 +120,11 @@ def test_llama3_merged_with_bos_in_its_template_is_served_as_judged(finished, tm
     tok = load_tokenizer(finished["models"]["llama3"], LoadOptions())
     assert tok.chat_template.startswith("{{ bos_token }}")  # the template writes BOS: a server must not add another
     out = tmp_path / "merged"
-    rc, stdout, stderr = export(finished, out, "--model", "llama3", "--merged", "--check", "vllm")
+    rc, stdout, stderr = export(finished, out, "--model", "llama3", "--merged", "--check", "vllm", "--no-compare")
     assert rc == 0, stderr
-    assert VLLM_LINE.search(stdout).groups() == (str(TEST_ROWS), str(TEST_ROWS), "all stopped at end of turn")
+    assert VLLM_LINE.findall(stdout) == [(str(TEST_ROWS), str(TEST_ROWS), "all stopped at end of turn")]
     card = (out / "README.md").read_text()
+    assert "### Which to deploy" not in card  # --no-compare
     assert f"vllm serve {out} --served-model-name llama3-labels --dtype float32 --generation-config {out}\n" in card
     eot, end = tok.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"])
     assert set(json.loads((out / "generation_config.json").read_text())["eos_token_id"]) == {eot, end}

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +24,16 @@ from pydantic import ValidationError
 from tasks.config.base import MODEL_KINDS
 from tasks.config.schema import ComputeConfig, JudgeConfig, LoadOptions, SearchConfig
 from tasks.core.errors import UserError, first_line
-from tasks.export.serve import Serving, card_serve_command, search_dtype, serve_lines, write_generation_config
-from tasks.export.vllm import VllmCheckConfig, check_in_vllm, vllm_python
+from tasks.export.card import model_card
+from tasks.export.serve import (
+    Serving,
+    card_serve_command,
+    search_dtype,
+    serve_command,
+    throughput_lines,
+    write_generation_config,
+)
+from tasks.export.vllm import Verdict, VllmCheckConfig, check_in_vllm, vllm_python
 from tasks.plan.prepare import fit_datasets
 from tasks.store.guards import tmp_name
 from tasks.store.results import LATEST, RUNS, adapter_path, model_path, outputs_path, run_path
@@ -261,86 +270,6 @@ def compare(produced: pd.DataFrame, stored: pd.DataFrame) -> tuple[int, int, str
                                               f"the export {got.get(i)!r}")
 
 
-def _train_file(d: Any) -> str:
-    """The training file a dataset's fine-tunes read: a split one (search.refit off) also names its configured file."""
-    if d.source is None:
-        return d.spec.train
-    return f"{d.spec.train} ({len(d.train)} rows of {d.source.spec.train}: its development rows left out)"
-
-
-def data_rows(cfg: SearchConfig, prep: Prepared) -> list[str]:
-    """Markdown table rows of every dataset's files and fingerprints (the held-out one as its files are now)."""
-    from tasks.data.load import dataset_fingerprint
-
-    rows = [f"| {n} | search | {_train_file(d)} | `{d.train_fp}` | {d.spec.test} | `{d.test_fp}` | {d.metric} |"
-            for n, d in prep.datasets.items()]
-    if cfg.validation:
-        spec = cfg.validation.dataset
-        fps = [f"`{dataset_fingerprint(p)}`" if Path(p).exists() else "(file gone)" for p in (spec.train, spec.test)]
-        rows.append(f"| {spec.name} | held out | {spec.train} | {fps[0]} | {spec.test} | {fps[1]} | "
-                    f"{spec.metric or 'inferred'} |")
-    return ["| dataset | role | train | train fingerprint | test | test fingerprint | metric |",
-            "|---|---|---|---|---|---|---|", *rows]
-
-
-def model_card(run: Run, prep: Prepared, w: Winner, serving: Serving, fmt: PromptFormat, check: str) -> str:
-    """README.md of the export: what it is, how to serve it, the check, ratings, validation, data, recipe, config."""
-    from tasks.core.tables import md_table
-    from tasks.models.chat import fold_system
-    from tasks.report.report import ranking_rows, validation_lines
-
-    cfg, info = run.config, prep.models[w.model]
-    conf, merged, rank = cfg.rating.confidence, serving.merged, serving.rank
-    hub = "" if Path(w.base_name).is_absolute() else f"base_model: {w.base_name}\n"
-    what = ("full weights, the LoRA adapter merged in" if merged else f"a LoRA adapter (rank {rank}) of `{w.base_name}`")
-    lines = [f"---\nlibrary_name: {'transformers' if merged else 'peft'}\n{hub}tags: [basesearch, lora]\n---", "",
-             f"# {w.model} fine-tuned on {w.dataset}", "",
-             f"Exported from basesearch run `{run.id}` of search `{cfg.name}`: {what}.", "",
-             f"- **Model**: {w.model} ({w.kind}), {w.chosen}.",
-             f"- **Base model**: `{w.base_name}`.",
-             f"- **Fine-tuned on**: dataset {w.dataset} ({w.dataset_why}).",
-             f"- **Prompt format**: {info.template or fmt.describe()}; the tokenizer here carries that chat template.",
-             f"- **Check**: {check}", ""]
-    example = prep.datasets[w.dataset].test[0].prompt
-    lines += serve_lines(serving, fold_system(example) if fmt.fold_system else example, w.dataset, fmt.fold_system, [])
-    lines += ["## Ratings", "", f"Bradley-Terry ratings (Elo scale) with {conf:.0%} intervals, pooled and per dataset.",
-              ""]
-    for scope in dict.fromkeys(run.ratings["scope"]):
-        lines += [f"### {scope}", "", md_table(ranking_rows(run.ratings, scope, conf)), ""]
-    lines += ["## Validation on the held-out dataset", "", *validation_lines(run.validation), ""]  # as the report's
-    floors = [f"- {r['dataset']}: scored {r['score']:.2f} against {r['untuned']:.2f} for its untuned base and "
-              f"{r['trivial']:.2f} for the trivial answer: " + ("learned" if r["learned"] else "**did not learn**")
-              for r in run.learned if r["model"] == w.model]
-    if floors:
-        lines += ["## Did fine-tuning work?", "", "Its mean metric score on each dataset's test rows beside its floors "
-                  "(the same base untuned, and a trivial answer), as the search measured them:", "", *floors, ""]
-    lines += ["## Data", "", *data_rows(cfg, prep), ""]
-    lines += training_lines(w.adapter_dir / "train_metrics.json")
-    recipe = w.base_dir / "mergekit_config.yml"
-    if w.kind == "merge" and recipe.is_file():
-        lines += ["## Merge recipe (mergekit)", "", "```yaml", recipe.read_text(encoding="utf-8").rstrip(), "```", ""]
-    lines += ["## Search config", "", "```yaml", run.config_text.rstrip(), "```", ""]
-    return "\n".join(lines)
-
-
-def training_lines(metrics_file: Path) -> list[str]:
-    """The card's training section: the settings the adapter trained with, and what its settings search tried."""
-    import pandas as pd
-
-    from tasks.core.tables import md_table
-    from tasks.report.tables import settings_cells
-
-    if not metrics_file.is_file():
-        return []
-    m = json.loads(metrics_file.read_text())
-    cells = settings_cells(m) | {"steps": m.get("steps"), "training loss": f"{m.get('loss_first')} -> "
-                                 f"{m.get('loss_last')}"}
-    how = ("the learning rate and epochs its settings search chose on the development rows (finetune.search)"
-           if m.get("search") else "the config's fixed settings (finetune.search off)")
-    return ["## Training", "", f"LoRA on the training rows, with {how}:", "",
-            md_table(pd.DataFrame([cells]).fillna("")), ""]
-
-
 def refuse_unlearned(run: Run, name: str, force: bool) -> None:
     """UserError when the run found that `name` learned no dataset (runs/<id>/learned.json), unless forced."""
     mine = [r for r in run.learned if r["model"] == name]
@@ -352,9 +281,9 @@ def refuse_unlearned(run: Run, name: str, force: bool) -> None:
 
 def export_run(run: str, out: str, store: str | None = None, dataset: str | None = None, merged: bool = False,
                check: bool = True, model: str | None = None, log: Callable[[str], None] = print,
-               force: bool = False, engine: str = "transformers") -> dict[str, Any]:
+               force: bool = False, engine: str = "transformers", compare_forms: bool = True) -> dict[str, Any]:
     """Export a run's winner (or --model) into the new folder `out`, check it in `engine` (transformers, or vllm: the
-    card's own server command), and say what was written.
+    card's own server command; with `compare_forms` the other form's throughput too), and say what was written.
 
     Raises UserError for bad input (before any model loads) and CheckFailed when the check finds a difference (the
     export is then left in `out` for inspection).
@@ -400,7 +329,12 @@ def export_run(run: str, out: str, store: str | None = None, dataset: str | None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if vllm is not None:  # the card's command names the final folder: the server starts once it is in place
-        line, problem, card = check_served(w, prep, st, r.config, serving, fmt, card, vllm, log)
+        verdict, deploy = check_served(w, prep, st, r.config, serving, fmt, card, vllm, compare_forms, log)
+        line, problem = verdict.line, verdict.problem
+        note = (f" (this card's vllm serve command, vLLM {vllm.version}, each test row asked through the openai "
+                f"client as below, {r.config.generate.batch_size} at a time)")
+        card = model_card(r, prep, w, serving, fmt, line + note, deploy)
+        (target / "README.md").write_text(card, encoding="utf-8")
     if problem:
         raise CheckFailed(f"{line if vllm else 'check: ' + line}; {problem}; the export is left in {target} for "
                           "inspection")
@@ -430,22 +364,36 @@ def serving_of(w: Winner, st: Store, out: Path, merged: bool, fmt: PromptFormat,
 
 
 def check_served(w: Winner, prep: Prepared, st: Store, cfg: SearchConfig, serving: Serving, fmt: PromptFormat,
-                 card: str, vllm: VllmCheckConfig, log: Callable[[str], None]) -> tuple[str, str, str]:
-    """(line, problem, card): the card's vllm serve command run, the test rows asked, the card's check line set."""
+                 card: str, vllm: VllmCheckConfig, compare_forms: bool, log: Callable[[str], None]
+                 ) -> tuple[Verdict, list[str]]:
+    """(the verdict, the card's which-to-deploy lines): the card's vllm serve command run and asked every test row;
+    then, with `compare_forms`, the other form (merged weights for an adapter, and back) served the same way from a
+    temporary folder and timed on the same rows."""
     from tasks.generate.outputs import finish_reasons
+    from tasks.models.chat import fold_system, load_tokenizer
 
     stored = st.read_parquet(w.outputs_rel)
     ends = finish_reasons(stored, cfg.generate.max_new_tokens)
     want = {str(i): (o, f) for i, o, f in zip(stored["example_id"], stored["output"], ends)}
-    from tasks.models.chat import fold_system, load_tokenizer
-
     rows = [(str(e.id), fold_system(e.prompt) if fmt.fold_system else e.prompt) for e in prep.datasets[w.dataset].test]
     tok = load_tokenizer(serving.out, LoadOptions(trust_remote_code=w.load.trust_remote_code))
-    verdict = check_in_vllm(card_serve_command(card), serving.served, rows, want, tok, serving.max_new_tokens,
-                            cfg.generate.batch_size, vllm, log)
+
+    def ask(command: str, s: Serving) -> Verdict:
+        """Serve with `command`, ask every row as the card does, compare, time."""
+        return check_in_vllm(command, s.served, rows, want, tok, s.max_new_tokens, cfg.generate.batch_size, vllm, log)
+
+    verdict = ask(card_serve_command(card), serving)
     log(verdict.line)
-    note = (f" (this card's vllm serve command, vLLM {vllm.version}, each test row asked through the openai client as "
-            f"below, {cfg.generate.batch_size} at a time: {verdict.tokens_per_s:.0f} output tokens/s)")
-    card = card.replace("- **Check**: check (vllm): not finished", f"- **Check**: {verdict.line}{note}", 1)
-    (serving.out / "README.md").write_text(card, encoding="utf-8")
-    return verdict.line, verdict.problem, card
+    if verdict.problem or not compare_forms:
+        return verdict, []
+    other_dir = Path(tempfile.mkdtemp(prefix=".other-form-", dir=serving.out.parent))
+    try:  # the other form, written as the export would write it
+        (write_adapter if serving.merged else write_merged)(w, other_dir)
+        write_generation_config(other_dir, w.base_dir if serving.merged else None, fmt.stop_ids)
+        other = replace(serving, out=other_dir, merged=not serving.merged, base_is_merge=False)
+        log(f"which to deploy: serving the {'merged weights' if other.merged else 'adapter'} the same way")
+        versus = ask(serve_command(other), other)
+        log(versus.line)
+    finally:
+        shutil.rmtree(other_dir, ignore_errors=True)
+    return verdict, throughput_lines(serving, verdict, versus, vllm.version, len(rows), cfg.generate.batch_size)

@@ -17,7 +17,10 @@ import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tasks.export.vllm import Verdict
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vllm's --max-lora-rank accepts (vLLM 0.32)
 GENERATION_CONFIG = "generation_config.json"
@@ -121,6 +124,21 @@ def serve_lines(s: Serving, example: list[dict], dataset: str, fold: bool, recom
         'inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)',
         f"out = model.generate(**inputs, max_new_tokens={n}, do_sample=False, eos_token_id={stops})",
         'print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())', "```", ""]
+
+
+def throughput_lines(s: Serving, mine: Verdict, other: Verdict, version: str, rows: int, batch: int) -> list[str]:
+    """The card's 'which to deploy': this form's and the other form's output tokens/s in vLLM, and a choice."""
+    merged, adapter = (mine, other) if s.merged else (other, mine)
+    ratio = adapter.tokens_per_s / merged.tokens_per_s if merged.tokens_per_s else float("nan")
+    pick = "the merged weights (`--merged`)" if merged.tokens_per_s >= adapter.tokens_per_s else "the adapter"
+    same = other.line.split(": ", 1)[1]
+    return ["### Which to deploy", "",
+            (f"Measured by the vLLM check (vLLM {version}, this machine, the {rows} test rows, {batch} requests at a "
+             f"time, after a first pass over them): merged weights {merged.tokens_per_s:.0f} output tokens/s, the "
+             f"adapter {adapter.tokens_per_s:.0f} ({ratio:.0%} of merged); the other form's answers: {same}. "
+             f"Deploy {pick} when this server runs one fine-tune: serving LoRA unmerged costs every request extra "
+             "work (vLLM reports 4-34% lower throughput on GPUs). Deploy the adapter when one base serves several "
+             "fine-tunes (`--lora-modules a=... b=...`, `--max-loras`): one copy of the base, a few MB each."), ""]
 
 
 def card_serve_command(card: str) -> str:

@@ -201,12 +201,12 @@ def first_token_difference(tok: Any, want: str, got: str) -> str:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The check's outcome: its line, and the problem in words ('' when every output is identical)."""
+    """The check's outcome: its line, the problem in words ('' when every output is identical), and the speed."""
 
     line: str
     problem: str
-    tokens_per_s: float
-    started_s: float
+    tokens_per_s: float  # output tokens per second of a second, timed pass over the same rows (the first warms up)
+    started_s: float  # seconds from the command to a healthy server
 
 
 def compare_answers(ids: list[str], stored: dict[str, tuple[str, str]], answers: list[Answer], tok: Any) -> tuple[str, str]:
@@ -239,12 +239,14 @@ def check_in_vllm(command: str, served: str, rows: list[tuple[str, list[dict[str
     log(f"check (vllm): starting {shlex.join(argv[1:])}")
     with Server(argv, cfg, port) as server:
         log(f"check (vllm): server ready in {server.started_s:.0f} s; asking {len(rows)} test rows")
+        prompts = [m for _, m in rows]
         try:
-            answers, wall = ask(server.url, served, [m for _, m in rows], max_tokens, batch, cfg.request_s)
+            answers, _ = ask(server.url, served, prompts, max_tokens, batch, cfg.request_s)
+            timed, wall = ask(server.url, served, prompts, max_tokens, batch, cfg.request_s)
         except Exception as e:  # noqa: BLE001 - openai's errors: the server refused or failed a request
             raise EnvironmentFailure(f"check (vllm): a request failed: {type(e).__name__}: "
                                      f"{str(e).splitlines()[0][:300] if str(e) else ''} (server log: {server.log})"
                                      ) from None
     line, problem = compare_answers([i for i, _ in rows], stored, answers, tok)
-    tokens = sum(a.completion_tokens for a in answers)
+    tokens = sum(a.completion_tokens for a in timed)
     return Verdict(line, problem, tokens / wall if wall > 0 else 0.0, server.started_s)
