@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 import tasks.store.store as store_mod
+import tasks.store.verify as verify_mod
 from tasks.config.schema import JudgeConfig
 from tasks.core.errors import EnvironmentFailure, UserError
 from tasks.data.load import Example
@@ -118,14 +119,14 @@ def test_files_are_hashed_again_only_when_touched(tmp_path: Path, monkeypatch: p
     store, rel = Store(str(tmp_path)), "models/m1"
     folder = adapter_stage(store, rel, [])
     hashed = []
-    real = store_mod.sha256_file
-    monkeypatch.setattr(store_mod, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    real = verify_mod.sha256_file
+    monkeypatch.setattr(verify_mod, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
     assert store.exists(rel) and hashed == []  # times as recorded: sizes and times only
     weights = folder / "adapter_model.safetensors"
     os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))  # a copy that did not keep times
     assert store.exists(rel) and hashed == ["adapter_model.safetensors"]
     assert store.exists(rel) and len(hashed) == 1
-    store_mod._VERIFIED.clear()  # as a new process: the side record spares hashing again
+    verify_mod._VERIFIED.clear()  # as a new process: the side record spares hashing again
     assert store.exists(rel) and len(hashed) == 1
 
 

@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 import tempfile
 import threading
 import time
@@ -32,10 +31,10 @@ from filelock import FileLock, Timeout
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.core.errors import EnvironmentFailure, UserError
-from tasks.store.guards import (MANIFEST, TMP, disk_failure, file_lock, owner_line, parquet_damage, rm_local, say,
+from tasks.store.guards import (MANIFEST, TMP, disk_failure, file_lock, owner_line, rm_local, say,
                                 sha256_file, temp_is_dead, tmp_name, write_manifest, write_owner)
 from tasks.store.keys import content_key
-from tasks.store.results import RESULT_FOLDERS
+from tasks.store.verify import VERIFIED_READ, Checks, forget
 
 T = TypeVar("T")
 
@@ -50,8 +49,6 @@ LOCK_POLL_S = 0.5  # how often a waiting run retries a held lock; it waits as lo
 _GUARD = threading.Lock()
 _OPENED: set[tuple[str, str]] = set()  # (filesystem, root) probed and swept by this process
 _LOCKS: dict[str, FileLock] = {}  # one object per lock file: reentrant per thread, exclusive between threads
-_VERIFIED: dict[str, tuple[int, int]] = {}  # file -> (size, mtime_ns) it was last verified at
-_WARNED: set[tuple[str, str]] = set()  # (root, rel) already reported damaged by this process
 
 
 def resolve_store(arg: str | None) -> str:
@@ -59,7 +56,7 @@ def resolve_store(arg: str | None) -> str:
     return arg or os.environ.get("BASESEARCH_STORE") or DEFAULT_STORE
 
 
-class Store:
+class Store(Checks):
     """A folder (local, or any fsspec URL) holding models, adapters, outputs, judgments and runs."""
 
     def __init__(self, root: str) -> None:
@@ -97,142 +94,6 @@ class Store:
                 or ".." in PurePosixPath(rel.replace("\\", "/")).parts:
             raise UserError(f"store path '{rel}': must be relative and stay inside the store {self.root}")
         return f"{self.root}/{rel}"
-
-    # ---------------------------------------------------------------------------------------- checks
-
-    def exists(self, rel: str) -> bool:
-        """True when a finished, whole result is at `rel`; a damaged one is reported, removed, and is absent."""
-        why = self.damage(rel)
-        if why is None:
-            return True
-        if why:
-            self._discard(rel, why)
-        return False
-
-    def damage(self, rel: str) -> str | None:
-        """Why the result at `rel` cannot be used ('' when there is none), or None when it is whole."""
-        target = self.path(rel)
-        try:
-            if self.local:
-                st = os.stat(target)
-                is_dir, size, stamp = stat.S_ISDIR(st.st_mode), st.st_size, st.st_mtime_ns
-            else:
-                info = self.fs.info(target)
-                is_dir, size = info["type"] == "directory", int(info.get("size") or 0)
-                stamp = hash(str(info.get("mtime") or info.get("LastModified") or info.get("created")))
-        except FileNotFoundError:
-            return ""
-        if is_dir:
-            return self._folder_damage(target, rel.startswith(RESULT_FOLDERS))
-        if not rel.endswith(".parquet") or _VERIFIED.get(target) == (size, stamp):
-            return None  # other files are written in one rename: present means whole
-        why = self._parquet_file_damage(target, size)
-        if why is None:
-            _VERIFIED[target] = (size, stamp)
-        return why
-
-    def _parquet_file_damage(self, target: str, size: int) -> str | None:
-        """Why the Parquet file at `target` is not whole (magic bytes at both ends, footer parses), or None."""
-        with self.fs.open(target, "rb") as fh:
-            head = fh.read(4)
-            fh.seek(max(size - 8, 0))
-            tail = fh.read(8)
-            n = int.from_bytes(tail[:4], "little") if len(tail) == 8 else size
-            footer = None
-            if n + 12 <= size:
-                fh.seek(size - 8 - n)
-                footer = fh.read(n)
-        return parquet_damage(head, tail, footer, size)
-
-    def _folder_damage(self, target: str, result: bool) -> str | None:
-        """Why the folder at `target` is not a whole result (manifest missing, file missing or changed), or None.
-
-        A folder of models/ or adapters/ without a manifest was written before manifests existed (or is half an
-        upload): it counts as damaged, so an old store's results are recomputed once. Other folders (runs/<id>)
-        have none and are present as they are.
-        """
-        try:
-            with open(f"{target}/{MANIFEST}", "rb") if self.local else self.fs.open(f"{target}/{MANIFEST}", "rb") as fh:
-                files = json.loads(fh.read())["files"]
-        except FileNotFoundError:
-            return "it has no manifest: written before manifests existed, or cut short" if result else None
-        except (ValueError, KeyError, TypeError):
-            return "its manifest is damaged"
-        if not self.local:  # sizes only: hashing would download it (local_dir checks hashes when it does)
-            found = {p.removeprefix(f"{target}/"): int(i.get("size") or 0)
-                     for p, i in self.fs.find(target, detail=True).items()}
-            for name, rec in files.items():
-                if found.get(name) != rec["size"]:
-                    return f"{name} is missing" if name not in found else \
-                        f"{name} has {found[name]} bytes, its manifest says {rec['size']}"
-            return None
-        seen: dict[str, list[int]] | None = None  # read only when a file's time differs from the manifest's
-        for name, rec in files.items():
-            path = f"{target}/{name}"
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                return f"{name} is missing"
-            if st.st_size != rec["size"]:
-                return f"{name} has {st.st_size} bytes, its manifest says {rec['size']}"
-            stamp = (st.st_size, st.st_mtime_ns)
-            # Hash again only a file touched since it was written or last verified (a copy, an edit): a
-            # 14 GB model is hashed in about a minute, its sizes and times checked in microseconds.
-            if st.st_mtime_ns == rec["mtime_ns"] or _VERIFIED.get(path) == stamp:
-                continue
-            seen = self._seen(target) if seen is None else seen
-            if seen.get(name) == list(stamp):
-                _VERIFIED[path] = stamp
-                continue
-            if sha256_file(path) != rec["sha256"]:
-                return f"{name} differs from its manifest's sha256"
-            _VERIFIED[path] = stamp
-            self._remember(target, name, stamp)
-        return None
-
-    def _seen_path(self, target: str) -> Path:
-        """The side file recording when each file of folder `target` was last verified (local stores only)."""
-        return self._lock_dir() / f"{target.removeprefix(self.root + '/')}.verified"
-
-    def _seen(self, target: str) -> dict[str, list[int]]:
-        """{file: [size, mtime_ns]} verified by hashing since the folder was written (another run's too)."""
-        try:
-            return json.loads(self._seen_path(target).read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def _remember(self, target: str, name: str, stamp: tuple[int, int]) -> None:
-        """Record that `name` hashed right at this (size, mtime_ns), so no later run hashes it again."""
-        side = self._seen_path(target)
-        try:
-            side.parent.mkdir(parents=True, exist_ok=True)
-            tmp = side.parent / tmp_name()
-            tmp.write_text(json.dumps(self._seen(target) | {name: list(stamp)}))
-            os.replace(tmp, side)
-        except OSError:  # only a cache: the file is hashed again next time
-            pass
-
-    def _discard(self, rel: str, why: str) -> None:
-        """Warn once that `rel` is damaged; remove it unless another run holds its lock (it recomputes it)."""
-        with _GUARD:
-            first = (self.root, rel) not in _WARNED
-            _WARNED.add((self.root, rel))
-        if first:
-            say(logging.WARNING, f"store: {rel} is damaged ({why}); it will be removed and recomputed")
-        if not self.local:  # another machine may be uploading it: new_dir replaces it under the lock
-            return
-        lk = self._lock_of(rel)
-        try:
-            lk.acquire(timeout=0)
-        except Timeout:
-            return
-        try:
-            if self.damage(rel):  # still damaged now that no one else can be writing it
-                aside = f"{self.path(rel).rsplit('/', 1)[0]}/{tmp_name()}"
-                os.replace(self.path(rel), aside)  # gone in one step; the rest is removed at leisure
-                rm_local(aside)
-        finally:
-            lk.release()
 
     # ------------------------------------------------------------------------------------------ locks
 
@@ -279,11 +140,11 @@ class Store:
     def claim(self, rel: str) -> Iterator[bool]:
         """`with store.claim(rel) as todo:` True: compute `rel` now, holding its lock; False: a whole result is
         there (found at once, or left by the run this one waited for)."""
-        if self.exists(rel):
+        if self.exists(rel, deep=True):  # every byte: the stage reads what it reuses next
             yield False
             return
         with self.lock(rel):
-            yield not self.exists(rel)
+            yield not self.exists(rel, deep=True)
 
     def compute_once(self, rel: str, compute: Callable[[], T]) -> tuple[T | None, bool]:
         """Every stage's skeleton: (compute's return, False) when this call computes `rel` (which compute writes),
@@ -360,8 +221,7 @@ class Store:
             if failure:
                 raise failure from None
             raise
-        _VERIFIED.pop(target, None)
-        _WARNED.discard((self.root, rel))  # whole again: a later damage is reported again
+        forget(target, self.root, rel)  # whole again: a later damage is reported again
         return target
 
     def _rm_quiet(self, path: str) -> None:
@@ -389,25 +249,26 @@ class Store:
         return json.loads(self.read_text(rel))
 
     def write_parquet(self, rel: str, df: pd.DataFrame) -> str:
-        """Atomically write a DataFrame as Parquet."""
+        """Atomically write a DataFrame as Parquet, with a CRC32 checksum on every page (checked when read)."""
         buf = io.BytesIO()
-        df.to_parquet(buf, index=False)
+        df.to_parquet(buf, index=False, write_page_checksum=True)
         return self._atomic_write(rel, buf.getvalue())
 
     def read_parquet(self, rel: str) -> pd.DataFrame:
-        """Read a Parquet file; a damaged one is removed, and EnvironmentFailure says to run again."""
+        """Read a Parquet file, its page checksums verified; a damaged one is removed, and EnvironmentFailure says to
+        run again (a stage's claim checks every byte first, so this happens only to damage done since)."""
         try:
             with self.fs.open(self.path(rel), "rb") as fh:
                 import pandas as pd
 
-                return pd.read_parquet(fh)
+                return pd.read_parquet(fh, **VERIFIED_READ)
         except FileNotFoundError:
             raise
         except Exception:
-            why = self.damage(rel)
+            why = self.damage(rel, deep=True)
             if not why:
                 raise
-            self._discard(rel, why)
+            self._discard(rel, why, deep=True)
             raise EnvironmentFailure(f"store: {rel} is damaged ({why}) and was removed; run the same command "
                                      "again to recompute it") from None
 
@@ -455,7 +316,7 @@ class Store:
             rm_local(aside)
         os.replace(tmp, target)
         self._seen_path(target).unlink(missing_ok=True)  # times verified of the files it replaced
-        _WARNED.discard((self.root, rel))
+        forget(target, self.root, rel)
 
     def _upload(self, tmp: Path, rel: str, manifest: dict[str, Any]) -> None:
         """Upload a finished folder to `rel`: its files first, the manifest last, so half an upload is absent."""
