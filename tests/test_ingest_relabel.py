@@ -130,3 +130,19 @@ def test_relabel_from_the_command_line(server, folder, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == str(folder) and out[1].startswith("train: ") and "answers changed" in out[1]
     assert (folder / "train.relabeled.jsonl").exists() and (folder / "test.relabeled.jsonl").exists()
+
+
+def test_the_search_reads_both_variants_as_datasets(server, folder):
+    from tasks.config.schema import load_config
+    from tasks.plan.prepare import load_dataset
+
+    run_relabel(config(server, folder))
+    (folder.parent / "search.yaml").write_text(
+        "name: variants\ncandidates: [{name: base, path: zoo:base}]\ndatasets:\n"
+        "  - {name: support, path: data}\n"
+        "  - {name: support-relabeled, train: data/train.relabeled.jsonl, test: data/test.jsonl}\n")
+    plain, relabeled = (load_dataset(d) for d in load_config(folder.parent / "search.yaml").datasets)
+    assert [e.id for e in plain.train] == [e.id for e in relabeled.train] and plain.test == relabeled.test
+    assert all(a.answer != b.answer and b.answer.startswith(f"{STRONG} answers: ")
+               for a, b in zip(plain.train, relabeled.train))
+    assert plain.train_fp != relabeled.train_fp and plain.test_fp == relabeled.test_fp  # only the training rows differ
