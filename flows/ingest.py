@@ -134,7 +134,7 @@ def _validated(model: type[Any], fields: dict[str, Any]) -> Any:
 def _relabel_config(args: argparse.Namespace) -> RelabelConfig:
     """The relabel options as a RelabelConfig."""
     fields = {k: v for k, v in vars(args).items() if v is not None}
-    return _validated(RelabelConfig, {**fields, "splits": tuple(args.splits or ("train",))})
+    return _validated(RelabelConfig, {**fields, "splits": tuple(dict.fromkeys(args.splits or ("train",)))})
 
 
 def _config(args: argparse.Namespace) -> IngestConfig:

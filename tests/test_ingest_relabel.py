@@ -105,6 +105,10 @@ def test_revise_sends_the_instructions_and_the_original_answer(server, folder, t
     new = rows(folder / "test.relabeled.jsonl")
     assert m["splits"]["test"]["outcomes"] == {"relabeled": len(new)} and not (folder / "train.relabeled.jsonl").exists()
     assert all(r["messages"][-1]["content"].startswith(f"{STRONG} answers: Below are a conversation") for r in new)
+    # the relabeled test rows are answered as the originals are: the pruned static prompt added back
+    variant, plain = load_examples(str(folder / "test.relabeled.jsonl")), load_examples(str(folder / "test.jsonl"))
+    assert [e.prompt for e in variant] == [e.prompt for e in plain]
+    assert sum(e.prompt[0] == {"role": "system", "content": STATIC} for e in variant) > 0.8 * len(variant)
     with pytest.raises(Exception, match="made with other settings"):  # another mode never mixes with these answers
         run_relabel(config(server, folder, splits=("test",)))
 

@@ -20,7 +20,7 @@ ROLES = {"system", "user", "assistant"}
 TEXT_PARTS = {"text", "input_text", "output_text"}  # content parts read as text (OpenAI's chat and Responses names)
 MEDIA_PARTS = {"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file"}
 # An ingest folder's files whose rows every contender answers: its pruned static prompt is added back to them.
-ANSWERED_FILES = ("test.jsonl", "held_out.jsonl")
+ANSWERED_FILES = ("test.jsonl", "held_out.jsonl", "test.relabeled.jsonl", "held_out.relabeled.jsonl")
 # Without the model's tokenizer a row's tokens can only be bounded. Whole prompts average 3.5-4.5 UTF-8 bytes a
 # token with the Mistral, Llama and GPT tokenizers on English prose (code, JSON and other scripts take more
 # tokens), so bytes / 6 is a lower bound no real prompt goes below: a row refused with it is surely too long.
@@ -198,7 +198,7 @@ def _raw_rows(path: Path) -> list[tuple[int, Any]]:
 
 def static_prompt(path: str | Path) -> str | None:
     """The static system prompt an ingest pruned from the folder `path` sits in, when `path` is a file of rows every
-    contender answers (test.jsonl, held_out.jsonl): added back to them, so references and the teacher get their
+    contender answers (test.jsonl, held_out.jsonl, or their relabeled variants): added back to them, so references and the teacher get their
     instructions and the judge sees the request as production sent it; the training rows stay pruned."""
     p = Path(path)
     text, manifest = p.parent / "static_prompt.txt", p.parent / "ingest.json"
@@ -215,7 +215,7 @@ def _missing(p: Path) -> str:
     """The one line for a dataset file that is not there (an ingest folder's says how to make it)."""
     if (p.parent / "ingest.json").is_file() and p.name == "held_out.jsonl":
         return f"{p}: this ingest has no held-out part; ingest again with --held-out-share (e.g. 0.1)"
-    if p.name in ("train.jsonl", *ANSWERED_FILES) and p.parent.is_dir() and not (p.parent / "ingest.json").is_file():
+    if p.name in ("train.jsonl", *ANSWERED_FILES[:2]) and p.parent.is_dir() and not (p.parent / "ingest.json").is_file():
         return f"{p}: dataset file not found ({p.parent} is not an ingest folder: write one with python -m flows.ingest)"
     return f"{p}: dataset file not found"
 
