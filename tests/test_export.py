@@ -179,6 +179,13 @@ def test_dataset_template_and_merge(finished, tmp_path):
     assert load_tokenizer(tmp_path / "beta", LoadOptions()).chat_template == trained
     assert trained != load_tokenizer(finished["models"]["alpha"], LoadOptions()).chat_template
 
+    # A merge's adapter names a folder of the search's store as its base: its card says first to serve --merged.
+    rc, stdout, stderr = export(finished, tmp_path / "merge-adapter", "--model", "alpha-beta", "--no-check")
+    assert rc == 0, stderr
+    serving = (tmp_path / "merge-adapter" / "README.md").read_text().split("## Serve it with vLLM (OpenAI-compatible server)")[1]
+    assert serving.lstrip().startswith("**First**: this adapter's base is a merge the search made")
+    assert "--merged" in serving.split("```")[0]
+
     # A merge's card carries its mergekit recipe; merged weights come with it.
     rc, stdout, stderr = export(finished, tmp_path / "merge", "--model", "alpha-beta", "--merged")
     assert rc == 0, stderr
