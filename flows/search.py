@@ -51,6 +51,7 @@ from tasks.report.learned import learned_lines, lift_section, lifts, nothing_lea
 from tasks.report.report import html_report, markdown_report, plot_ratings, ranking_rows
 from tasks.report.search import search_lines
 from tasks.report.verdict import recommendation, verdict_lines, verdicts
+from tasks.store.cache import configure as configure_cache
 from tasks.store.keys import content_key
 from tasks.store.results import LATEST, model_path, run_path
 from tasks.store.store import Store, resolve_store
@@ -259,6 +260,7 @@ def search(config: SearchConfig | str, store: str | None = None, dry_run: bool =
         row["computed"] = len(prep.models) + len(prep.datasets)
     for warning in prep.warnings:
         logger.warning(warning)
+    configure_cache(config.compute.cache_dir, config.compute.cache_gb)  # a remote store's local copies
     st = Store(store)
     prep = fit_datasets(config, prep, st)  # search.rounds with search.refit off: every fine-tune trains on train - dev
     plan = search_plan(config, prep, st)

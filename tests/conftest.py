@@ -12,6 +12,8 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+# A remote store's local copies (tasks/store/cache.py) go to a temp folder, not the user's ~/.cache.
+os.environ.setdefault("BASESEARCH_CACHE_DIR", tempfile.mkdtemp(prefix="basesearch-cache-"))
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"

@@ -270,9 +270,10 @@ def test_full_disk_is_one_line_and_leaves_no_temp(tmp_path: Path, monkeypatch: p
 
 def test_memory_store_counts_a_folder_only_with_its_manifest_uploaded_last(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # its download cache and local locks go here
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # its local locks go here
+    monkeypatch.setenv("BASESEARCH_CACHE_DIR", str(tmp_path / "cache"))  # and this machine's copies here
     store = Store(f"memory://bs-{uuid.uuid4().hex[:8]}")
-    uploads = []
+    uploads: list[str] = []
     real = store.fs.put_file
     monkeypatch.setattr(store.fs, "put_file", lambda lp, rp, **kw: uploads.append(rp) or real(lp, rp, **kw))
     calls: list[str] = []

@@ -15,7 +15,7 @@ from tasks.config.base import TEACHER, ZOO_PREFIX, Frozen, Name, PathText, not_u
 from tasks.config.merge_search import MergeSearchConfig
 from tasks.config.messages import format_error, hint
 from tasks.config.recipes import recipe_models, recipe_problem
-from tasks.config.stages import FinetuneConfig, GenerateConfig
+from tasks.config.stages import ComputeConfig, FinetuneConfig, GenerateConfig
 from tasks.core.errors import UserError
 
 
@@ -195,33 +195,6 @@ class JudgeConfig(Frozen):
         if self.kind != "metric" and not self.model:
             raise ValueError(f"the {self.kind} judge needs a model id (model: e.g. gpt-4o)")
         return self
-
-
-class ComputeConfig(Frozen):
-    """Where the GPU stages (merge, fine-tune, generate) run."""
-
-    mode: Literal["local", "pool"] = Field(default="local", description="local: in-process; pool: a Prefect work pool.")
-    pool: str | None = Field(default=None, description="Work pool name when mode is pool.")
-    workers: int | Literal["auto"] = Field(
-        default="auto",
-        description="mode local: fine-tunes run at once, each in its own process with one CPU thread; auto: one "
-        "per CPU core (at most 8) on a machine without a GPU, 1 with one.",
-    )
-
-    usd_per_hour: dict[str, float] = Field(
-        default_factory=lambda: {"cuda": 2.5, "cpu": 0.1},
-        description="USD an hour of the device that generates costs, by device type (cuda, cpu, mps): a fine-tune's "
-        "cost per 1,000 requests in the report is its measured throughput times this. Defaults: a rented 80 GB GPU "
-        "(~$2.50/h), a small cloud CPU machine (~$0.10/h).",
-    )
-
-    @field_validator("workers", mode="before")
-    @classmethod
-    def _workers(cls, v: Any) -> Any:
-        """A whole number of at least 1, or auto."""
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            return v
-        raise ValueError(f"should be a whole number of processes (1 or more) or auto, not {v!r}")
 
 
 class RatingConfig(Frozen):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tasks.config.base import Frozen
 
@@ -97,3 +97,38 @@ class GenerateConfig(Frozen):
 
     max_new_tokens: int = Field(default=128, ge=1, description="Longest answer in tokens.")
     batch_size: int = Field(default=32, ge=1, description="Test rows per generation batch.")
+
+
+class ComputeConfig(Frozen):
+    """Where the GPU stages (merge, fine-tune, generate) run."""
+
+    mode: Literal["local", "pool"] = Field(default="local", description="local: in-process; pool: a Prefect work pool.")
+    pool: str | None = Field(default=None, description="Work pool name when mode is pool.")
+    workers: int | Literal["auto"] = Field(
+        default="auto",
+        description="mode local: fine-tunes run at once, each in its own process with one CPU thread; auto: one "
+        "per CPU core (at most 8) on a machine without a GPU, 1 with one.",
+    )
+
+    cache_dir: str | None = Field(
+        default=None, description="A remote store's (s3://...) local copies of models and adapters, keyed by content "
+        "key: this folder; default $BASESEARCH_CACHE_DIR, else ~/.cache/basesearch/store. Pool workers set "
+        "BASESEARCH_CACHE_DIR in their own environment.")
+    cache_gb: float | None = Field(
+        default=None, gt=0, description="The most the cache_dir holds, in GB: the least recently used copies are "
+        "removed beyond it; default $BASESEARCH_CACHE_GB, else 100.")
+
+    usd_per_hour: dict[str, float] = Field(
+        default_factory=lambda: {"cuda": 2.5, "cpu": 0.1},
+        description="USD an hour of the device that generates costs, by device type (cuda, cpu, mps): a fine-tune's "
+        "cost per 1,000 requests in the report is its measured throughput times this. Defaults: a rented 80 GB GPU "
+        "(~$2.50/h), a small cloud CPU machine (~$0.10/h).",
+    )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        """A whole number of at least 1, or auto."""
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"should be a whole number of processes (1 or more) or auto, not {v!r}")

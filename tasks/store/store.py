@@ -32,11 +32,13 @@ from fsspec.implementations.local import LocalFileSystem
 
 from tasks.core.errors import EnvironmentFailure, UserError
 from tasks.store.guards import (MANIFEST, TMP, disk_failure, file_lock, owner_line, rm_local, say,
-                                sha256_file, temp_is_dead, tmp_name, write_manifest, write_owner)
+                                temp_is_dead, tmp_name, write_manifest, write_owner)
 from tasks.store.keys import content_key
+from tasks.store.remote import Remote
 from tasks.store.verify import VERIFIED_READ, Checks, forget
 
 T = TypeVar("T")
+__all__ = ["MANIFEST", "Store", "resolve_store", "tmp_name"]  # MANIFEST, tmp_name: what callers and tests import from here
 
 if TYPE_CHECKING:
     import pandas as pd  # imported where Parquet is read or written: the command line checks a config without it
@@ -56,12 +58,17 @@ def resolve_store(arg: str | None) -> str:
     return arg or os.environ.get("BASESEARCH_STORE") or DEFAULT_STORE
 
 
-class Store(Checks):
+class Store(Checks, Remote):
     """A folder (local, or any fsspec URL) holding models, adapters, outputs, judgments and runs."""
 
     def __init__(self, root: str) -> None:
         """Open the store at `root`: created, checked writable and swept of dead runs' temps once per process."""
-        self.fs, path = fsspec.core.url_to_fs(root)
+        # No listings cache for a remote store: other machines add results while this process runs.
+        local_url = fsspec.utils.get_protocol(root) in ("file", "local")
+        try:
+            self.fs, path = fsspec.core.url_to_fs(root, **({} if local_url else {"use_listings_cache": False}))
+        except ImportError as e:  # s3fs, gcsfs...: fsspec names the package
+            raise UserError(f"store {root}: {e}; hint: pip install s3fs (s3://) or gcsfs (gs://)") from None
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = str(Path(path).resolve()) if self.local else path.rstrip("/")
         self.url = self.root if self.local else root  # what another process (a worker) opens the same store by
@@ -78,15 +85,23 @@ class Store(Checks):
             raise UserError(f"store {self.root}: is a file, not a folder; hint: --store DIR")
         probe = f"{self.root}/{tmp_name()}-probe"
         try:
-            self.fs.makedirs(self.root, exist_ok=True)
+            if not self.whole_put():  # an object store has no folders; s3fs would create a missing bucket
+                self.fs.makedirs(self.root, exist_ok=True)
             self._put_bytes(probe, b"")
             self.fs.rm(probe)
         except (FileExistsError, NotADirectoryError):
             raise UserError(f"store {self.root}: a part of this path is a file; hint: --store DIR") from None
         except OSError as e:
+            hint = "check the path, or choose another with --store DIR" if self.local else \
+                "check the bucket and the credentials (AWS_* variables, ~/.aws; docs/scale-out.md)"
             raise disk_failure(e, self.root) or EnvironmentFailure(
-                f"store {self.root}: cannot write in it ({e.strerror or type(e).__name__}); "
-                "hint: check the path, or choose another with --store DIR") from None
+                f"store {self.url}: cannot write in it ({e.strerror or type(e).__name__}); hint: {hint}") from None
+        except Exception as e:  # noqa: BLE001 - an object store's client: no credentials, no endpoint, no bucket
+            if self.local:
+                raise
+            raise EnvironmentFailure(f"store {self.url}: cannot write in it ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0][:160] if str(e) else ''}); hint: check the bucket and "
+                                     "the credentials (AWS_* variables, ~/.aws; docs/scale-out.md)") from None
 
     def path(self, rel: str) -> str:
         """Absolute path (in the store's filesystem) of a relative store path; UserError if it leaves the store."""
@@ -207,16 +222,17 @@ class Store(Checks):
         """Write bytes to a temp file beside the target, then rename: a crash never leaves half a file."""
         target = self.path(rel)
         parent = target.rsplit("/", 1)[0]
-        tmp = f"{parent}/{tmp_name()}"
+        tmp = target if self.whole_put() else f"{parent}/{tmp_name()}"
         try:
             self.fs.makedirs(parent, exist_ok=True)
             self._put_bytes(tmp, data)
             if self.local:
                 os.replace(tmp, target)  # atomic on POSIX
-            else:
+            elif tmp != target:
                 self.fs.mv(tmp, target)
         except BaseException as e:
-            self._rm_quiet(tmp)
+            if tmp != target:  # a failed PUT replaced nothing: the target (if any) is the whole older result
+                self._rm_quiet(tmp)
             failure = disk_failure(e, self.root) if isinstance(e, Exception) else None
             if failure:
                 raise failure from None
@@ -258,9 +274,12 @@ class Store(Checks):
         """Read a Parquet file, its page checksums verified; a damaged one is removed, and EnvironmentFailure says to
         run again (a stage's claim checks every byte first, so this happens only to damage done since)."""
         try:
-            with self.fs.open(self.path(rel), "rb") as fh:
-                import pandas as pd
+            import pandas as pd
+            import pyarrow as pa
 
+            if not self.local:  # one GET, not a read-ahead file's range requests
+                return pd.read_parquet(pa.BufferReader(self.fs.cat_file(self.path(rel))), **VERIFIED_READ)
+            with self.fs.open(self.path(rel), "rb") as fh:
                 return pd.read_parquet(fh, **VERIFIED_READ)
         except FileNotFoundError:
             raise
@@ -288,7 +307,7 @@ class Store(Checks):
                 tmp = Path(target).parent / tmp_name()
                 tmp.mkdir()
             else:
-                tmp = Path(tempfile.mkdtemp(prefix="basesearch-"))
+                tmp = self.new_part()
         except OSError as e:
             raise disk_failure(e, self.root) or e from None
         try:
@@ -298,7 +317,7 @@ class Store(Checks):
                 raise disk_failure(e, str(tmp.parent) if not self.local else self.root, full_only=True) or e
             try:
                 manifest = write_manifest(tmp)
-                self._install(tmp, rel) if self.local else self._upload(tmp, rel, manifest)
+                self._install(tmp, rel) if self.local else self.upload(tmp, rel, manifest)
             except OSError as e:
                 raise disk_failure(e, self.root) or e from None
         finally:
@@ -318,39 +337,6 @@ class Store(Checks):
         self._seen_path(target).unlink(missing_ok=True)  # times verified of the files it replaced
         forget(target, self.root, rel)
 
-    def _upload(self, tmp: Path, rel: str, manifest: dict[str, Any]) -> None:
-        """Upload a finished folder to `rel`: its files first, the manifest last, so half an upload is absent."""
-        target = self.path(rel)
-        if self.fs.exists(target):
-            if self.damage(rel) is None:
-                return
-            if self.fs.exists(f"{target}/{MANIFEST}"):
-                self.fs.rm(f"{target}/{MANIFEST}")  # absent first, then emptied
-            self.fs.rm(target, recursive=True)
-        for name in manifest["files"]:
-            self.fs.put_file(str(tmp / name), f"{target}/{name}")
-        self.fs.put_file(str(tmp / MANIFEST), f"{target}/{MANIFEST}")
-
     def local_dir(self, rel: str) -> Path:
-        """A local folder holding `rel` (the store itself when local, else a download cache, hashes checked)."""
-        if self.local:
-            return Path(self.path(rel))
-        cache = Path(tempfile.gettempdir()) / "basesearch-cache" / content_key(self.root, rel)
-        if cache.exists():
-            return cache
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        part = cache.parent / tmp_name()
-        try:
-            self.fs.get(self.path(rel) + "/", str(part), recursive=True)
-            if (part / MANIFEST).is_file():
-                for name, rec in json.loads((part / MANIFEST).read_text())["files"].items():
-                    if not (part / name).is_file() or sha256_file(part / name) != rec["sha256"]:
-                        raise EnvironmentFailure(f"store: {rel}/{name} arrived damaged from {self.root}; run the "
-                                                 "same command again (it is downloaded again)")
-            if not cache.exists():
-                os.replace(part, cache)  # whole or not at all: a cut download is never taken for the result
-        except OSError as e:
-            raise disk_failure(e, str(cache.parent), full_only=True) or e from None
-        finally:
-            rm_local(part)
-        return cache
+        """A local folder holding `rel` (the store itself when local, else this machine's cached copy, hashed)."""
+        return Path(self.path(rel)) if self.local else self.remote_local_dir(rel)

@@ -64,9 +64,11 @@ class Checks:
     root: str
     local: bool
 
-    def path(self, rel: str) -> str: ...  # Store's
-    def _lock_dir(self) -> Path: ...  # Store's
-    def _lock_of(self, rel: str) -> FileLock: ...  # Store's
+    if TYPE_CHECKING:  # Store's own (a stub here would shadow it: Store inherits this class first)
+        def path(self, rel: str) -> str: ...  # Store's
+        def _lock_dir(self) -> Path: ...  # Store's
+        def _lock_of(self, rel: str) -> FileLock: ...  # Store's
+        def fetch(self, rel: str) -> tuple[Path | None, str | None]: ...  # Store's (tasks/store/remote.py)
 
     def exists(self, rel: str, deep: bool = False) -> bool:
         """True when a finished, whole result is at `rel` (every byte checked with `deep`); a damaged one is
@@ -118,9 +120,14 @@ class Checks:
 
     def _parquet_page_damage(self, target: str) -> str | None:
         """Why the Parquet file at `target` does not read whole (a page fails its checksum or decoding), or None."""
+        import pyarrow as pa
+
         try:
-            with self.fs.open(target, "rb") as fh:
-                read_verified(fh)
+            if self.local:
+                with open(target, "rb") as fh:
+                    read_verified(fh)
+            else:  # one GET, not a read-ahead file's range requests
+                read_verified(pa.BufferReader(self.fs.cat_file(target)))
         except FileNotFoundError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure to decode means damage: the footer parsed
@@ -141,7 +148,9 @@ class Checks:
             return "it has no manifest: written before manifests existed, or cut short" if result else None
         except (ValueError, KeyError, TypeError):
             return "its manifest is damaged"
-        if not self.local:  # sizes only: the cache (tasks/store/cache.py) hashes every file it downloads
+        if not self.local and deep and result:  # every byte: this machine's copy, downloaded and hashed
+            return self.fetch(target.removeprefix(self.root + "/"))[1]
+        if not self.local:  # sizes only (what the plan counts): reading every byte would download it
             found = {p.removeprefix(f"{target}/"): int(i.get("size") or 0)
                      for p, i in self.fs.find(target, detail=True).items()}
             for name, rec in files.items():

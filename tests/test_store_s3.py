@@ -1,0 +1,165 @@
+"""The store over a real S3 API (moto's server on 127.0.0.1, reached through s3fs as AWS is): every result written
+and read, folder results uploaded manifest last and kept in this machine's bounded cache, damage found and
+recomputed, and a small search whose ratings equal a local store's."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tasks.store import cache
+from tasks.store.store import MANIFEST, Store
+from tests.s3_server import apply, make_bucket, restore, s3_env, s3_server
+
+BUCKET = "basesearch-test"
+DF = pd.DataFrame({"example_id": [f"e{i}" for i in range(300)], "output": [f"answer {i}" for i in range(300)]})
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto S3 server with one bucket, the environment pointing at it; yields the endpoint."""
+    with s3_server(tmp_path_factory.mktemp("moto")) as url:
+        make_bucket(url, BUCKET)
+        old = apply(s3_env(url))
+        try:
+            yield url
+        finally:
+            restore(old)
+
+
+@pytest.fixture
+def store(s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    """A fresh store under its own prefix of the bucket, with its own cache."""
+    monkeypatch.setenv("BASESEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # its per-machine locks
+    return Store(f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}")
+
+
+def adapter_stage(store: Store, rel: str, calls: list[str], weights: bytes) -> Path:
+    """A stage as tasks/train/finetune.py runs one: reuse the folder result, else fill a new folder."""
+    with store.claim(rel) as todo:
+        if todo:
+            calls.append(rel)
+            with store.new_dir(rel) as tmp:
+                (tmp / "adapter_model.safetensors").write_bytes(weights)
+                (tmp / "adapter_config.json").write_text('{"r": 8}')
+    return store.local_dir(rel)
+
+
+def test_files_go_to_s3_whole_and_read_back(store: Store) -> None:
+    assert type(store.fs).__name__ == "S3FileSystem" and not store.local
+    store.write_parquet("outputs/o.parquet", DF)
+    store.write_json("runs/r1/validation.json", {"ok": True})
+    assert store.read_parquet("outputs/o.parquet").equals(DF) and store.read_json("runs/r1/validation.json")
+    assert store.exists("outputs/o.parquet", deep=True) and store.exists("runs/r1")
+    listed = store.fs.find(store.root)
+    assert not [p for p in listed if "/.tmp-" in p], listed  # a PUT is whole: no temp objects, no copies
+
+
+def test_folders_upload_manifest_last_and_are_cached_by_key(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights, calls = random.Random(0).randbytes(50_000), []
+    uploads: list[str] = []
+    put = store.fs.put_file
+    monkeypatch.setattr(store.fs, "put_file", lambda lp, rp, **kw: uploads.append(rp) or put(lp, rp, **kw))
+    folder = adapter_stage(store, "adapters/k1", calls, weights)
+    assert uploads[-1].endswith(f"adapters/k1/{MANIFEST}") and len(uploads) == 3
+    assert folder == cache.cache_root() / "adapters/k1"  # what it made is this machine's copy: no download
+    assert (folder / "adapter_model.safetensors").read_bytes() == weights
+    gets: list[str] = []
+    get = store.fs.get_file
+    monkeypatch.setattr(store.fs, "get_file", lambda rp, lp, **kw: gets.append(rp) or get(rp, lp, **kw))
+    assert adapter_stage(store, "adapters/k1", calls, weights) == folder and calls == ["adapters/k1"] and not gets
+    import shutil
+
+    shutil.rmtree(folder)  # another machine: nothing cached
+    again = adapter_stage(store, "adapters/k1", calls, weights)
+    assert again == folder and len(gets) == 2 and calls == ["adapters/k1"]
+    assert (again / "adapter_model.safetensors").read_bytes() == weights
+
+
+def test_damage_in_s3_is_found_and_recomputed(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    weights, calls = random.Random(1).randbytes(50_000), []
+    folder = adapter_stage(store, "adapters/k2", calls, weights)
+    target = store.path("adapters/k2/adapter_model.safetensors")
+    bad = bytearray(weights)
+    bad[777] ^= 4
+    store.fs.pipe_file(target, bytes(bad))  # the object changed in the bucket, same size
+    import shutil
+
+    shutil.rmtree(folder)  # a machine that downloads it
+    caplog.set_level(logging.INFO, "basesearch")
+    assert store.exists("adapters/k2")  # sizes match: what the plan counts
+    adapter_stage(store, "adapters/k2", calls, weights)
+    assert calls == ["adapters/k2", "adapters/k2"]
+    assert store.fs.cat_file(target) == weights
+    lines = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert lines == ["store: adapters/k2 is damaged (adapter_model.safetensors differs from its manifest's sha256); "
+                     "it will be removed and recomputed"]
+    # a Parquet object with a changed byte in its page
+    store.write_parquet("outputs/p.parquet", DF)
+    data = bytearray(store.fs.cat_file(store.path("outputs/p.parquet")))
+    data[len(data) // 3] ^= 1
+    store.fs.pipe_file(store.path("outputs/p.parquet"), bytes(data))
+    with store.claim("outputs/p.parquet") as todo:
+        assert todo
+        store.write_parquet("outputs/p.parquet", DF)
+    assert store.read_parquet("outputs/p.parquet").equals(DF)
+
+
+def test_the_cache_keeps_to_its_bound(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BASESEARCH_CACHE_GB", str(120_000 / 1e9))  # room for two 50 kB results, not three
+    for i in range(3):
+        adapter_stage(store, f"adapters/c{i}", [], random.Random(i).randbytes(50_000))
+        os.utime(cache.cache_root() / f"adapters/c{i}" / cache.USED, (1000 + i, 1000 + i))
+    cache.evict()
+    kept = sorted(p.name for p in (cache.cache_root() / "adapters").iterdir() if not p.name.startswith("."))
+    assert kept == ["c1", "c2"]  # the least recently used went
+    assert sum(size for _, size, _ in cache.entries()) <= 120_000
+    assert (adapter_stage(store, "adapters/c0", [], b"") / "adapter_model.safetensors").stat().st_size == 50_000
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_search_on_s3_rates_as_on_a_local_store(s3: str, tiny_models, tiny_data, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from flows.cli import main
+    from tests.conftest import one_dataset_config_dict
+
+    monkeypatch.setenv("BASESEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    config = tmp_path / "mini.yaml"
+    config.write_text(yaml.safe_dump(one_dataset_config_dict(tiny_models, tiny_data)))
+    assert main(["--config", str(config), "--store", str(tmp_path / "local")]) == 0
+    url = f"s3://{BUCKET}/search-{uuid.uuid4().hex[:6]}"
+    capsys.readouterr()
+    assert main(["--config", str(config), "--store", url]) == 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and out.out.splitlines()[-1].startswith(f"report: {url.removeprefix('s3://')}")
+    local, remote = Store(str(tmp_path / "local")), Store(url)
+
+    def ratings(st: Store) -> pd.DataFrame:
+        """The latest run's ratings."""
+        return st.read_parquet(f"runs/{st.read_text('runs/LATEST').strip()}/ratings.parquet")
+
+    pd.testing.assert_frame_equal(ratings(remote), ratings(local))
+    for kind in ("adapters", "outputs", "judgments"):
+        assert sorted(p.rsplit("/", 1)[-1] for p in remote.fs.ls(remote.path(kind))) == \
+            sorted(p.name for p in (tmp_path / "local" / kind).iterdir() if not p.name.startswith(".")), kind
+    # the re-run on S3 computes nothing
+    assert main(["--config", str(config), "--store", url, "--dry-run"]) == 0
+    assert "nothing to compute" in capsys.readouterr().out
+
+
+def test_a_missing_bucket_is_one_line(s3: str) -> None:
+    from tasks.core.errors import EnvironmentFailure
+
+    with pytest.raises(EnvironmentFailure, match=r"^store s3://no-such-bucket-x/p: cannot write in it \(.*\); hint: "
+                       r"check the bucket and the credentials") as e:
+        Store("s3://no-such-bucket-x/p")
+    assert "\n" not in str(e.value)
