@@ -4,8 +4,8 @@
 
 Writes DIR: the LoRA adapter (or with --merged full weights), the tokenizer with its chat template, and a model card
 (README.md) with the vllm serve and transformers commands. --check vllm starts the card's own vllm serve command
-(BASESEARCH_VLLM_PYTHON names the python that has vLLM) and compares its answers with the search's. The Python API is tasks/export/export.py; the Prefect flow
-`export` below runs it from the UI.
+(BASESEARCH_VLLM_PYTHON names the python that has vLLM) and compares its answers with the search's. The Python API
+is tasks/export/export.py; the Prefect flow `export` below runs it from the UI.
 """
 
 from __future__ import annotations

@@ -123,7 +123,8 @@ def test_adapter_export_reloads_and_reproduces_the_search(finished, tmp_path):
 
     card = (out / "README.md").read_text()
     assert f"**Base model**: `{base}`" in card and "fine-tuned on extraction" in card.lower()
-    assert f"vllm serve {base} --enable-lora --max-lora-rank " in card and f" --lora-modules {name}-extraction={out} " in card
+    assert f"vllm serve {base} --enable-lora --max-lora-rank " in card
+    assert f" --lora-modules {name}-extraction={out} " in card
     assert "--dtype float32 --generation-config" in card  # as the search generated on CPU; stops served by the server
     assert stat.S_IMODE((out / "adapter_model.safetensors").stat().st_mode) == 0o644  # the store's copy is 0600
     for r in ratings(finished).itertuples():  # every row, as the report's ranking tables show it
@@ -182,7 +183,8 @@ def test_dataset_template_and_merge(finished, tmp_path):
     # A merge's adapter names a folder of the search's store as its base: its card says first to serve --merged.
     rc, stdout, stderr = export(finished, tmp_path / "merge-adapter", "--model", "alpha-beta", "--no-check")
     assert rc == 0, stderr
-    serving = (tmp_path / "merge-adapter" / "README.md").read_text().split("## Serve it with vLLM (OpenAI-compatible server)")[1]
+    card = (tmp_path / "merge-adapter" / "README.md").read_text()
+    serving = card.split("## Serve it with vLLM (OpenAI-compatible server)")[1]
     assert serving.lstrip().startswith("**First**: this adapter's base is a merge the search made")
     assert "--merged" in serving.split("```")[0]
 

@@ -69,8 +69,9 @@ def model_card(run: Run, prep: Prepared, w: Winner, serving: Serving, fmt: Promp
               f"{r['trivial']:.2f} for the trivial answer: " + ("learned" if r["learned"] else "**did not learn**")
               for r in run.learned if r["model"] == w.model]
     if floors:
-        lines += ["## Did fine-tuning work?", "", ("Its mean metric score on each dataset's test rows beside its floors "
-                  "(the same base untuned, and a trivial answer), as the search measured them:"), "", *floors, ""]
+        lines += ["## Did fine-tuning work?", "",
+                  ("Its mean metric score on each dataset's test rows beside its floors (the same base untuned, and a "
+                   "trivial answer), as the search measured them:"), "", *floors, ""]
     lines += ["## Data", "", *data_rows(cfg, prep), ""]
     lines += training_lines(w.adapter_dir / "train_metrics.json")
     recipe = w.base_dir / "mergekit_config.yml"

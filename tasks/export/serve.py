@@ -77,9 +77,9 @@ def serve_command(s: Serving) -> str:
 def _dtype_note(s: Serving) -> str:
     """Why the command names a dtype, and what another one changes."""
     if s.dtype == "float32":
-        return ("`--dtype float32`: the search generated in float32 (on CPU). Without it vLLM loads float32 weights as "
-                "bfloat16, which is faster and halves the memory on a GPU, but greedy answers then part from the judged "
-                "ones on some rows (measured on tiny test models: 23-24 of 40 extraction answers identical); check a "
+        return ("`--dtype float32`: the search generated in float32 (on CPU). Without it vLLM loads float32 weights "
+                "as bfloat16, which is faster and halves the memory on a GPU, but greedy answers then part from the "
+                "judged ones on some rows (measured on tiny test models: 23-24 of 40 extraction answers identical); check a "
                 "bfloat16 deployment on your own rows first.")
     return ("`--dtype bfloat16`: the search generated in bfloat16 (on a GPU); float32 would change answers on some "
             "rows the other way.")
@@ -109,13 +109,12 @@ def serve_lines(s: Serving, example: list[dict], dataset: str, fold: bool, recom
          "`python -m vllm.entrypoints.openai.api_server --model <model> ...` (that wheel's `vllm` script fails)."),
         ("- `python -m flows.export ... --check vllm` starts this very command and compares its answers with the "
          "search's (`BASESEARCH_VLLM_PYTHON` names the Python that has vLLM)."), "",
-        *recommendation,
         f"Ask it as the search did: greedy (temperature 0), at most {n} new tokens:", "", "```python",
         "from openai import OpenAI", "",
         'client = OpenAI(base_url="http://localhost:8000/v1", api_key="EMPTY")',
         f"messages = {json.dumps(example, ensure_ascii=False)}  # the first test row of {dataset}{why_fold}",
         f'reply = client.chat.completions.create(model="{s.served}", messages=messages, temperature=0, max_tokens={n})',
-        "print(reply.choices[0].message.content)", "```", "",
+        "print(reply.choices[0].message.content)", "```", "", *recommendation,
         "## Load it with transformers", "", "```python",
         *([] if s.merged else ["from peft import PeftModel"]),
         "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
@@ -133,8 +132,8 @@ def throughput_lines(s: Serving, mine: Verdict, other: Verdict, version: str, ro
     pick = "the merged weights (`--merged`)" if merged.tokens_per_s >= adapter.tokens_per_s else "the adapter"
     same = other.line.split(": ", 1)[1]
     return ["### Which to deploy", "",
-            (f"Measured by the vLLM check (vLLM {version}, this machine, the {rows} test rows, {batch} requests at a "
-             f"time, after a first pass over them): merged weights {merged.tokens_per_s:.0f} output tokens/s, the "
+            (f"Measured by the vLLM check (vLLM {version}, {'on CPU' if s.dtype == 'float32' else 'on a GPU'}, "
+             f"the {rows} test rows, {batch} requests at a time, after a first pass over them): merged weights {merged.tokens_per_s:.0f} output tokens/s, the "
              f"adapter {adapter.tokens_per_s:.0f} ({ratio:.0%} of merged); the other form's answers: {same}. "
              f"Deploy {pick} when this server runs one fine-tune: serving LoRA unmerged costs every request extra "
              "work (vLLM reports 4-34% lower throughput on GPUs). Deploy the adapter when one base serves several "

@@ -209,7 +209,8 @@ class Verdict:
     started_s: float  # seconds from the command to a healthy server
 
 
-def compare_answers(ids: list[str], stored: dict[str, tuple[str, str]], answers: list[Answer], tok: Any) -> tuple[str, str]:
+def compare_answers(ids: list[str], stored: dict[str, tuple[str, str]], answers: list[Answer],
+                    tok: Any) -> tuple[str, str]:
     """(the check's line, the problem or ''): each answer against the search's (output, finish_reason) of its row."""
     differ = [i for i, a in zip(ids, answers) if a.content.strip() != stored[i][0]]
     stopped = sum(a.finish_reason == "stop" for a in answers)
