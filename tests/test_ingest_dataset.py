@@ -142,9 +142,9 @@ def test_text_parts_are_read_and_dropped_names_are_noted(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="basesearch"):
         rows = load_examples(str(path))
     assert rows[1].prompt == [{"role": "user", "content": "Book it.\nFor two."}]
-    assert [r.message for r in caplog.records] == [
-        f"{path}:2: 2 of 3 rows name a message's author (`name`); the search drops the names (chat templates have no "
-        "place for them)"]
+    said = (f"{path}:2: 2 of 3 rows name a message's author (`name`); the search drops the names (chat templates "
+            "have no place for them)")
+    assert [r.message for r in caplog.records] == [said]
 
 
 def test_too_few_rows_for_a_search_says_what_each_step_took(tmp_path):

@@ -13,9 +13,9 @@ import yaml
 from flows.ingest import ingest
 from tasks.ingest.config import IngestConfig
 from tasks.ingest.stored import STORED
+from tests.conftest import wait_for
 from tests.fake_openai import FakeOpenAI
 from tests.ingest_traffic import write_traffic
-from tests.conftest import wait_for
 from tests.prefect_server import ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -26,13 +26,12 @@ ENV = "BASESEARCH_TEST_FLOW_KEY"
 def run_of(state):
     """The flow run a state belongs to, its logs' text, and its artifacts, read back from the server."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, LogFilter,
-                                                LogFilterFlowRunId)
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
 
     run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(run_id)
-        text = lambda: "\n".join(log.message for log in client.read_logs(  # noqa: E731
+        text = lambda: "\n".join(log.message for log in client.read_logs(
             log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))))
         # the run's log lines reach the server in batches, after its final state: wait for its last one
         wait_for(lambda: "Finished in state" in text(), 60, lambda: f"the run's last log line:\n{text()}", poll_s=0.5)
