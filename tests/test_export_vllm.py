@@ -171,6 +171,15 @@ def test_a_difference_names_the_rows_and_the_first_differing_token():
     assert problem.startswith(f"rows that differ: b; example b, token {at}: the search wrote {want[at]!r}, "
                               f"vLLM {got[at]!r}")
     assert problem.endswith("(finish_reason length)")
+    # The same text, run on to max_tokens: what a server that misses the end of turn does (special tokens after it
+    # are dropped from the text); measured in bench/vllm_serving.py --ablate without --generation-config.
+    ran_on = [Answer("billing", "length", 16), same[1], same[2]]
+    line, problem = compare_answers(["a", "b", "c"], stored, ran_on, tok)
+    assert line.startswith("check (vllm): 3 of 3 test outputs identical")
+    assert line.endswith("2 of 3 stopped at end of turn (the search's: 3)")
+    assert problem == ("rows that ended otherwise: a; example a: the search's answer ended with finish_reason stop, "
+                       "the server's length: the server does not stop at the template's end of turn (is its "
+                       "--generation-config given?)")
 
 
 def test_the_server_is_the_cards_command_on_loopback():

@@ -221,8 +221,13 @@ def compare_answers(ids: list[str], stored: dict[str, tuple[str, str]], answers:
     line = f"check (vllm): {n - len(differ)} of {n} test outputs identical to the search's, {ends}"
     if not differ and stopped == searched:
         return line, ""
-    if not differ:
-        return line, "the server ended answers differently from the search"
+    if not differ:  # the same text, ended otherwise: e.g. special tokens generated after an end of turn not stopped at
+        ended = [(i, a.finish_reason) for i, a in zip(ids, answers) if a.finish_reason != stored[i][1]]
+        first, finish = ended[0]
+        why = (": the server does not stop at the template's end of turn (is its --generation-config given?)"
+               if finish == "length" else "")
+        return line, (f"rows that ended otherwise: {', '.join(i for i, _ in ended[:5])}; example {first}: the "
+                      f"search's answer ended with finish_reason {stored[first][1]}, the server's {finish}{why}")
     first = differ[0]
     got = next(a for i, a in zip(ids, answers) if i == first)
     more = f" (+{len(differ) - 5} more)" if len(differ) > 5 else ""
