@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import random
 import uuid
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from tasks.store.store import MANIFEST, Store
 from tests.s3_server import apply, make_bucket, restore, s3_env, s3_server
 
 BUCKET = "basesearch-test"
+ROOT = Path(__file__).resolve().parents[1]
 DF = pd.DataFrame({"example_id": [f"e{i}" for i in range(300)], "output": [f"answer {i}" for i in range(300)]})
 
 
@@ -163,3 +166,62 @@ def test_a_missing_bucket_is_one_line(s3: str) -> None:
                        r"check the bucket and the credentials") as e:
         Store("s3://no-such-bucket-x/p")
     assert "\n" not in str(e.value)
+
+
+RACER = """
+import logging, sys, time
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from tasks.store.store import Store
+store = Store(sys.argv[1])
+def compute():
+    time.sleep(float(sys.argv[3]))  # longer than a lease lives unrenewed: renewals keep it
+    store.write_text(sys.argv[2], sys.argv[4])
+    return "computed"
+print(store.compute_once(sys.argv[2], compute)[0] or "reused", flush=True)
+"""
+
+
+def racer(url: str, rel: str, tmp: Path, name: str, seconds: float, env: dict[str, str]) -> subprocess.Popen:
+    """A process as on another machine (its own temp folder, so its own local locks, and its own cache)."""
+    (tmp / name).mkdir()
+    return subprocess.Popen([sys.executable, "-c", RACER, url, rel, str(seconds), name], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=os.environ | env | {"TMPDIR": str(tmp / name), "BASESEARCH_CACHE_DIR": str(tmp / name)})
+
+
+def test_two_machines_racing_compute_once(s3: str, tmp_path: Path) -> None:
+    url, rel = f"s3://{BUCKET}/race-{uuid.uuid4().hex[:6]}", "judgments/j.txt"
+    env = {"BASESEARCH_LEASE_SECONDS": "1"}
+    procs = [racer(url, rel, tmp_path, name, 3.0, env) for name in ("first", "second")]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for _, e in outs]
+    assert sorted(o.strip() for o, _ in outs) == ["computed", "reused"], outs
+    winner = ["first", "second"][[o.strip() for o, _ in outs].index("computed")]
+    assert Store(url).read_text(rel) == winner
+    waited = next(e for (o, e) in outs if o.strip() == "reused")
+    assert "store: waiting for pid " in waited and f"computing {rel}" in waited and "taken over" not in waited
+    assert not Store(url).fs.find(f"{Store(url).root}/.leases")  # released
+
+
+def test_a_dead_holders_lease_expires(s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import time
+
+    monkeypatch.setenv("BASESEARCH_LEASE_SECONDS", "1.5")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    store = Store(f"s3://{BUCKET}/dead-{uuid.uuid4().hex[:6]}")
+    assert store.leasing  # the S3 API refuses a create-only write over an object
+    dead = {"pid": 4242, "host": "gpu-node-7", "command": "python -m flows.stages", "started": "2026-01-01 00:00:00",
+            "ttl_s": 1.5}
+    store.fs.pipe_file(store.path(".leases/adapters/a1.lease"), json.dumps(dead).encode())  # killed -9 long ago
+    caplog.set_level(logging.INFO, "basesearch")
+    t0 = time.monotonic()
+    made, reused = store.folder_once("adapters/a1", lambda tmp: (tmp / "w.bin").write_bytes(b"w" * 100))
+    waited = time.monotonic() - t0
+    assert made == 100 and not reused and 1.5 <= waited < 20
+    lines = [r.getMessage() for r in caplog.records if "a1" in r.getMessage()]
+    assert lines[0] == ("store: waiting for pid 4242 on gpu-node-7 (started 2026-01-01 00:00:00, python -m "
+                        "flows.stages) computing adapters/a1")
+    assert "was not renewed for 2 s: taken over" in lines[1]
+    assert not store.fs.exists(store.path(".leases/adapters/a1.lease"))

@@ -34,6 +34,7 @@ from tasks.core.errors import EnvironmentFailure, UserError
 from tasks.store.guards import (MANIFEST, TMP, disk_failure, file_lock, owner_line, rm_local, say,
                                 temp_is_dead, tmp_name, write_manifest, write_owner)
 from tasks.store.keys import content_key
+from tasks.store.lease import LEASES, Lease, conditional_writes
 from tasks.store.remote import Remote
 from tasks.store.verify import VERIFIED_READ, Checks, forget
 
@@ -50,6 +51,7 @@ LOCK_POLL_S = 0.5  # how often a waiting run retries a held lock; it waits as lo
 
 _GUARD = threading.Lock()
 _OPENED: set[tuple[str, str]] = set()  # (filesystem, root) probed and swept by this process
+_LEASING: dict[tuple[str, str], bool] = {}  # (filesystem, root) -> whether its results are leased across machines
 _LOCKS: dict[str, FileLock] = {}  # one object per lock file: reentrant per thread, exclusive between threads
 
 
@@ -78,6 +80,9 @@ class Store(Checks, Remote):
             self.sweep_temps()
             with _GUARD:
                 _OPENED.add(opened)
+                # Exclusion across machines needs conditional writes (tasks/store/lease.py): probed once.
+                _LEASING[opened] = not self.local and conditional_writes(self.fs, f"{self.root}/{tmp_name()}-lease")
+        self.leasing = _LEASING.get(opened, False)
 
     def _probe(self) -> None:
         """UserError when the root is a file; EnvironmentFailure when a temp file cannot be written in it."""
@@ -142,11 +147,16 @@ class Store(Checks, Remote):
             say(logging.INFO, f"store: waiting for {owner_line(owner)} computing {rel}")
             lk.acquire(timeout=-1, poll_interval=LOCK_POLL_S)
         outer = lk.lock_counter == 1
-        if outer:
-            write_owner(owner)
+        lease = Lease(self.fs, self.path(f"{LEASES}/{rel}.lease"), rel) if outer and self.leasing else None
         try:
+            if outer:
+                write_owner(owner)
+            if lease is not None:
+                lease.acquire()  # other machines: after this machine's lock, so one run per machine asks
             yield
         finally:
+            if lease is not None:
+                lease.release()
             if outer:
                 owner.unlink(missing_ok=True)
             lk.release()
