@@ -16,6 +16,7 @@ LORA_LR_7B, LR_FLOOR, LR_CEILING = 2e-4, 5e-5, 1e-2
 # `auto` epochs: enough passes to train on about this many rows (120 rows -> 9 epochs), 1 to 10 of them: a small
 # dataset needs several passes to move a model at all, a large one is learnt in one.
 AUTO_EPOCH_ROWS, AUTO_EPOCHS_MAX = 1000, 10
+CHECKPOINT_FIELDS = {"checkpoint_every", "checkpoint_minutes"}  # how a fine-tune is saved, not what it computes
 RUNG_SHARE = 0.25  # finetune.search: the share of the schedule every rate trains before all but the best stop
 
 
@@ -69,6 +70,11 @@ class FinetuneConfig(Frozen):
     )
     search: SettingsSearch = Field(default_factory=SettingsSearch, description="The learning rate and epochs "
                                    "searched per (model, dataset) on the development split.")
+    checkpoint_every: int = Field(default=0, ge=0, description="Save the training state to the store every this many "
+                                  "optimizer steps, so a fine-tune whose worker dies goes on from there on any worker; "
+                                  "0: by time only (checkpoint_minutes). Not part of the adapter's key.")
+    checkpoint_minutes: float = Field(default=10.0, ge=0, description="Also save it when this many minutes passed "
+                                      "since the last save; 0: by steps only. Not part of the adapter's key.")
 
     def lr_for(self, params: int) -> float:
         """The peak learning rate for a model of `params` parameters."""
@@ -88,8 +94,8 @@ class FinetuneConfig(Frozen):
 
     def identity(self) -> dict[str, Any]:
         """What keys a fine-tune: every field, the search's only when it is on (so switching it off keys as before
-        it existed)."""
-        return self.model_dump(exclude=set() if self.search.enabled else {"search"})
+        it existed); never how often it checkpoints (a resumed fine-tune equals an uninterrupted one)."""
+        return self.model_dump(exclude=(set() if self.search.enabled else {"search"}) | CHECKPOINT_FIELDS)
 
 
 class GenerateConfig(Frozen):

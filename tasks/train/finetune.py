@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.compute.speeds import conversation_chars, record_rate
@@ -15,8 +16,10 @@ from tasks.compute.workers import in_worker
 from tasks.config.schema import LoadOptions
 from tasks.data.devsplit import row_position
 from tasks.models.loading import base_of, load_base, model_params
+from tasks.store.guards import say
 from tasks.store.results import adapter_path
 from tasks.store.store import Store
+from tasks.train.checkpoint import Checkpoints, train_to
 from tasks.train.loop import Trainer, training_mode, training_rows
 from tasks.train.settings_search import search_settings
 
@@ -26,12 +29,14 @@ if TYPE_CHECKING:
 
 
 def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, out_dir: Path,
-             load: LoadOptions | None = None, dev: list[Example] | None = None) -> dict[str, Any]:
+             load: LoadOptions | None = None, dev: list[Example] | None = None,
+             checkpoints: tuple[str, str] | None = None) -> dict[str, Any]:
     """Train a LoRA adapter of `model_dir` on `train`, save it (and train_metrics.json) in `out_dir`.
 
     With finetune.search on, the learning rate and epochs are first searched on `dev` (the development rows), each
     rate trained on `train` less those rows; the adapter then trains on all of `train` with the chosen ones (with
-    `dev` empty, at the configured ones).
+    `dev` empty, at the configured ones). With `checkpoints` (store root, adapter key) the training state is saved
+    to the store as it goes (tasks/train/checkpoint.py), and a fine-tune started again goes on from the last save.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -45,8 +50,12 @@ def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, o
     params = model_params(base_of(model).config)
     rows, left_out = training_rows(tok, fmt, train, cfg.max_length)
     lr, steps, search = cfg.lr_for(params), cfg.steps_for(len(rows)), None
+    ckpt = Checkpoints(*checkpoints, cfg, f"fine-tune of {Path(model_dir).name}") if checkpoints else None
+    resumed = ckpt.latest() if ckpt is not None and ckpt.enabled else None
     with training_mode(model, rows, cfg.packing, cfg.gradient_checkpointing) as packed:
-        if cfg.search.enabled and dev:  # none: a dataset too small to split (the check warned), fixed settings
+        if resumed is not None:  # the settings the killed run chose: no search again
+            lr, steps, search = resumed["plan"]["lr"], resumed["plan"]["steps"], resumed["plan"]["search"]
+        elif cfg.search.enabled and dev:  # none: a dataset too small to split (the check warned), fixed settings
             seen = {row_position(ex) for ex in dev}  # a row's content hash: the development rows leave the fit rows
             fit, _ = training_rows(tok, fmt, [ex for ex in train if row_position(ex) not in seen], cfg.max_length)
             dev_rows, _ = training_rows(tok, fmt, dev, cfg.max_length)
@@ -55,7 +64,13 @@ def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, o
             lr, steps = search["learning_rate"], max(1, round(search["share"] * steps))
         trainer = Trainer(model, rows, lr=lr, steps=steps, batch_size=cfg.batch_size, seed=cfg.seed,
                           pad_id=tok.pad_token_id, packing=packed, checkpointing=cfg.gradient_checkpointing)
-        trainer.advance(steps)
+        plan = {"lr": lr, "steps": steps, "search": search}
+        if resumed is not None:
+            trainer.load_state_dict(resumed["trainer"])
+            say(logging.INFO, f"{ckpt.what}: resumed from the checkpoint at step {trainer.done} of {steps}")
+        elif ckpt is not None and search is not None and ckpt.enabled:
+            ckpt.save(trainer, plan)  # step 0, after the search: a resumed run does not search again
+        train_to(trainer, steps, ckpt, plan)
     metrics = trainer.metrics()
     metrics["learning_rate"] = lr
     metrics["epochs"] = round(steps * cfg.batch_size / len(rows), 2)
@@ -88,12 +103,14 @@ def finetune_task(
 
     store, rel = Store(store_root), adapter_path(key)
     dev = split_rows(load_examples(dev_from), dev_share)[1] if cfg.search.enabled else None
+    what = f"fine-tune of {model} on {dataset}"
     m, reused = store.folder_once(rel, lambda tmp: in_worker(  # a worker process when fine-tunes run side by side
-        finetune, model_dir, load_examples(train_path), cfg, tmp, load, dev, what=f"fine-tune of {model} on {dataset}"))
+        finetune, model_dir, load_examples(train_path), cfg, tmp, load, dev, (store_root, key), what=what))
+    Checkpoints(store_root, key, cfg, what).clear()  # the adapter is whole in the store: its checkpoints are spent
     if reused:  # in the store, or made by another run this one waited for
         return str(store.local_dir(rel)), True
     record_rate(store, "finetune", m["device"], m["chars"], m["plan_params"], m["plan_seconds"])
-    get_run_logger().info(
+    say(logging.INFO,
         f"finetune {model} on {dataset}: {settings_line(m)}loss {m['loss_first']} -> {m['loss_last']}, "
         f"{m['steps']} steps, "
         f"{m['tokens_per_s']:.0f} tokens/s, peak memory {m['peak_rss_mb']:.0f} MB resident"

@@ -343,6 +343,40 @@ class Trainer:
         self.tokens += sum(len(x) for x, _ in step_rows)
         self.padded += step_padded
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the rest of the run depends on, for a checkpoint (tasks/train/checkpoint.py): the trainable
+        weights, the optimizer's moments, the schedule, the batch order's random state and the batches left of the
+        epoch, the losses so far, and torch's random state (LoRA dropout)."""
+        return {
+            "weights": [p.detach().clone() for p in self.params],
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": self.rng.getstate(),
+            "batches": [list(b) for b in self.batches],
+            "losses": list(self.losses),
+            "counts": [self.tokens, self.padded, self.seconds, self.budget],
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.dev) if self.dev.type == "cuda" else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a state_dict: the next step is the one the saved run would have taken."""
+        if len(state["weights"]) != len(self.params) or any(
+                w.shape != p.shape for w, p in zip(state["weights"], self.params)):
+            raise ValueError("the checkpoint's trainable weights do not match this model's")
+        with torch.no_grad():
+            for p, w in zip(self.params, state["weights"]):
+                p.copy_(w.to(p.device))
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.rng.setstate(state["rng"])
+        self.batches = [list(b) for b in state["batches"]]
+        self.losses = list(state["losses"])
+        self.tokens, self.padded, self.seconds, self.budget = state["counts"]
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.dev.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.dev)
+
     def metrics(self) -> dict[str, Any]:
         """What the run did: steps, tokens, speed, first and last loss, memory."""
         losses, seconds = self.losses, self.seconds
