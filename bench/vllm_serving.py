@@ -53,6 +53,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=40, help="test rows asked (default 40)")
     p.add_argument("--batch", type=int, default=8, help="requests in flight at once, as generate.batch_size")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--task", default="classification", choices=["classification", "extraction"],
+                   help="the demo dataset fine-tuned and asked (extraction: longer JSON answers)")
     p.add_argument("--quick", action="store_true", help="8 test rows")
     p.add_argument("--ablate", action="store_true", help="also check the adapter served without each flag")
     a = p.parse_args()
@@ -63,7 +65,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vllm-bench-") as tmp:
         root = Path(tmp)
         model = build_model("qwen2", root / "qwen2", seed=0, **SHAPE)
-        train, test = make_split("classification", 32, rows)
+        train, test = make_split(a.task, 32, rows)
         cfg = {"name": "served", "candidates": [{"name": "qwen2", "path": str(model)}],
                "datasets": [{"name": "labels", "train": str(write_jsonl(root / "train.jsonl", train)),
                              "test": str(write_jsonl(root / "test.jsonl", test))}],
@@ -85,7 +87,7 @@ def main() -> None:
         sys.exit(f"unexpected export output:\n{stdout}")
     print(header())
     print(f"load average (1/5/15 min) at the start: {load0}; vLLM python: {os.environ['BASESEARCH_VLLM_PYTHON']}")
-    print(f"{rows} test rows, {a.batch} requests at a time, at most {a.max_new_tokens} new tokens; export with both "
+    print(f"{a.task}: {rows} test rows, {a.batch} requests at a time, at most {a.max_new_tokens} new tokens; export with both "
           f"checks: {wall:.0f} s wall\n")
     print(table([{"form": "adapter (--enable-lora)", "output tokens/s": speeds[2], "vs merged": f"{speeds[3]}%",
                   "check": results[0], "server start s": ready[0]},

@@ -79,8 +79,8 @@ def _dtype_note(s: Serving) -> str:
     if s.dtype == "float32":
         return ("`--dtype float32`: the search generated in float32 (on CPU). Without it vLLM loads float32 weights "
                 "as bfloat16, which is faster and halves the memory on a GPU, but greedy answers then part from the "
-                "judged ones on some rows (measured on tiny test models: 23-24 of 40 extraction answers identical); check a "
-                "bfloat16 deployment on your own rows first.")
+                "judged ones on some rows (issue 27's tiny test models: 23-24 of 40 extraction answers identical); "
+                "check a bfloat16 deployment on your own rows first.")
     return ("`--dtype bfloat16`: the search generated in bfloat16 (on a GPU); float32 would change answers on some "
             "rows the other way.")
 
@@ -98,7 +98,7 @@ def serve_lines(s: Serving, example: list[dict], dataset: str, fold: bool, recom
     kw = ", trust_remote_code=True" if s.remote_code else ""
     load = (f'model = AutoModelForCausalLM.from_pretrained("{s.out}"{kw})' if s.merged else
             f'model = AutoModelForCausalLM.from_pretrained("{s.base}"{kw})\n'
-            f'model = PeftModel.from_pretrained(model, "{s.out}").merge_and_unload()  # folded in, as the search ran it')
+            f'model = PeftModel.from_pretrained(model, "{s.out}").merge_and_unload()  # folded, as the search ran it')
     return [
         "## Serve it with vLLM (OpenAI-compatible server)", "", *first, "```bash", serve_command(s), "```", "",
         f"- {_dtype_note(s)}",
@@ -133,8 +133,9 @@ def throughput_lines(s: Serving, mine: Verdict, other: Verdict, version: str, ro
     same = other.line.split(": ", 1)[1]
     return ["### Which to deploy", "",
             (f"Measured by the vLLM check (vLLM {version}, {'on CPU' if s.dtype == 'float32' else 'on a GPU'}, "
-             f"the {rows} test rows, {batch} requests at a time, after a first pass over them): merged weights {merged.tokens_per_s:.0f} output tokens/s, the "
-             f"adapter {adapter.tokens_per_s:.0f} ({ratio:.0%} of merged); the other form's answers: {same}. "
+             f"the {rows} test rows, {batch} requests at a time, after a first pass over them): merged weights "
+             f"{merged.tokens_per_s:.0f} output tokens/s, the adapter {adapter.tokens_per_s:.0f} ({ratio:.0%} of "
+             f"merged); the other form's answers: {same}. "
              f"Deploy {pick} when this server runs one fine-tune: serving LoRA unmerged costs every request extra "
              "work (vLLM reports 4-34% lower throughput on GPUs). Deploy the adapter when one base serves several "
              "fine-tunes (`--lora-modules a=... b=...`, `--max-loras`): one copy of the base, a few MB each."), ""]
