@@ -32,13 +32,15 @@ import torch  # noqa: E402
 from bench._machine import header  # noqa: E402
 from tasks.demo import zoo  # noqa: E402
 
+# The variants spell out their heads (head_dim = width / heads): zoo.SHAPE's explicit head_dim 64 is the zoo's alone.
+_HEADS = lambda n, kv, width=96: {"num_attention_heads": n, "num_key_value_heads": kv, "head_dim": width // n}  # noqa: E731
 SHAPES = {  # name -> MistralConfig shape
-    "zoo (tasks.demo.zoo.SHAPE: 4x96, 4/2 heads, untied)": zoo.SHAPE | {"tie_word_embeddings": False},
-    "4x96, 4/2 heads, tied": zoo.SHAPE | {"tie_word_embeddings": True},
-    "4x96, 8/8 heads, tied": zoo.SHAPE | {"tie_word_embeddings": True, "num_attention_heads": 8, "num_key_value_heads": 8},
-    "2x96, 4/4 heads, tied": zoo.SHAPE | {"tie_word_embeddings": True, "num_hidden_layers": 2, "num_key_value_heads": 4},
+    "zoo (tasks.demo.zoo.SHAPE: 4x96, 2/1 heads of 64, untied)": zoo.SHAPE | {"tie_word_embeddings": False},
+    "4x96, 4/2 heads, tied": zoo.SHAPE | {"tie_word_embeddings": True} | _HEADS(4, 2),
+    "4x96, 8/8 heads, tied": zoo.SHAPE | {"tie_word_embeddings": True} | _HEADS(8, 8),
+    "2x96, 4/4 heads, tied": zoo.SHAPE | {"tie_word_embeddings": True, "num_hidden_layers": 2} | _HEADS(4, 4),
     "2x128, 8/8 heads, tied": zoo.SHAPE | {"tie_word_embeddings": True, "num_hidden_layers": 2, "hidden_size": 128,
-                                           "intermediate_size": 384, "num_attention_heads": 8, "num_key_value_heads": 8},
+                                           "intermediate_size": 384} | _HEADS(8, 8, 128),
 }
 PAD, BOS, EOS, SEP = 0, 1, 2, 5
 

@@ -108,7 +108,7 @@ def test_adaptive_savings_quick():
 
 def test_zoo_copying_small():
     out = run("bench/zoo_copying.py", "--steps", "2", "--every", "1")
-    assert "| zoo (tasks.demo.zoo.SHAPE: 4x96, 4/2 heads, untied) |" in out and "| 2x128, 8/8 heads, tied |" in out
+    assert "| zoo (tasks.demo.zoo.SHAPE: 4x96, 2/1 heads of 64, untied) |" in out and "| 2x128, 8/8 heads, tied |" in out
     assert "of the extraction test values have the same tokens in the answer as in the prompt" in out
     assert "trained on varied rows" in out and "| 0.00/0.00 |" in out  # 2 steps copy nothing, on either layout
 

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from tasks.config.base import ZOO_PREFIX
 from tasks.config.schema import Candidate
 from tasks.core.errors import UserError
-from tasks.models.fingerprint import (SHAPE_FIELDS, TOKENIZER_FILES, ModelInfo, adapter_base, check_folder,
-                                      folder_fingerprint, folder_signature, hub_snapshot, local_or_hub)
+from tasks.models.fingerprint import (TOKENIZER_FILES, ModelInfo, adapter_base, check_folder,
+                                      folder_fingerprint, folder_signature, hub_snapshot, local_or_hub,
+                                      shape_signature)
 
 if TYPE_CHECKING:
     from tasks.store.store import Store
@@ -24,7 +25,7 @@ def _zoo_signature() -> dict[str, Any]:
     """Signature shared by every zoo model (same shape, same tokenizer), known without building one."""
     from tasks.demo import zoo
 
-    sig = {k: zoo.SHAPE.get(k) for k in SHAPE_FIELDS}
+    sig = shape_signature(zoo.SHAPE)
     return sig | {"model_type": "mistral", "vocab_size": zoo.VOCAB, "architectures": ["MistralForCausalLM"],
                   "vocabulary": f"zoo-{zoo.zoo_key('base')}", "added_tokens": {}}
 

@@ -30,8 +30,9 @@ def param_count(sig: dict[str, Any]) -> int:
     """Parameters of a decoder-only transformer from its config fields (attention, MLP, untied embeddings)."""
     h, layers = sig.get("hidden_size") or 0, sig.get("num_hidden_layers") or 0
     heads = sig.get("num_attention_heads") or 1
-    kv = h * (sig.get("num_key_value_heads") or heads) // heads
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * (sig.get("intermediate_size") or 4 * h)
+    head_dim = sig.get("head_dim") or h // heads  # explicit where attention is not as wide as the stream (the zoo)
+    q, kv = heads * head_dim, (sig.get("num_key_value_heads") or heads) * head_dim
+    per_layer = 2 * h * q + 2 * h * kv + 3 * h * (sig.get("intermediate_size") or 4 * h)
     return int(layers * per_layer + 2 * (sig.get("vocab_size") or 0) * h)
 
 

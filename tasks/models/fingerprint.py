@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 # Config fields that two models must share to be merged tensor by tensor.
 SHAPE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads")
+                "num_key_value_heads", "head_dim")
 VOCAB_FIELDS = ("vocab_size", "vocabulary", "added_tokens")  # a tokenizer_source lets these differ
 # What a hub candidate's check downloads: configs, tokenizers, templates; weights come at the candidates stage.
 HUB_LIGHT = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
@@ -211,9 +211,18 @@ def folder_signature(name: str, folder: Path, trust_remote_code: bool = False) -
         raise UserError(f"candidate '{name}': {folder} ships its own model code (config.json auto_map), which runs "
                         "only with trust_remote_code: true on the candidate; read that code first")
     vocabulary, added = _vocabulary(folder)
-    sig = {k: cfg.get(k) for k in SHAPE_FIELDS}
+    sig = shape_signature(cfg)
     return sig | {"architectures": cfg.get("architectures"), "vocab_size": cfg.get("vocab_size"),
                   "vocabulary": vocabulary, "added_tokens": added}
+
+
+def shape_signature(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config fields two models must share to merge, head_dim as the model computes it where the config omits
+    it (hidden_size / num_attention_heads): an explicit 64 and an implied 64 are one shape."""
+    sig = {k: cfg.get(k) for k in SHAPE_FIELDS}
+    if sig["head_dim"] is None and cfg.get("hidden_size") and cfg.get("num_attention_heads"):
+        sig["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    return sig
 
 
 def adapter_base(c: Candidate, folder: Path, others: list[Candidate]) -> Candidate:

@@ -50,7 +50,8 @@ def peak_memory_mb(dev: torch.device) -> dict[str, float]:
 def model_params(config: Any) -> int:
     """The parameter count tasks/plan/jobs.py plans with, from a transformers config (the same formula on both sides)."""
     return param_count({k: getattr(config, k, None) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                             "num_key_value_heads", "intermediate_size", "vocab_size")})
+                                                             "num_key_value_heads", "head_dim", "intermediate_size",
+                                                             "vocab_size")})
 
 
 def load_base(model_dir: str | Path, load: LoadOptions | None = None) -> tuple[Any, Any, PromptFormat]:
