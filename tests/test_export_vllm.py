@@ -140,6 +140,17 @@ def test_without_vllm_the_check_is_one_line_before_any_model_loads(finished, tmp
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and "exporting" not in stdout
 
 
+def test_the_prefect_flow_takes_the_engine(finished, tmp_path, monkeypatch):
+    from flows.export import export as export_flow
+    from tasks.core.errors import UserError
+
+    monkeypatch.delenv(ENV, raising=False)
+    with pytest.raises(UserError, match=f"--check vllm: {ENV} is not set"):
+        export_flow(run=finished["run"], out=str(tmp_path / "ui"), store=str(finished["store"]), force=True,
+                    check_engine="vllm")
+    assert not (tmp_path / "ui").exists()
+
+
 def test_a_server_that_cannot_start_is_one_line(finished, tmp_path, monkeypatch):
     """A 'python' that has vLLM as far as the probe sees, whose server dies as vLLM does on an unsupported shape."""
     fake = tmp_path / "python"
