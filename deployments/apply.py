@@ -3,6 +3,8 @@
     python deployments/apply.py                      # process pools (laptop, or a worker on a GPU box)
     python deployments/apply.py --gpu-pool-type kubernetes   # the GPU pool runs each stage as a Kubernetes job
                                                      # with infra/k8s-gpu-job-template.json (needs prefect-kubernetes)
+    python deployments/apply.py --gpu-pool-type docker   # each stage run a container with one GPU
+                                                     # (infra/docker-gpu-job-template.json; needs prefect-docker)
 
 Run it where the workers will find the code (deployments record this folder; see infra/README.md).
 PREFECT_API_URL (and PREFECT_API_AUTH_STRING when the server has one) say which server.
@@ -28,6 +30,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: entrypoints are relative to it
 PREFECT_FILE = Path("deployments/prefect.yaml")
 K8S_TEMPLATE = Path("infra/k8s-gpu-job-template.json")
+DOCKER_TEMPLATE = Path("infra/docker-gpu-job-template.json")  # one GPU per container (device_requests), the cache
+GPU_TEMPLATES = {"kubernetes": K8S_TEMPLATE, "docker": DOCKER_TEMPLATE}
 SEARCH_ENTRYPOINT = "flows/search.py:search"  # its `config` takes a typed form or a path
 FORM_NOTE = (" The form starts from {path}'s values. Its paths (datasets, templates) are relative to the worker's "
              "working folder: the repository root the deployments were applied from.")
@@ -106,9 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for name, role in work_pools(PREFECT_FILE).items():
-        gpu_k8s = role == "gpu" and args.gpu_pool_type == "kubernetes"
         kind = args.gpu_pool_type if role == "gpu" else args.cpu_pool_type
-        if ensure_pool(name, kind, K8S_TEMPLATE if gpu_k8s else None):
+        if ensure_pool(name, kind, GPU_TEMPLATES.get(kind) if role == "gpu" else None):
             print(f"created work pool '{name}' ({kind})")
     spec = deployment_spec()
     with tempfile.TemporaryDirectory() as tmp:  # prefect reads its file only: entrypoints are relative to ROOT

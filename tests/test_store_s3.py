@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import subprocess
 import sys
-import random
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -225,3 +225,31 @@ def test_a_dead_holders_lease_expires(s3: str, tmp_path: Path, monkeypatch: pyte
                         "flows.stages) computing adapters/a1")
     assert "was not renewed for 2 s: taken over" in lines[1]
     assert not store.fs.exists(store.path(".leases/adapters/a1.lease"))
+
+
+def test_stage_arguments_travel_as_store_references(store: Store, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.store.portable import localized, portable
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"messages": []}\n')
+    candidate = tmp_path / "my-model"
+    candidate.mkdir()
+    (candidate / "config.json").write_text('{"a": 1}')
+    adapter = adapter_stage(store, "adapters/p1", [], b"weights")  # in the search machine's cache
+    params = {"model_dir": str(candidate), "adapter_dir": str(adapter), "test_path": str(data),
+              "paths": {"alpha": str(candidate), "hub": "mistralai/Mistral-7B-v0.1"}, "cfg": {"lr": 1},
+              "store_root": store.url, "dev_from": ""}
+    sent = portable(params, store)
+    assert sent["adapter_dir"] == "store:adapters/p1" and sent["test_path"].startswith("store:inputs/")
+    assert sent["model_dir"].startswith("store:inputs/") and sent["paths"]["alpha"] == sent["model_dir"]
+    assert sent["paths"]["hub"] == "mistralai/Mistral-7B-v0.1" and sent["cfg"] == {"lr": 1} and sent["dev_from"] == ""
+    assert portable(sent, store) == sent  # sent again after a crash: the same references
+    monkeypatch.setenv("BASESEARCH_CACHE_DIR", str(tmp_path / "worker-cache"))  # a worker: no disk in common
+    got = localized(sent)
+    assert all(str(Path(got[k])).startswith(str(tmp_path / "worker-cache")) for k in ("model_dir", "adapter_dir",
+                                                                                         "test_path"))
+    assert Path(got["test_path"]).read_text() == data.read_text()
+    assert (Path(got["model_dir"]) / "config.json").read_text() == '{"a": 1}'
+    assert (Path(got["adapter_dir"]) / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert got["paths"]["alpha"] == got["model_dir"] and got["cfg"] == {"lr": 1}

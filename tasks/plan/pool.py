@@ -2,19 +2,21 @@
 
 Every call whose result is not in the store yet is submitted at once and waited for through the API. A stage run
 gets exactly the arguments the local call would (tasks/plan/execute.py): identical code, identical results. The
-store must be shared with the workers (one folder mounted at the same path everywhere), since results travel through
-it, not through Prefect. The preflight (check_pool) runs before any model is loaded.
+store must be reachable from the workers, since results travel through it, not through Prefect: one folder mounted at
+the same path everywhere, or a bucket (s3://...), whose workers share no disk (tasks/store/portable.py). The preflight
+(check_pool) runs before any model is loaded.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from tasks.core.errors import UserError
+from tasks.store.portable import portable
 from tasks.store.store import Store
 
 if TYPE_CHECKING:
@@ -200,7 +202,7 @@ def run_in_pool(calls: list[StageCall], compute: ComputeConfig, store: str) -> B
         progress = Progress(_label(todo[0].flow, [c.parameters.get("dataset", "") for c in todo if "dataset" in c.parameters]),
                             len(todo))
         with _client() as client:
-            runs = {c.key: _submit(client, c, compute.pool) for c in todo}
+            runs = {c.key: _submit(client, c, compute.pool, st) for c in todo}
             run_s = _wait(client, runs, todo, compute.pool, progress)
         failed = [c.name for c in todo if not st.exists(c.result_rel)]
         if failed:
@@ -209,11 +211,13 @@ def run_in_pool(calls: list[StageCall], compute: ComputeConfig, store: str) -> B
     return Batch([(c.result_rel, c not in todo) for c in calls], sum(run_s.values()))
 
 
-def _submit(client: SyncPrefectClient, call: StageCall, pool: str) -> FlowRun:
-    """Create the stage run, or find the one a killed search already created for the same result."""
+def _submit(client: SyncPrefectClient, call: StageCall, pool: str, store: Store) -> FlowRun:
+    """Create the stage run, or find the one a killed search already created for the same result. With a remote
+    store its local paths travel as `store:<rel>` (tasks/store/portable.py): the worker needs no disk in common."""
     from prefect.deployments import run_deployment
 
     deployment = stage_deployment(client, call.flow, pool)
+    call = replace(call, parameters=portable(call.parameters, store))
     # The idempotency key is the result's content key: a search started again after a crash waits on the
     # run it had already sent instead of sending a duplicate. A run that failed is sent again under a new key.
     run = run_deployment(deployment, parameters=call.parameters, flow_run_name=call.name, timeout=0,

@@ -38,12 +38,14 @@ LAYOUT = [
     ("outputs/<key>.parquet", "one contender's answers on one dataset's test rows (fine-tune, teacher or reference)"),
     ("judgments/<key>.parquet", "one judged batch: a metric-judged pair of outputs, or a batch of LLM judgments"),
     ("splits/<key>/", "a dataset's training rows split into train.jsonl and dev.jsonl for the search's own merges"),
-    ("checkpoints/<key>/", "a fine-tune's training state every finetune.checkpoint_every steps, until its adapter is stored"),
+    ("checkpoints/<key>/", "a fine-tune's training state every finetune.checkpoint_every steps, until its adapter is "
+                           "stored"),
+    ("inputs/<key>/", "pool mode on a bucket: a dataset file or local candidate folder a stage run needs, by content"),
     ("rates/<stage>.json", "measured speed per stage and device, which the plan estimates GPU time with"),
     ("runs/<run-id>/", "one run: config.yaml, ratings.parquet, judgments.parquet, validation.json, report.md/html"),
     ("runs/LATEST", "the newest finished run's id"),
 ]
-RESULT_FOLDERS = ("models/", "adapters/")  # folder results: present only with a whole manifest
+RESULT_FOLDERS = ("models/", "adapters/", "inputs/")  # folder results: present only with a whole manifest
 JUDGMENTS_GLOB = "judgments/*.parquet"
 RUNS = "runs"
 LATEST = "runs/LATEST"
@@ -66,6 +68,7 @@ adapter_path = Folder("adapters/")  # fine-tunes
 outputs_path = Folder("outputs/", ".parquet")  # a contender's answers on one dataset
 judgments_path = Folder("judgments/", ".parquet")  # one judged batch
 split_path = Folder("splits/")  # a development split
+input_path = Folder("inputs/")  # pool mode on a bucket: a dataset file (inputs/<sha>/<name>) or folder a run needs
 checkpoint_path = Folder("checkpoints/", "/")  # a fine-tune's checkpoints (step-<n>/ folders), keyed by its adapter key
 rates_path = Folder("rates/", ".json")  # keyed by stage name, not by content
 run_path = Folder(f"{RUNS}/")  # keyed by run id

@@ -39,7 +39,7 @@ from tasks.store.remote import Remote
 from tasks.store.verify import VERIFIED_READ, Checks, forget
 
 T = TypeVar("T")
-__all__ = ["MANIFEST", "Store", "resolve_store", "tmp_name"]  # MANIFEST, tmp_name: what callers and tests import from here
+__all__ = ["MANIFEST", "Store", "resolve_store", "tmp_name"]  # MANIFEST, tmp_name: imported from here by callers
 
 if TYPE_CHECKING:
     import pandas as pd  # imported where Parquet is read or written: the command line checks a config without it
