@@ -162,3 +162,31 @@ def test_too_few_rows_for_a_search_says_what_each_step_took(tmp_path):
     line = (f"too few rows for a search: {8 - test} train and {test} test (it needs a training row and 5 test rows); "
             "of 11 lines, unreadable: none; dropped: 1 cut (length), 1 error; duplicates dropped: 1")
     assert said[-1] == f"warning: {line}" and f"**Warning: {line}.**" in (tmp_path / "out" / "ingest.md").read_text()
+
+
+def test_the_report_and_card_name_the_ingest_behind_each_file(folder, tmp_path):
+    from tasks.data.provenance import source_lines
+
+    cfg = load_config(folder / "search.yaml")
+    out = json.loads((folder / "ingested" / "ingest.json").read_text())
+    lines = source_lines([*cfg.datasets, cfg.validation.dataset])
+    assert len(lines) == 4  # train and test of the dataset, train and held_out of the validation
+    assert all(f"{out['counts']['rows_read']:,} read, {out['counts']['rows']:,} kept" in line for line in lines)
+    assert "`support` train (train.jsonl): ingest of " in lines[0] and "traffic.jsonl" in lines[0]
+    assert "`support-held-out` test (held_out.jsonl)" in lines[3] and "changed" not in " ".join(lines)
+    # a file edited after the ingest wrote it says so; a plain file has no line
+    copy = tmp_path / "ingested"
+    copy.mkdir()
+    for name in ("train.jsonl", "test.jsonl", "ingest.json"):
+        (copy / name).write_bytes((folder / "ingested" / name).read_bytes())
+    with (copy / "train.jsonl").open("a") as f:
+        f.write((folder / "ingested" / "test.jsonl").read_text().splitlines()[0] + "\n")
+    spec = cfg.datasets[0].model_copy(update={"train": str(copy / "train.jsonl"), "test": str(copy / "test.jsonl")})
+    edited = source_lines([spec])
+    assert "train.jsonl changed since the ingest wrote it" in edited[0] and "changed" not in edited[1]
+    plain = cfg.datasets[0].model_copy(update={"train": str(ROOT_DATA / "extraction_train.jsonl"),
+                                               "test": str(ROOT_DATA / "extraction_test.jsonl")})
+    assert source_lines([plain]) == []
+
+
+ROOT_DATA = Path(__file__).resolve().parent.parent / "configs" / "demo_data"

@@ -26,6 +26,7 @@ def _train_file(d: Any) -> str:
 def data_rows(cfg: SearchConfig, prep: Prepared) -> list[str]:
     """Markdown table rows of every dataset's files and fingerprints (the held-out one as its files are now)."""
     from tasks.data.load import dataset_fingerprint
+    from tasks.data.provenance import source_lines
 
     rows = [f"| {n} | search | {_train_file(d)} | `{d.train_fp}` | {d.spec.test} | `{d.test_fp}` | {d.metric} |"
             for n, d in prep.datasets.items()]
@@ -34,8 +35,9 @@ def data_rows(cfg: SearchConfig, prep: Prepared) -> list[str]:
         fps = [f"`{dataset_fingerprint(p)}`" if Path(p).exists() else "(file gone)" for p in (spec.train, spec.test)]
         rows.append(f"| {spec.name} | held out | {spec.train} | {fps[0]} | {spec.test} | {fps[1]} | "
                     f"{spec.metric or 'inferred'} |")
+    sources = source_lines([*cfg.datasets, *([cfg.validation.dataset] if cfg.validation else [])])
     return ["| dataset | role | train | train fingerprint | test | test fingerprint | metric |",
-            "|---|---|---|---|---|---|---|", *rows]
+            "|---|---|---|---|---|---|---|", *rows, *([""] + sources if sources else [])]
 
 
 def model_card(run: Run, prep: Prepared, w: Winner, serving: Serving, fmt: PromptFormat, check: str,

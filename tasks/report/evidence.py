@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from tasks.config.schema import SearchConfig
+from tasks.data.provenance import source_lines
 from tasks.generate.outputs import finish_reasons
 from tasks.judge.judgments import metric_scores
 from tasks.plan.jobs import dataset_keys
@@ -58,4 +59,6 @@ def evidence(cfg: SearchConfig, prep: Prepared, ratings: pd.DataFrame, frames: d
     side."""
     examples = {ds: examples_table(data.test, frames[ds], top_contenders(ratings, ds))
                 for ds, data in prep.datasets.items()}
-    return evidence_lines(finetune_table(metrics), examples)
+    sources = source_lines([*cfg.datasets, *([cfg.validation.dataset] if cfg.validation else [])])
+    head = ["## Where the datasets came from", "", *sources, ""] if sources else []
+    return head + evidence_lines(finetune_table(metrics), examples)
