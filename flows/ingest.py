@@ -192,3 +192,14 @@ def ingest(config: IngestConfig) -> dict[str, Any]:
     create_markdown_artifact((Path(config.out) / "ingest.md").read_text(encoding="utf-8"), key="ingest",
                              description=f"Ingest of {config.source}")
     return manifest
+
+
+@flow(name="relabel", flow_run_name="relabel-{config.folder}", log_prints=False)
+@one_line_failures
+def relabel(config: RelabelConfig) -> dict[str, Any]:
+    """New answers from a stronger model for an ingest folder's rows, written beside the originals on the worker
+    (SPLIT.relabeled.jsonl and relabel.json); the key is read from the worker's environment or a Secret block, never
+    from the run's parameters. Returns relabel.json's record."""
+    from tasks.ingest.relabel import run_relabel
+
+    return run_relabel(config, log=get_run_logger().info)

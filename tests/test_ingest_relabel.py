@@ -150,3 +150,20 @@ def test_the_search_reads_both_variants_as_datasets(server, folder):
     assert all(a.answer != b.answer and b.answer.startswith(f"{STRONG} answers: ")
                for a, b in zip(plain.train, relabeled.train))
     assert plain.train_fp != relabeled.train_fp and plain.test_fp == relabeled.test_fp  # only the training rows differ
+
+
+def test_the_relabel_flow_run_completes_and_keeps_the_key_out_of_the_run(server, folder):
+    import yaml
+
+    from flows.ingest import relabel
+    from tests.test_ingest_flow import run_of
+
+    state = relabel(config(server, folder, splits=("test",)), return_state=True)
+    assert state.is_completed(), state
+    assert state.result() == json.loads((folder / "relabel.json").read_text())
+    assert len(rows(folder / "test.relabeled.jsonl")) == len(rows(folder / "test.jsonl"))
+    run, logs, _ = run_of(state)
+    assert run.name == f"relabel-{folder}" and KEY not in json.dumps(run.parameters) + logs
+    listed = yaml.safe_load((Path(__file__).resolve().parent.parent / "deployments" / "prefect.yaml").read_text())
+    ui = next(d for d in listed["deployments"] if d["entrypoint"] == "flows/ingest.py:relabel")
+    assert ui["name"] == "ui" and RelabelConfig(**ui["parameters"]["config"]).model == "gpt-4o"
