@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _machine import header, table  # noqa: E402
 
 import tasks.store.store as store_mod  # noqa: E402
+import tasks.store.verify as verify_mod  # noqa: E402
 from tasks.store.guards import write_manifest  # noqa: E402
 from tasks.store.store import Store  # noqa: E402
 
@@ -104,7 +105,8 @@ class Demo:
 
 def fresh_process(root: str) -> None:
     """Forget what this process verified and opened, as a new run's process starts."""
-    store_mod._VERIFIED.clear()
+    verify_mod._VERIFIED.clear()
+    verify_mod._DEEP.clear()
     store_mod._OPENED.discard(("LocalFileSystem", str(Path(root).resolve())))
 
 
@@ -242,7 +244,7 @@ def operations(base: Path, demo: Demo, loops: int) -> list[dict]:
                      "guarded us": per_call_us(lambda: store.exists(rel), loops)})
     rows.append({"operation": "exists, a judgment Parquet present, first in a process: footer parse",
                  "plain": "os.path.exists", "plain us": per_call_us(lambda: os.path.exists(f"{root}/{judg}"), loops),
-                 "guarded us": per_call_us(lambda: store.exists(judg), loops, before=store_mod._VERIFIED.clear)})
+                 "guarded us": per_call_us(lambda: store.exists(judg), loops, before=verify_mod._VERIFIED.clear)})
     rows.append({"operation": "exists, the same Parquet again in this process (size + mtime cached)",
                  "plain": "os.path.exists", "plain us": per_call_us(lambda: os.path.exists(f"{root}/{judg}"), loops),
                  "guarded us": per_call_us(lambda: store.exists(judg), loops)})
@@ -299,7 +301,7 @@ def big_model(base: Path, mb: int, repeats: int) -> dict[str, float]:
             store_mod.write_manifest = real
         r["manifest"].append(spent[0])
         fresh_process(root)
-        r["exists"].append(per_call_us(lambda: store.exists(rel), 200, before=store_mod._VERIFIED.clear) / 1e6)
+        r["exists"].append(per_call_us(lambda: store.exists(rel), 200, before=verify_mod._VERIFIED.clear) / 1e6)
         r["plain_exists"].append(per_call_us(lambda: os.path.exists(f"{root}/{rel}"), 200) / 1e6)
         # A copy without its times (cp without -p): the next exists hashes the changed file once, then records it.
         st = os.stat(f"{root}/{rel}/model.safetensors")
