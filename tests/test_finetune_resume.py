@@ -88,7 +88,7 @@ def test_a_fine_tune_killed_after_a_checkpoint_resumes_bit_for_bit(tiny_models, 
     monkeypatch.setattr(loop.Trainer, "_step", real_step)
     caplog.set_level(logging.INFO, "basesearch")
     resumed = run(store, model, train, cfg, key)
-    assert "fine-tune of alpha: resumed from the checkpoint at step 8 of 12" in caplog.text
+    assert "fine-tune of alpha on extraction: resumed from the checkpoint at step 8 of 12" in caplog.text
     assert (resumed / WEIGHTS).read_bytes() == (plain / WEIGHTS).read_bytes()
     assert not (store / checkpoint_path(key)).exists()  # spent once the adapter is stored
     import json

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,15 +29,21 @@ if TYPE_CHECKING:
     from tasks.data.load import Example
 
 
+# What opening a remote store reads from the environment: s3fs/botocore, gcsfs, fsspec's own options, basesearch's.
+STORE_ENV = ("AWS_", "GOOGLE_", "AZURE_", "FSSPEC_", "BASESEARCH_")
+
+
 def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, out_dir: Path,
              load: LoadOptions | None = None, dev: list[Example] | None = None,
-             checkpoints: tuple[str, str] | None = None) -> dict[str, Any]:
+             checkpoints: tuple[str, str, str, dict[str, str]] | None = None,
+             ) -> dict[str, Any]:
     """Train a LoRA adapter of `model_dir` on `train`, save it (and train_metrics.json) in `out_dir`.
 
     With finetune.search on, the learning rate and epochs are first searched on `dev` (the development rows), each
     rate trained on `train` less those rows; the adapter then trains on all of `train` with the chosen ones (with
-    `dev` empty, at the configured ones). With `checkpoints` (store root, adapter key) the training state is saved
-    to the store as it goes (tasks/train/checkpoint.py), and a fine-tune started again goes on from the last save.
+    `dev` empty, at the configured ones). With `checkpoints` (store root, adapter key, what to call the fine-tune in
+    the log, the store's environment) the training state is saved to the store as it goes
+    (tasks/train/checkpoint.py), and a fine-tune started again goes on from the last save.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -50,7 +57,9 @@ def finetune(model_dir: str | Path, train: list[Example], cfg: FinetuneConfig, o
     params = model_params(base_of(model).config)
     rows, left_out = training_rows(tok, fmt, train, cfg.max_length)
     lr, steps, search = cfg.lr_for(params), cfg.steps_for(len(rows)), None
-    ckpt = Checkpoints(*checkpoints, cfg, f"fine-tune of {Path(model_dir).name}") if checkpoints else None
+    if checkpoints:  # a worker process started before this search sees the store's credentials and cache as it does
+        os.environ.update(checkpoints[3])
+    ckpt = Checkpoints(checkpoints[0], checkpoints[1], cfg, checkpoints[2]) if checkpoints else None
     resumed = ckpt.latest() if ckpt is not None and ckpt.enabled else None
     with training_mode(model, rows, cfg.packing, cfg.gradient_checkpointing) as packed:
         if resumed is not None:  # the settings the killed run chose: no search again
@@ -105,7 +114,8 @@ def finetune_task(
     dev = split_rows(load_examples(dev_from), dev_share)[1] if cfg.search.enabled else None
     what = f"fine-tune of {model} on {dataset}"
     m, reused = store.folder_once(rel, lambda tmp: in_worker(  # a worker process when fine-tunes run side by side
-        finetune, model_dir, load_examples(train_path), cfg, tmp, load, dev, (store_root, key), what=what))
+        finetune, model_dir, load_examples(train_path), cfg, tmp, load, dev, (store_root, key, what, store_env()),
+        what=what))
     Checkpoints(store_root, key, cfg, what).clear()  # the adapter is whole in the store: its checkpoints are spent
     if reused:  # in the store, or made by another run this one waited for
         return str(store.local_dir(rel)), True
@@ -118,6 +128,11 @@ def finetune_task(
         + (f"; {m['rows_left_out']} rows longer than max_length left out" if m.get("rows_left_out") else "")
     )
     return str(store.local_dir(rel)), False
+
+
+def store_env() -> dict[str, str]:
+    """The environment a store is opened with (credentials, endpoint, cache), for a worker process to use the same."""
+    return {k: v for k, v in os.environ.items() if k.startswith(STORE_ENV)}
 
 
 def settings_line(m: dict[str, Any]) -> str:

@@ -1,0 +1,223 @@
+"""A search on an S3 store against the same search on a local store, same machine, same moment; and a fine-tune
+killed at 80% of its steps, resumed from its checkpoint, against a whole fine-tune.
+
+python bench/remote_store.py [--config configs/demo.yaml] [--repeats 1] [--pool] [--resume-steps 400]
+
+- store: the config's search (in-process `python -m flows.search`, compute.mode local) on a fresh local store and on
+  a fresh prefix of a bucket on moto's S3 server (127.0.0.1, reached through s3fs as AWS is), alternating; wall
+  seconds of each, whether the ratings are equal, and the bytes each stage left in the bucket (uploaded once) and
+  the search's cache holds (downloaded or kept). With --pool the S3 side runs in pool mode on two process workers,
+  each with its own cache and temp folder (a Prefect server started here), and the bytes each worker's cache holds.
+- resume: a LoRA fine-tune of a tiny model for --resume-steps steps, whole; then the same fine-tune with checkpoints
+  every 10% killed after 80% of its steps and started again: seconds of the resumed part (model load included)
+  against the whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from _machine import header, table  # noqa: E402
+
+BUCKET = "basesearch-bench"
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of every file under `path` (0 when absent)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def bucket_bytes(url: str) -> dict[str, int]:
+    """Bytes under each top-level folder of a store in the bucket."""
+    from tasks.store.store import Store
+
+    st = Store(url)
+    out: dict[str, int] = {}
+    for path, info in st.fs.find(st.root, detail=True).items():
+        top = path.removeprefix(st.root + "/").split("/", 1)[0]
+        out[top] = out.get(top, 0) + int(info.get("size") or 0)
+    return out
+
+
+def ratings(url: str) -> object:
+    """The latest run's ratings in a store."""
+    from tasks.store.store import Store
+
+    st = Store(url)
+    return st.read_parquet(f"runs/{st.read_text('runs/LATEST').strip()}/ratings.parquet")
+
+
+def search(config: Path, store: str, env: dict[str, str], log: Path) -> float:
+    """Wall seconds of `python -m flows.search --config C --store S` in its own process; fails loudly on error."""
+    t0 = time.perf_counter()
+    with log.open("ab") as fh:
+        rc = subprocess.run([sys.executable, "-m", "flows.search", "--config", str(config), "--store", store],
+                            cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=7200).returncode
+    if rc != 0:
+        raise SystemExit(f"error: the search on {store} exited {rc}; see {log}")
+    return time.perf_counter() - t0
+
+
+def pool_stack(work: Path, s3: dict[str, str]) -> tuple[list[subprocess.Popen], dict[str, str]]:
+    """A Prefect server and two process workers on pool gpu (own caches and temps), the deployments applied."""
+    from tests.prefect_server import prefect_env, start, start_server, wait_worker_online
+
+    home = work / "prefect"
+    home.mkdir()
+    server, api_url = start_server(home)
+    procs = [server]
+    env = prefect_env(home, api_url) | s3
+    for name in ("a", "b"):
+        own = work / f"worker-{name}"
+        (own / "tmp").mkdir(parents=True)
+        procs.append(start([sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu", "--type", "process",
+                            "--limit", "2"], env | {"BASESEARCH_CACHE_DIR": str(own / "cache"),
+                                                    "TMPDIR": str(own / "tmp")}, own / "worker.log", cwd=own))
+    wait_worker_online(api_url, "gpu")
+    out = subprocess.run([sys.executable, "deployments/apply.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    if out.returncode:
+        raise SystemExit(f"error: applying the deployments failed: {out.stderr[-500:]}")
+    return procs, env
+
+
+def store_bench(config: Path, repeats: int, pool: bool, work: Path) -> str:
+    """The store table: local store vs S3 store, alternating."""
+    import pandas as pd
+    import yaml
+
+    from tests.s3_server import make_bucket, s3_env, s3_server
+
+    rows, lines = [], []
+    with s3_server(work) as endpoint:
+        make_bucket(endpoint, BUCKET)
+        s3 = s3_env(endpoint)
+        os.environ.update(s3)
+        procs: list[subprocess.Popen] = []
+        env = os.environ | s3
+        s3_config = config
+        if pool:
+            procs, env = pool_stack(work, s3)
+            cfg = yaml.safe_load(config.read_text())
+            cfg["compute"] = {"mode": "pool", "pool": "gpu"}
+            s3_config = config.parent / f".bench-pool-{uuid.uuid4().hex[:6]}.yaml"  # beside it: its relative paths hold
+            s3_config.write_text(yaml.safe_dump(cfg))
+        try:
+            for i in range(repeats):
+                local = str(work / f"local-{i}")
+                url = f"s3://{BUCKET}/run-{uuid.uuid4().hex[:6]}"
+                cache = work / f"search-cache-{i}"
+                t_local = search(config, local, env | {"BASESEARCH_CACHE_DIR": str(work / "unused")},
+                                 work / "local.log")
+                t_s3 = search(s3_config, url, env | {"BASESEARCH_CACHE_DIR": str(cache)}, work / "s3.log")
+                try:
+                    pd.testing.assert_frame_equal(ratings(url), ratings(local))
+                    same = True
+                except AssertionError:
+                    same = False
+                rows.append({"repeat": i + 1, "local store s": f"{t_local:.1f}", "S3 store s": f"{t_s3:.1f}",
+                             "ratio": f"{t_s3 / t_local:.2f}", "ratings equal": "yes" if same else "NO",
+                             "mode (S3 side)": "pool, 2 workers" if pool else "local"})
+                moved = bucket_bytes(url)
+                lines.append(f"repeat {i + 1}: bytes in the bucket by folder: " + ", ".join(
+                    f"{k} {v / 1e6:.2f} MB" for k, v in sorted(moved.items())) +
+                    f"; the search's cache {folder_bytes(cache) / 1e6:.2f} MB" + (
+                    "; worker caches " + ", ".join(f"{n} {folder_bytes(work / f'worker-{n}' / 'cache') / 1e6:.2f} MB"
+                                                   for n in ("a", "b")) if pool else ""))
+        finally:
+            from tests.prefect_server import stop
+
+            for p in reversed(procs):
+                stop(p)
+            if s3_config != config:
+                s3_config.unlink(missing_ok=True)
+    cols = ["repeat", "mode (S3 side)", "local store s", "S3 store s", "ratio", "ratings equal"]
+    return table(rows, cols) + "\n" + "\n".join(lines)
+
+
+RESUME = """
+import sys, time, torch
+torch.set_num_threads(1)
+from tasks.config.stages import FinetuneConfig
+from tasks.train import loop
+from tasks.train.finetune import finetune_task
+model, train, store, steps, kill = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+cfg = FinetuneConfig(max_steps=steps, batch_size=4, learning_rate=3e-3, search={"enabled": False},
+                     checkpoint_every=max(1, steps // 10) if kill >= 0 else 0, checkpoint_minutes=0)
+if kill > 0:
+    step = loop.Trainer._step
+    def dying(self):
+        if self.done == kill:
+            raise SystemExit(3)
+        step(self)
+    loop.Trainer._step = dying
+t0 = time.perf_counter()
+finetune_task.fn("tiny", "extraction", model, train, cfg, "r" * 16, store)
+print(f"{time.perf_counter() - t0:.3f}")
+"""
+
+
+def resume_bench(steps: int, work: Path) -> str:
+    """The resume table: a whole fine-tune, and the resumed part of one killed at 80%."""
+    from tasks.demo.data import make_split
+    from tests.conftest import make_tiny_model, write_jsonl
+
+    model = make_tiny_model(work / "tiny", 0)
+    train_rows, _ = make_split("extraction", 64, 8, seed=0)
+    train = write_jsonl(work / "train.jsonl", train_rows)
+
+    def timed(store: Path, kill: int) -> float:
+        """Seconds the fine-tune took in its own process (one thread), or -1 when it was killed."""
+        out = subprocess.run([sys.executable, "-c", RESUME, str(model), str(train), str(store), str(steps), str(kill)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=3600)
+        return float(out.stdout.strip()) if out.returncode == 0 else -1.0
+
+    whole = timed(work / "whole", -1)
+    kill = int(steps * 0.8)
+    assert timed(work / "resumed", kill) < 0
+    resumed = timed(work / "resumed", 0)
+    same = (work / "whole").exists() and sorted((work / "whole" / "adapters").rglob("adapter_model.safetensors"))[0]\
+        .read_bytes() == sorted((work / "resumed" / "adapters").rglob("adapter_model.safetensors"))[0].read_bytes()
+    return table([{"steps": steps, "whole fine-tune s": f"{whole:.2f}", "killed at": kill,
+                   "resumed part s": f"{resumed:.2f}", "resumed / whole": f"{resumed / whole:.2f}",
+                   "adapters equal": "yes" if same else "NO"}],
+                 ["steps", "whole fine-tune s", "killed at", "resumed part s", "resumed / whole", "adapters equal"])
+
+
+def main() -> None:
+    """Run the benches and print their tables under the machine's header."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--pool", action="store_true", help="the S3 side in pool mode on two workers")
+    parser.add_argument("--resume-steps", type=int, default=400)
+    parser.add_argument("--skip-store", action="store_true", help="only the resume bench")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("BASESEARCH_PROGRESS", "0")
+    work = Path(tempfile.mkdtemp(prefix="bench-remote-"))
+    try:
+        parts = []
+        if not args.skip_store:
+            parts.append(store_bench(args.config.resolve(), args.repeats, args.pool, work))
+        parts.append(resume_bench(args.resume_steps, work))
+        print("\n\n".join(parts))
+        print(header())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
