@@ -65,10 +65,13 @@ class Store(Checks, Remote):
 
     def __init__(self, root: str) -> None:
         """Open the store at `root`: created, checked writable and swept of dead runs' temps once per process."""
-        # No listings cache for a remote store: other machines add results while this process runs.
+        # No listings cache for a remote store: other machines add results while this process runs. No instance
+        # cache either: fsspec keys it on the arguments, not on the environment the client reads its endpoint and
+        # credentials from (AWS_ENDPOINT_URL, AWS_*), so a changed environment would get the old endpoint's client.
         local_url = fsspec.utils.get_protocol(root) in ("file", "local")
+        remote = {"use_listings_cache": False, "skip_instance_cache": True}
         try:
-            self.fs, path = fsspec.core.url_to_fs(root, **({} if local_url else {"use_listings_cache": False}))
+            self.fs, path = fsspec.core.url_to_fs(root, **({} if local_url else remote))
         except ImportError as e:  # s3fs, gcsfs...: fsspec names the package
             raise UserError(f"store {root}: {e}; hint: pip install s3fs (s3://) or gcsfs (gs://)") from None
         self.local = isinstance(self.fs, LocalFileSystem)
