@@ -20,6 +20,7 @@ import yaml
 from tasks.store import cache
 from tasks.store.store import MANIFEST, Store
 from tests.s3_server import apply, make_bucket, restore, s3_env, s3_server
+from tests.test_store_damage import adapter_stage
 
 BUCKET = "basesearch-test"
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,17 +45,6 @@ def store(s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
     monkeypatch.setenv("BASESEARCH_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # its per-machine locks
     return Store(f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}")
-
-
-def adapter_stage(store: Store, rel: str, calls: list[str], weights: bytes) -> Path:
-    """A stage as tasks/train/finetune.py runs one: reuse the folder result, else fill a new folder."""
-    with store.claim(rel) as todo:
-        if todo:
-            calls.append(rel)
-            with store.new_dir(rel) as tmp:
-                (tmp / "adapter_model.safetensors").write_bytes(weights)
-                (tmp / "adapter_config.json").write_text('{"r": 8}')
-    return store.local_dir(rel)
 
 
 def test_files_go_to_s3_whole_and_read_back(store: Store) -> None:
