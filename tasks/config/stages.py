@@ -103,6 +103,11 @@ class GenerateConfig(Frozen):
 
     max_new_tokens: int = Field(default=128, ge=1, description="Longest answer in tokens.")
     batch_size: int = Field(default=32, ge=1, description="Test rows per generation batch.")
+    engine: Literal["hf", "vllm"] = Field(
+        default="hf", description="What generates the answers. hf: transformers, in length-sorted batches of "
+        "batch_size, each adapter merged into its cached base. vllm: vLLM's offline engine, every adapter of one base "
+        "in one multi-LoRA batch (enable_lora), at the search's dtype, in a process of the environment "
+        "BASESEARCH_VLLM_PYTHON names (tasks/generate/vllm_engine.py); for GPUs: on CPU it is slower for small models.")
 
 
 class ComputeConfig(Frozen):

@@ -83,7 +83,13 @@ def adapter_key(model_fp: str, train_fp: str, cfg: FinetuneConfig, dev: str = ""
 
 def outputs_key(adapter: str, test_fp: str, cfg: GenerateConfig) -> str:
     """A fine-tune's test outputs: adapter, test rows, generation settings, code version."""
-    return content_key("outputs", adapter, test_fp, cfg.model_dump(), GENERATE_VERSION)
+    return content_key("outputs", adapter, test_fp, generate_settings(cfg), GENERATE_VERSION)
+
+
+def generate_settings(cfg: GenerateConfig) -> dict[str, Any]:
+    """The generation settings a key holds: the engine only when it is not the default hf (so hf keys stay as they
+    were before the engine was a setting)."""
+    return cfg.model_dump(exclude={"engine"} if cfg.engine == "hf" else None)
 
 
 def teacher_key(test_fp: str) -> str:
@@ -93,7 +99,7 @@ def teacher_key(test_fp: str) -> str:
 
 def untuned_key(model_fp: str, test_fp: str, cfg: GenerateConfig) -> str:
     """A base model's zero-shot outputs (no adapter): weights, test rows, generation settings, code version."""
-    return content_key("untuned", model_fp, test_fp, cfg.model_dump(), GENERATE_VERSION)
+    return content_key("untuned", model_fp, test_fp, generate_settings(cfg), GENERATE_VERSION)
 
 
 def trivial_key(train_fp: str, test_fp: str, metric: str) -> str:
