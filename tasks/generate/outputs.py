@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import pandas as pd
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.compute.speeds import conversation_chars, record_rate
@@ -19,6 +20,7 @@ from tasks.config.schema import LoadOptions
 from tasks.core import progress
 from tasks.models.chat import PromptFormat, prompt_ids, strip_stop
 from tasks.models.loading import device, load_base, model_params, peak_memory_mb
+from tasks.store.guards import say
 from tasks.store.results import outputs_path
 from tasks.store.store import Store
 
@@ -226,18 +228,31 @@ def generate_task(
 
     def answer() -> pd.DataFrame:
         """The fine-tune's answers, written to the store."""
-        df = generate(model_dir, adapter_dir, dataset, load_examples(test_path), model, cfg, load)
+        if cfg.engine == "vllm":  # a pool's stage run: this one job in a vLLM batch of its own
+            from tasks.generate.vllm_engine import check_engine, vllm_outputs
+            from tasks.plan.jobs import GenerateJob
+
+            job = GenerateJob(model, dataset, model_dir, adapter_dir, test_path, cfg, key, load or LoadOptions())
+            df = vllm_outputs([job], check_engine(cfg))[key]
+        else:
+            df = generate(model_dir, adapter_dir, dataset, load_examples(test_path), model, cfg, load)
         store.write_parquet(rel, df)
         return df
 
     df, reused = store.compute_once(rel, answer)
     if reused:  # in the store, or made by another run this one waited for
         return rel, True
+    note_generated(store, model, dataset, df)
+    return rel, False
+
+
+def note_generated(store: Store, model: str, dataset: str, df: pd.DataFrame) -> None:
+    """Record new outputs' generation rate (the plan's estimates) and log their tokens, cuts and peak memory."""
     record_rate(store, "generate", *df.attrs["rate"])
     mem = df.attrs.get("peak_memory", {})
-    get_run_logger().info(
+    say(logging.INFO,
         f"generate {model} on {dataset}: {int(df['completion_tokens'].sum())} tokens, "
-        f"{int((df['finish_reason'] == 'length').sum())} of {len(df)} cut at max_new_tokens, peak memory "
+        f"{int((df['finish_reason'] == 'length').sum())} of {len(df)} cut at max_new_tokens"
+        + (", peak memory " if mem else "")
         + ", ".join(f"{k.removeprefix('peak_').removesuffix('_mb')} {v:.0f} MB" for k, v in mem.items())
     )
-    return rel, False

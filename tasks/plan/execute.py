@@ -50,11 +50,35 @@ def finetune_all(jobs: list[FinetuneJob], compute: ComputeConfig, store: str) ->
 def generate_all(jobs: list[GenerateJob], compute: ComputeConfig, store: str, rows_per_job: int = 0) -> Batch:
     """(outputs Parquet path, reused?) for every job, in order, and the pool's device time; `rows_per_job` (test
     rows) sizes the bar."""
+    if compute.mode == "local" and jobs and jobs[0].cfg.engine == "vllm":
+        return Batch(_local_vllm(jobs, store, rows_per_job))
     if compute.mode == "local":
         return Batch(_local(jobs, generate_task, store, "generate", rows_per_job=rows_per_job))
     calls = [StageCall("generate", f"generate-{j.model}-{j.dataset}", _params(j, store), outputs_path(j.key),
                        j.key) for j in jobs]
     return run_in_pool(calls, compute, store)
+
+
+def _local_vllm(jobs: list[GenerateJob], store: str, rows_per_job: int) -> list[tuple[str, bool]]:
+    """generate.engine: vllm in this process's stead: one vLLM batch per base model (every adapter of it at once,
+    tasks/generate/vllm_engine.py), results in the jobs' order, the bar advanced as each job's result is written."""
+    from tasks.generate.outputs import note_generated
+    from tasks.generate.vllm_engine import by_base, check_engine, generate_group
+
+    python, label = check_engine(jobs[0].cfg), _label("generate", [j.dataset for j in jobs])
+    artifact, found = Progress(label, len(jobs)), {}
+    with progress.bar(label, len(jobs) * (rows_per_job or 1), "rows" if rows_per_job else "jobs") as bar:
+        def done(job: GenerateJob, df: Any) -> None:
+            """One more job's result in the store: its rate and log line when new, the artifact and the bar."""
+            if df is not None:
+                note_generated(Store(store), job.model, job.dataset, df)
+            artifact.done(1)
+            bar.advance(rows_per_job or 1)
+
+        for group in by_base(jobs):
+            bar.describe(f"{label}: {group[0].model} (vLLM, {len(group)} at once)")
+            found |= {j.key: r for j, r in zip(group, generate_group(group, store, python, done))}
+    return [found[j.key] for j in jobs]
 
 
 def _params(job: FinetuneJob | GenerateJob, store: str) -> dict[str, Any]:

@@ -124,6 +124,10 @@ def build_plan(cfg: SearchConfig, prep: Prepared, store: Store, device: str = "c
                                 f"{1 + cfg.finetune.search.cost(cfg.search.dev_share):.1f}x one fixed setting: the "
                                 "rates tried on a quarter of the schedule each, the best to the end, on the rows left "
                                 "after the development split")
+    if any(not j.done for j in plan.jobs if j.stage in ("generate", "floors", "search", "validation")):
+        from tasks.generate.vllm_engine import engine_line
+
+        plan.assumptions.append(engine_line(cfg.generate))
     if any(j.kind == "metric" for j in cfg.judge_list()) and (cfg.budget.strategy != "all-pairs" or
                                                               cfg.budget.max_comparisons):
         # Its verdicts cost nothing and take milliseconds, so stopping early would only lose information.

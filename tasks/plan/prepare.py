@@ -123,6 +123,10 @@ def prepare(cfg: SearchConfig, cheap_checks_passed: Callable[[], None] | None = 
         source = m.recipe.get("tokenizer_source")
         check_mergeable(m.name, [ModelInfo(n, "", signatures[n]) for n in names], source)
         signatures[m.name] = _merged_signature([signatures[n] for n in names], source, signatures)
+    if cfg.compute.mode == "local":  # generate.engine: vllm needs vLLM here (a pool's worker checks its own)
+        from tasks.generate.vllm_engine import check_engine
+
+        check_engine(cfg.generate)
     if cheap_checks_passed is not None:
         cheap_checks_passed()
     from tasks.models.format_check import (
