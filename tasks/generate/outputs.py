@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.compute.speeds import conversation_chars, record_rate
 from tasks.config.schema import LoadOptions
 from tasks.core import progress
+from tasks.generate.columns import GENERATED_COLUMNS, OUTPUT_COLUMNS, TIMING_COLUMNS  # noqa: F401  (found here too)
 from tasks.models.chat import PromptFormat, prompt_ids, strip_stop
 from tasks.models.loading import device, load_base, model_params, peak_memory_mb
 from tasks.store.guards import say
@@ -32,13 +33,6 @@ if TYPE_CHECKING:
 # test rows on the same loaded weights (adapters merged in, then the weights restored bit for bit).
 _BASES: OrderedDict[str, tuple[Any, Any, PromptFormat]] = OrderedDict()
 CACHE_SHARE = 0.4  # at most this share of the device's memory (CPU: RAM) holds cached base models
-OUTPUT_COLUMNS = ["dataset", "example_id", "contender", "output", "prompt_tokens", "completion_tokens",
-                  "latency_s", "error"]
-# A fine-tune's outputs also say why each answer ended: `stop` (an end-of-turn token) or `length` (max_new_tokens),
-# and how it was served: latency_s is the row's own time from its batch's start to its last token, ttft_s to its
-# first token; batch_s, batch_size and tokens_per_s are its batch's (throughput, and so cost, come from these).
-TIMING_COLUMNS = ["ttft_s", "batch_size", "batch_s", "tokens_per_s", "device"]
-GENERATED_COLUMNS = [*OUTPUT_COLUMNS, "finish_reason", *TIMING_COLUMNS]
 
 
 class _TokenClock:
@@ -229,10 +223,9 @@ def generate_task(
     def answer() -> pd.DataFrame:
         """The fine-tune's answers, written to the store."""
         if cfg.engine == "vllm":  # a pool's stage run: this one job in a vLLM batch of its own
-            from tasks.generate.vllm_engine import check_engine, vllm_outputs
-            from tasks.plan.jobs import GenerateJob
+            from tasks.generate.vllm_engine import OneJob, check_engine, vllm_outputs
 
-            job = GenerateJob(model, dataset, model_dir, adapter_dir, test_path, cfg, key, load or LoadOptions())
+            job = OneJob(model, dataset, model_dir, adapter_dir, test_path, cfg, key, load or LoadOptions())
             df = vllm_outputs([job], check_engine(cfg))[key]
         else:
             df = generate(model_dir, adapter_dir, dataset, load_examples(test_path), model, cfg, load)

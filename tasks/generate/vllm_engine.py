@@ -17,20 +17,48 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pandas as pd
 
+from tasks.config.schema import LoadOptions
 from tasks.core.errors import EnvironmentFailure
 
 if TYPE_CHECKING:
     from tasks.config.stages import GenerateConfig
-    from tasks.plan.jobs import GenerateJob
 
 SCRIPT = Path(__file__).with_name("vllm_run.py")
 KV_CACHE_GIB = 2  # VLLM_CPU_KVCACHE_SPACE when unset: vLLM's CPU backend otherwise reserves a large share of memory
 WHAT = "generate.engine: vllm"
+
+
+class GenerateJob(Protocol):
+    """What a vLLM batch reads of a generation job (tasks/plan/jobs.py GenerateJob, or a pool run's one job)."""
+
+    model: str
+    dataset: str
+    model_dir: str
+    adapter_dir: str  # '' : the base untuned
+    test_path: str
+    cfg: GenerateConfig
+    key: str
+    load: LoadOptions
+
+
+@dataclass(frozen=True)
+class OneJob:
+    """One generation job as generate_task's arguments give it (a pool's stage run)."""
+
+    model: str
+    dataset: str
+    model_dir: str
+    adapter_dir: str
+    test_path: str
+    cfg: GenerateConfig
+    key: str
+    load: LoadOptions
 
 
 def check_engine(cfg: GenerateConfig) -> str:
@@ -38,7 +66,7 @@ def check_engine(cfg: GenerateConfig) -> str:
     loads, when BASESEARCH_VLLM_PYTHON is unset or has no vLLM."""
     if cfg.engine != "vllm":
         return ""
-    from tasks.export.vllm import vllm_python
+    from tasks.compute.vllm_env import vllm_python
 
     return vllm_python(WHAT)["python"]
 
@@ -67,7 +95,7 @@ def _request(jobs: list[GenerateJob], encoded: list[list[list[int]]], stops: lis
              ) -> dict[str, Any]:
     """vllm_run.py's request: the base, its adapters, every row's prompt ids with its adapter's index (None: none);
     `limit` is the model's context (max_position_embeddings)."""
-    from tasks.export.serve import lora_rank
+    from tasks.compute.vllm_env import lora_rank
     from tasks.models.loading import device
 
     job, adapters = jobs[0], list(dict.fromkeys(j.adapter_dir for j in jobs if j.adapter_dir))
@@ -94,10 +122,10 @@ def run_vllm(python: str, request: dict[str, Any]) -> dict[str, Any]:
             proc = subprocess.run([python, str(SCRIPT), str(src), str(dst)], stdout=out, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, env=env, cwd=tmp, check=False)
         if proc.returncode != 0 or not dst.is_file():
-            from tasks.export.vllm import _log_tail
+            from tasks.compute.vllm_env import log_tail
 
             raise EnvironmentFailure(f"{WHAT}: vLLM exited ({proc.returncode}) on {request['model']}: "
-                                     f"{_log_tail(log)}")
+                                     f"{log_tail(log)}")
         return json.loads(dst.read_text())
 
 
@@ -131,7 +159,7 @@ def outputs_frame(job: GenerateJob, examples: list[Any], encoded: list[list[int]
     """One job's outputs in the hf engine's columns: the batch is the whole vLLM call (batch_s, batch_size,
     tokens_per_s), the row's latency and first token from vLLM's request metrics (the batch's time where absent)."""
     from tasks.compute.speeds import conversation_chars
-    from tasks.generate.outputs import GENERATED_COLUMNS
+    from tasks.generate.columns import GENERATED_COLUMNS
     from tasks.models.chat import strip_stop
 
     batch_s, size = float(result["batch_s"]), len(result["rows"])
