@@ -52,6 +52,16 @@ def test_gpu_finetune_cpu_small():
     assert "MFU = tokens/s * (4N + 6N_lora) / peak" in out and "| off" in out
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU machine runs the bench itself")
+def test_gpu_generate_refuses_without_cuda_in_one_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "bench/gpu_generate.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300, check=False)
+    line = ("bench/gpu_generate.py: no CUDA device on this machine; run it on a GPU machine, or with --tiny for a "
+            "CPU-indicative run")
+    assert out.returncode == 1 and out.stderr.splitlines() == [line], out.stderr
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux")
 def test_merge_memory_quick():
     # a tiny model is ~0.4 MB on disk: 3000x (~1.2 GB) is a limit the tiny merge fits under, to exercise the cgroup
