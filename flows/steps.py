@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import pandas as pd
@@ -24,7 +25,8 @@ from tasks.generate.outputs import teacher_outputs
 from tasks.generate.references import reference_outputs
 from tasks.judge.judgments import judge_task, run_openai_judge
 from tasks.plan.execute import finetune_all, generate_all
-from tasks.plan.jobs import GenerateJob, Guard, dataset_keys, finetune_jobs, generate_jobs, untuned_jobs
+from tasks.plan.jobs import DatasetKeys, FinetuneJob, GenerateJob, Guard, dataset_keys, finetune_jobs, generate_jobs
+from tasks.plan.jobs import untuned_jobs
 from tasks.plan.pool import Batch
 from tasks.plan.prepare import Prepared
 from tasks.store.results import adapter_path, outputs_path
@@ -91,9 +93,9 @@ def _device_time(row: dict[str, Any], batch: Batch) -> None:
         row["device_s"] = round(batch.device_s, 2)
 
 
-def train_and_answer(run: Run, models: list[str], data: DatasetInfo, paths: dict[str, str],
-                     prep: Prepared) -> dict[str, tuple[str, str]]:
-    """Fine-tune every model on one dataset and answer its test rows: contender -> (outputs path, outputs key)."""
+def _finetune(run: Run, models: list[str], data: DatasetInfo, paths: dict[str, str],
+              prep: Prepared) -> tuple[DatasetKeys, list[FinetuneJob], list[GenerateJob]]:
+    """Fine-tune every model on one dataset as one stage: its keys, the fine-tunes, and their generation jobs."""
     cfg, name, st, guard = run.cfg, data.spec.name, run.store, run.guard
     keys = dataset_keys(cfg, prep.models, data, models)
     ft_jobs = finetune_jobs(cfg, prep.models, data, models, paths, keys)
@@ -105,9 +107,62 @@ def train_and_answer(run: Run, models: list[str], data: DatasetInfo, paths: dict
         for _, reused in batch.results:
             count(row, reused)
     _gpu_spent(run)
-    gen_jobs = generate_jobs(cfg, data, ft_jobs, [folder for folder, _ in batch.results], keys)
+    return keys, ft_jobs, generate_jobs(cfg, data, ft_jobs, [folder for folder, _ in batch.results], keys)
+
+
+def train_and_answer(run: Run, models: list[str], data: DatasetInfo, paths: dict[str, str],
+                     prep: Prepared) -> dict[str, tuple[str, str]]:
+    """Fine-tune every model on one dataset and answer its test rows: contender -> (outputs path, outputs key)."""
+    name = data.spec.name
+    keys, _, gen_jobs = _finetune(run, models, data, paths, prep)
     outputs = _answers(run, f"generation on {name}", f"generate:{name}", gen_jobs, data, prep,
                        (TEACHER, keys.outputs[TEACHER], lambda: teacher_outputs(name, data.test, TEACHER)))
+    return outputs | _references(run, data, keys)
+
+
+def train_and_answer_by_base(run: Run, models: list[str], datasets: dict[str, DatasetInfo], paths: dict[str, str],
+                             prep: Prepared) -> tuple[dict[str, dict[str, tuple[str, str]]], dict[str, dict]]:
+    """generate.engine: vllm: every model fine-tuned on every dataset, then every dataset's test rows answered by
+    every fine-tune and each base untuned in one stage, one vLLM batch per base (tasks/generate/vllm_engine.py):
+    (outputs, floors) per dataset, as train_and_answer and answer_floors give them."""
+    cfg, st, guard = run.cfg, run.store, run.guard
+    planned = {ds: _finetune(run, models, data, paths, prep) for ds, data in datasets.items()}
+    gen = {ds: (jobs, untuned_jobs(cfg, datasets[ds], ft, keys)) for ds, (keys, ft, jobs) in planned.items()}
+    every = [j for ds in gen for jobs in gen[ds] for j in jobs]
+    base = lambda job: prep.models[job.model.removesuffix(UNTUNED)].signature  # an untuned job's model too
+    guard.gpu("generation", sum(guard.generate_s(datasets[j.dataset].test, base(j)) for j in every
+                                if not st.exists(outputs_path(j.key))))
+    with run.log.stage("generate:by-base") as row:
+        batch = generate_all(every, cfg.compute, run.root)
+        _device_time(row, batch)
+        for _, reused in batch.results:
+            count(row, reused)
+    _gpu_spent(run)
+    found = {job.key: rel for job, (rel, _) in zip(every, batch.results)}
+    outputs, floors = {}, {}
+    for ds, data in datasets.items():
+        keys, name = planned[ds][0], data.spec.name
+        outputs[ds] = {j.model: (found[j.key], j.key) for j in gen[ds][0]}
+        outputs[ds][TEACHER] = _free(run, (TEACHER, keys.outputs[TEACHER], partial(teacher_outputs, name, data.test,
+                                                                                   TEACHER)))
+        outputs[ds] |= _references(run, data, keys)
+        floors[ds] = {j.model: (found[j.key], j.key) for j in gen[ds][1]}
+        floors[ds][TRIVIAL] = _free(run, (TRIVIAL, keys.floors[TRIVIAL], partial(trivial_outputs, name, data.train,
+                                                                                 data.test, data.metric)))
+    return outputs, floors
+
+
+def _free(run: Run, free: tuple[str, str, Callable[[], pd.DataFrame]]) -> tuple[str, str]:
+    """A contender that costs nothing (the teacher, the trivial answer: name, key, outputs), written once: (path, key)."""
+    _, key, make = free
+    if not run.store.exists(outputs_path(key)):
+        run.store.write_parquet(outputs_path(key), make())
+    return outputs_path(key), key
+
+
+def _references(run: Run, data: DatasetInfo, keys: DatasetKeys) -> dict[str, tuple[str, str]]:
+    """The API references answering one dataset's test rows, as one stage: contender -> (outputs path, key)."""
+    cfg, name, st, guard, outputs = run.cfg, data.spec.name, run.store, run.guard, {}
     if cfg.references:
         with run.log.stage(f"references:{name}") as row:  # API models answer the same test rows, cached the same way
             row["requests"], row["cost_usd"] = 0, 0.0
@@ -189,9 +244,6 @@ def _answers(run: Run, what: str, stage: str, jobs: list[GenerateJob], data: Dat
         outputs = {job.model: (rel, job.key) for job, (rel, _) in zip(jobs, batch.results)}
         for _, reused in batch.results:
             count(row, reused)
-        name, key, make = free
-        if not st.exists(outputs_path(key)):
-            st.write_parquet(outputs_path(key), make())
-        outputs[name] = (outputs_path(key), key)
+        outputs[free[0]] = _free(run, free)
     _gpu_spent(run)
     return outputs

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -201,3 +202,29 @@ def test_the_plan_says_which_engine_generates(world, tmp_path, monkeypatch):
     from tasks.generate.vllm_engine import engine_line
 
     assert engine_line(HF) == "generate: transformers (generate.engine: hf), 4 rows a batch"
+
+
+def test_a_vllm_search_starts_one_engine_per_base_for_every_dataset_and_its_floors(world, tmp_path, monkeypatch):
+    import tasks.generate.vllm_engine as engine
+
+    calls: list[dict] = []
+    monkeypatch.setattr(engine, "run_vllm", _fake_run(calls))
+    monkeypatch.setattr(engine, "check_engine", lambda cfg: "/fake/python")
+    other = build_model("llama3", world["root"] / "llama3-search", seed=5, **HEAD_DIM_64)
+    train = make_split("extraction", 24, ROWS)[0]
+    cfg = {"name": "by-base", "candidates": [{"name": "qwen2", "path": world["base"]}, {"name": "llama3",
+                                                                                        "path": str(other)}],
+           "datasets": [{"name": "labels", "train": world["train"], "test": world["tests"]["classification"]},
+                        {"name": "fields", "train": str(write_jsonl(tmp_path / "train.jsonl", train)),
+                         "test": world["tests"]["extraction"]}],
+           "finetune": {"max_steps": 2, "batch_size": 4, "max_length": 256, "search": {"enabled": False}},
+           "generate": {"max_new_tokens": 24, "engine": "vllm"}, "rating": {"bootstrap_rounds": 20}}
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rc, _, err = _cli(["--config", str(tmp_path / "search.yaml"), "--store", str(tmp_path / "store")])
+    assert rc == 0, err
+    assert sorted(c["model"] for c in calls) == sorted([world["base"], str(other)])  # one engine per base
+    for c in calls:  # its two fine-tunes (one per dataset) and itself untuned on both datasets
+        assert len(c["adapters"]) == 2 and len(c["requests"]) == 4 * ROWS
+        assert sum(r["adapter"] is None for r in c["requests"]) == 2 * ROWS
+    stages = json.loads(next((tmp_path / "store" / "runs").glob("by-base-*/stages.json")).read_text())
+    assert [r["computed"] for r in stages if r["stage"] == "generate:by-base"] == [8]
