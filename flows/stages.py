@@ -3,18 +3,28 @@
 Each wraps the very task that `compute.mode: local` calls in-process, with the same JSON-able arguments, so
 a pool run computes exactly what a local run would and leaves it in the same place in the store. With a bucket as the
 store, paths arrive as `store:<rel>` and are fetched to the worker's own disk first (tasks/store/portable.py).
-Run names read like the work: merge-<merge>, finetune-<model>-<dataset>, generate-<model>-<dataset>.
+
+A fine-tune or generate run takes a batch of jobs (tasks/plan/pool.py sends one batch to a few runs at once): its
+process imports torch, transformers and Prefect once for all of them, not once per job. The runs of one batch take
+its jobs in turn, each starting at its own place in the list; a job whose result is already stored is skipped, one
+another run holds (its lock or lease, tasks/store/store.py) is left for last and then waited for, so each result is
+still computed once. Run names read like the work: merge-<merge>, finetune-<model>-<dataset> for one job,
+finetune-<dataset>-<i>of<n> for a share of a batch.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from prefect import flow
 
-from tasks.config.schema import LoadOptions, Merge
-from tasks.config.stages import FinetuneConfig, GenerateConfig
+from tasks.config.schema import Merge
 from tasks.generate.outputs import generate_task
 from tasks.models.merge import merge_task
+from tasks.plan.jobs import FinetuneJob, GenerateJob, stage_arguments
 from tasks.store.portable import localized
+from tasks.store.results import adapter_path, outputs_path
+from tasks.store.store import Store
 from tasks.train.finetune import finetune_task
 
 
@@ -24,23 +34,42 @@ def merge_flow(merge: Merge, paths: dict[str, str], key: str, store_root: str) -
     return merge_task(merge, localized({"paths": paths, "store_root": store_root})["paths"], key, store_root)
 
 
-@flow(name="finetune", flow_run_name="finetune-{model}-{dataset}")
-def finetune_flow(
-    model: str, dataset: str, model_dir: str, train_path: str, cfg: FinetuneConfig, key: str, store_root: str,
-    load: LoadOptions | None = None, dev_from: str = "", dev_share: float = 0.0,
-) -> tuple[str, bool]:
-    """LoRA fine-tune one model on one dataset into store/adapters/<key>: (folder, already there?)."""
-    p = localized({"model_dir": model_dir, "train_path": train_path, "dev_from": dev_from, "store_root": store_root})
-    return finetune_task(model, dataset, p["model_dir"], p["train_path"], cfg, key, store_root, load, p["dev_from"],
-                         dev_share)
+@flow(name="finetune")
+def finetune_flow(jobs: list[FinetuneJob], store_root: str, first: int = 0) -> list[tuple[str, bool]]:
+    """LoRA fine-tune each job's model on its dataset into store/adapters/<key>: (store path, already there?) each."""
+    return take_in_turn(jobs, first, store_root, finetune_task, adapter_path)
 
 
-@flow(name="generate", flow_run_name="generate-{model}-{dataset}")
-def generate_flow(
-    model: str, dataset: str, model_dir: str, adapter_dir: str, test_path: str, cfg: GenerateConfig, key: str,
-    store_root: str, load: LoadOptions | None = None,
-) -> tuple[str, bool]:
-    """One fine-tune answers one test file into store/outputs/<key>.parquet: (path, already there?)."""
-    p = localized({"model_dir": model_dir, "adapter_dir": adapter_dir, "test_path": test_path,
-                   "store_root": store_root})
-    return generate_task(model, dataset, p["model_dir"], p["adapter_dir"], p["test_path"], cfg, key, store_root, load)
+@flow(name="generate")
+def generate_flow(jobs: list[GenerateJob], store_root: str, first: int = 0) -> list[tuple[str, bool]]:
+    """Each job's fine-tune answers its test file into store/outputs/<key>.parquet: (store path, already there?) each."""
+    return take_in_turn(jobs, first, store_root, generate_task, outputs_path)
+
+
+def take_in_turn(jobs: list[Any], first: int, store_root: str, task: Callable[..., tuple[str, bool]],
+                 rel_of: Callable[[str], str]) -> list[tuple[str, bool]]:
+    """Run `jobs` through `task` from job `first` round to the one before it, each under its result's lock: a
+    stored result is skipped, one held by another run left for last and then waited for (and reused)."""
+    st = Store(store_root)
+    done: dict[str, bool] = {}
+    later = []
+    for job in jobs[first:] + jobs[:first]:
+        rel = rel_of(job.key)
+        if st.exists(rel):  # another run of the batch made it: nothing to fetch or load
+            done[job.key] = True
+            continue
+        with st.lock(rel, wait=False) as mine:  # held here, the task's own claim of it is this one
+            if mine:
+                done[job.key] = _run(task, job, store_root)
+            else:
+                later.append(job)
+    for job in later:  # their holders are at work: wait for each (the task's claim waits) and reuse it
+        done[job.key] = _run(task, job, store_root)
+    return [(rel_of(job.key), done[job.key]) for job in jobs]
+
+
+def _run(task: Callable[..., tuple[str, bool]], job: FinetuneJob | GenerateJob, store_root: str) -> bool:
+    """One job through its stage task, its `store:` paths made local first: whether its result was reused."""
+    args = localized(stage_arguments(job) | {"store_root": store_root})
+    return task(**args)[1]
+

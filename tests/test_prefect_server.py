@@ -85,16 +85,18 @@ def test_pool_run_from_the_search_deployment_matches_local(stack, tiny_models, t
         with get_client(sync_client=True) as client:
             run = final_run(client, run.id, 900 - (time.monotonic() - t0))  # 900 s from t0, at load 15 too
             assert run.state.is_completed(), run.state.message
-            runs = {r.name: r for r in client.read_flow_runs()}
+            children = [r for r in client.read_flow_runs() if r.parent_task_run_id is not None]
+            jobs = {t.name: t for t in client.read_task_runs() if t.flow_run_id in {r.id for r in children}}
             progress = [a for a in client.read_artifacts() if a.type == "progress"]
 
-    # Readable run names, every stage run a child of the search run and finished.
+    # Readable names: every stage run a child of the search run and finished; a batch's runs (one here: the pool's
+    # one worker) hold a task run per job, named as the job.
     assert run.name == "search-mini"
+    assert children and all(r.state.is_completed() for r in children), [(r.name, r.state.name) for r in children]
+    assert {"merge-alpha-beta", "finetune-extraction", "generate-extraction"} <= {r.name for r in children}
     stages = {"merge-alpha-beta", *(f"{s}-{m}-extraction" for s in ("finetune", "generate")
                                     for m in ("alpha", "beta", "alpha-beta"))}
-    assert stages <= set(runs)
-    for name in stages:
-        assert runs[name].state.is_completed() and runs[name].parent_task_run_id is not None, name
+    assert stages <= set(jobs) and all(jobs[name].state.is_completed() for name in stages)
     mine = [a for a in progress if a.flow_run_id == run.id]
     # one progress artifact for the whole run (each batch of stage jobs points it at itself), finished at 100%
     assert len(mine) == 1 and mine[0].data == 100.0, [(a.description, a.data) for a in mine]
@@ -115,7 +117,7 @@ def test_pool_run_from_the_search_deployment_matches_local(stack, tiny_models, t
     # GPU time in pool mode is the stage runs' time on the worker, as the server recorded it, not the stage's wall
     # time (which includes queueing); the local run has no such figure and counts its wall time.
     ft = stage_rows["finetune:extraction"]
-    ran = sum(runs[f"finetune-{m}-extraction"].total_run_time.total_seconds() for m in ("alpha", "beta", "alpha-beta"))
+    ran = sum(r.total_run_time.total_seconds() for r in children if r.name.startswith("finetune-"))
     assert ft["device_s"] == pytest.approx(ran, abs=0.01) and ft["device_s"] > 0
     assert "device_s" not in {r["stage"]: r for r in local["stages"]}["finetune:extraction"]
 
@@ -197,7 +199,7 @@ def test_waiting_on_stage_runs_never_hangs(monkeypatch):
 
     monkeypatch.setattr(compute, "POLL_S", 0.01)
     monkeypatch.setattr(compute, "NO_WORKER_GRACE_S", 0.2)
-    calls = [compute.StageCall("finetune", f"finetune-{m}-d", {"dataset": "d"}, f"adapters/{m}", m) for m in "ab"]
+    names = [f"finetune-d-{i}of2" for i in (1, 2)]
 
     class Client:
         def __init__(self, states):
@@ -209,19 +211,20 @@ def test_waiting_on_stage_runs_never_hangs(monkeypatch):
         def read_workers_for_work_pool(self, pool):
             return []
 
-    ids = {c.key: uuid4() for c in calls}
-    runs = {k: SimpleNamespace(id=i) for k, i in ids.items()}
+    ids = {n: uuid4() for n in names}
+    runs = {n: SimpleNamespace(id=i) for n, i in ids.items()}
     progress = compute.Progress("finetune on d", 2)  # outside a flow run: no artifact
-    stuck = Client({ids["a"]: Scheduled(), ids["b"]: Running()})
+    stored = lambda: 0  # noqa: E731 - the batch's results in the store (progress only)
+    stuck = Client({ids[names[0]]: Scheduled(), ids[names[1]]: Running()})
     with pytest.raises(UserError, match=r"work pool 'gpu' has had no worker online .* 1 stage run\(s\) wait; hint: "
                                         r"prefect worker start --pool gpu"):
-        compute._wait(stuck, runs, calls, "gpu", progress)
-    broken = Client({ids["a"]: Completed(), ids["b"]: Failed(message="CUDA out of memory")})
-    with pytest.raises(RuntimeError, match=r"finetune-b-d \(Failed: CUDA out of memory\)"):
-        compute._wait(broken, runs, calls, "gpu", progress)
+        compute._wait(stuck, runs, "gpu", progress, stored)
+    broken = Client({ids[names[0]]: Completed(), ids[names[1]]: Failed(message="CUDA out of memory")})
+    with pytest.raises(RuntimeError, match=r"finetune-d-2of2 \(Failed: CUDA out of memory\)"):
+        compute._wait(broken, runs, "gpu", progress, stored)
     # Completed runs: each one's time in the Running state, which the budget counts as GPU time (not the wait)
-    done = Client({ids["a"]: Completed(), ids["b"]: Completed()})
-    assert compute._wait(done, runs, calls, "gpu", progress) == {"a": 1.5, "b": 1.5}
+    done = Client({i: Completed() for i in ids.values()})
+    assert compute._wait(done, runs, "gpu", progress, stored) == {n: 1.5 for n in names}
 
 
 def test_the_ui_form_starts_from_the_demo_and_a_wrong_path_fails_in_one_line(stack, tiny_models, tiny_data, tmp_path):

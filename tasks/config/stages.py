@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from tasks.config.base import Frozen
 
@@ -120,6 +120,13 @@ class ComputeConfig(Frozen):
         description="mode local: fine-tunes run at once, each in its own process with one CPU thread; auto: one "
         "per CPU core (at most 8) on a machine without a GPU, 1 with one.",
     )
+    pool_runs: int | Literal["auto"] = Field(
+        default="auto",
+        description="mode pool: how many stage runs a batch of fine-tunes (or of generations) is sent as; the runs "
+        "take the batch's jobs in turn, so a worker process imports torch and Prefect once for several jobs, not once "
+        "a job. auto: the work pool's concurrency limit when it has one, else its workers online. A number at least "
+        "the batch's size sends a run per job (a pool that starts a machine per run, as Kubernetes does).",
+    )
 
     cache_dir: str | None = Field(
         default=None, description="A remote store's (s3://...) local copies of models and adapters, keyed by content "
@@ -136,10 +143,11 @@ class ComputeConfig(Frozen):
         "(~$2.50/h), a small cloud CPU machine (~$0.10/h).",
     )
 
-    @field_validator("workers", mode="before")
+    @field_validator("workers", "pool_runs", mode="before")
     @classmethod
-    def _workers(cls, v: Any) -> Any:
+    def _workers(cls, v: Any, info: ValidationInfo) -> Any:
         """A whole number of at least 1, or auto."""
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
             return v
-        raise ValueError(f"should be a whole number of processes (1 or more) or auto, not {v!r}")
+        what = "processes" if info.field_name == "workers" else "runs"
+        raise ValueError(f"should be a whole number of {what} (1 or more) or auto, not {v!r}")

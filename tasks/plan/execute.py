@@ -3,8 +3,9 @@
 `compute.mode: local` runs every job in this process, one after another (a GPU gains little from two trainings
 at once), except that on a CPU-only machine fine-tunes run side by side in worker processes (`compute.workers`,
 tasks/compute/workers.py: a small model's step does not speed up with threads, but two processes do twice the work).
-`compute.mode: pool` sends every job whose result is not in the store yet to a Prefect work pool as one run
-of a stage deployment (flows/stages.py, through tasks/plan/pool.py), all at once. The jobs' arguments are
+`compute.mode: pool` sends the jobs whose results are not in the store yet to a Prefect work pool, all at once, as
+runs of a stage deployment (flows/stages.py, through tasks/plan/pool.py): a merge a run; a batch of fine-tunes or
+generations as a few runs (`compute.pool_runs`) that take its jobs in turn. The jobs' arguments are
 JSON-able, so a stage run gets exactly the arguments the local call would: identical code, identical results.
 """
 
@@ -41,7 +42,7 @@ def finetune_all(jobs: list[FinetuneJob], compute: ComputeConfig, store: str) ->
     """(adapter folder, reused?) for every job, in order, and the pool's device time."""
     if compute.mode == "local":
         return Batch(_local(jobs, finetune_task, store, "finetune", local_workers(compute)))
-    calls = [StageCall("finetune", f"finetune-{j.model}-{j.dataset}", _params(j, store), adapter_path(j.key), j.key)
+    calls = [StageCall("finetune", f"finetune-{j.model}-{j.dataset}", _params(j), adapter_path(j.key), j.key)
              for j in jobs]
     st, ran = Store(store), run_in_pool(calls, compute, store)
     return Batch([(str(st.local_dir(rel)), reused) for rel, reused in ran.results], ran.device_s)
@@ -54,7 +55,7 @@ def generate_all(jobs: list[GenerateJob], compute: ComputeConfig, store: str, ro
         return Batch(_local_vllm(jobs, store, rows_per_job))
     if compute.mode == "local":
         return Batch(_local(jobs, generate_task, store, "generate", rows_per_job=rows_per_job))
-    calls = [StageCall("generate", f"generate-{j.model}-{j.dataset}", _params(j, store), outputs_path(j.key),
+    calls = [StageCall("generate", f"generate-{j.model}-{j.dataset}", _params(j), outputs_path(j.key),
                        j.key) for j in jobs]
     return run_in_pool(calls, compute, store)
 
@@ -81,10 +82,9 @@ def _local_vllm(jobs: list[GenerateJob], store: str, rows_per_job: int) -> list[
     return [found[j.key] for j in jobs]
 
 
-def _params(job: FinetuneJob | GenerateJob, store: str) -> dict[str, Any]:
-    """A job as deployment parameters: its fields (configs as plain dicts) and the store."""
-    out = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in stage_arguments(job).items()}
-    return out | {"store_root": store}
+def _params(job: FinetuneJob | GenerateJob) -> dict[str, Any]:
+    """A job as a batch flow's job (flows/stages.py): its fields, configs as plain dicts."""
+    return {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in stage_arguments(job).items()}
 
 
 def _local(

@@ -26,6 +26,7 @@ import pandas as pd
 from tasks.compute.speeds import conversation_chars, measured_rate, param_count
 from tasks.config.base import TEACHER, TRIVIAL, UNTUNED, ZOO_PREFIX, untuned_name
 from tasks.config.schema import LoadOptions
+from tasks.config.stages import FinetuneConfig, GenerateConfig  # at run time: a pool flow validates jobs by type
 from tasks.core.errors import UserError
 from tasks.plan.judge_cost import (CHARS_PER_TOKEN, JudgeCost, judge_assumption, judge_costs, request_usd,
                                    validation_costs)
@@ -37,7 +38,6 @@ from tasks.store.store import Store
 
 if TYPE_CHECKING:
     from tasks.config.schema import SearchConfig
-    from tasks.config.stages import FinetuneConfig, GenerateConfig
     from tasks.data.load import DatasetInfo
     from tasks.models.fingerprint import ModelInfo
     from tasks.plan.prepare import Prepared

@@ -1,7 +1,10 @@
 """Pool mode: the GPU stages as runs of their deployments (flows/stages.py) on a Prefect work pool.
 
-Every call whose result is not in the store yet is submitted at once and waited for through the API. A stage run
-gets exactly the arguments the local call would (tasks/plan/execute.py): identical code, identical results. The
+Every call whose result is not in the store yet is submitted at once and waited for through the API: a merge as a run
+of its own, a batch of fine-tunes or generations as `compute.pool_runs` runs that each get the whole batch and take
+its jobs in turn (flows/stages.py), so that a worker's process, which imports torch, transformers and Prefect before
+its first job (~8 s on a CPU core, measured by bench/pool_overhead.py), starts once for several jobs. A job gets
+exactly the arguments the local call would (tasks/plan/execute.py): identical code, identical results. The
 store must be reachable from the workers, since results travel through it, not through Prefect: one folder mounted at
 the same path everywhere, or a bucket (s3://...), whose workers share no disk (tasks/store/portable.py). The preflight
 (check_pool) runs before any model is loaded.
@@ -11,11 +14,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 from uuid import UUID
 
 from tasks.core.errors import UserError
+from tasks.store.keys import content_key
 from tasks.store.portable import portable
 from tasks.store.store import Store
 
@@ -26,12 +30,14 @@ if TYPE_CHECKING:
     from tasks.config.schema import ComputeConfig
 
 STAGE_FLOWS = ("merge", "finetune", "generate")  # flow names in flows/stages.py, deployed by deployments/prefect.yaml
+BATCHED = ("finetune", "generate")  # the flows that take a batch of jobs (a merge may need the one before it)
 DEPLOY_HINT = "apply the deployments: python deployments/apply.py"
 API_TIMEOUT_S = 10.0  # one API call; a server that takes longer is treated as unreachable
 POLL_S = float(os.environ.get("BASESEARCH_POLL_SECONDS", "2"))  # how often waiting runs are polled
 # How long runs may wait in the queue while the pool has no worker online before the search gives up;
 # a worker that restarts within this time loses nothing.
 NO_WORKER_GRACE_S = float(os.environ.get("BASESEARCH_NO_WORKER_GRACE_SECONDS", "120"))
+PROGRESS_S = 5.0  # how often at most a batch's stored results are counted for its progress artifact
 
 
 @dataclass(frozen=True)
@@ -193,7 +199,7 @@ def check_pool(compute: ComputeConfig, merges: bool = True) -> None:
 
 def run_in_pool(calls: list[StageCall], compute: ComputeConfig, store: str) -> Batch:
     """(store path, reused?) for every call, and the runs' device time: results already in the store are reused, the
-    rest run in the pool."""
+    rest run in the pool (a batch of fine-tunes or generations as a few runs that take its jobs in turn)."""
     st = Store(store)
     todo = [c for c in calls if not st.exists(c.result_rel)]
     run_s: dict[str, float] = {}
@@ -202,8 +208,9 @@ def run_in_pool(calls: list[StageCall], compute: ComputeConfig, store: str) -> B
         progress = Progress(_label(todo[0].flow, [c.parameters.get("dataset", "") for c in todo if "dataset" in c.parameters]),
                             len(todo))
         with _client() as client:
-            runs = {c.key: _submit(client, c, compute.pool, st) for c in todo}
-            run_s = _wait(client, runs, todo, compute.pool, progress)
+            n = runs_for(client, compute, len(todo)) if todo[0].flow in BATCHED else len(todo)
+            runs = {r.name: _submit(client, r, compute.pool) for r in pool_runs(todo, n, st)}
+            run_s = _wait(client, runs, compute.pool, progress, lambda: sum(st.exists(c.result_rel) for c in todo))
         failed = [c.name for c in todo if not st.exists(c.result_rel)]
         if failed:
             raise RuntimeError(f"{', '.join(failed)}: the stage run completed but its result is not in the store "
@@ -211,44 +218,80 @@ def run_in_pool(calls: list[StageCall], compute: ComputeConfig, store: str) -> B
     return Batch([(c.result_rel, c not in todo) for c in calls], sum(run_s.values()))
 
 
-def _submit(client: SyncPrefectClient, call: StageCall, pool: str, store: Store) -> FlowRun:
-    """Create the stage run, or find the one a killed search already created for the same result. With a remote
-    store its local paths travel as `store:<rel>` (tasks/store/portable.py): the worker needs no disk in common."""
+def runs_for(client: SyncPrefectClient, compute: ComputeConfig, jobs: int) -> int:
+    """How many runs a batch of `jobs` goes as: compute.pool_runs, or the pool's concurrency limit, else its workers
+    online (each run then keeps one worker slot busy), at most one per job."""
+    if compute.pool_runs != "auto":
+        return min(compute.pool_runs, jobs)
+    assert compute.pool
+    limit = client.read_work_pool(compute.pool).concurrency_limit
+    return max(1, min(limit or workers_online(client, compute.pool), jobs))
+
+
+@dataclass(frozen=True)
+class PoolRun:
+    """One flow run to create: its flow, readable name, parameters, and the key a re-sent search finds it by."""
+
+    flow: str
+    name: str
+    parameters: dict[str, Any]
+    idempotency_key: str
+
+
+def pool_runs(calls: list[StageCall], n: int, store: Store) -> list[PoolRun]:
+    """The runs for `calls`: a merge each; a batch of fine-tunes or generations as `n` runs, each given every job and
+    starting at its own share of them (flows/stages.py). With a remote store, local paths travel as `store:<rel>`
+    (tasks/store/portable.py): the worker needs no disk in common."""
+    flow = calls[0].flow
+    if flow not in BATCHED:
+        return [PoolRun(flow, c.name, portable(c.parameters, store), f"{flow}-{c.key}") for c in calls]
+    jobs = [portable(c.parameters, store) for c in calls]
+    batch = content_key(sorted(c.key for c in calls))
+    datasets = ",".join(dict.fromkeys(str(c.parameters.get("dataset", "")) for c in calls))
+    name = lambda i: calls[0].name if len(calls) == 1 else f"{flow}-{datasets}" + (f"-{i + 1}of{n}" if n > 1 else "")  # noqa: E731
+    return [PoolRun(flow, name(i), {"jobs": jobs, "store_root": store.url, "first": i * len(calls) // n},
+                    f"{flow}-{batch}-{i}of{n}") for i in range(n)]
+
+
+def _submit(client: SyncPrefectClient, run: PoolRun, pool: str) -> FlowRun:
+    """Create the stage run, or find the one a killed search already created for the same results."""
     from prefect.deployments import run_deployment
 
-    deployment = stage_deployment(client, call.flow, pool)
-    call = replace(call, parameters=portable(call.parameters, store))
-    # The idempotency key is the result's content key: a search started again after a crash waits on the
-    # run it had already sent instead of sending a duplicate. A run that failed is sent again under a new key.
-    run = run_deployment(deployment, parameters=call.parameters, flow_run_name=call.name, timeout=0,
-                         idempotency_key=f"{call.flow}-{call.key}")
-    if run.state and run.state.is_final() and not run.state.is_completed():
-        run = run_deployment(deployment, parameters=call.parameters, flow_run_name=call.name, timeout=0,
-                             idempotency_key=f"{call.flow}-{call.key}-{time.time_ns()}")
-    return run
+    deployment = stage_deployment(client, run.flow, pool)
+    # The idempotency key comes from the results' content keys: a search started again after a crash waits on the
+    # runs it had already sent instead of sending duplicates. A run that failed is sent again under a new key.
+    made = run_deployment(deployment, parameters=run.parameters, flow_run_name=run.name, timeout=0,
+                          idempotency_key=run.idempotency_key)
+    if made.state and made.state.is_final() and not made.state.is_completed():
+        made = run_deployment(deployment, parameters=run.parameters, flow_run_name=run.name, timeout=0,
+                              idempotency_key=f"{run.idempotency_key}-{time.time_ns()}")
+    return made
 
 
-def _wait(client: SyncPrefectClient, runs: dict[str, FlowRun], calls: list[StageCall], pool: str,
-          progress: Progress) -> dict[str, float]:
-    """Poll the runs until all are final: each completed run's seconds in the Running state (Prefect's
-    total_run_time, queueing excluded); raise on a failed run or when the pool has had no worker too long."""
+def _wait(client: SyncPrefectClient, runs: dict[str, FlowRun], pool: str, progress: Progress,
+          stored: Callable[[], int]) -> dict[str, float]:
+    """Poll the runs (by name) until all are final: each completed run's seconds in the Running state (Prefect's
+    total_run_time, queueing excluded); raise on a failed run or when the pool has had no worker too long. `stored`
+    counts the batch's results in the store, for the progress artifact (asked every PROGRESS_S at most)."""
     pending = dict(runs)
     run_s: dict[str, float] = {}
-    by_key = {c.key: c for c in calls}
     failures: list[str] = []
     unattended_since: float | None = None
+    counted = 0.0
     while pending:
         time.sleep(POLL_S)
-        read = {key: client.read_flow_run(run.id) for key, run in pending.items()}
-        states = {key: run.state for key, run in read.items()}
-        finished = [key for key, state in states.items() if state is not None and state.is_final()]
-        for key in finished:
-            del pending[key]
-            took = getattr(read[key], "total_run_time", None)
-            run_s[key] = took.total_seconds() if took is not None else 0.0
-            if not states[key].is_completed():
-                failures.append(f"{by_key[key].name} ({states[key].name}: {(states[key].message or '').strip()[:200]})")
-        progress.done(len(finished))
+        read = {name: client.read_flow_run(run.id) for name, run in pending.items()}
+        states = {name: run.state for name, run in read.items()}
+        finished = [name for name, state in states.items() if state is not None and state.is_final()]
+        for name in finished:
+            del pending[name]
+            took = getattr(read[name], "total_run_time", None)
+            run_s[name] = took.total_seconds() if took is not None else 0.0
+            if not states[name].is_completed():
+                failures.append(f"{name} ({states[name].name}: {(states[name].message or '').strip()[:200]})")
+        if progress.id is not None and (finished or time.monotonic() - counted > PROGRESS_S):
+            counted = time.monotonic()
+            progress.done(max(0, stored() - progress.finished))
         # Only runs still waiting for a worker matter here; a run already executing has its own worker.
         queued = [k for k in pending if states[k] is not None and (states[k].is_scheduled() or states[k].is_pending())]
         if queued and not workers_online(client, pool):

@@ -130,6 +130,18 @@ class Lease:
                                   f"{ttl:.0f} s: taken over")
                 break
             time.sleep(POLL_S)
+        self._keep()
+
+    def try_acquire(self) -> bool:
+        """Hold the lease if nobody does (a dead holder's is left to `acquire`, which waits out its time); whether
+        this run now holds it."""
+        if not self.try_create():
+            return False
+        self._keep()
+        return True
+
+    def _keep(self) -> None:
+        """Start renewing the lease just taken."""
         self._thread = threading.Thread(target=self._renew, name=f"lease-{self.rel}", daemon=True)
         self._thread.start()
 

@@ -137,13 +137,17 @@ class Store(Checks, Remote):
         return file_lock(path)
 
     @contextmanager
-    def lock(self, rel: str) -> Iterator[None]:
-        """Hold `rel`'s lock (reentrant in one thread); when another run or thread holds it, say for whom, wait."""
+    def lock(self, rel: str, wait: bool = True) -> Iterator[bool]:
+        """Hold `rel`'s lock (reentrant in one thread) and yield True; when another run or thread holds it, say for
+        whom and wait, or with `wait=False` yield False at once, without it."""
         lk = self._lock_of(rel)
         owner = Path(lk.lock_file).with_suffix(".owner")
         try:
             lk.acquire(timeout=0)
         except Timeout:
+            if not wait:
+                yield False
+                return
             deadline = time.monotonic() + OWNER_WAIT_S
             while not owner.exists() and time.monotonic() < deadline:  # its holder writes it just after taking it
                 time.sleep(0.05)
@@ -154,9 +158,14 @@ class Store(Checks, Remote):
         try:
             if outer:
                 write_owner(owner)
-            if lease is not None:
-                lease.acquire()  # other machines: after this machine's lock, so one run per machine asks
-            yield
+            if lease is not None:  # other machines: after this machine's lock, so one run per machine asks
+                if wait:
+                    lease.acquire()
+                elif not lease.try_acquire():
+                    lease = None  # another machine's: nothing of it to release
+                    yield False
+                    return
+            yield True
         finally:
             if lease is not None:
                 lease.release()
