@@ -4,7 +4,8 @@ adapter of one base in one multi-LoRA batch, equal to the hf engine's in float32
 One vLLM engine process serves the whole comparison (a start costs minutes on 2 cores): a Qwen2.5-style ChatML model
 whose eos is not its end of turn (head_dim 64: vLLM's CPU attention refuses the families' default 16), two LoRA
 adapters and the base itself untuned, on two datasets. The rest (grouping per base, reuse and resume through the
-store, the one-line refusal without vLLM, the plan's line, the keys) needs no vLLM.
+store, a search through the flow starting one engine per base for every dataset and its floors, the one-line refusal
+without vLLM, the plan's line, the keys) runs with a fake vLLM or none.
 
 The vLLM test runs where BASESEARCH_VLLM_PYTHON is set (.ci/run sets it); there a missing vLLM fails it.
 """
