@@ -11,6 +11,12 @@ from pathlib import Path
 # Set before Prefect or Hugging Face is imported anywhere in the test session.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# pytest-xdist's workers (README: the tests run on every core) inherit the controller's environment: each gets a
+# Prefect home (so its own temporary server and SQLite database) and a store cache of its own.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"prefect-home-{_WORKER}-")
+    os.environ["BASESEARCH_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"basesearch-cache-{_WORKER}-")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
 # A remote store's local copies (tasks/store/cache.py) go to a temp folder, not the user's ~/.cache.
 os.environ.setdefault("BASESEARCH_CACHE_DIR", tempfile.mkdtemp(prefix="basesearch-cache-"))

@@ -209,3 +209,21 @@ def test_plan_counts_the_loop_and_with_refit_off_trains_each_model_once(tiny_mod
         assert sum(j.name.startswith("round ") for j in loop[r]) == 2 * 3  # every round at its most
         assert sum(j.name.startswith("kept proposal") for j in loop[r]) == 1 and all(j.gpu_s > 0 for j in loop[r])
     assert any("reuse the search's fine-tunes" in a for a in plans[False].assumptions)
+
+
+def test_a_finished_run_from_before_a_new_knob_is_still_this_config(tmp_path, tiny_models, tiny_data):
+    from tasks.plan.previous import previous_decisions
+
+    cfg = load_config(write_config(tmp_path, mini_config_dict(tiny_models, tiny_data)))
+    store = Store(str(tmp_path / "store"))
+    saved = cfg.model_dump(mode="json")
+    saved["generate"].pop("engine")  # the run finished before generate.engine existed
+    rel = "runs/mini-20261201-120000-abcdef"
+    store.write_text(f"{rel}/config.yaml", yaml.safe_dump(saved, sort_keys=False))
+    store.write_text(f"{rel}/report.html", "<html></html>")
+    store.write_json(f"{rel}/frozen_winner.json", {"winner": "beta"})
+    assert previous_decisions(cfg, store).winner == "beta"
+    # a run of another config is not this one's
+    saved["finetune"]["max_steps"] += 1
+    store.write_text(f"{rel}/config.yaml", yaml.safe_dump(saved, sort_keys=False))
+    assert previous_decisions(cfg, store) is None

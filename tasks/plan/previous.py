@@ -69,10 +69,23 @@ def previous_decisions(cfg: SearchConfig, store: Store) -> Decisions | None:
         rel = run_path(run_id)
         if not (store.exists(f"{rel}/report.html") and store.exists(f"{rel}/config.yaml")):
             continue  # stopped, killed, or still running: it decided nothing for sure
-        if yaml.safe_load(store.read_text(f"{rel}/config.yaml")) != config:
+        if _as_today(yaml.safe_load(store.read_text(f"{rel}/config.yaml"))) != config:
             continue
         return _read(store, rel, cfg)
     return None
+
+
+def _as_today(saved: object) -> object:
+    """A run's saved config read through today's schema, so a knob added since (at its default) still compares equal;
+    a config today's schema refuses is returned as saved (and so differs)."""
+    from pydantic import ValidationError
+
+    from tasks.config.schema import SearchConfig
+
+    try:
+        return SearchConfig.model_validate(saved).model_dump(mode="json")
+    except ValidationError:
+        return saved
 
 
 def _read(store: Store, rel: str, cfg: SearchConfig) -> Decisions:
