@@ -2,15 +2,17 @@
 killed at 80% of its steps, resumed from its checkpoint, against a whole fine-tune.
 
 python bench/remote_store.py [--config configs/demo.yaml] [--repeats 1] [--pool] [--resume-steps 400]
+    [--resume-model tiny,small] [--skip-store]
 
 - store: the config's search (in-process `python -m flows.search`, compute.mode local) on a fresh local store and on
   a fresh prefix of a bucket on moto's S3 server (127.0.0.1, reached through s3fs as AWS is), alternating; wall
   seconds of each, whether the ratings are equal, and the bytes each stage left in the bucket (uploaded once) and
   the search's cache holds (downloaded or kept). With --pool the S3 side runs in pool mode on two process workers,
   each with its own cache and temp folder (a Prefect server started here), and the bytes each worker's cache holds.
-- resume: a LoRA fine-tune of a tiny model for --resume-steps steps, whole; then the same fine-tune with checkpoints
-  every 10% killed after 80% of its steps and started again: seconds of the resumed part (model load included)
-  against the whole.
+- resume: a LoRA fine-tune of a tiny model (or a small one: 4 layers of 256) for --resume-steps steps, whole; then the
+  same fine-tune with checkpoints every 10% killed after 80% of its steps and started again: seconds of the resumed
+  part (model load included) against the whole, and where each run's time went (imports, before the first step,
+  the steps, after them).
 """
 
 from __future__ import annotations
@@ -148,14 +150,24 @@ def store_bench(config: Path, repeats: int, pool: bool, work: Path) -> str:
 
 
 RESUME = """
-import sys, time, torch
+import json, sys, time
+t_start = time.perf_counter()
+import torch
 torch.set_num_threads(1)
 from tasks.config.stages import FinetuneConfig
 from tasks.train import loop
 from tasks.train.finetune import finetune_task
+t_imported = time.perf_counter()
 model, train, store, steps, kill = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 cfg = FinetuneConfig(max_steps=steps, batch_size=4, learning_rate=3e-3, search={"enabled": False},
                      checkpoint_every=max(1, steps // 10) if kill >= 0 else 0, checkpoint_minutes=0)
+marks = {}
+advance = loop.Trainer.advance
+def timed_advance(self, n):
+    marks.setdefault("first_step", time.perf_counter())
+    advance(self, n)
+    marks["last_step"] = time.perf_counter()
+loop.Trainer.advance = timed_advance
 if kill > 0:
     step = loop.Trainer._step
     def dying(self):
@@ -165,35 +177,54 @@ if kill > 0:
     loop.Trainer._step = dying
 t0 = time.perf_counter()
 finetune_task.fn("tiny", "extraction", model, train, cfg, "r" * 16, store)
-print(f"{time.perf_counter() - t0:.3f}")
+t1 = time.perf_counter()
+print(json.dumps({"process": t1 - t_start, "imports": t_imported - t_start, "call": t1 - t0,
+                  "to_first_step": marks["first_step"] - t0, "steps": marks["last_step"] - marks["first_step"],
+                  "after_steps": t1 - marks["last_step"]}))
 """
 
+SHAPES = {  # --resume-model: the tests' tiny Mistral, and one whose fine-tune takes a minute or two on a CPU core
+    "tiny": {},
+    "small": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 1},
+}
 
-def resume_bench(steps: int, work: Path) -> str:
-    """The resume table: a whole fine-tune, and the resumed part of one killed at 80%."""
+
+def resume_bench(steps: int, shape: str, work: Path) -> str:
+    """The resume table: a whole fine-tune, and the resumed part of one killed at 80%, each in its own process,
+    with where each one's time went."""
+    import json
+
     from tasks.demo.data import make_split
     from tests.conftest import make_tiny_model, write_jsonl
 
-    model = make_tiny_model(work / "tiny", 0)
+    model = make_tiny_model(work / f"model-{shape}", 0, **SHAPES[shape])
     train_rows, _ = make_split("extraction", 64, 8, seed=0)
     train = write_jsonl(work / "train.jsonl", train_rows)
 
-    def timed(store: Path, kill: int) -> float:
-        """Seconds the fine-tune took in its own process (one thread), or -1 when it was killed."""
+    def timed(store: Path, kill: int) -> dict[str, float]:
+        """Seconds of the fine-tune's phases in its own process (one thread); {} when it was killed."""
         out = subprocess.run([sys.executable, "-c", RESUME, str(model), str(train), str(store), str(steps), str(kill)],
                              cwd=ROOT, capture_output=True, text=True, timeout=3600)
-        return float(out.stdout.strip()) if out.returncode == 0 else -1.0
+        return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {}
 
-    whole = timed(work / "whole", -1)
+    whole = timed(work / f"whole-{shape}", -1)
     kill = int(steps * 0.8)
-    assert timed(work / "resumed", kill) < 0
-    resumed = timed(work / "resumed", 0)
-    same = (work / "whole").exists() and sorted((work / "whole" / "adapters").rglob("adapter_model.safetensors"))[0]\
-        .read_bytes() == sorted((work / "resumed" / "adapters").rglob("adapter_model.safetensors"))[0].read_bytes()
-    return table([{"steps": steps, "whole fine-tune s": f"{whole:.2f}", "killed at": kill,
-                   "resumed part s": f"{resumed:.2f}", "resumed / whole": f"{resumed / whole:.2f}",
-                   "adapters equal": "yes" if same else "NO"}],
-                 ["steps", "whole fine-tune s", "killed at", "resumed part s", "resumed / whole", "adapters equal"])
+    assert not timed(work / f"resumed-{shape}", kill)
+    resumed = timed(work / f"resumed-{shape}", 0)
+    adapter = lambda d: sorted((work / d / "adapters").rglob("adapter_model.safetensors"))[0].read_bytes()  # noqa: E731
+    same = adapter(f"whole-{shape}") == adapter(f"resumed-{shape}")
+    params = sum(p.numel() for p in __import__("safetensors.torch").torch.load_file(
+        str(model / "model.safetensors")).values())
+    row = lambda what, t: {"model": f"{shape} ({params / 1e6:.1f}M)", "steps": steps, "run": what,  # noqa: E731
+                           "call s": f"{t['call']:.2f}", "before 1st step s": f"{t['to_first_step']:.2f}",
+                           "steps s": f"{t['steps']:.2f}", "after s": f"{t['after_steps']:.2f}",
+                           "process s (imports)": f"{t['process']:.2f} ({t['imports']:.2f})"}
+    rows = [row("whole", whole), row(f"resumed at {kill}", resumed) | {
+        "resumed / whole": f"{resumed['call'] / whole['call']:.2f} (process {resumed['process'] / whole['process']:.2f})",
+        "adapters equal": "yes" if same else "NO"}]
+    return table(rows, ["model", "steps", "run", "call s", "before 1st step s", "steps s", "after s",
+                        "process s (imports)", "resumed / whole", "adapters equal"])
 
 
 def main() -> None:
@@ -203,7 +234,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--pool", action="store_true", help="the S3 side in pool mode on two workers")
     parser.add_argument("--resume-steps", type=int, default=400)
+    parser.add_argument("--resume-model", default="tiny", help="tiny, small, or both as tiny,small")
     parser.add_argument("--skip-store", action="store_true", help="only the resume bench")
+    parser.add_argument("--skip-resume", action="store_true", help="only the store bench")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("BASESEARCH_PROGRESS", "0")
@@ -212,7 +245,8 @@ def main() -> None:
         parts = []
         if not args.skip_store:
             parts.append(store_bench(args.config.resolve(), args.repeats, args.pool, work))
-        parts.append(resume_bench(args.resume_steps, work))
+        if not args.skip_resume:
+            parts += [resume_bench(args.resume_steps, shape, work) for shape in args.resume_model.split(",")]
         print("\n\n".join(parts))
         print(header())
     finally:

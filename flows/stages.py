@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from prefect import flow
 
+from tasks.compute.workers import share_cores
 from tasks.config.schema import Merge
 from tasks.generate.outputs import generate_task
 from tasks.models.merge import merge_task
@@ -50,6 +51,7 @@ def take_in_turn(jobs: list[Any], first: int, store_root: str, task: Callable[..
                  rel_of: Callable[[str], str]) -> list[tuple[str, bool]]:
     """Run `jobs` through `task` from job `first` round to the one before it, each under its result's lock: a
     stored result is skipped, one held by another run left for last and then waited for (and reused)."""
+    share_cores()  # a worker runs several runs at once: on CPU one torch thread each, as local mode's workers
     st = Store(store_root)
     done: dict[str, bool] = {}
     later = []

@@ -34,8 +34,11 @@ def recording_task(store: Store, made: list[tuple[str, str]], seconds: float):
     return task
 
 
-def test_two_runs_of_a_batch_share_its_jobs_and_compute_each_once(tmp_path):
+def test_two_runs_of_a_batch_share_its_jobs_and_compute_each_once(tmp_path, monkeypatch):
+    import flows.stages
     from flows.stages import take_in_turn
+
+    monkeypatch.setattr(flows.stages, "share_cores", lambda: None)  # this test process keeps its torch threads
 
     st, made, batch = Store(str(tmp_path / "store")), [], jobs(6)
     task = recording_task(st, made, 0.2)
@@ -55,8 +58,11 @@ def test_two_runs_of_a_batch_share_its_jobs_and_compute_each_once(tmp_path):
         assert [rel for rel, _ in got] == [outputs_path(j.key) for j in batch]
 
 
-def test_a_job_another_run_holds_is_left_for_last_then_reused(tmp_path):
+def test_a_job_another_run_holds_is_left_for_last_then_reused(tmp_path, monkeypatch):
+    import flows.stages
     from flows.stages import take_in_turn
+
+    monkeypatch.setattr(flows.stages, "share_cores", lambda: None)
 
     st, made, batch = Store(str(tmp_path / "store")), [], jobs(2)
     held = outputs_path(batch[0].key)

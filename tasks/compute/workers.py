@@ -83,6 +83,19 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def share_cores() -> None:
+    """Make this process one of several sharing the CPU cores, as a worker process is: one torch thread for training
+    and generation. For a pool stage run on a machine without a GPU, where a worker runs several runs at once (its
+    --limit): with a torch thread per core in each, the demo's fine-tunes ran 20-40x slower than local mode's
+    one-thread workers (bench/remote_store.py --pool, 2 cores). A machine with a GPU keeps torch's threads."""
+    import torch
+
+    global _in_worker
+    if not torch.cuda.is_available():
+        _in_worker = True
+        torch.set_num_threads(1)
+
+
 def _init_worker(ticks: Any) -> None:
     """Set up a worker process: one torch thread (the workers share the cores), the CLI's quiet defaults, ticks
     sent to the parent, and a quiet exit on Ctrl-C (the flow's process reports the interruption; a half-done
