@@ -19,7 +19,8 @@ from tests.fake_openai import Faults
 
 KEY = "sk-test-shipped-7d2e"
 ENV = "BASESEARCH_TEST_SHIPPED_KEY"
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+# [!.]: not a bench's temporary .bench-*.yaml beside them
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("[!.]*.yaml"))
 
 
 def _miniature(shipped: Path, tiny_models, tiny_data, base_url: str, tmp_path: Path) -> tuple[Path, list[str]]:
