@@ -120,9 +120,10 @@ def run_hf(model_dir: Path, adapters: list[str], test: Path, cfg) -> dict:
 def run_vllm(model_dir: Path, adapters: list[str], test: Path, cfg, python: str) -> dict:
     """The vllm engine: every adapter's rows in one multi-LoRA batch, through the search's own vllm_outputs."""
     from tasks.config.schema import LoadOptions
-    from tasks.generate.vllm_engine import OneJob, vllm_outputs
+    from tasks.generate.job import GenerateJob
+    from tasks.generate.vllm_engine import vllm_outputs
 
-    jobs = [OneJob(f"adapter-{i + 1}", "bench", str(model_dir), a, str(test), cfg, f"k{i}", LoadOptions())
+    jobs = [GenerateJob(f"adapter-{i + 1}", "bench", str(model_dir), a, str(test), cfg, f"k{i}", LoadOptions())
             for i, a in enumerate(adapters)]
     t0 = time.perf_counter()
     frames = vllm_outputs(jobs, python)

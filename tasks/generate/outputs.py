@@ -223,9 +223,10 @@ def generate_task(
     def answer() -> pd.DataFrame:
         """The fine-tune's answers, written to the store."""
         if cfg.engine == "vllm":  # a pool's stage run: this one job in a vLLM batch of its own
-            from tasks.generate.vllm_engine import OneJob, check_engine, vllm_outputs
+            from tasks.generate.job import GenerateJob
+            from tasks.generate.vllm_engine import check_engine, vllm_outputs
 
-            job = OneJob(model, dataset, model_dir, adapter_dir, test_path, cfg, key, load or LoadOptions())
+            job = GenerateJob(model, dataset, model_dir, adapter_dir, test_path, cfg, key, load or LoadOptions())
             df = vllm_outputs([job], check_engine(cfg))[key]
         else:
             df = generate(model_dir, adapter_dir, dataset, load_examples(test_path), model, cfg, load)

@@ -17,14 +17,13 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from tasks.config.schema import LoadOptions
 from tasks.core.errors import EnvironmentFailure
+from tasks.generate.job import GenerateJob
 
 if TYPE_CHECKING:
     from tasks.config.stages import GenerateConfig
@@ -32,33 +31,6 @@ if TYPE_CHECKING:
 SCRIPT = Path(__file__).with_name("vllm_run.py")
 KV_CACHE_GIB = 2  # VLLM_CPU_KVCACHE_SPACE when unset: vLLM's CPU backend otherwise reserves a large share of memory
 WHAT = "generate.engine: vllm"
-
-
-class GenerateJob(Protocol):
-    """What a vLLM batch reads of a generation job (tasks/plan/jobs.py GenerateJob, or a pool run's one job)."""
-
-    model: str
-    dataset: str
-    model_dir: str
-    adapter_dir: str  # '' : the base untuned
-    test_path: str
-    cfg: GenerateConfig
-    key: str
-    load: LoadOptions
-
-
-@dataclass(frozen=True)
-class OneJob:
-    """One generation job as generate_task's arguments give it (a pool's stage run)."""
-
-    model: str
-    dataset: str
-    model_dir: str
-    adapter_dir: str
-    test_path: str
-    cfg: GenerateConfig
-    key: str
-    load: LoadOptions
 
 
 def check_engine(cfg: GenerateConfig) -> str:

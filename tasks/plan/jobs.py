@@ -26,14 +26,32 @@ import pandas as pd
 from tasks.compute.speeds import conversation_chars, measured_rate, param_count
 from tasks.config.base import TEACHER, TRIVIAL, UNTUNED, ZOO_PREFIX, untuned_name
 from tasks.config.schema import LoadOptions
-from tasks.config.stages import FinetuneConfig, GenerateConfig  # at run time: a pool flow validates jobs by type
+from tasks.config.stages import FinetuneConfig  # at run time: a pool flow validates jobs by type
 from tasks.core.errors import UserError
-from tasks.plan.judge_cost import (CHARS_PER_TOKEN, JudgeCost, judge_assumption, judge_costs, request_usd,
-                                   validation_costs)
+from tasks.generate.job import GenerateJob  # the plan makes them; both engines read them
+from tasks.plan.judge_cost import (
+    CHARS_PER_TOKEN,
+    JudgeCost,
+    judge_assumption,
+    judge_costs,
+    request_usd,
+    validation_costs,
+)
 from tasks.plan.previous import Decisions, previous_decisions, with_proposals
-from tasks.store.results import (adapter_key, adapter_path, judgments_path, metric_judgment_key, model_path,
-                                 outputs_key, outputs_path, reference_key, split_key, teacher_key, trivial_key,
-                                 untuned_key)
+from tasks.store.results import (
+    adapter_key,
+    adapter_path,
+    judgments_path,
+    metric_judgment_key,
+    model_path,
+    outputs_key,
+    outputs_path,
+    reference_key,
+    split_key,
+    teacher_key,
+    trivial_key,
+    untuned_key,
+)
 from tasks.store.store import Store
 
 if TYPE_CHECKING:
@@ -420,20 +438,6 @@ class FinetuneJob:
     load: LoadOptions = LoadOptions()  # the model's prompt template and remote-code opt-in (tasks/models/chat.py)
     dev_from: str = ""  # finetune.search: the training file whose development rows (share dev_share) choose settings
     dev_share: float = 0.0
-
-
-@dataclass(frozen=True)
-class GenerateJob:
-    """One fine-tune answering one test file."""
-
-    model: str
-    dataset: str
-    model_dir: str
-    adapter_dir: str
-    test_path: str
-    cfg: GenerateConfig
-    key: str
-    load: LoadOptions = LoadOptions()  # as FinetuneJob's: the same format in training and generation
 
 
 def stage_arguments(job: FinetuneJob | GenerateJob) -> dict[str, Any]:
