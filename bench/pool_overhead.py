@@ -1,7 +1,7 @@
 """Where a stage run's time goes on a work pool: the miniature search in pool mode over moto's S3 server, and each
 stage run's timeline as the Prefect server recorded it.
 
-python bench/pool_overhead.py [--workers 1] [--limit 1] [--pool-runs 1000,auto]
+python bench/pool_overhead.py [--workers 1] [--limit 1] [--pool-runs 1000,auto] [--stay-s 0]
 
 For every stage flow run (merge-, finetune-, generate-...): seconds queued (Scheduled to Pending: the worker's poll),
 starting (Pending to Running: the worker starts `python -m prefect.engine`, which imports the flow's module, i.e.
@@ -9,7 +9,9 @@ torch, transformers and Prefect, and loads the flow), before its first task (fet
 (the stage's own work: claim, model load, training or generation, upload), and after (task end to Completed); with one
 worker slot, also the gap from a run's end to the next one's Pending (the process exiting, the next poll). The search's
 wall time is printed beside. Each --pool-runs value (compute.pool_runs: 1000 sends a run per job, auto a run per
-worker slot) is one search on a fresh prefix of the bucket, one after the other on the same server and workers.
+worker slot) and --stay-s value (compute.pool_stay_s: 0 sends a run per batch; over 0, runs of the `stages` flow stay
+for the search and run each batch as a subflow, whose timeline is listed) is one search on a fresh prefix of the
+bucket, one after the other on the same server and workers.
 """
 
 from __future__ import annotations
@@ -64,8 +66,13 @@ def timelines(api_url: str, seen: set) -> list[dict]:
             seen.add(run.id)
             states = {s.type.value: s.timestamp for s in client.read_flow_run_states(run.id)}
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+            if not any(t.start_time and t.end_time for t in tasks):  # a staying run that found nothing to take
+                continue
             t0 = min(t.start_time for t in tasks if t.start_time)
             t1 = max(t.end_time for t in tasks if t.end_time)
+            # a subflow (a staying run's) is never scheduled, and may skip Pending: it runs in its parent's process
+            states.setdefault("PENDING", states["RUNNING"])
+            states.setdefault("SCHEDULED", states["PENDING"])
             rows.append({"name": run.name, "scheduled": states["SCHEDULED"], "pending": states["PENDING"],
                          "running": states["RUNNING"], "task_start": t0, "task_end": t1,
                          "completed": states["COMPLETED"]})
@@ -85,6 +92,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--limit", type=int, default=1, help="runs at once per worker")
     parser.add_argument("--pool-runs", default="1000,auto", help="compute.pool_runs values, one search each")
+    parser.add_argument("--stay-s", default="0", help="compute.pool_stay_s values, one search each per --pool-runs")
     args = parser.parse_args()
     import yaml
 
@@ -115,18 +123,18 @@ def main() -> None:
                 raise SystemExit(f"error: applying the deployments failed: {out.stderr[-500:]}")
             seen: set = set()
             results = []
-            for runs in args.pool_runs.split(","):
-                cfg["compute"]["pool_runs"] = int(runs) if runs.isdigit() else runs
+            for runs, stay in [(r, s) for r in args.pool_runs.split(",") for s in args.stay_s.split(",")]:
+                cfg["compute"] |= {"pool_runs": int(runs) if runs.isdigit() else runs, "pool_stay_s": float(stay)}
                 (work / "pool.yaml").write_text(yaml.safe_dump(cfg))
                 t0 = time.perf_counter()
                 rc, log = run_search(["--config", str(work / "pool.yaml"), "--store",
                                       f"s3://{BUCKET}/{uuid.uuid4().hex[:6]}"],
-                                     env | {"BASESEARCH_CACHE_DIR": str(work / f"search-cache-{runs}")},
+                                     env | {"BASESEARCH_CACHE_DIR": str(work / f"search-cache-{runs}-{stay}")},
                                      work / "search.log", timeout_s=1800)
                 wall = time.perf_counter() - t0
                 if rc:
                     raise SystemExit(f"error: the search exited {rc}: {log[-2000:]}")
-                results.append((runs, wall, timelines(api_url, seen)))
+                results.append((f"{runs}, compute.pool_stay_s {stay}", wall, timelines(api_url, seen)))
     finally:
         for p in reversed(procs):
             stop(p)

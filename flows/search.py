@@ -41,6 +41,7 @@ from tasks.judge.judgments import load_judgments
 from tasks.judge.repeat import repeat_judges
 from tasks.plan.execute import merge_models
 from tasks.plan.jobs import BudgetStop, Guard, check_budget, plan_lines, search_plan
+from tasks.plan.pool import end_sessions
 from tasks.plan.prepare import Prepared, fit_datasets, held_out, prepared
 from tasks.rating.judged import with_lengths
 from tasks.rating.rate import rate
@@ -288,6 +289,9 @@ def search(config: SearchConfig | str, store: str | None = None, dry_run: bool =
                                                   "usd_spent": round(guard.usd, 6), "stages": log.rows})
         logger.error(f"run {run_id} stopped: {stop}")
         raise
+    finally:
+        if config.compute.mode == "pool" and config.compute.pool_stay_s > 0:
+            end_sessions()  # the stage runs that stayed for this search end now, not stay_s later
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:

@@ -10,6 +10,10 @@ its jobs in turn, each starting at its own place in the list; a job whose result
 another run holds (its lock or lease, tasks/store/store.py) is left for last and then waited for, so each result is
 still computed once. Run names read like the work: merge-<merge>, finetune-<model>-<dataset> for one job,
 finetune-<dataset>-<i>of<n> for a share of a batch.
+
+With `compute.pool_stay_s` over 0 (the default) the search starts a few runs of `stages_flow` instead, which stay: each
+takes the search's stage runs from the store one after another (tasks/plan/queue.py) and runs each as a subflow of
+itself, named as the run it stands for, so a worker's process starts a few times a search instead of once a batch.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from tasks.config.schema import Merge
 from tasks.generate.outputs import generate_task
 from tasks.models.merge import merge_task
 from tasks.plan.jobs import FinetuneJob, GenerateJob, stage_arguments
+from tasks.plan.queue import serve
 from tasks.store.portable import localized
 from tasks.store.results import adapter_path, outputs_path
 from tasks.store.store import Store
@@ -45,6 +50,26 @@ def finetune_flow(jobs: list[FinetuneJob], store_root: str, first: int = 0) -> l
 def generate_flow(jobs: list[GenerateJob], store_root: str, first: int = 0) -> list[tuple[str, bool]]:
     """Each job's fine-tune answers its test file into store/outputs/<key>.parquet: (store path, already there?) each."""
     return take_in_turn(jobs, first, store_root, generate_task, outputs_path)
+
+
+@flow(name="stages")
+def stages_flow(store_root: str, session: str, stay_s: float = 60.0, poll_s: float = 0.5) -> int:
+    """Run the search's stage runs queued in the store (merges, fine-tune and generate batches), each as a subflow,
+    until the search ends or `stay_s` seconds pass with nothing to take: how many this run did. `poll_s`: seconds
+    between looks at the queue (two listings of a bucket each)."""
+    share_cores()
+    return serve(Store(store_root), session, stay_s, poll_s, _run_entry)
+
+
+STAGE_FLOW = {"merge": merge_flow, "finetune": finetune_flow, "generate": generate_flow}
+
+
+def _run_entry(entry: dict[str, Any]) -> tuple[str, str | None]:
+    """One queued stage run as a subflow, named as that run would be: its flow run id, and why it failed or None."""
+    sub = STAGE_FLOW[entry["flow"]].with_options(flow_run_name=entry["name"])
+    state = sub(**entry["parameters"], return_state=True)
+    error = None if state.is_completed() else f"{state.name}: {(state.message or '').strip()[:200]}"
+    return str(state.state_details.flow_run_id), error
 
 
 def take_in_turn(jobs: list[Any], first: int, store_root: str, task: Callable[..., tuple[str, bool]],

@@ -1,5 +1,6 @@
 """A batch of stage jobs sent to a work pool as a few runs (tasks/plan/pool.py) that take its jobs in turn
-(flows/stages.py): each result still computed once, a held job left for last and waited for, no server needed."""
+(flows/stages.py): each result still computed once, a held job left for last and waited for; and runs that stay for a
+whole search, taking its queued stage runs from the store (tasks/plan/queue.py). No server needed."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import pandas as pd
 from tasks.config.stages import ComputeConfig, FinetuneConfig
 from tasks.plan.jobs import FinetuneJob
 from tasks.plan.pool import StageCall, pool_runs, runs_for
+from tasks.plan.queue import close_queue, done, open_queue, pending, put, serve
 from tasks.store.results import outputs_path
 from tasks.store.store import Store
+from tests.conftest import wait_for
 
 
 def jobs(n: int) -> list[FinetuneJob]:
@@ -98,3 +101,65 @@ def test_a_batch_goes_as_runs_that_each_start_at_their_share(tmp_path):
     merge = StageCall("merge", "merge-ab", {"key": "k", "paths": {}, "store_root": st.url}, "models/k", "k")
     assert [(r.name, r.parameters) for r in pool_runs([merge], 1, st)] == [("merge-ab", merge.parameters)]
     assert runs_for(None, ComputeConfig(mode="pool", pool="gpu", pool_runs=8), 5) == 5  # never more runs than jobs
+
+
+def test_staying_runs_take_each_queued_run_once_and_end_with_the_search(tmp_path):
+    st = Store(str(tmp_path / "store"))
+    open_queue(st, "s1", "test")
+    entries = [put(st, "s1", i, "finetune", f"finetune-d-{i}", {"i": i}) for i in range(1, 7)]
+    ran: list[int] = []
+    guard = threading.Lock()
+
+    def run_entry(entry: dict) -> tuple[str, str | None]:
+        with guard:
+            ran.append(entry["parameters"]["i"])
+        time.sleep(0.05)
+        return f"run-{entry['parameters']['i']}", "Failed: boom" if entry["parameters"]["i"] == 3 else None
+
+    counts: list[int] = []
+    runs = [threading.Thread(target=lambda: counts.append(serve(st, "s1", 60, 0.02, run_entry))) for _ in range(2)]
+    for t in runs:
+        t.start()
+    wait_for(lambda: len(done(st, "s1", entries)) == 6, 30, lambda: f"6 entries done, not {done(st, 's1', entries)}")
+    later = put(st, "s1", 7, "generate", "generate-d", {"i": 7})  # a later batch: taken by the runs still there
+    wait_for(lambda: later in done(st, "s1", [later]), 30, "the later entry done")
+    records = done(st, "s1", entries)
+    assert sorted(ran) == [1, 2, 3, 4, 5, 6, 7] and pending(st, "s1") == []  # each taken once, none left
+    assert records[entries[0]] == {"flow_run_id": "run-1", "error": None}
+    assert records[entries[2]] == {"flow_run_id": "run-3", "error": "Failed: boom"}  # the search raises on it
+    assert all(t.is_alive() for t in runs)  # nothing to do, but stay_s (60 s) not over: they wait
+    close_queue(st, "s1")  # the search ends
+    for t in runs:
+        t.join(10)
+    assert not any(t.is_alive() for t in runs) and sum(counts) == 7
+    assert not (tmp_path / "store" / ".queue" / "s1").exists()
+
+
+def test_a_staying_run_ends_after_stay_s_with_nothing_to_take(tmp_path):
+    st = Store(str(tmp_path / "store"))
+    open_queue(st, "s2", "test")
+    t0 = time.monotonic()
+    assert serve(st, "s2", 0.3, 0.02, lambda entry: ("never", None)) == 0
+    assert 0.3 <= time.monotonic() - t0 < 10
+
+
+def test_a_queued_run_held_by_another_run_is_not_taken_twice(tmp_path):
+    """Across machines the entry's lease holds it; here another thread's lock: the run ends idle, taking nothing."""
+    st = Store(str(tmp_path / "store"))
+    open_queue(st, "s3", "test")
+    entry = put(st, "s3", 1, "merge", "merge-ab", {})
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with st.lock(f".queue/s3/jobs/{entry}"):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(5)
+    try:
+        assert serve(st, "s3", 0.3, 0.02, lambda e: ("taken", None)) == 0 and pending(st, "s3") == [entry]
+    finally:
+        release.set()
+        t.join()

@@ -20,6 +20,7 @@ from tests.conftest import one_dataset_config_dict, wait_for
 from tests.prefect_server import ROOT, free_port, prefect_env, start_server, start_worker, stop, wait_worker_online
 
 pytestmark = pytest.mark.filterwarnings("ignore")
+STAGES = ("merge", "finetune", "generate")
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,24 @@ def final_run(client, run_id, timeout_s: float):
     return seen["run"]
 
 
-def test_pool_run_from_the_search_deployment_matches_local(stack, tiny_models, tiny_data, tmp_path):
+def below(client, parents: list) -> list:
+    """Every flow run under the runs `parents`: those started by their task runs (stage runs, subflows), and theirs."""
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentTaskRunId, TaskRunFilter,
+                                                TaskRunFilterFlowRunId)
+
+    if not parents:
+        return []
+    tasks = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=parents)),
+                                  limit=200)
+    found = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[t.id for t in tasks])), limit=200) if tasks else []
+    return found + below(client, [r.id for r in found])
+
+
+@pytest.mark.parametrize("stay_s", [60.0, 0.0], ids=["staying-runs", "a-run-per-batch"])
+def test_pool_run_from_the_search_deployment_matches_local(stack, tiny_models, tiny_data, tmp_path, stay_s):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -80,13 +97,16 @@ def test_pool_run_from_the_search_deployment_matches_local(stack, tiny_models, t
         # in this process with compute.mode local.
         t0 = time.monotonic()
         run = run_deployment("search/ui", timeout=0, parameters={
-            "config": small_config(tiny_models, tiny_data, mode="pool", pool="gpu"), "store": str(tmp_path / "pool")})
+            "config": small_config(tiny_models, tiny_data, mode="pool", pool="gpu", pool_stay_s=stay_s),
+            "store": str(tmp_path / "pool")})
         local = search(SearchConfig.model_validate(small_config(tiny_models, tiny_data)), str(tmp_path / "local"))
         with get_client(sync_client=True) as client:
             run = final_run(client, run.id, 900 - (time.monotonic() - t0))  # 900 s from t0, at load 15 too
             assert run.state.is_completed(), run.state.message
-            children = [r for r in client.read_flow_runs() if r.parent_task_run_id is not None]
-            jobs = {t.name: t for t in client.read_task_runs() if t.flow_run_id in {r.id for r in children}}
+            children = below(client, [run.id])  # its stage runs, and a staying run's subflows
+            client_tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
+                flow_run_id=TaskRunFilterFlowRunId(any_=[r.id for r in children])), limit=200)
+            jobs = {t.name: t for t in client_tasks}
             progress = [a for a in client.read_artifacts() if a.type == "progress"]
 
     # Readable names: every stage run a child of the search run and finished; a batch's runs (one here: the pool's
@@ -97,6 +117,14 @@ def test_pool_run_from_the_search_deployment_matches_local(stack, tiny_models, t
     stages = {"merge-alpha-beta", *(f"{s}-{m}-extraction" for s in ("finetune", "generate")
                                     for m in ("alpha", "beta", "alpha-beta"))}
     assert stages <= set(jobs) and all(jobs[name].state.is_completed() for name in stages)
+    staying = [r for r in children if r.name.startswith("stages-")]
+    if stay_s:  # one run stayed for the whole search (the pool's one worker), ended with it; its queue is gone
+        assert [r.name for r in staying] == ["stages-search-mini-1"], [r.name for r in children]
+        assert not any((tmp_path / "pool" / ".queue").glob("*/*"))
+        in_staying = {t.id for t in client_tasks if t.flow_run_id == staying[0].id}
+        assert all(r.parent_task_run_id in in_staying for r in children if r.name.split("-")[0] in STAGES)
+    else:
+        assert not staying
     mine = [a for a in progress if a.flow_run_id == run.id]
     # one progress artifact for the whole run (each batch of stage jobs points it at itself), finished at 100%
     assert len(mine) == 1 and mine[0].data == 100.0, [(a.description, a.data) for a in mine]
@@ -133,13 +161,13 @@ def test_pool_problems_give_one_line_and_a_hint(stack, tiny_models, tiny_data, t
         # `idle`: a pool with the stage deployments but no worker; `bare`: a pool with nothing deployed to it.
         for name in ("idle", "bare"):
             client.create_work_pool(WorkPoolCreate(name=name, type="process"))
-        for flow in ("merge", "finetune", "generate"):
+        for flow in ("stages", *STAGES):
             d = client.read_deployment_by_name(f"{flow}/gpu")
             client.create_deployment(flow_id=d.flow_id, name="idle", work_pool_name="idle", entrypoint=d.entrypoint,
                                      path=d.path, pull_steps=d.pull_steps)
     cases = {
         "idle": "work pool 'idle' has no worker online",
-        "bare": "no deployment of the 'merge' stage flow on work pool 'bare'",
+        "bare": "no deployment of the 'stages' stage flow on work pool 'bare'",
         "nopool": "work pool 'nopool' (compute.pool) does not exist",
     }
     down = f"http://127.0.0.1:{free_port()}/api"

@@ -127,6 +127,13 @@ class ComputeConfig(Frozen):
         "a job. auto: the work pool's concurrency limit when it has one, else its workers online. A number at least "
         "the batch's size sends a run per job (a pool that starts a machine per run, as Kubernetes does).",
     )
+    pool_stay_s: float = Field(
+        default=60.0, ge=0, description="mode pool: seconds a stage run waits for the search's next batch once it has "
+        "nothing to do. The runs (deployment stages/<pool>) then take every batch of the search from the store, so a "
+        "worker's process starts a few times a search, not once a batch (torch, transformers and Prefect's imports: "
+        "8-20 s on a CPU core). 0: a run per batch, ending with it (deployments merge, finetune and generate), for a "
+        "pool that should hold no idle GPU between batches.",
+    )
 
     cache_dir: str | None = Field(
         default=None, description="A remote store's (s3://...) local copies of models and adapters, keyed by content "

@@ -5,7 +5,8 @@ at once), except that on a CPU-only machine fine-tunes run side by side in worke
 tasks/compute/workers.py: a small model's step does not speed up with threads, but two processes do twice the work).
 `compute.mode: pool` sends the jobs whose results are not in the store yet to a Prefect work pool, all at once, as
 runs of a stage deployment (flows/stages.py, through tasks/plan/pool.py): a merge a run; a batch of fine-tunes or
-generations as a few runs (`compute.pool_runs`) that take its jobs in turn. The jobs' arguments are
+generations as a few runs (`compute.pool_runs`) that take its jobs in turn; by default these are subflows of runs
+that stay for the whole search (`compute.pool_stay_s`). The jobs' arguments are
 JSON-able, so a stage run gets exactly the arguments the local call would: identical code, identical results.
 """
 

@@ -3,7 +3,10 @@
 Every call whose result is not in the store yet is submitted at once and waited for through the API: a merge as a run
 of its own, a batch of fine-tunes or generations as `compute.pool_runs` runs that each get the whole batch and take
 its jobs in turn (flows/stages.py), so that a worker's process, which imports torch, transformers and Prefect before
-its first job (~8 s on a CPU core, measured by bench/pool_overhead.py), starts once for several jobs. A job gets
+its first job (~8 s on a CPU core, measured by bench/pool_overhead.py), starts once for several jobs. By default
+(`compute.pool_stay_s`) those runs are not sent one by one: a search starts a few runs of the `stages` flow that stay,
+and queues each run's parameters in the store for them (tasks/plan/queue.py, `Session` below), so a worker process
+starts a few times a search, not once a batch. A job gets
 exactly the arguments the local call would (tasks/plan/execute.py): identical code, identical results. The
 store must be reachable from the workers, since results travel through it, not through Prefect: one folder mounted at
 the same path everywhere, or a bucket (s3://...), whose workers share no disk (tasks/store/portable.py). The preflight
@@ -14,11 +17,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 from uuid import UUID
 
 from tasks.core.errors import UserError
+from tasks.plan.queue import close_queue, done, open_queue, put
 from tasks.store.keys import content_key
 from tasks.store.portable import portable
 from tasks.store.store import Store
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
     from tasks.config.schema import ComputeConfig
 
 STAGE_FLOWS = ("merge", "finetune", "generate")  # flow names in flows/stages.py, deployed by deployments/prefect.yaml
+STAYING = "stages"  # the flow whose runs stay for the whole search (compute.pool_stay_s), in flows/stages.py too
 BATCHED = ("finetune", "generate")  # the flows that take a batch of jobs (a merge may need the one before it)
 DEPLOY_HINT = "apply the deployments: python deployments/apply.py"
 API_TIMEOUT_S = 10.0  # one API call; a server that takes longer is treated as unreachable
@@ -38,6 +43,10 @@ POLL_S = float(os.environ.get("BASESEARCH_POLL_SECONDS", "2"))  # how often wait
 # a worker that restarts within this time loses nothing.
 NO_WORKER_GRACE_S = float(os.environ.get("BASESEARCH_NO_WORKER_GRACE_SECONDS", "120"))
 PROGRESS_S = 5.0  # how often at most a batch's stored results are counted for its progress artifact
+# How often staying runs look at the queue and the search at what they did: two listings of the bucket each, so
+# a job waits 0.5 s at most to be taken (a batch-ending run's process start costs 8-20 s).
+QUEUE_POLL_S = float(os.environ.get("BASESEARCH_QUEUE_POLL_SECONDS", "0.5"))
+END_WAIT_S = 30.0  # how long an ending search waits for its staying runs to end (each ends at its next look)
 
 
 @dataclass(frozen=True)
@@ -190,7 +199,8 @@ def check_pool(compute: ComputeConfig, merges: bool = True) -> None:
             raise UserError(f"work pool '{compute.pool}' (compute.pool) does not exist on {url}; "
                             f"hint: {DEPLOY_HINT} (it creates the pools), then "
                             f"prefect worker start --pool {compute.pool}") from None
-        for flow in STAGE_FLOWS if merges else STAGE_FLOWS[1:]:
+        # Staying runs call the stage flows as subflows of their own: only their deployment is needed.
+        for flow in (STAYING,) if compute.pool_stay_s > 0 else STAGE_FLOWS if merges else STAGE_FLOWS[1:]:
             stage_deployment(client, flow, compute.pool)
         if not workers_online(client, compute.pool):
             raise UserError(f"work pool '{compute.pool}' has no worker online, so no stage would ever start; "
@@ -209,8 +219,12 @@ def run_in_pool(calls: list[StageCall], compute: ComputeConfig, store: str) -> B
                             len(todo))
         with _client() as client:
             n = runs_for(client, compute, len(todo)) if todo[0].flow in BATCHED else len(todo)
-            runs = {r.name: _submit(client, r, compute.pool) for r in pool_runs(todo, n, st)}
-            run_s = _wait(client, runs, compute.pool, progress, lambda: sum(st.exists(c.result_rel) for c in todo))
+            stored = lambda: sum(st.exists(c.result_rel) for c in todo)  # noqa: E731
+            if compute.pool_stay_s > 0:
+                run_s = in_session(client, session_for(compute, st), pool_runs(todo, n, st), n, progress, stored)
+            else:
+                runs = {r.name: _submit(client, r, compute.pool) for r in pool_runs(todo, n, st)}
+                run_s = _wait(client, runs, compute.pool, progress, stored)
         failed = [c.name for c in todo if not st.exists(c.result_rel)]
         if failed:
             raise RuntimeError(f"{', '.join(failed)}: the stage run completed but its result is not in the store "
@@ -304,3 +318,143 @@ def _wait(client: SyncPrefectClient, runs: dict[str, FlowRun], pool: str, progre
     if failures:
         raise RuntimeError(f"stage run(s) failed on pool '{pool}': {'; '.join(failures)}")
     return run_s
+
+
+@dataclass
+class Session:
+    """A search's staying runs (compute.pool_stay_s): its queue in the store (tasks/plan/queue.py), the runs serving it
+    by name, those known to have ended, and the next entry's number."""
+
+    id: str
+    store: Store
+    pool: str
+    label: str
+    stay_s: float
+    owner: str
+    runs: dict[str, FlowRun] = field(default_factory=dict)
+    ended: set[str] = field(default_factory=set)
+    seq: int = 0
+
+    def alive(self) -> list[str]:
+        """The runs not known to have ended."""
+        return [name for name in self.runs if name not in self.ended]
+
+
+_SESSIONS: dict[tuple[str, str], Session] = {}  # (store, owner: the search's flow run) -> its session
+
+
+def _owner() -> tuple[str, str]:
+    """Who sends: the current flow run's id and name, else this process."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is not None and ctx.flow_run is not None:
+        return str(ctx.flow_run.id), ctx.flow_run.name
+    return f"pid-{os.getpid()}", "search"
+
+
+def session_for(compute: ComputeConfig, st: Store) -> Session:
+    """The current search's session on store `st`, opened on its first batch."""
+    owner, label = _owner()
+    if (st.url, owner) not in _SESSIONS:
+        assert compute.pool
+        sid = content_key(owner, time.time_ns())[:16]
+        open_queue(st, sid, f"{label} {owner}")
+        _SESSIONS[(st.url, owner)] = Session(sid, st, compute.pool, label, compute.pool_stay_s, owner)
+    return _SESSIONS[(st.url, owner)]
+
+
+def _staff(client: SyncPrefectClient, s: Session, n: int) -> None:
+    """Start staying runs until `n` are alive (never fewer than one)."""
+    for _ in range(max(1, n) - len(s.alive())):
+        i = len(s.runs) + 1
+        name = f"stages-{s.label}-{i}"
+        params = {"store_root": s.store.url, "session": s.id, "stay_s": s.stay_s, "poll_s": QUEUE_POLL_S}
+        s.runs[name] = _submit(client, PoolRun(STAYING, name, params, f"{STAYING}-{s.id}-{i}"), s.pool)
+
+
+def in_session(client: SyncPrefectClient, s: Session, runs: list[PoolRun], n: int, progress: Progress,
+               stored: Callable[[], int]) -> dict[str, float]:
+    """Queue `runs` for the session's staying runs (started or topped up to `n`) and wait until each is done: every
+    queued run's seconds in the Running state, as the server recorded its subflow; raise as _wait does."""
+    entries = {}
+    for r in runs:
+        s.seq += 1
+        entries[put(s.store, s.id, s.seq, r.flow, r.name, r.parameters)] = r.name
+    _staff(client, s, n)
+    waiting, records = set(entries), {}
+    unattended_since: float | None = None
+    looked = counted = time.monotonic()
+    while waiting:
+        time.sleep(QUEUE_POLL_S)
+        finished = done(s.store, s.id, sorted(waiting))
+        records |= finished
+        waiting -= set(finished)
+        if progress.id is not None and (finished or time.monotonic() - counted > PROGRESS_S):
+            counted = time.monotonic()
+            progress.done(max(0, stored() - progress.finished))
+        if not waiting or time.monotonic() - looked < POLL_S:
+            continue
+        looked = time.monotonic()
+        queued = _look(client, s)
+        if not s.alive():  # the last one ended for want of work just as this batch came: start another
+            _staff(client, s, n)
+        elif queued and not workers_online(client, s.pool):
+            unattended_since = unattended_since or time.monotonic()
+            if time.monotonic() - unattended_since > NO_WORKER_GRACE_S:
+                raise UserError(f"work pool '{s.pool}' has had no worker online for {NO_WORKER_GRACE_S:.0f} s while "
+                                f"{len(waiting)} stage run(s) wait; hint: prefect worker start --pool {s.pool}")
+        else:
+            unattended_since = None
+    failures = [f"{entries[e]} ({r['error']})" for e, r in records.items() if r["error"]]
+    if failures:
+        raise RuntimeError(f"stage run(s) failed on pool '{s.pool}': {'; '.join(failures)}")
+    return {entries[e]: _seconds(client, r["flow_run_id"]) for e, r in records.items()}
+
+
+def _look(client: SyncPrefectClient, s: Session) -> int:
+    """Read the alive runs' states: note those that ended, raise on one that failed or crashed (its jobs' locks
+    are free again, but a crash twice is the worker's problem to show); how many still wait for a worker."""
+    queued = 0
+    for name in s.alive():
+        state = client.read_flow_run(s.runs[name].id).state
+        if state is None:
+            continue
+        if state.is_final():
+            s.ended.add(name)
+            if not state.is_completed():
+                raise RuntimeError(f"stage run(s) failed on pool '{s.pool}': {name} ({state.name}: "
+                                   f"{(state.message or '').strip()[:200]})")
+        queued += state.is_scheduled() or state.is_pending()
+    return queued
+
+
+def _seconds(client: SyncPrefectClient, flow_run_id: str) -> float:
+    """A flow run's seconds in the Running state (Prefect's total_run_time)."""
+    took = getattr(client.read_flow_run(UUID(flow_run_id)), "total_run_time", None)
+    return took.total_seconds() if took is not None else 0.0
+
+
+def end_sessions() -> None:
+    """End the current search's sessions: their queues go, so their runs end at their next look (waited for up to
+    END_WAIT_S, so the search's page shows them finished); a run no worker started yet is cancelled."""
+    from prefect.states import Cancelled
+
+    owner, _ = _owner()
+    for key in [k for k, s in _SESSIONS.items() if s.owner == owner]:
+        s = _SESSIONS.pop(key)
+        close_queue(s.store, s.id)
+        deadline = time.monotonic() + END_WAIT_S
+        try:
+            with _client() as client:
+                while s.alive() and time.monotonic() < deadline:
+                    for name in s.alive():
+                        state = client.read_flow_run(s.runs[name].id).state
+                        if state is not None and (state.is_scheduled() or state.is_pending()):
+                            client.set_flow_run_state(s.runs[name].id, Cancelled(message="its search ended"),
+                                                      force=True)
+                        elif state is not None and state.is_final():
+                            s.ended.add(name)
+                    time.sleep(QUEUE_POLL_S)
+        except Exception:  # noqa: BLE001 - the runs end by themselves after stay_s; the search's result stands
+            pass
