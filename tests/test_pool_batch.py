@@ -163,3 +163,57 @@ def test_a_queued_run_held_by_another_run_is_not_taken_twice(tmp_path):
     finally:
         release.set()
         t.join()
+
+
+def test_the_search_replaces_a_crashed_staying_run_and_names_a_failed_entry(tmp_path, monkeypatch):
+    """The search's side of a session (tasks/plan/pool.py in_session), with a stand-in Prefect client: a staying run
+    that crashes is replaced and its work done by the next; an entry whose subflow failed is named in one error."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+    from uuid import uuid4
+
+    import pytest
+    from prefect.states import Crashed, Running
+
+    import tasks.plan.pool as pool
+
+    monkeypatch.setattr(pool, "QUEUE_POLL_S", 0.02)
+    monkeypatch.setattr(pool, "POLL_S", 0.05)
+    st = Store(str(tmp_path / "store"))
+    states: dict = {}
+    started: list[str] = []
+    threads: list[threading.Thread] = []
+
+    def run_entry(entry: dict) -> tuple[str, str | None]:
+        return str(uuid4()), ("Failed: CUDA out of memory" if entry["name"].startswith("generate") else None)
+
+    def submit(client, run, pool_name) -> SimpleNamespace:
+        started.append(run.name)
+        rid = uuid4()
+        if len(started) == 1:  # the first dies before it takes anything (kill -9 of its worker)
+            states[rid] = Crashed(message="the worker's process was killed")
+        else:
+            states[rid] = Running()
+            t = threading.Thread(target=serve, args=(st, run.parameters["session"], 60, 0.02, run_entry))
+            t.start()
+            threads.append(t)
+        return SimpleNamespace(id=rid)
+
+    client = SimpleNamespace(
+        read_flow_run=lambda rid: SimpleNamespace(id=rid, state=states.get(rid), total_run_time=timedelta(seconds=2)),
+        read_workers_for_work_pool=lambda name: [SimpleNamespace(status=None)])
+    monkeypatch.setattr(pool, "_submit", submit)
+    open_queue(st, "s4", "test")
+    session = pool.Session("s4", st, "gpu", "search-x", 60.0, "me")
+    share = [pool.PoolRun("finetune", f"finetune-d-{i}of2", {"first": i}, f"k{i}") for i in (0, 1)]
+    progress = pool.Progress("finetune on d", 2)
+    try:
+        assert pool.in_session(client, session, share, 1, progress, lambda: 0) == {r.name: 2.0 for r in share}
+        assert started == ["stages-search-x-1", "stages-search-x-2"] and session.crashes == 1
+        with pytest.raises(RuntimeError, match=r"generate-d \(Failed: CUDA out of memory\)"):
+            pool.in_session(client, session, [pool.PoolRun("generate", "generate-d", {}, "g")], 1, progress, lambda: 0)
+        assert len(started) == 2  # the staying run took the next batch: no new process
+    finally:
+        close_queue(st, "s4")
+        for t in threads:
+            t.join(10)

@@ -69,8 +69,12 @@ def final_run(client, run_id, timeout_s: float):
 
 def below(client, parents: list) -> list:
     """Every flow run under the runs `parents`: those started by their task runs (stage runs, subflows), and theirs."""
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentTaskRunId, TaskRunFilter,
-                                                TaskRunFilterFlowRunId)
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentTaskRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
 
     if not parents:
         return []

@@ -15,6 +15,7 @@ the same path everywhere, or a bucket (s3://...), whose workers share no disk (t
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from uuid import UUID
 
 from tasks.core.errors import UserError
 from tasks.plan.queue import close_queue, done, open_queue, put
+from tasks.store.guards import say
 from tasks.store.keys import content_key
 from tasks.store.portable import portable
 from tasks.store.store import Store
@@ -46,6 +48,7 @@ PROGRESS_S = 5.0  # how often at most a batch's stored results are counted for i
 # How often staying runs look at the queue and the search at what they did: two listings of the bucket each, so
 # a job waits 0.5 s at most to be taken (a batch-ending run's process start costs 8-20 s).
 QUEUE_POLL_S = float(os.environ.get("BASESEARCH_QUEUE_POLL_SECONDS", "0.5"))
+REPLACED_CRASHES = 2  # staying runs a search replaces when they crash; one more is the worker's problem to show
 END_WAIT_S = 30.0  # how long an ending search waits for its staying runs to end (each ends at its next look)
 
 
@@ -334,6 +337,7 @@ class Session:
     runs: dict[str, FlowRun] = field(default_factory=dict)
     ended: set[str] = field(default_factory=set)
     seq: int = 0
+    crashes: int = 0  # runs that crashed and were replaced
 
     def alive(self) -> list[str]:
         """The runs not known to have ended."""
@@ -397,9 +401,9 @@ def in_session(client: SyncPrefectClient, s: Session, runs: list[PoolRun], n: in
             continue
         looked = time.monotonic()
         queued = _look(client, s)
-        if not s.alive():  # the last one ended for want of work just as this batch came: start another
+        if len(s.alive()) < n:  # one ended for want of work just as this batch came, or crashed: start another
             _staff(client, s, n)
-        elif queued and not workers_online(client, s.pool):
+        if queued and not workers_online(client, s.pool):
             unattended_since = unattended_since or time.monotonic()
             if time.monotonic() - unattended_since > NO_WORKER_GRACE_S:
                 raise UserError(f"work pool '{s.pool}' has had no worker online for {NO_WORKER_GRACE_S:.0f} s while "
@@ -413,8 +417,9 @@ def in_session(client: SyncPrefectClient, s: Session, runs: list[PoolRun], n: in
 
 
 def _look(client: SyncPrefectClient, s: Session) -> int:
-    """Read the alive runs' states: note those that ended, raise on one that failed or crashed (its jobs' locks
-    are free again, but a crash twice is the worker's problem to show); how many still wait for a worker."""
+    """Read the alive runs' states: note those that ended; raise on one that failed (its flow raised), or that crashed
+    (its process or machine died: kill -9, a lost spot machine) once more than REPLACED_CRASHES allow. How many still
+    wait for a worker."""
     queued = 0
     for name in s.alive():
         state = client.read_flow_run(s.runs[name].id).state
@@ -422,9 +427,14 @@ def _look(client: SyncPrefectClient, s: Session) -> int:
             continue
         if state.is_final():
             s.ended.add(name)
-            if not state.is_completed():
-                raise RuntimeError(f"stage run(s) failed on pool '{s.pool}': {name} ({state.name}: "
-                                   f"{(state.message or '').strip()[:200]})")
+            why = f"{name} ({state.name}: {(state.message or '').strip()[:200]})"
+            if state.is_crashed() and s.crashes < REPLACED_CRASHES:
+                # Its entry's lock died with it (its lease ends after BASESEARCH_LEASE_SECONDS): the run that
+                # replaces it takes the entry over, and a fine-tune goes on from its last checkpoint.
+                s.crashes += 1
+                say(logging.WARNING, f"pool: stage run {why} ended; another takes over its work")
+            elif not state.is_completed():
+                raise RuntimeError(f"stage run(s) failed on pool '{s.pool}': {why}")
         queued += state.is_scheduled() or state.is_pending()
     return queued
 
