@@ -54,7 +54,7 @@ def plain_batched(model_dir: Path, adapter: Path, examples: list, max_new: int, 
 
     base, tok, fmt = cached_base(model_dir)
     answers, tokens = [], 0
-    with merged_adapter(base, adapter) as model, torch_threads(threads_for(base.num_parameters(), training=False)):
+    with merged_adapter(base, adapter) as model, torch_threads(threads_for(base.num_parameters())):
         tok.padding_side = "left"
         for start in range(0, len(examples), batch):
             enc = tok.pad({"input_ids": [prompt_ids(tok, fmt, e.prompt) for e in examples[start : start + batch]]},

@@ -108,6 +108,7 @@ def store_bench(config: Path, repeats: int, pool: bool, work: Path) -> str:
         s3 = s3_env(endpoint)
         os.environ.update(s3)
         procs: list[subprocess.Popen] = []
+        seen: set = set()  # flow runs already summed (an earlier repeat's)
         env = os.environ | s3
         s3_config = config
         if pool:
@@ -138,6 +139,8 @@ def store_bench(config: Path, repeats: int, pool: bool, work: Path) -> str:
                     f"; the search's cache {folder_bytes(cache) / 1e6:.2f} MB" + (
                     "; worker caches " + ", ".join(f"{n} {folder_bytes(work / f'worker-{n}' / 'cache') / 1e6:.2f} MB"
                                                    for n in ("a", "b")) if pool else ""))
+                if pool:
+                    lines.append(f"repeat {i + 1}: {stage_time(env['PREFECT_API_URL'], seen)}")
         finally:
             from tests.prefect_server import stop
 
@@ -147,6 +150,21 @@ def store_bench(config: Path, repeats: int, pool: bool, work: Path) -> str:
                 s3_config.unlink(missing_ok=True)
     cols = ["repeat", "mode (S3 side)", "local store s", "S3 store s", "ratio", "ratings equal"]
     return table(rows, cols) + "\n" + "\n".join(lines)
+
+
+def stage_time(api_url: str, seen: set) -> str:
+    """Where the pool side's stage time went: each flow's runs (the staying runs, the stage subflows or runs) with
+    their summed seconds before their first task, in their tasks, and after (bench/pool_overhead.py's timelines)."""
+    from pool_overhead import timelines
+
+    rows = timelines(api_url, seen)
+    kinds: dict[str, list[dict]] = {}
+    for r in rows:
+        kinds.setdefault(r["name"].split("-")[0], []).append(r)
+    return "stage runs by flow: " + "; ".join(
+        f"{k} {len(rs)} runs, summed before task {sum(r['before task s'] for r in rs):.1f} s, task "
+        f"{sum(r['task s'] for r in rs):.1f} s, after {sum(r['after task s'] for r in rs):.1f} s, starting "
+        f"{sum(r['starting s'] for r in rs):.1f} s" for k, rs in sorted(kinds.items()))
 
 
 RESUME = """

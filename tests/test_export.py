@@ -82,7 +82,7 @@ def answers(model, tok, finished: dict, dataset: str, name: str) -> pd.DataFrame
     examples = load_examples(str(finished["data"][dataset][1]))
     fmt = prompt_format(tok, model.generation_config.eos_token_id)
     run = yaml.safe_load((finished["store"] / "runs" / finished["run"] / "config.yaml").read_text())
-    with torch_threads(threads_for(model.num_parameters(), training=False)):  # as the search ran it
+    with torch_threads(threads_for(model.num_parameters())):  # as the search ran it
         return generate_loaded(model.eval(), tok, fmt, dataset, examples, name, GenerateConfig(**run["generate"]))
 
 

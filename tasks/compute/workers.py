@@ -57,17 +57,17 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def threads_for(n_params: int, training: bool) -> int:
-    """torch CPU threads for work on a model of n_params parameters in this process: one per core for a large
-    model; for a small one 1, or 2 for training while the machine is idle (1-minute load under cores - 1)."""
+def threads_for(n_params: int) -> int:
+    """torch CPU threads for training or generation on a model of n_params parameters in this process: one per core
+    for a large model, 1 for a small one. Never chosen by the machine's load: a float sum split over 2 threads rounds
+    differently than over 1, so a load-dependent choice gave the demo zoo other weights when the machine was busy (two
+    searches side by side built it with different bytes), and the same key other bytes. 2 threads were 1.4x faster on
+    a tiny model on an idle machine and 3.4x slower beside busy processes (bench/zoo_threads.py)."""
     import torch
 
-    if _in_worker:
+    if _in_worker or n_params < SMALL_MODEL_PARAMS:
         return 1
-    if n_params >= SMALL_MODEL_PARAMS:
-        return torch.get_num_threads()
-    idle = os.getloadavg()[0] < cores() - 1 if hasattr(os, "getloadavg") else False
-    return min(2, cores()) if training and idle else 1  # more than 2 threads was not measured this small
+    return torch.get_num_threads()
 
 
 @contextmanager

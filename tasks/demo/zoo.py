@@ -288,8 +288,8 @@ def build_one(store_root: str, name: str) -> dict[str, Any]:
     else:
         tok = build_tokenizer(spec.seed)
         model = _new_model(tok, spec.seed)
-    # a tiny model: 1 thread on a busy machine, where a second one makes each step 3x slower (threads_for)
-    with torch_threads(threads_for(model.num_parameters(), training=True)):
+    # a tiny model: 1 thread, whatever the load, so the zoo is the same bytes on every run (threads_for)
+    with torch_threads(threads_for(model.num_parameters())):
         metrics = _train(model, tok, spec)
     with store.new_dir(model_path(zoo_key(name))) as tmp:
         model.save_pretrained(str(tmp))

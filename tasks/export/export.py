@@ -254,7 +254,7 @@ def reproduce(folder: Path, w: Winner, cfg: SearchConfig, prep: Prepared, merged
         fmt = prompt_format(tok, model.generation_config.eos_token_id, str(folder))
         ctx = merged_adapter(model, folder)  # folded in, as the search generated (unfolded LoRA rounds differently)
     model.eval()
-    with ctx as m, torch_threads(threads_for(model.num_parameters(), training=False)):  # the search's thread count
+    with ctx as m, torch_threads(threads_for(model.num_parameters())):  # the search's thread count
         return generate_loaded(m, tok, fmt, w.dataset, prep.datasets[w.dataset].test, w.model, cfg.generate)
 
 

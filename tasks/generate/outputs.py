@@ -145,7 +145,7 @@ def generate(
 
     base, tok, fmt = cached_base(model_dir, load)
     try:
-        threads = threads_for(base.num_parameters(), training=False)
+        threads = threads_for(base.num_parameters())
         # no adapter: the untuned base answering zero-shot (a floor, tasks/generate/floors.py)
         adapter = merged_adapter(base, adapter_dir) if adapter_dir else contextlib.nullcontext(base)
         with adapter as model, torch_threads(threads):
