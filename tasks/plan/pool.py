@@ -309,18 +309,23 @@ def _wait(client: SyncPrefectClient, runs: dict[str, FlowRun], pool: str, progre
         if progress.id is not None and (finished or time.monotonic() - counted > PROGRESS_S):
             counted = time.monotonic()
             progress.done(max(0, stored() - progress.finished))
-        # Only runs still waiting for a worker matter here; a run already executing has its own worker.
         queued = [k for k in pending if states[k] is not None and (states[k].is_scheduled() or states[k].is_pending())]
-        if queued and not workers_online(client, pool):
-            unattended_since = unattended_since or time.monotonic()
-            if time.monotonic() - unattended_since > NO_WORKER_GRACE_S:
-                raise UserError(f"work pool '{pool}' has had no worker online for {NO_WORKER_GRACE_S:.0f} s while "
-                                f"{len(queued)} stage run(s) wait; hint: prefect worker start --pool {pool}")
-        else:
-            unattended_since = None
+        unattended_since = _unattended(client, pool, len(queued), unattended_since)
     if failures:
         raise RuntimeError(f"stage run(s) failed on pool '{pool}': {'; '.join(failures)}")
     return run_s
+
+
+def _unattended(client: SyncPrefectClient, pool: str, queued: int, since: float | None) -> float | None:
+    """Since when `queued` runs have waited on a pool with no worker online (None: they do not); UserError once that
+    is longer than NO_WORKER_GRACE_S. Only runs still waiting for a worker count: a running one has its worker."""
+    if not queued or workers_online(client, pool):
+        return None
+    since = since or time.monotonic()
+    if time.monotonic() - since > NO_WORKER_GRACE_S:
+        raise UserError(f"work pool '{pool}' has had no worker online for {NO_WORKER_GRACE_S:.0f} s while "
+                        f"{queued} stage run(s) wait; hint: prefect worker start --pool {pool}")
+    return since
 
 
 @dataclass
@@ -403,13 +408,7 @@ def in_session(client: SyncPrefectClient, s: Session, runs: list[PoolRun], n: in
         queued = _look(client, s)
         if len(s.alive()) < n:  # one ended for want of work just as this batch came, or crashed: start another
             _staff(client, s, n)
-        if queued and not workers_online(client, s.pool):
-            unattended_since = unattended_since or time.monotonic()
-            if time.monotonic() - unattended_since > NO_WORKER_GRACE_S:
-                raise UserError(f"work pool '{s.pool}' has had no worker online for {NO_WORKER_GRACE_S:.0f} s while "
-                                f"{len(waiting)} stage run(s) wait; hint: prefect worker start --pool {s.pool}")
-        else:
-            unattended_since = None
+        unattended_since = _unattended(client, s.pool, queued, unattended_since)
     failures = [f"{entries[e]} ({r['error']})" for e, r in records.items() if r["error"]]
     if failures:
         raise RuntimeError(f"stage run(s) failed on pool '{s.pool}': {'; '.join(failures)}")
