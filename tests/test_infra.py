@@ -128,9 +128,9 @@ def test_prefect_yaml_names_real_flows_with_valid_parameters(deployments):
             flow.validate_parameters(d["parameters"])  # the UI's defaults are accepted by the flow
         for s in d.get("schedules") or []:
             CronSchedule(cron=s["cron"], timezone=s["timezone"])
-    assert set(seen) == {"search/ui", "search-rerun/nightly", "export/ui", "ingest/ui", "relabel/ui", "merge/gpu",
-                         "finetune/gpu", "generate/gpu"}
-    for stage in ("merge", "finetune", "generate"):
+    assert set(seen) == {"search/ui", "search-rerun/nightly", "export/ui", "ingest/ui", "relabel/ui", "stages/gpu",
+                         "merge/gpu", "finetune/gpu", "generate/gpu"}
+    for stage in ("stages", "merge", "finetune", "generate"):
         assert seen[f"{stage}/gpu"]["work_pool"]["name"] == gpu_pool
     assert (ROOT / seen["search/ui"]["parameters"]["config"]).is_file()
     assert seen["search-rerun/nightly"]["schedules"][0]["active"] is True
