@@ -80,3 +80,34 @@ def test_auto_workers_follow_the_machine():
     n = local_workers(ComputeConfig())
     assert n == (1 if torch.cuda.is_available() else max(1, min(8, len(psutil.Process().cpu_affinity()))))
     assert local_workers(ComputeConfig(workers=3)) == 3
+
+
+def test_a_small_merge_runs_on_the_thread_count_of_the_search_in_either_mode(tiny_models, tmp_path, monkeypatch):
+    """A merge runs on threads_for's count (1 for a small model), not the process's: local mode's search process
+    (2 threads here) and a pool stage run (1) then write the same bytes (BENCHMARKS.md: 3e-8 apart before)."""
+    import mergekit.merge
+    import torch
+
+    from tasks.config.schema import Merge
+    from tasks.models.merge import run_merge
+
+    real, seen = mergekit.merge.run_merge, []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mergekit.merge, "run_merge", recording)
+    merge = Merge(name="ab", recipe={"merge_method": "slerp", "base_model": "alpha", "parameters": {"t": 0.5},
+                                     "models": [{"model": "alpha"}, {"model": "beta"}], "dtype": "float32"})
+    paths = {n: str(p) for n, p in tiny_models.items()}
+    before = torch.get_num_threads()
+    try:
+        for n, out in ((2, tmp_path / "two"), (1, tmp_path / "one")):
+            torch.set_num_threads(n)
+            run_merge(merge, paths, out)
+            assert torch.get_num_threads() == n  # given back
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1]
+    assert (tmp_path / "two" / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()

@@ -11,6 +11,7 @@ import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.compute.workers import threads_for, torch_threads
 from tasks.config.schema import Merge
 from tasks.core.errors import UserError, first_line
 from tasks.store.results import MERGE_VERSION, model_path
@@ -141,7 +142,11 @@ def run_merge(merge: Merge, paths: dict[str, str], out_dir: Path) -> None:
     # (bench/merge_memory.py --limit-x 1.5).
     options = MergeOptions(quiet=True, lazy_unpickle=True, copy_tokenizer=True, write_model_card=False,
                            random_seed=0, out_shard_size=256 * 2**20)
-    mergekit_run(cfg, str(out_dir), options=options)
+    # The thread count of the search's own fine-tunes and answers (1 for a small model), in local and pool mode
+    # alike: a sum split over 2 threads rounds differently than over 1, and the embeddings of the demo's merges came
+    # out 3e-8 apart between the two modes (BENCHMARKS.md), so did every adapter trained on them.
+    with torch_threads(threads_for(_weights_params(cfg))):
+        mergekit_run(cfg, str(out_dir), options=options)
     (out_dir / "mergekit_config.yml").write_text(
         f"# {merge.name}: the recipe as written in the search config\n"
         + yaml.safe_dump(merge.recipe, sort_keys=False)
@@ -150,6 +155,18 @@ def run_merge(merge: Merge, paths: dict[str, str], out_dir: Path) -> None:
         + "\n"
         + _tokenizer_note(merge.recipe, out_dir)
     )
+
+
+def _weights_params(cfg: Any) -> int:
+    """At least the parameters of the largest local model a merge reads (weight bytes / 2: exact for 16-bit weights,
+    twice the count for 32-bit); a hub id counts as large."""
+    sizes = []
+    for ref in cfg.referenced_models():
+        folder = Path(str(ref.model.path))
+        if not folder.is_dir():
+            return 2**62
+        sizes.append(sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin")) // 2)
+    return max(sizes, default=0)
 
 
 @task(name="merge", task_run_name="merge-{merge.name}", cache_policy=NO_CACHE)
