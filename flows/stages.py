@@ -27,6 +27,7 @@ from tasks.config.schema import Merge
 from tasks.generate.outputs import generate_task
 from tasks.models.merge import merge_task
 from tasks.plan.jobs import FinetuneJob, GenerateJob, stage_arguments
+from tasks.plan.pool import state_line
 from tasks.plan.queue import serve
 from tasks.store.portable import localized
 from tasks.store.results import adapter_path, outputs_path
@@ -68,7 +69,7 @@ def _run_entry(entry: dict[str, Any]) -> tuple[str, str | None]:
     """One queued stage run as a subflow, named as that run would be: its flow run id, and why it failed or None."""
     sub = STAGE_FLOW[entry["flow"]].with_options(flow_run_name=entry["name"])
     state = sub(**entry["parameters"], return_state=True)
-    error = None if state.is_completed() else f"{state.name}: {(state.message or '').strip()[:200]}"
+    error = None if state.is_completed() else state_line(state)
     return str(state.state_details.flow_run_id), error
 
 

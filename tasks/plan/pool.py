@@ -124,6 +124,11 @@ class Progress:
             pass
 
 
+def state_line(state: Any) -> str:
+    """A run's final state for an error line: its name and the start of its message."""
+    return f"{state.name}: {(state.message or '').strip()[:200]}"
+
+
 def _client() -> SyncPrefectClient:
     """A synchronous Prefect client whose calls give up after API_TIMEOUT_S."""
     from prefect.client.orchestration import get_client
@@ -305,7 +310,7 @@ def _wait(client: SyncPrefectClient, runs: dict[str, FlowRun], pool: str, progre
             took = getattr(read[name], "total_run_time", None)
             run_s[name] = took.total_seconds() if took is not None else 0.0
             if not states[name].is_completed():
-                failures.append(f"{name} ({states[name].name}: {(states[name].message or '').strip()[:200]})")
+                failures.append(f"{name} ({state_line(states[name])})")
         if progress.id is not None and (finished or time.monotonic() - counted > PROGRESS_S):
             counted = time.monotonic()
             progress.done(max(0, stored() - progress.finished))
@@ -426,7 +431,7 @@ def _look(client: SyncPrefectClient, s: Session) -> int:
             continue
         if state.is_final():
             s.ended.add(name)
-            why = f"{name} ({state.name}: {(state.message or '').strip()[:200]})"
+            why = f"{name} ({state_line(state)})"
             if state.is_crashed() and s.crashes < REPLACED_CRASHES:
                 # Its entry's lock died with it (its lease ends after BASESEARCH_LEASE_SECONDS): the run that
                 # replaces it takes the entry over, and a fine-tune goes on from its last checkpoint.
