@@ -100,6 +100,9 @@ def main() -> None:
     print(header())
     print(f"built 8 tiny family models in {built:.1f} s; search wall {wall:.1f} s (process), "
           f"traceback in stderr: {'Traceback' in out.stderr}")
+    if "Traceback" in out.stderr:  # say where, so a flaky one in CI can be read from the log
+        start = out.stderr.index("Traceback")
+        print("first traceback in the search's stderr:\n" + out.stderr[max(0, start - 600):start + 2400])
     print()
     print("| fine-tune | test outputs | finish_reason stop |")
     print("|---|---|---|")

@@ -61,6 +61,35 @@ def ratings(url: str) -> object:
     return st.read_parquet(f"runs/{st.read_text('runs/LATEST').strip()}/ratings.parquet")
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds of process `pid` and of its children it has waited for (Linux /proc; 0 when gone or elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # fields[11:15] are utime, stime, cutime, cstime, in clock ticks (proc(5), counting from the state field)
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def pid_of(text: str) -> int | None:
+    """The pid of the first process whose command line holds `text` (Linux /proc)."""
+    for cmd in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmd.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                return int(cmd.parent.name)
+        except OSError:
+            continue
+    return None
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's waited-for children (the searches and their own children)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def search(config: Path, store: str, env: dict[str, str], log: Path) -> float:
     """Wall seconds of `python -m flows.search --config C --store S` in its own process; fails loudly on error."""
     t0 = time.perf_counter()
@@ -107,6 +136,7 @@ def store_bench(config: Path, repeats: int, pool: bool, work: Path) -> str:
         make_bucket(endpoint, BUCKET)
         s3 = s3_env(endpoint)
         os.environ.update(s3)
+        moto = pid_of(f"moto.server -H 127.0.0.1 -p {endpoint.rsplit(':', 1)[1]}")
         procs: list[subprocess.Popen] = []
         seen: set = set()  # flow runs already summed (an earlier repeat's)
         env = os.environ | s3
@@ -124,7 +154,17 @@ def store_bench(config: Path, repeats: int, pool: bool, work: Path) -> str:
                 cache = work / f"search-cache-{i}"
                 t_local = search(config, local, env | {"BASESEARCH_CACHE_DIR": str(work / "unused")},
                                  work / "local.log")
+                # CPU seconds by process over the S3 side: is its wall time the two cores' work, and whose?
+                others = {"moto S3 server": moto} | dict(zip(("Prefect server", "worker a", "worker b"),
+                                                             (p.pid for p in procs)))
+                before = {k: cpu_s(v) for k, v in others.items() if v} | {"search": children_cpu_s()}
                 t_s3 = search(s3_config, url, env | {"BASESEARCH_CACHE_DIR": str(cache)}, work / "s3.log")
+                time.sleep(5 if pool else 0)  # the staying runs end after the search; their workers reap them
+                after = {k: cpu_s(v) for k, v in others.items() if v} | {"search": children_cpu_s()}
+                spent = {k: after[k] - before[k] for k in before}
+                lines.append(f"repeat {i + 1}: CPU seconds over the S3 side's {t_s3:.0f} s (2 cores: "
+                             f"{2 * t_s3:.0f} core-s): " + ", ".join(f"{k} {v:.0f}" for k, v in spent.items()) +
+                             f"; in all {sum(spent.values()):.0f} (workers' counts include their stage runs)")
                 try:
                     pd.testing.assert_frame_equal(ratings(url), ratings(local))
                     same = True

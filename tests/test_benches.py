@@ -97,7 +97,7 @@ def test_merge_memory_shards_load_as_mistral(tmp_path):
 
 def test_families_quick():
     out = run("bench/families.py", "--quick")
-    assert "traceback in stderr: False" in out and "| base-hermes-union |" in out
+    assert "traceback in stderr: False" in out and "| base-hermes-union |" in out, out[-4000:]
     assert "10-candidate check with a refused conversation: exit 2" in out
 
 
