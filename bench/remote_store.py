@@ -53,6 +53,27 @@ def bucket_bytes(url: str) -> dict[str, int]:
     return out
 
 
+def stage_seconds(url: str) -> dict[str, float]:
+    """The latest run's seconds by stage (runs/<id>/stages.json), a stage met twice summed."""
+    import json
+
+    from tasks.store.store import Store
+
+    st = Store(url)
+    out: dict[str, float] = {}
+    for s in json.loads(st.read_text(f"runs/{st.read_text('runs/LATEST').strip()}/stages.json")):
+        out[s["stage"]] = out.get(s["stage"], 0.0) + float(s["seconds"])
+    return out
+
+
+def stage_lines(local: dict[str, float], remote: dict[str, float]) -> list[str]:
+    """Stage by stage, local store against S3 side, largest difference first: where the extra time goes."""
+    rows = sorted(local.keys() | remote.keys(), key=lambda k: local.get(k, 0) - remote.get(k, 0))
+    return ["| stage | local s | S3 side s | S3 - local s |", "|---|---|---|---|"] + [
+        f"| {k} | {local.get(k, 0):.1f} | {remote.get(k, 0):.1f} | {remote.get(k, 0) - local.get(k, 0):+.1f} |"
+        for k in rows]
+
+
 def ratings(url: str) -> object:
     """The latest run's ratings in a store."""
     from tasks.store.store import Store
@@ -173,6 +194,8 @@ def store_bench(config: Path, repeats: int, pool: bool, work: Path) -> str:
                 rows.append({"repeat": i + 1, "local store s": f"{t_local:.1f}", "S3 store s": f"{t_s3:.1f}",
                              "ratio": f"{t_s3 / t_local:.2f}", "ratings equal": "yes" if same else "NO",
                              "mode (S3 side)": "pool, 2 workers" if pool else "local"})
+                lines += [f"repeat {i + 1}: seconds by stage (runs/<id>/stages.json):",
+                          *stage_lines(stage_seconds(local), stage_seconds(url))]
                 moved = bucket_bytes(url)
                 lines.append(f"repeat {i + 1}: bytes in the bucket by folder: " + ", ".join(
                     f"{k} {v / 1e6:.2f} MB" for k, v in sorted(moved.items())) +
