@@ -143,6 +143,17 @@ def test_a_staying_run_ends_after_stay_s_with_nothing_to_take(tmp_path):
     assert 0.3 <= time.monotonic() - t0 < 10
 
 
+def test_an_entry_still_being_written_is_not_pending(tmp_path):
+    """On a folder store an entry is written as a temp beside it and renamed: the temp is no entry to take yet."""
+    from tasks.store.guards import tmp_name
+
+    st = Store(str(tmp_path / "store"))
+    open_queue(st, "s4", "test")
+    entry = put(st, "s4", 1, "merge", "merge-ab", {})
+    (tmp_path / "store" / ".queue" / "s4" / "jobs" / tmp_name()).write_text("{")  # half an entry, mid-write
+    assert pending(st, "s4") == [entry] and st.names(".queue/s4/jobs") == {entry}
+
+
 def test_a_queued_run_held_by_another_run_is_not_taken_twice(tmp_path):
     """Across machines the entry's lease holds it; here another thread's lock: the run ends idle, taking nothing."""
     st = Store(str(tmp_path / "store"))

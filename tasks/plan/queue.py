@@ -56,24 +56,16 @@ def put(st: Store, session: str, seq: int, flow: str, name: str, parameters: dic
     return entry
 
 
-def _names(st: Store, rel: str) -> set[str]:
-    """The file names in store folder `rel` (none when it is not there)."""
-    try:
-        return {p.rstrip("/").rsplit("/", 1)[-1] for p in st.fs.ls(st.path(rel), detail=False)}
-    except FileNotFoundError:
-        return set()
-
-
 def pending(st: Store, session: str) -> list[str]:
     """The entries not done yet, oldest first (one listing of each folder: two requests to a bucket)."""
     q = queue_rel(session)
-    return sorted(_names(st, f"{q}/jobs") - _names(st, f"{q}/done"))
+    return sorted(st.names(f"{q}/jobs") - st.names(f"{q}/done"))
 
 
 def done(st: Store, session: str, entries: list[str]) -> dict[str, dict[str, Any]]:
     """Of `entries`, those done: each one's record (flow run id, error)."""
     q = queue_rel(session)
-    return {e: st.read_json(f"{q}/done/{e}") for e in sorted(_names(st, f"{q}/done") & set(entries))}
+    return {e: st.read_json(f"{q}/done/{e}") for e in sorted(st.names(f"{q}/done") & set(entries))}
 
 
 def serve(st: Store, session: str, stay_s: float, poll_s: float,

@@ -218,6 +218,11 @@ class Store(Checks, Remote):
             say(logging.INFO, f"store: removed {len(removed)} temp file(s) left by runs that died")
         return removed
 
+    def names(self, rel: str) -> set[str]:
+        """The names of the entries of store folder `rel` (none when it is not there), a temp being written not among
+        them (it is renamed to its name when whole): one listing of a bucket."""
+        return {name for p, _, _ in self._children(self.path(rel)) if not (name := p.rsplit("/", 1)[-1]).startswith(TMP)}
+
     def _children(self, d: str) -> list[tuple[str, bool, float | None]]:
         """(path, is folder, mtime in s or None) of each entry of folder `d` ([] when it is not there)."""
         try:
