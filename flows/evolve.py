@@ -30,7 +30,7 @@ from tasks.core.errors import UserError
 from tasks.data.devsplit import dev_split
 from tasks.judge.judgments import load_judgments
 from tasks.models.fingerprint import check_mergeable
-from tasks.plan.execute import merge_models
+from tasks.plan.execute import merge_all
 from tasks.plan.prepare import Prepared, merge_info
 from tasks.plan.propose import Point, config_point, improved, interval_of, kept, propose, ranked, task_base
 from tasks.rating.rate import rate
@@ -80,17 +80,21 @@ class Loop:
             row["judgments"] = len(judgments)  # a rating is not a result of the store: counted neither way
         return self.ratings
 
-    def add(self, point: Point) -> None:
-        """Make a proposal a model of the search: its fingerprint, and its merged folder (merged once, in the store)."""
-        merge = point.merge()
-        if merge.name in self.models:
-            raise UserError(f"search: the proposal name '{merge.name}' is taken by a model of the config; rename it")
-        self.models[merge.name] = merge_info(merge, self.models, self.models[point.parents[0]].signature)
-        self.kinds[merge.name] = "merge"
-        with self.log.stage(f"search:merge r{point.round}") as row:
-            self.paths[merge.name], reused = merge_models(merge, self.paths, self.models[merge.name].fingerprint,
-                                                          self.cfg.compute, self.run.root)
-            row["reused" if reused else "computed"] += 1
+    def add(self, points: list[Point]) -> None:
+        """Make a round's proposals models of the search: their fingerprints, and their merged folders (merged once,
+        in the store; at once in pool mode, since a proposal's parents are models rated before the round)."""
+        merges = [point.merge() for point in points]
+        for merge in merges:
+            if merge.name in self.models:
+                raise UserError(f"search: the proposal name '{merge.name}' is taken by a model of the config; rename it")
+        for point, merge in zip(points, merges):
+            self.models[merge.name] = merge_info(merge, self.models, self.models[point.parents[0]].signature)
+            self.kinds[merge.name] = "merge"
+        with self.log.stage(f"search:merge r{points[0].round}") as row:
+            made = merge_all([(m, self.models[m.name].fingerprint) for m in merges], self.paths, self.cfg.compute,
+                             self.run.root)
+            for merge, (self.paths[merge.name], reused) in zip(merges, made):
+                row["reused" if reused else "computed"] += 1
 
     def mergeable(self, names: tuple[str, ...]) -> bool:
         """Whether mergekit can merge these models as the rule's recipes ask (same architecture and vocabulary)."""
@@ -160,8 +164,7 @@ def evolve(run: Run, prep: Prepared, paths: dict[str, str]) -> tuple[SearchConfi
         # written before anything is computed: a killed run leaves what it was about to try
         st.write_text(f"{loop.rel}/round-{r}.yaml", yaml.safe_dump([p.record() for p in new], sort_keys=False))
         logger.info(f"search round {r}: proposing {', '.join(p.name for p in new)}")
-        for p in new:
-            loop.add(p)
+        loop.add(new)
         names = [p.name for p in new]
         loop.answer(names)
         loop.judge_and_rate([*leaders, *names])

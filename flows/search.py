@@ -39,7 +39,7 @@ from tasks.core.errors import UserError
 from tasks.core.tables import text_table
 from tasks.judge.judgments import load_judgments
 from tasks.judge.repeat import repeat_judges
-from tasks.plan.execute import merge_models
+from tasks.plan.execute import merge_all, merge_waves
 from tasks.plan.jobs import BudgetStop, Guard, check_budget, plan_lines, search_plan
 from tasks.plan.pool import end_sessions
 from tasks.plan.prepare import Prepared, fit_datasets, held_out, prepared
@@ -100,9 +100,10 @@ def materialize_models(run: Run, prep: Prepared) -> dict[str, str]:
             paths[c.name] = candidate_task(c, run.root, sources)
             steps.count(row, c.name not in built)
     with run.log.stage("merges") as row:
-        for m in config.merges:
-            paths[m.name], reused = merge_models(m, paths, prep.models[m.name].fingerprint, config.compute, run.root)
-            steps.count(row, reused)
+        for wave in merge_waves(config.merges, set(paths)):  # a merge of merges after the merges it takes
+            made = merge_all([(m, prep.models[m.name].fingerprint) for m in wave], paths, config.compute, run.root)
+            for m, (paths[m.name], reused) in zip(wave, made):
+                steps.count(row, reused)
     return paths
 
 

@@ -228,3 +228,71 @@ def test_the_search_replaces_a_crashed_staying_run_and_names_a_failed_entry(tmp_
         close_queue(st, "s4")
         for t in threads:
             t.join(10)
+
+
+def test_a_round_s_merges_go_at_once_to_no_more_staying_runs_than_a_batch(tmp_path, monkeypatch):
+    """run_in_pool with three merges in stay mode: one queue, pool_runs (2) staying runs, each merge made once."""
+    from contextlib import nullcontext
+    from datetime import timedelta
+    from types import SimpleNamespace
+    from uuid import uuid4
+
+    from prefect.states import Completed, Running
+
+    import tasks.plan.pool as pool
+    from tasks.store.results import model_path
+
+    monkeypatch.setattr(pool, "QUEUE_POLL_S", 0.02)
+    st = Store(str(tmp_path / "store"))
+    states: dict = {}
+    started: list[str] = []
+    threads: list[threading.Thread] = []
+    made: list[str] = []
+
+    def run_entry(entry: dict) -> tuple[str, str | None]:
+        key = entry["parameters"]["key"]
+        st.folder_once(model_path(key), lambda p: (made.append(key), (p / "w.bin").write_bytes(b"1")))
+        return str(uuid4()), None
+
+    def submit(client, run, pool_name) -> SimpleNamespace:
+        started.append(run.name)
+        rid = uuid4()
+        states[rid] = Running()
+
+        def stay() -> None:  # the run completes when its queue closes
+            serve(st, run.parameters["session"], 60, 0.02, run_entry)
+            states[rid] = Completed()
+        t = threading.Thread(target=stay)
+        t.start()
+        threads.append(t)
+        return SimpleNamespace(id=rid)
+
+    client = SimpleNamespace(
+        read_flow_run=lambda rid: SimpleNamespace(id=rid, state=states.get(rid), total_run_time=timedelta(seconds=1)),
+        read_workers_for_work_pool=lambda name: [SimpleNamespace(status=None)])
+    monkeypatch.setattr(pool, "_submit", submit)
+    monkeypatch.setattr(pool, "_client", lambda: nullcontext(client))
+    compute = ComputeConfig(mode="pool", pool="gpu", pool_runs=2, pool_stay_s=60)
+    calls = [StageCall("merge", f"merge-m{i}", {"key": f"{i:016x}"}, model_path(f"{i:016x}"), f"{i:016x}")
+             for i in range(3)]
+    try:
+        batch = pool.run_in_pool(calls, compute, st.url)
+        assert [r for r, _ in batch.results] == [c.result_rel for c in calls] and batch.device_s == 3.0
+        assert sorted(made) == sorted(c.key for c in calls) and len(started) == 2
+    finally:
+        pool.end_sessions()
+        for t in threads:
+            t.join(10)
+
+
+def test_merges_go_in_waves_each_after_the_merges_it_names():
+    from tasks.config.schema import Merge
+    from tasks.plan.execute import merge_waves
+
+    def merge(name: str, *models: str) -> Merge:
+        return Merge(name=name, recipe={"merge_method": "linear", "models": [
+            {"model": m, "parameters": {"weight": 0.5}} for m in models]})
+
+    a, b, c = merge("a", "x", "y"), merge("b", "a", "z"), merge("c", "x", "z")
+    assert merge_waves([a, b, c], {"x", "y", "z"}) == [[a, c], [b]]
+    assert merge_waves([c], {"x", "z"}) == [[c]] and merge_waves([], set()) == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from tasks.compute.workers import local_workers, side_by_side
+from tasks.config.recipes import recipe_models
 from tasks.core import progress
 from tasks.generate.outputs import generate_task
 from tasks.models.merge import merge_task
@@ -29,14 +30,30 @@ if TYPE_CHECKING:
     from tasks.config.schema import ComputeConfig, Merge
 
 
-def merge_models(merge: Merge, paths: dict[str, str], key: str, compute: ComputeConfig, store: str) -> tuple[str, bool]:
-    """(merged model folder, reused?) for one merge."""
+def merge_all(merges: list[tuple[Merge, str]], paths: dict[str, str], compute: ComputeConfig,
+              store: str) -> list[tuple[str, bool]]:
+    """(merged model folder, reused?) for each (merge, its key), in order. None may need another of the list: in pool
+    mode they are sent at once, so a search round's merges run side by side, not each waited for alone."""
     if compute.mode == "local":
-        return merge_task(merge, paths, key, store)
-    call = StageCall("merge", f"merge-{merge.name}", {"merge": merge.model_dump(mode="json"), "paths": paths,
-                                                      "key": key, "store_root": store}, model_path(key), key)
-    ((rel, reused),) = run_in_pool([call], compute, store).results
-    return str(Store(store).local_dir(rel)), reused
+        return [merge_task(m, paths, key, store) for m, key in merges]
+    calls = [StageCall("merge", f"merge-{m.name}", {"merge": m.model_dump(mode="json"), "paths": paths, "key": key,
+                                                    "store_root": store}, model_path(key), key) for m, key in merges]
+    st = Store(store)
+    return [(str(st.local_dir(rel)), reused) for rel, reused in run_in_pool(calls, compute, store).results]
+
+
+def merge_waves(merges: list[Merge], known: set[str]) -> list[list[Merge]]:
+    """`merges` in waves that merge_all can take: each merge in the first wave after every merge it names (the
+    config's order kept within a wave; a merge naming one not made here waits for nothing)."""
+    names, done, waves = {m.name for m in merges}, set(known), []
+    todo = list(merges)
+    while todo:
+        wave = [m for m in todo if all(n in done or n not in names for n in recipe_models(m.recipe))]
+        wave = wave or todo[:1]  # a cycle is the config check's to refuse; never loop here
+        waves.append(wave)
+        done |= {m.name for m in wave}
+        todo = [m for m in todo if m not in wave]
+    return waves
 
 
 def finetune_all(jobs: list[FinetuneJob], compute: ComputeConfig, store: str) -> Batch:

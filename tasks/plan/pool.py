@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 STAGE_FLOWS = ("merge", "finetune", "generate")  # flow names in flows/stages.py, deployed by deployments/prefect.yaml
 STAYING = "stages"  # the flow whose runs stay for the whole search (compute.pool_stay_s), in flows/stages.py too
-BATCHED = ("finetune", "generate")  # the flows that take a batch of jobs (a merge may need the one before it)
+BATCHED = ("finetune", "generate")  # the flows that take a batch of jobs (a merge is a run, or an entry, alone)
 DEPLOY_HINT = "apply the deployments: python deployments/apply.py"
 API_TIMEOUT_S = 10.0  # one API call; a server that takes longer is treated as unreachable
 POLL_S = float(os.environ.get("BASESEARCH_POLL_SECONDS", "2"))  # how often waiting runs are polled
@@ -226,7 +226,10 @@ def run_in_pool(calls: list[StageCall], compute: ComputeConfig, store: str) -> B
         progress = Progress(_label(todo[0].flow, [c.parameters.get("dataset", "") for c in todo if "dataset" in c.parameters]),
                             len(todo))
         with _client() as client:
-            n = runs_for(client, compute, len(todo)) if todo[0].flow in BATCHED else len(todo)
+            # Sent per batch, a merge is a run of its own; staying runs take merges as any other entry, so a
+            # round's merges need no more of them than a batch would.
+            n = runs_for(client, compute, len(todo)) if todo[0].flow in BATCHED or compute.pool_stay_s > 0 \
+                else len(todo)
             stored = lambda: sum(st.exists(c.result_rel) for c in todo)  # noqa: E731
             if compute.pool_stay_s > 0:
                 run_s = in_session(client, session_for(compute, st), pool_runs(todo, n, st), n, progress, stored)
