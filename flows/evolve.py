@@ -84,9 +84,9 @@ class Loop:
         """Make a round's proposals models of the search: their fingerprints, and their merged folders (merged once,
         in the store; at once in pool mode, since a proposal's parents are models rated before the round)."""
         merges = [point.merge() for point in points]
-        for merge in merges:
-            if merge.name in self.models:
-                raise UserError(f"search: the proposal name '{merge.name}' is taken by a model of the config; rename it")
+        taken = [m.name for m in merges if m.name in self.models]
+        if taken:
+            raise UserError(f"search: the proposal name '{taken[0]}' is taken by a model of the config; rename it")
         for point, merge in zip(points, merges):
             self.models[merge.name] = merge_info(merge, self.models, self.models[point.parents[0]].signature)
             self.kinds[merge.name] = "merge"

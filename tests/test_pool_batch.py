@@ -176,10 +176,21 @@ def test_a_queued_run_held_by_another_run_is_not_taken_twice(tmp_path):
         t.join()
 
 
+def stand_in_client(states: dict, seconds: float):
+    """A Prefect client stand-in for the search's side: each run's state read from `states` (by id), `seconds` of
+    Running each, and one worker listed."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        read_flow_run=lambda rid: SimpleNamespace(id=rid, state=states.get(rid),
+                                                  total_run_time=timedelta(seconds=seconds)),
+        read_workers_for_work_pool=lambda name: [SimpleNamespace(status=None)])
+
+
 def test_the_search_replaces_a_crashed_staying_run_and_names_a_failed_entry(tmp_path, monkeypatch):
     """The search's side of a session (tasks/plan/pool.py in_session), with a stand-in Prefect client: a staying run
     that crashes is replaced and its work done by the next; an entry whose subflow failed is named in one error."""
-    from datetime import timedelta
     from types import SimpleNamespace
     from uuid import uuid4
 
@@ -210,9 +221,7 @@ def test_the_search_replaces_a_crashed_staying_run_and_names_a_failed_entry(tmp_
             threads.append(t)
         return SimpleNamespace(id=rid)
 
-    client = SimpleNamespace(
-        read_flow_run=lambda rid: SimpleNamespace(id=rid, state=states.get(rid), total_run_time=timedelta(seconds=2)),
-        read_workers_for_work_pool=lambda name: [SimpleNamespace(status=None)])
+    client = stand_in_client(states, 2)
     monkeypatch.setattr(pool, "_submit", submit)
     open_queue(st, "s4", "test")
     session = pool.Session("s4", st, "gpu", "search-x", 60.0, "me")
@@ -233,7 +242,6 @@ def test_the_search_replaces_a_crashed_staying_run_and_names_a_failed_entry(tmp_
 def test_a_round_s_merges_go_at_once_to_no_more_staying_runs_than_a_batch(tmp_path, monkeypatch):
     """run_in_pool with three merges in stay mode: one queue, pool_runs (2) staying runs, each merge made once."""
     from contextlib import nullcontext
-    from datetime import timedelta
     from types import SimpleNamespace
     from uuid import uuid4
 
@@ -267,9 +275,7 @@ def test_a_round_s_merges_go_at_once_to_no_more_staying_runs_than_a_batch(tmp_pa
         threads.append(t)
         return SimpleNamespace(id=rid)
 
-    client = SimpleNamespace(
-        read_flow_run=lambda rid: SimpleNamespace(id=rid, state=states.get(rid), total_run_time=timedelta(seconds=1)),
-        read_workers_for_work_pool=lambda name: [SimpleNamespace(status=None)])
+    client = stand_in_client(states, 1)
     monkeypatch.setattr(pool, "_submit", submit)
     monkeypatch.setattr(pool, "_client", lambda: nullcontext(client))
     compute = ComputeConfig(mode="pool", pool="gpu", pool_runs=2, pool_stay_s=60)

@@ -221,7 +221,8 @@ class Store(Checks, Remote):
     def names(self, rel: str) -> set[str]:
         """The names of the entries of store folder `rel` (none when it is not there), a temp being written not among
         them (it is renamed to its name when whole): one listing of a bucket."""
-        return {name for p, _, _ in self._children(self.path(rel)) if not (name := p.rsplit("/", 1)[-1]).startswith(TMP)}
+        names = (p.rsplit("/", 1)[-1] for p, _, _ in self._children(self.path(rel)))
+        return {name for name in names if not name.startswith(TMP)}
 
     def _children(self, d: str) -> list[tuple[str, bool, float | None]]:
         """(path, is folder, mtime in s or None) of each entry of folder `d` ([] when it is not there)."""
