@@ -100,7 +100,7 @@ def materialize_models(run: Run, prep: Prepared) -> dict[str, str]:
             paths[c.name] = candidate_task(c, run.root, sources)
             steps.count(row, c.name not in built)
     with run.log.stage("merges") as row:
-        for wave in merge_waves(config.merges, set(paths)):  # a merge of merges after the merges it takes
+        for wave in merge_waves(config.merges):  # a merge of merges after the merges it takes
             made = merge_all([(m, prep.models[m.name].fingerprint) for m in wave], paths, config.compute, run.root)
             for m, (paths[m.name], reused) in zip(wave, made):
                 steps.count(row, reused)

@@ -300,5 +300,5 @@ def test_merges_go_in_waves_each_after_the_merges_it_names():
             {"model": m, "parameters": {"weight": 0.5}} for m in models]})
 
     a, b, c = merge("a", "x", "y"), merge("b", "a", "z"), merge("c", "x", "z")
-    assert merge_waves([a, b, c], {"x", "y", "z"}) == [[a, c], [b]]
-    assert merge_waves([c], {"x", "z"}) == [[c]] and merge_waves([], set()) == []
+    assert merge_waves([a, b, c]) == [[a, c], [b]]
+    assert merge_waves([c]) == [[c]] and merge_waves([]) == []

@@ -42,18 +42,13 @@ def merge_all(merges: list[tuple[Merge, str]], paths: dict[str, str], compute: C
     return [(str(st.local_dir(rel)), reused) for rel, reused in run_in_pool(calls, compute, store).results]
 
 
-def merge_waves(merges: list[Merge], known: set[str]) -> list[list[Merge]]:
-    """`merges` in waves that merge_all can take: each merge in the first wave after every merge it names (the
-    config's order kept within a wave; a merge naming one not made here waits for nothing)."""
-    names, done, waves = {m.name for m in merges}, set(known), []
-    todo = list(merges)
-    while todo:
-        wave = [m for m in todo if all(n in done or n not in names for n in recipe_models(m.recipe))]
-        wave = wave or todo[:1]  # a cycle is the config check's to refuse; never loop here
-        waves.append(wave)
-        done |= {m.name for m in wave}
-        todo = [m for m in todo if m not in wave]
-    return waves
+def merge_waves(merges: list[Merge]) -> list[list[Merge]]:
+    """`merges` in waves that merge_all can take, the config's order kept within each: a merge goes in the wave after
+    the latest merge it names (the config's check lets a merge name only candidates and the merges before it)."""
+    wave_of: dict[str, int] = {}
+    for m in merges:
+        wave_of[m.name] = 1 + max((wave_of[n] for n in recipe_models(m.recipe) if n in wave_of), default=-1)
+    return [[m for m in merges if wave_of[m.name] == w] for w in range(max(wave_of.values(), default=-1) + 1)]
 
 
 def finetune_all(jobs: list[FinetuneJob], compute: ComputeConfig, store: str) -> Batch:
