@@ -74,6 +74,28 @@ def stage_lines(local: dict[str, float], remote: dict[str, float]) -> list[str]:
         for k in rows]
 
 
+def bucket_requests(log: Path, start: int, prefix: str) -> str:
+    """What the S3 side asked moto, from its access log after byte `start`: requests by method, and by the store
+    folder they touched (a listing counted under the folder it lists); `prefix` is the run's prefix in the bucket."""
+    import re
+    from collections import Counter
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    text = log.read_bytes()[start:].decode(errors="replace")
+    methods, folders = Counter(), Counter()
+    for method, target in re.findall(r'"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP', text):
+        url = urlsplit(target)
+        query = parse_qs(url.query)
+        listing = method == "GET" and "list-type" in query
+        key = query.get("prefix", [""])[0] if listing else unquote(url.path).split("/", 2)[-1]
+        if not key.startswith(prefix):
+            continue
+        methods["LIST" if listing else method] += 1
+        folders[key.removeprefix(prefix).lstrip("/").split("/", 1)[0] or "(root)"] += 1
+    by = lambda c: ", ".join(f"{k} {v}" for k, v in c.most_common())  # noqa: E731
+    return f"{sum(methods.values())} requests to the bucket: {by(methods)}; by folder: {by(folders)}"
+
+
 def ratings(url: str) -> object:
     """The latest run's ratings in a store."""
     from tasks.store.store import Store
@@ -179,10 +201,12 @@ def store_bench(config: Path, repeats: int, pool: bool, work: Path) -> str:
                 others = {"moto S3 server": moto} | dict(zip(("Prefect server", "worker a", "worker b"),
                                                              (p.pid for p in procs)))
                 before = {k: cpu_s(v) for k, v in others.items() if v} | {"search": children_cpu_s()}
+                log_at = (work / "moto.log").stat().st_size
                 t_s3 = search(s3_config, url, env | {"BASESEARCH_CACHE_DIR": str(cache)}, work / "s3.log")
                 time.sleep(5 if pool else 0)  # the staying runs end after the search; their workers reap them
                 after = {k: cpu_s(v) for k, v in others.items() if v} | {"search": children_cpu_s()}
                 spent = {k: after[k] - before[k] for k in before}
+                lines.append(f"repeat {i + 1}: " + bucket_requests(work / "moto.log", log_at, url.split("/", 3)[3]))
                 lines.append(f"repeat {i + 1}: CPU seconds over the S3 side's {t_s3:.0f} s (2 cores: "
                              f"{2 * t_s3:.0f} core-s): " + ", ".join(f"{k} {v:.0f}" for k, v in spent.items()) +
                              f"; in all {sum(spent.values()):.0f} (workers' counts include their stage runs)")

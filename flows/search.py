@@ -162,8 +162,8 @@ def execute(run: Run, prep: Prepared) -> dict[str, Any]:
     config, prep = evolve(run, prep, paths)
     run = run.with_config(config)
     models = [n for n, info in prep.models.items() if info.finetuned]
-    if run.cfg.generate.engine == "vllm":  # one vLLM batch per base: its fine-tunes on every dataset, and it untuned
-        all_outputs, floors = steps.train_and_answer_by_base(run, models, prep.datasets, paths, prep)
+    if steps.together(run.cfg):  # vLLM (one batch per base) or a pool: every dataset's fine-tunes, then answers, at once
+        all_outputs, floors = steps.train_and_answer_together(run, models, prep.datasets, paths, prep)
     else:
         all_outputs = {ds: steps.train_and_answer(run, models, data, paths, prep) for ds, data in prep.datasets.items()}
         floors = {ds: steps.answer_floors(run, models, data, paths, prep) for ds, data in prep.datasets.items()}

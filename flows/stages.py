@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from prefect import flow
 
+from tasks.compute.speeds import batched_rates
 from tasks.compute.workers import share_cores
 from tasks.config.schema import Merge
 from tasks.generate.outputs import generate_task
@@ -57,7 +58,7 @@ def generate_flow(jobs: list[GenerateJob], store_root: str, first: int = 0) -> l
 def stages_flow(store_root: str, session: str, stay_s: float = 60.0, poll_s: float = 0.5) -> int:
     """Run the search's stage runs queued in the store (merges, fine-tune and generate batches), each as a subflow,
     until the search ends or `stay_s` seconds pass with nothing to take: how many this run did. `poll_s`: seconds
-    between looks at the queue (two listings of a bucket each)."""
+    between looks at the queue (one listing of a bucket each)."""
     share_cores()
     return serve(Store(store_root), session, stay_s, poll_s, _run_entry)
 
@@ -81,18 +82,19 @@ def take_in_turn(jobs: list[Any], first: int, store_root: str, task: Callable[..
     st = Store(store_root)
     done: dict[str, bool] = {}
     later = []
-    for job in jobs[first:] + jobs[:first]:
-        rel = rel_of(job.key)
-        if st.exists(rel):  # another run of the batch made it: nothing to fetch or load
-            done[job.key] = True
-            continue
-        with st.lock(rel, wait=False) as mine:  # held here, the task's own claim of it is this one
-            if mine:
-                done[job.key] = _run(task, job, store_root)
-            else:
-                later.append(job)
-    for job in later:  # their holders are at work: wait for each (the task's claim waits) and reuse it
-        done[job.key] = _run(task, job, store_root)
+    with batched_rates():  # the jobs' measured speeds written once, at the end
+        for job in jobs[first:] + jobs[:first]:
+            rel = rel_of(job.key)
+            if st.exists(rel):  # another run of the batch made it: nothing to fetch or load
+                done[job.key] = True
+                continue
+            with st.lock(rel, wait=False) as mine:  # held here, the task's own claim of it is this one
+                if mine:
+                    done[job.key] = _run(task, job, store_root)
+                else:
+                    later.append(job)
+        for job in later:  # their holders are at work: wait for each (the task's claim waits) and reuse it
+            done[job.key] = _run(task, job, store_root)
     return [(rel_of(job.key), done[job.key]) for job in jobs]
 
 

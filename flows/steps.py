@@ -93,63 +93,80 @@ def _device_time(row: dict[str, Any], batch: Batch) -> None:
         row["device_s"] = round(batch.device_s, 2)
 
 
-def _finetune(run: Run, models: list[str], data: DatasetInfo, paths: dict[str, str],
-              prep: Prepared) -> tuple[DatasetKeys, list[FinetuneJob], list[GenerateJob]]:
-    """Fine-tune every model on one dataset as one stage: its keys, the fine-tunes, and their generation jobs."""
-    cfg, name, st, guard = run.cfg, data.spec.name, run.store, run.guard
-    keys = dataset_keys(cfg, prep.models, data, models)
-    ft_jobs = finetune_jobs(cfg, prep.models, data, models, paths, keys)
-    guard.gpu(f"fine-tuning on {name}", sum(guard.finetune_s(data.train, prep.models[j.model].signature)
-                                            for j in ft_jobs if not st.exists(adapter_path(j.key))))
-    with run.log.stage(f"finetune:{name}") as row:
-        batch = finetune_all(ft_jobs, cfg.compute, run.root)
+def _finetune(run: Run, models: list[str], datasets: dict[str, DatasetInfo], paths: dict[str, str],
+              prep: Prepared) -> dict[str, tuple[DatasetKeys, list[FinetuneJob], list[GenerateJob]]]:
+    """Fine-tune every model on the datasets as one stage (one batch): per dataset its keys, the fine-tunes, and their
+    generation jobs."""
+    cfg, st, guard = run.cfg, run.store, run.guard
+    keys = {ds: dataset_keys(cfg, prep.models, data, models) for ds, data in datasets.items()}
+    ft = {ds: finetune_jobs(cfg, prep.models, data, models, paths, keys[ds]) for ds, data in datasets.items()}
+    every = [j for jobs in ft.values() for j in jobs]
+    names = ", ".join(data.spec.name for data in datasets.values())
+    guard.gpu(f"fine-tuning on {names}", sum(guard.finetune_s(datasets[ds].train, prep.models[j.model].signature)
+                                             for ds, jobs in ft.items() for j in jobs
+                                             if not st.exists(adapter_path(j.key))))
+    with run.log.stage(f"finetune:{','.join(data.spec.name for data in datasets.values())}") as row:
+        batch = finetune_all(every, cfg.compute, run.root)
         _device_time(row, batch)
         for _, reused in batch.results:
             count(row, reused)
     _gpu_spent(run)
-    return keys, ft_jobs, generate_jobs(cfg, data, ft_jobs, [folder for folder, _ in batch.results], keys)
+    folders = {job.key: folder for job, (folder, _) in zip(every, batch.results)}
+    return {ds: (keys[ds], ft[ds], generate_jobs(cfg, datasets[ds], ft[ds], [folders[j.key] for j in ft[ds]], keys[ds]))
+            for ds in datasets}
 
 
 def train_and_answer(run: Run, models: list[str], data: DatasetInfo, paths: dict[str, str],
                      prep: Prepared) -> dict[str, tuple[str, str]]:
     """Fine-tune every model on one dataset and answer its test rows: contender -> (outputs path, outputs key)."""
     name = data.spec.name
-    keys, _, gen_jobs = _finetune(run, models, data, paths, prep)
+    keys, _, gen_jobs = _finetune(run, models, {name: data}, paths, prep)[name]
     outputs = _answers(run, f"generation on {name}", f"generate:{name}", gen_jobs, data, prep,
                        (TEACHER, keys.outputs[TEACHER], lambda: teacher_outputs(name, data.test, TEACHER)))
     return outputs | _references(run, data, keys)
 
 
-def train_and_answer_by_base(run: Run, models: list[str], datasets: dict[str, DatasetInfo], paths: dict[str, str],
-                             prep: Prepared) -> tuple[dict[str, dict[str, tuple[str, str]]], dict[str, dict]]:
-    """generate.engine: vllm: every model fine-tuned on every dataset, then every dataset's test rows answered by
-    every fine-tune and each base untuned in one stage, one vLLM batch per base (tasks/generate/vllm_engine.py):
-    (outputs, floors) per dataset, as train_and_answer and answer_floors give them."""
+def together(cfg: SearchConfig) -> bool:
+    """Whether a search's datasets go through fine-tuning and answering together (train_and_answer_together), not one
+    after another: with vLLM (an engine start per batch) and in pool mode (a batch's hand-off to the pool and its
+    last job, while the other runs wait, cost seconds each; bench/remote_store.py)."""
+    return cfg.generate.engine == "vllm" or cfg.compute.mode == "pool"
+
+
+def train_and_answer_together(run: Run, models: list[str], datasets: dict[str, DatasetInfo], paths: dict[str, str],
+                              prep: Prepared, floors: bool = True,
+                              ) -> tuple[dict[str, dict[str, tuple[str, str]]], dict[str, dict]]:
+    """Every model fine-tuned on every dataset as one stage, then every dataset's test rows answered by every
+    fine-tune (and with `floors` each base untuned) as one more; with generate.engine: vllm one vLLM batch per base
+    (tasks/generate/vllm_engine.py): (outputs, floors) per dataset, as train_and_answer and answer_floors give them."""
     cfg, st, guard = run.cfg, run.store, run.guard
-    planned = {ds: _finetune(run, models, data, paths, prep) for ds, data in datasets.items()}
-    gen = {ds: (jobs, untuned_jobs(cfg, datasets[ds], ft, keys)) for ds, (keys, ft, jobs) in planned.items()}
+    planned = _finetune(run, models, datasets, paths, prep)
+    gen = {ds: (jobs, untuned_jobs(cfg, datasets[ds], ft, keys) if floors else [])
+           for ds, (keys, ft, jobs) in planned.items()}
     every = [j for ds in gen for jobs in gen[ds] for j in jobs]
     base = lambda job: prep.models[job.model.removesuffix(UNTUNED)].signature  # an untuned job's model too
     guard.gpu("generation", sum(guard.generate_s(datasets[j.dataset].test, base(j)) for j in every
                                 if not st.exists(outputs_path(j.key))))
-    with run.log.stage("generate:by-base") as row:
+    with run.log.stage("generate:by-base" if cfg.generate.engine == "vllm" else
+                       f"generate:{','.join(data.spec.name for data in datasets.values())}") as row:
         batch = generate_all(every, cfg.compute, run.root)
         _device_time(row, batch)
         for _, reused in batch.results:
             count(row, reused)
     _gpu_spent(run)
     found = {job.key: rel for job, (rel, _) in zip(every, batch.results)}
-    outputs, floors = {}, {}
+    outputs, floor = {}, {}
     for ds, data in datasets.items():
         keys, name = planned[ds][0], data.spec.name
         outputs[ds] = {j.model: (found[j.key], j.key) for j in gen[ds][0]}
         outputs[ds][TEACHER] = _free(run, (TEACHER, keys.outputs[TEACHER], partial(teacher_outputs, name, data.test,
                                                                                    TEACHER)))
         outputs[ds] |= _references(run, data, keys)
-        floors[ds] = {j.model: (found[j.key], j.key) for j in gen[ds][1]}
-        floors[ds][TRIVIAL] = _free(run, (TRIVIAL, keys.floors[TRIVIAL], partial(trivial_outputs, name, data.train,
-                                                                                 data.test, data.metric)))
-    return outputs, floors
+        if floors:
+            floor[ds] = {j.model: (found[j.key], j.key) for j in gen[ds][1]}
+            floor[ds][TRIVIAL] = _free(run, (TRIVIAL, keys.floors[TRIVIAL], partial(
+                trivial_outputs, name, data.train, data.test, data.metric)))
+    return outputs, floor
 
 
 def _free(run: Run, free: tuple[str, str, Callable[[], pd.DataFrame]]) -> tuple[str, str]:

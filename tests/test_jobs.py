@@ -86,6 +86,25 @@ def test_estimates_use_measured_rates(mini_config, tmp_path):
     assert ft(build_plan(longer, prep, store)) == pytest.approx(2 * ft(measured))  # 3 -> 6 steps: twice the time
 
 
+def test_a_batch_s_rates_are_written_once_at_its_end(tmp_path, monkeypatch):
+    from tasks.compute import speeds
+
+    store, writes = Store(str(tmp_path / "store")), []
+    write = Store.write_json
+    monkeypatch.setattr(Store, "write_json", lambda self, rel, obj: writes.append(rel) or write(self, rel, obj))
+    with speeds.batched_rates():
+        with speeds.batched_rates():  # nested (a pool run's batch inside a staying run): the outer one writes
+            record_rate(store, "generate", "cpu", 100, 10, 1.0)
+        record_rate(store, "generate", "cpu", 300, 10, 1.0)
+        record_rate(store, "finetune", "cuda", 50, 2, 1.0)
+        assert writes == [] and not store.exists("rates/generate.json")  # held while the batch goes on
+    assert sorted(writes) == ["rates/finetune.json", "rates/generate.json"]  # one write per stage
+    assert store.read_json("rates/generate.json") == {"cpu": [1000.0, 3000.0]}
+    assert store.read_json("rates/finetune.json") == {"cuda": [100.0]}
+    record_rate(store, "generate", "cpu", 500, 10, 1.0)  # outside a batch: at once, appended
+    assert store.read_json("rates/generate.json") == {"cpu": [1000.0, 3000.0, 5000.0]}
+
+
 def test_the_guard_stops_before_a_stage_would_cross_a_cap(mini_config):
     from tasks.config.schema import BudgetConfig
     from tasks.plan.jobs import BudgetStop, Guard

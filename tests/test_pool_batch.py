@@ -12,7 +12,7 @@ import pandas as pd
 from tasks.config.stages import ComputeConfig, FinetuneConfig
 from tasks.plan.jobs import FinetuneJob
 from tasks.plan.pool import StageCall, pool_runs, runs_for
-from tasks.plan.queue import close_queue, done, open_queue, pending, put, serve
+from tasks.plan.queue import close_queue, done, look, open_queue, put, serve
 from tasks.store.results import outputs_path
 from tasks.store.store import Store
 from tests.conftest import wait_for
@@ -124,7 +124,7 @@ def test_staying_runs_take_each_queued_run_once_and_end_with_the_search(tmp_path
     later = put(st, "s1", 7, "generate", "generate-d", {"i": 7})  # a later batch: taken by the runs still there
     wait_for(lambda: later in done(st, "s1", [later]), 30, "the later entry done")
     records = done(st, "s1", entries)
-    assert sorted(ran) == [1, 2, 3, 4, 5, 6, 7] and pending(st, "s1") == []  # each taken once, none left
+    assert sorted(ran) == [1, 2, 3, 4, 5, 6, 7] and look(st, "s1")[1] == []  # each taken once, none left
     assert records[entries[0]] == {"flow_run_id": "run-1", "error": None}
     assert records[entries[2]] == {"flow_run_id": "run-3", "error": "Failed: boom"}  # the search raises on it
     assert all(t.is_alive() for t in runs)  # nothing to do, but stay_s (60 s) not over: they wait
@@ -151,7 +151,7 @@ def test_an_entry_still_being_written_is_not_pending(tmp_path):
     open_queue(st, "s4", "test")
     entry = put(st, "s4", 1, "merge", "merge-ab", {})
     (tmp_path / "store" / ".queue" / "s4" / "jobs" / tmp_name()).write_text("{")  # half an entry, mid-write
-    assert pending(st, "s4") == [entry] and st.names(".queue/s4/jobs") == {entry}
+    assert look(st, "s4")[1] == [entry] and st.names(".queue/s4/jobs") == {entry}
 
 
 def test_a_queued_run_held_by_another_run_is_not_taken_twice(tmp_path):
@@ -170,7 +170,7 @@ def test_a_queued_run_held_by_another_run_is_not_taken_twice(tmp_path):
     t.start()
     held.wait(5)
     try:
-        assert serve(st, "s3", 0.3, 0.02, lambda e: ("taken", None)) == 0 and pending(st, "s3") == [entry]
+        assert serve(st, "s3", 0.3, 0.02, lambda e: ("taken", None)) == 0 and look(st, "s3")[1] == [entry]
     finally:
         release.set()
         t.join()

@@ -107,6 +107,35 @@ def test_damage_in_s3_is_found_and_recomputed(store: Store, caplog: pytest.LogCa
     assert store.read_parquet("outputs/p.parquet").equals(DF)
 
 
+def asked(store: Store) -> list[str]:
+    """Every request the store's S3 client sends from now on, as `METHOD path?query` (botocore's own hook)."""
+    seen: list[str] = []
+    store.fs.s3.meta.events.register("before-send.s3", lambda request, **kw: seen.append(
+        f"{request.method} {request.url.split('/', 3)[-1]}"))
+    return seen
+
+
+def test_checks_and_queue_looks_cost_the_bucket_one_request(store: Store) -> None:
+    from tasks.plan.queue import look, open_queue, put
+
+    seen = asked(store)
+    assert not store.exists("outputs/none.parquet") and len(seen) == 1 and seen[0].startswith("HEAD ")  # no listing
+    store.write_parquet("outputs/o.parquet", DF)
+    assert [r.split()[0] for r in seen[1:]] == ["PUT"]  # an object store: no folder to make first
+    store.write_json("runs/r/x.json", {"a": 1})
+    seen.clear()
+    assert store.read_json("runs/r/x.json") == {"a": 1} and [r.split()[0] for r in seen] == ["GET"]  # no HEAD first
+    seen.clear()
+    assert not store.exists("adapters/none", deep=True) and len(seen) == 2  # its manifest, then a listing
+    adapter_stage(store, "adapters/k9", [], b"w" * 100)
+    seen.clear()
+    assert store.exists("adapters/k9") and len(seen) == 2  # its manifest, and its files' sizes in one listing
+    open_queue(store, "s9", "test")
+    put(store, "s9", 1, "merge", "merge-a", {})
+    seen.clear()
+    assert look(store, "s9") == (True, ["00001-merge.json"]) and len(seen) == 1  # open, jobs and done at once
+
+
 def test_the_cache_keeps_to_its_bound(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BASESEARCH_CACHE_GB", str(120_000 / 1e9))  # room for two 50 kB results, not three
     for i in range(3):

@@ -7,7 +7,9 @@ A rate is parameter-characters per second: characters of conversation processed 
 from __future__ import annotations
 
 import statistics
-from typing import Any
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from tasks.store.results import rates_path
 from tasks.store.store import Store
@@ -36,15 +38,52 @@ def param_count(sig: dict[str, Any]) -> int:
     return int(layers * per_layer + 2 * (sig.get("vocab_size") or 0) * h)
 
 
+# Measurements kept back by `batched_rates` until its block ends: (store root, stage) -> device -> rates.
+_HELD: dict[tuple[str, str], dict[str, list[float]]] = {}
+_HOLDING = [0]  # how many batched_rates blocks are open in this process
+_GUARD = threading.Lock()
+
+
 def record_rate(store: Store, stage: str, device: str, chars: float, params: int, seconds: float) -> None:
-    """Add one measurement (parameter-characters per second) to the store's rates for a stage and device."""
+    """Add one measurement (parameter-characters per second) to the store's rates for a stage and device (inside
+    `batched_rates`, when its block ends)."""
     if seconds <= 0 or chars <= 0 or params <= 0:
         return
+    rate = round(chars * params / seconds, 1)
+    with _GUARD:
+        if _HOLDING[0]:
+            _HELD.setdefault((store.url, stage), {}).setdefault(device, []).append(rate)
+            return
+    _append(store, stage, {device: [rate]})
+
+
+def _append(store: Store, stage: str, new: dict[str, list[float]]) -> None:
+    """Add measurements to the store's rates of a stage, under the rates' lock (runs side by side append to it)."""
     rel = rates_path(stage)
-    with store.lock(rel):  # runs side by side append to the same file
+    with store.lock(rel):
         rates = store.read_json(rel) if store.exists(rel) else {}
-        rates[device] = [*rates.get(device, []), round(chars * params / seconds, 1)][-KEEP_MEASUREMENTS:]
+        for device, measured in new.items():
+            rates[device] = [*rates.get(device, []), *measured][-KEEP_MEASUREMENTS:]
         store.write_json(rel, rates)
+
+
+@contextmanager
+def batched_rates() -> Iterator[None]:
+    """Keep the rates measured in the block and write them when it ends, one read-modify-write per stage: a batch's
+    jobs end seconds apart, and each write takes the rates' lock, which on a bucket is a lease (4 requests) and a
+    wait of up to its poll (0.5 s) whenever another run holds it."""
+    with _GUARD:
+        _HOLDING[0] += 1
+    try:
+        yield
+    finally:
+        with _GUARD:
+            _HOLDING[0] -= 1
+            held = dict(_HELD) if not _HOLDING[0] else {}
+            if held:
+                _HELD.clear()
+        for (root, stage), new in held.items():
+            _append(Store(root), stage, new)
 
 
 def measured_rate(store: Store, stage: str, device: str, assumptions: list[str]) -> float:

@@ -76,19 +76,23 @@ def judge_task(
     batch's key does not depend on the order the config lists contenders in.
     """
     store = Store(store_root)
-    batches, reused = [], 0
-    for a, b in combinations(sorted(outputs, key=lambda n: outputs[n][1]), 2):
-        if pairs_with is not None and pairs_with not in (a, b):
-            continue
+    pairs = [(a, b) for a, b in combinations(sorted(outputs, key=lambda n: outputs[n][1]), 2)
+             if pairs_with is None or pairs_with in (a, b)]
+
+    def pair(ab: tuple[str, str]) -> tuple[tuple[str, str, str], bool]:
+        """One pair's batch: (its path, A, B), and whether it was in the store already."""
+        a, b = ab
         rel = judgments_path(metric_judgment_key(cfg, metric, test_fp, outputs[a][1], outputs[b][1]))
-        def judge(a: str = a, b: str = b, rel: str = rel) -> str:
+
+        def judge() -> str:
             """The pair's verdicts on every example, written to the store."""
             out_a, out_b = load_outputs(store, outputs[a][0], a), load_outputs(store, outputs[b][0], b)
             return store.write_parquet(rel, metric_judgments(dataset, examples, metric, out_a, out_b, cfg))
 
-        reused += store.compute_once(rel, judge)[1]  # another run judging the same pair: wait, then reuse the batch
-        batches.append((rel, a, b))
-    return batches, reused
+        return (rel, a, b), store.compute_once(rel, judge)[1]  # another run judging the pair: wait, then reuse it
+
+    done = store.each(pair, pairs)  # on an object store several pairs at once: each pair is requests, not CPU
+    return [batch for batch, _ in done], sum(reused for _, reused in done)
 
 
 def load_judgments(store: Store, batches: list[tuple[str, str, str] | pd.DataFrame]) -> pd.DataFrame:
@@ -99,8 +103,8 @@ def load_judgments(store: Store, batches: list[tuple[str, str, str] | pd.DataFra
     """
     # The LLM judge's `winner` stays object dtype: an empty slice of a pandas-3 `str` column keeps `str` through
     # .map(), which tasks/rating/win_rates.py per_example_score cannot subtract from (its contenders all sit in one order).
-    frames = [b.astype({"winner": object}) if isinstance(b, pd.DataFrame)
-              else store.read_parquet(b[0]).assign(contender_a=b[1], contender_b=b[2]) for b in batches]
+    frames = store.each(lambda b: b.astype({"winner": object}) if isinstance(b, pd.DataFrame)
+                        else store.read_parquet(b[0]).assign(contender_a=b[1], contender_b=b[2]), batches)
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=JUDGMENT_COLUMNS)
 

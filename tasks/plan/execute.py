@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+from tasks.compute.speeds import batched_rates
 from tasks.compute.workers import local_workers, side_by_side
 from tasks.config.recipes import recipe_models
 from tasks.core import progress
@@ -39,7 +40,7 @@ def merge_all(merges: list[tuple[Merge, str]], paths: dict[str, str], compute: C
     calls = [StageCall("merge", f"merge-{m.name}", {"merge": m.model_dump(mode="json"), "paths": paths, "key": key,
                                                     "store_root": store}, model_path(key), key) for m, key in merges]
     st = Store(store)
-    return [(str(st.local_dir(rel)), reused) for rel, reused in run_in_pool(calls, compute, store).results]
+    return st.each(lambda r: (str(st.local_dir(r[0])), r[1]), run_in_pool(calls, compute, store).results)
 
 
 def merge_waves(merges: list[Merge]) -> list[list[Merge]]:
@@ -58,7 +59,7 @@ def finetune_all(jobs: list[FinetuneJob], compute: ComputeConfig, store: str) ->
     calls = [StageCall("finetune", f"finetune-{j.model}-{j.dataset}", _params(j), adapter_path(j.key), j.key)
              for j in jobs]
     st, ran = Store(store), run_in_pool(calls, compute, store)
-    return Batch([(str(st.local_dir(rel)), reused) for rel, reused in ran.results], ran.device_s)
+    return Batch(st.each(lambda r: (str(st.local_dir(r[0])), r[1]), ran.results), ran.device_s)
 
 
 def generate_all(jobs: list[GenerateJob], compute: ComputeConfig, store: str, rows_per_job: int = 0) -> Batch:
@@ -112,7 +113,7 @@ def _local(
     label = _label(stage, [j.dataset for j in jobs])
     artifact = Progress(label, len(jobs))
     unit = "rows" if rows_per_job else "jobs"
-    with progress.bar(label, len(jobs) * (rows_per_job or 1), unit) as bar, progress.ticking(bar):
+    with progress.bar(label, len(jobs) * (rows_per_job or 1), unit) as bar, progress.ticking(bar), batched_rates():
         def finished(i: int, job: Any) -> None:
             """One more job done: the artifact, and the bar up to where this job ends (a reused one ticks none)."""
             artifact.done(1)

@@ -45,7 +45,7 @@ POLL_S = float(os.environ.get("BASESEARCH_POLL_SECONDS", "2"))  # how often wait
 # a worker that restarts within this time loses nothing.
 NO_WORKER_GRACE_S = float(os.environ.get("BASESEARCH_NO_WORKER_GRACE_SECONDS", "120"))
 PROGRESS_S = 5.0  # how often at most a batch's stored results are counted for its progress artifact
-# How often staying runs look at the queue and the search at what they did: two listings of the bucket each, so
+# How often staying runs look at the queue and the search at what they did: one listing of the bucket each, so
 # a job waits 0.5 s at most to be taken (a batch-ending run's process start costs 8-20 s).
 QUEUE_POLL_S = float(os.environ.get("BASESEARCH_QUEUE_POLL_SECONDS", "0.5"))
 REPLACED_CRASHES = 2  # staying runs a search replaces when they crash; one more is the worker's problem to show
@@ -219,7 +219,7 @@ def run_in_pool(calls: list[StageCall], compute: ComputeConfig, store: str) -> B
     """(store path, reused?) for every call, and the runs' device time: results already in the store are reused, the
     rest run in the pool (a batch of fine-tunes or generations as a few runs that take its jobs in turn)."""
     st = Store(store)
-    todo = [c for c in calls if not st.exists(c.result_rel)]
+    todo = [c for c, there in zip(calls, _stored(st, calls)) if not there]
     run_s: dict[str, float] = {}
     if todo:
         assert compute.pool, "check_pool ran first"
@@ -230,17 +230,22 @@ def run_in_pool(calls: list[StageCall], compute: ComputeConfig, store: str) -> B
             # round's merges need no more of them than a batch would.
             n = runs_for(client, compute, len(todo)) if todo[0].flow in BATCHED or compute.pool_stay_s > 0 \
                 else len(todo)
-            stored = lambda: sum(st.exists(c.result_rel) for c in todo)  # noqa: E731
+            stored = lambda: sum(_stored(st, todo))  # noqa: E731
             if compute.pool_stay_s > 0:
                 run_s = in_session(client, session_for(compute, st), pool_runs(todo, n, st), n, progress, stored)
             else:
                 runs = {r.name: _submit(client, r, compute.pool) for r in pool_runs(todo, n, st)}
                 run_s = _wait(client, runs, compute.pool, progress, stored)
-        failed = [c.name for c in todo if not st.exists(c.result_rel)]
+        failed = [c.name for c, there in zip(todo, _stored(st, todo)) if not there]
         if failed:
             raise RuntimeError(f"{', '.join(failed)}: the stage run completed but its result is not in the store "
                                f"{st.root}; the workers must share the store (same folder at the same path, or a URL)")
     return Batch([(c.result_rel, c not in todo) for c in calls], sum(run_s.values()))
+
+
+def _stored(st: Store, calls: list[StageCall]) -> list[bool]:
+    """Whether each call's result is in the store (on a bucket, several asked at once)."""
+    return st.each(lambda c: st.exists(c.result_rel), calls)
 
 
 def runs_for(client: SyncPrefectClient, compute: ComputeConfig, jobs: int) -> int:

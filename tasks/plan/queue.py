@@ -37,7 +37,7 @@ def open_queue(st: Store, session: str, owner: str) -> None:
 
 def is_open(st: Store, session: str) -> bool:
     """Whether the search that owns the session still sends work."""
-    return st.fs.exists(st.path(f"{queue_rel(session)}/open"))
+    return st.exists(f"{queue_rel(session)}/open")
 
 
 def close_queue(st: Store, session: str) -> None:
@@ -56,10 +56,13 @@ def put(st: Store, session: str, seq: int, flow: str, name: str, parameters: dic
     return entry
 
 
-def pending(st: Store, session: str) -> list[str]:
-    """The entries not done yet, oldest first (one listing of each folder: two requests to a bucket)."""
-    q = queue_rel(session)
-    return sorted(st.names(f"{q}/jobs") - st.names(f"{q}/done"))
+def look(st: Store, session: str) -> tuple[bool, list[str]]:
+    """(whether the session is open, its entries not done yet, oldest first): one listing of its folder, so a run
+    that looks every half second costs the bucket one request a look, not three."""
+    q = st.path(queue_rel(session))
+    names = {p.removeprefix(f"{q}/") for p in st.tree(queue_rel(session))}
+    entries = lambda sub: {n.split("/", 1)[1] for n in names if n.startswith(f"{sub}/")}  # noqa: E731
+    return "open" in names, sorted(entries("jobs") - entries("done"))
 
 
 def done(st: Store, session: str, entries: list[str]) -> dict[str, dict[str, Any]]:
@@ -73,12 +76,14 @@ def serve(st: Store, session: str, stay_s: float, poll_s: float,
     """Take the session's entries one at a time until it closes or `stay_s` seconds pass with none to take; each
     through `run_entry` (which returns the flow run id and an error or None). How many this run did."""
     q, ran, idle_since = queue_rel(session), 0, time.monotonic()
-    while is_open(st, session):
+    while True:
+        open_, todo = look(st, session)
+        if not open_:
+            break
         took = False
-        for entry in pending(st, session):
+        for entry in todo:
             with st.lock(f"{q}/jobs/{entry}", wait=False) as mine:
-                if not mine or not st.fs.exists(st.path(f"{q}/jobs/{entry}")) \
-                        or st.fs.exists(st.path(f"{q}/done/{entry}")):
+                if not mine or entry not in look(st, session)[1]:
                     continue  # another run holds it, or did it while this one listed
                 run_id, error = run_entry(st.read_json(f"{q}/jobs/{entry}"))
                 if is_open(st, session):  # a search that ended (or failed) meanwhile reads no more records

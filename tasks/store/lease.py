@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.store.guards import say
+from tasks.store.remote import get, head
 
 LEASES = ".leases"
 POLL_S = 0.5  # how often a waiting run looks at the lease again
@@ -82,17 +83,17 @@ class Lease:
         """Write the lease on `condition` (mode="create", or IfMatch=etag); its new ETag."""
         out = self.fs.pipe_file(self.path, self._body(), **condition)
         etag = out.get("ETag") if isinstance(out, dict) else None
-        return etag or str(self.fs.info(self.path).get("ETag") or uuid.uuid4().hex)
+        return etag or str(head(self.fs, self.path).get("ETag") or uuid.uuid4().hex)
 
     def _look(self) -> tuple[str | None, dict[str, Any]]:
         """(ETag, content) of the lease now; (None, {}) when there is none."""
         try:
-            etag = self.fs.info(self.path).get("ETag")
-            return str(etag), json.loads(self.fs.cat_file(self.path))
+            etag = head(self.fs, self.path).get("ETag")
+            return str(etag), json.loads(get(self.fs, self.path))
         except FileNotFoundError:
             return None, {}
         except ValueError:  # being rewritten, or damaged: its ETag still tells whether it is renewed
-            return str(self.fs.info(self.path).get("ETag")), {}
+            return str(head(self.fs, self.path).get("ETag")), {}
 
     def try_create(self) -> bool:
         """Create the lease if there is none; whether this run now holds it."""
@@ -165,7 +166,7 @@ class Lease:
         if self.lost:
             return
         try:
-            if str(self.fs.info(self.path).get("ETag")) == str(self.etag):
+            if str(head(self.fs, self.path).get("ETag")) == str(self.etag):
                 self.fs.rm(self.path)
         except FileNotFoundError:
             pass

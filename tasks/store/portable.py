@@ -18,12 +18,14 @@ from typing import Any
 from tasks.store import cache
 from tasks.store.guards import rm_local, sha256_file, tmp_name
 from tasks.store.keys import content_key
-from tasks.store.results import input_path
+from tasks.store.remote import get
+from tasks.store.results import input_path, keyed_folder
 from tasks.store.store import Store
 
 PREFIX = "store:"
 PATH_ARGS = {"model_dir", "adapter_dir", "train_path", "test_path", "dev_from", "paths"}  # the jobs' path arguments
 INPUTS = input_path("")  # where uploaded inputs live (tasks/store/results.py)
+_SENT: dict[tuple[str, str, int, int], str] = {}  # (store, file, size, mtime_ns) -> its rel, uploaded by this process
 
 
 def portable(params: dict[str, Any], store: Store) -> dict[str, Any]:
@@ -48,10 +50,14 @@ def _portable_path(value: Any, store: Store) -> Any:
         if path.is_absolute() and path.resolve().is_relative_to(root):
             return PREFIX + path.resolve().relative_to(root).as_posix()  # models/<key>, adapters/<key>
         if path.is_file():
-            rel = f"{input_path(sha256_file(path)[:16])}/{path.name}"
-            if not store.exists(rel):
-                store.write_bytes(rel, path.read_bytes())
-            return PREFIX + rel
+            stat = path.stat()
+            sent = (store.url, str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+            if sent not in _SENT:  # a batch's jobs name the same dataset file: hashed and asked for once
+                rel = f"{input_path(sha256_file(path)[:16])}/{path.name}"
+                if not store.exists(rel):
+                    store.write_bytes(rel, path.read_bytes())
+                _SENT[sent] = rel
+            return PREFIX + _SENT[sent]
         if path.is_dir():
             return PREFIX + _upload_folder(path, store)
     except OSError:
@@ -92,15 +98,17 @@ def localized(params: dict[str, Any]) -> dict[str, Any]:
 def local_path(store: Store, rel: str) -> Path:
     """A store result or input on this machine: a folder through the cache, a file downloaded once (its name holds
     its sha256, checked)."""
-    if store.local or store.fs.isdir(store.path(rel)):
+    if store.local:
         return store.local_dir(rel)
     target = cache.cache_root() / rel
-    if target.is_file():
+    if rel.startswith(INPUTS) and target.is_file():  # fetched before, its sha256 checked then: no request
         return target
+    if keyed_folder(rel) or store.fs.isdir(store.path(rel)):
+        return store.local_dir(rel)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.parent / tmp_name()
     try:
-        data = store.fs.cat_file(store.path(rel))
+        data = get(store.fs, store.path(rel))
         digest = rel.removeprefix(INPUTS).split("/", 1)[0]
         if rel.startswith(INPUTS) and hashlib.sha256(data).hexdigest()[:16] != digest:
             from tasks.core.errors import EnvironmentFailure

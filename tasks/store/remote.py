@@ -17,6 +17,57 @@ from tasks.store.guards import MANIFEST, disk_failure, rm_local
 WHOLE_PUT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"}
 
 
+def on_s3(fs: Any) -> bool:
+    """Whether `fs` is s3fs, whose client answers the single requests below."""
+    return "s3" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol) and hasattr(fs, "call_s3")
+
+
+def head(fs: Any, path: str) -> dict[str, Any]:
+    """A file's info (size, ETag) in one request; FileNotFoundError when there is none. fsspec's `info` on S3 asks
+    twice for a name that is not a file (a HEAD, then a listing to see whether it is a folder): for a result that is
+    absent, the common case of a claim, that doubles the requests, and on a busy bucket every request waits."""
+    if on_s3(fs):
+        bucket, key, _ = fs.split_path(path)
+        out = fs.call_s3("head_object", Bucket=bucket, Key=key)  # s3fs turns a 404 into FileNotFoundError
+        return {"name": path, "type": "file", "size": out["ContentLength"], "ETag": out.get("ETag"),
+                "LastModified": out.get("LastModified")}
+    info = fs.info(path)
+    if info.get("type") == "directory":  # a folder is not the file asked for
+        raise FileNotFoundError(path)
+    return info
+
+
+def get(fs: Any, path: str) -> bytes:
+    """A file's bytes in one request (s3fs asks for the size first, to split a large file over several GETs; the
+    store's files are read whole and are small: manifests, records, a dataset's answers)."""
+    return fs.cat_file(path, max_concurrency=1) if on_s3(fs) else fs.cat_file(path)
+
+
+def listing(fs: Any, path: str, recursive: bool = False) -> list[dict[str, Any]]:
+    """The entries of folder `path` (name, type, size, LastModified): every file below it with `recursive`, else its
+    own files and sub-folders; [] when there are none. On S3 one request per 1,000 entries: fsspec's `ls` and `find`
+    ask again (the parent folder, or the path as a file) when there are none, and an empty folder is the common case
+    of a queue or a result not made yet."""
+    if not on_s3(fs):
+        try:
+            found = fs.find(path, detail=True) if recursive else {i["name"]: i for i in fs.ls(path, detail=True)}
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [i for name, i in found.items() if name.rstrip("/") != path.rstrip("/")]
+    bucket, key, _ = fs.split_path(path)
+    ask = {"Bucket": bucket, "Prefix": key.rstrip("/") + "/"} | ({} if recursive else {"Delimiter": "/"})
+    out: list[dict[str, Any]] = []
+    while True:
+        page = fs.call_s3("list_objects_v2", **ask)
+        out += [{"name": f"{bucket}/{o['Key']}", "type": "file", "size": o["Size"],
+                 "LastModified": o.get("LastModified")} for o in page.get("Contents", [])]
+        out += [{"name": f"{bucket}/{p['Prefix'].rstrip('/')}", "type": "directory", "size": 0}
+                for p in page.get("CommonPrefixes", [])]
+        if not page.get("IsTruncated"):
+            return out
+        ask["ContinuationToken"] = page["NextContinuationToken"]
+
+
 class Remote:
     """Uploads and cached downloads of a remote Store's folder results."""
 
@@ -34,18 +85,19 @@ class Remote:
         return not self.local and bool(({protocol} if isinstance(protocol, str) else set(protocol)) & WHOLE_PUT)
 
     def remote_manifest(self, rel: str) -> dict[str, Any] | None:
-        """The manifest of folder result `rel` in the store, or None when it has none (absent, or cut short)."""
+        """The manifest of folder result `rel` in the store (one GET), or None when it has none (absent, or cut
+        short)."""
         try:
-            return json.loads(self.fs.cat_file(f"{self.path(rel)}/{MANIFEST}"))
+            return json.loads(get(self.fs, f"{self.path(rel)}/{MANIFEST}"))
         except FileNotFoundError:
             return None
         except ValueError:
             return {"files": {}, "damaged": True}
 
-    def fetch(self, rel: str) -> tuple[Path | None, str | None]:
+    def fetch(self, rel: str, manifest: dict[str, Any] | None = None) -> tuple[Path | None, str | None]:
         """(this machine's copy of folder result `rel`, None), downloaded and hashed when not cached; (None, why)
-        when the store's copy is absent or damaged."""
-        manifest = self.remote_manifest(rel)
+        when the store's copy is absent or damaged. `manifest`: the store's, when the caller just read it."""
+        manifest = manifest or self.remote_manifest(rel)
         if manifest is None or manifest.get("damaged"):
             return None, "it has no manifest: cut short" if manifest is None else "its manifest is damaged"
         hit = cache.cached(rel, manifest)
@@ -91,12 +143,13 @@ class Remote:
         """Upload a finished folder to `rel`: its files first, the manifest last, so half an upload is absent; then
         keep it as this machine's copy."""
         target = self.path(rel)
-        if self.fs.exists(target):
+        there = [e["name"] for e in listing(self.fs, target, recursive=True)]  # usually none: the claim found none
+        if there:
             if self.damage(rel, deep=True) is None:  # another machine finished it first (now cached here): as good
                 return
-            if self.fs.exists(f"{target}/{MANIFEST}"):
+            if f"{target}/{MANIFEST}" in there:
                 self.fs.rm(f"{target}/{MANIFEST}")  # absent first, then emptied
-            self.fs.rm(target, recursive=True)
+            self.fs.rm(there)
         for name in manifest["files"]:
             self.fs.put_file(str(tmp / name), f"{target}/{name}")
         self.fs.put_file(str(tmp / MANIFEST), f"{target}/{MANIFEST}")

@@ -46,6 +46,12 @@ LAYOUT = [
     ("runs/LATEST", "the newest finished run's id"),
 ]
 RESULT_FOLDERS = ("models/", "adapters/", "inputs/")  # folder results: present only with a whole manifest
+
+
+def keyed_folder(rel: str) -> bool:
+    """Whether `rel` names a folder by the layout alone (models/<key>, adapters/<key>), so an object store need not
+    be asked whether it is a file (inputs/<sha>/<name> may be either)."""
+    return rel.startswith(("models/", "adapters/")) and rel.count("/") == 1
 JUDGMENTS_GLOB = "judgments/*.parquet"
 RUNS = "runs"
 LATEST = "runs/LATEST"

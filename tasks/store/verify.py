@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.store.guards import MANIFEST, parquet_damage, rm_local, say, sha256_file, tmp_name
-from tasks.store.results import RESULT_FOLDERS
+from tasks.store.remote import get, head, listing
+from tasks.store.results import RESULT_FOLDERS, keyed_folder
 
 if TYPE_CHECKING:
     from filelock import FileLock
@@ -68,7 +69,8 @@ class Checks:
         def path(self, rel: str) -> str: ...  # Store's
         def _lock_dir(self) -> Path: ...  # Store's
         def _lock_of(self, rel: str) -> FileLock: ...  # Store's
-        def fetch(self, rel: str) -> tuple[Path | None, str | None]: ...  # Store's (tasks/store/remote.py)
+        def fetch(self, rel: str, manifest: dict[str, Any] | None = None) -> tuple[Path | None, str | None]: ...
+        def remote_manifest(self, rel: str) -> dict[str, Any] | None: ...  # Store's (tasks/store/remote.py)
 
     def exists(self, rel: str, deep: bool = False) -> bool:
         """True when a finished, whole result is at `rel` (every byte checked with `deep`); a damaged one is
@@ -83,17 +85,18 @@ class Checks:
     def damage(self, rel: str, deep: bool = False) -> str | None:
         """Why the result at `rel` cannot be used ('' when there is none), or None when it is whole."""
         target = self.path(rel)
+        if not self.local and keyed_folder(rel):
+            return self._remote_folder_damage(rel, deep)
         try:
             if self.local:
                 st = os.stat(target)
                 is_dir, size, stamp = stat.S_ISDIR(st.st_mode), st.st_size, st.st_mtime_ns
             else:
-                info = self.fs.info(target)
-                is_dir, size = info["type"] == "directory", int(info.get("size") or 0)
-                stamp = hash(str(info.get("ETag") or info.get("mtime") or info.get("LastModified")
-                                 or info.get("created")))
+                is_dir, size, stamp = self._remote_stat(target, rel)
         except FileNotFoundError:
             return ""
+        if is_dir and not self.local:  # a folder result at another depth (inputs/<sha>/<name>), or runs/<id>
+            return self._remote_folder_damage(rel, deep) if rel.startswith(RESULT_FOLDERS) else None
         if is_dir:
             return self._folder_damage(target, rel.startswith(RESULT_FOLDERS), deep)
         if not rel.endswith(".parquet") or (_DEEP if deep else _VERIFIED).get(target) == (size, stamp):
@@ -105,10 +108,43 @@ class Checks:
                 _DEEP[target] = (size, stamp)
         return why
 
+    def _remote_stat(self, target: str, rel: str) -> tuple[bool, int, int]:
+        """(is a folder, size, stamp) of `target` in a remote store; FileNotFoundError when absent. A file costs one
+        request (a HEAD); a name that is no file, one more (a listing: a folder such as runs/<id>, or nothing)."""
+        try:
+            info = head(self.fs, target)
+        except FileNotFoundError:
+            if rel.endswith(".parquet") or not listing(self.fs, target):  # no stage writes a folder named .parquet
+                raise
+            return True, 0, 0
+        return False, int(info.get("size") or 0), hash(str(info.get("ETag") or info.get("LastModified")))
+
+    def _remote_folder_damage(self, rel: str, deep: bool) -> str | None:
+        """damage() of folder result `rel` in a remote store: its manifest (one GET; when there is none, one listing
+        tells absent from cut short), then its files' sizes (one listing), or with `deep` this machine's copy of
+        every byte (downloaded and hashed once)."""
+        target = self.path(rel)
+        manifest = self.remote_manifest(rel)
+        if manifest is None:
+            return "it has no manifest: written before manifests existed, or cut short" \
+                if listing(self.fs, target) else ""
+        if manifest.get("damaged") or not isinstance(manifest.get("files"), dict):
+            return "its manifest is damaged"
+        if deep:
+            return self.fetch(rel, manifest)[1]
+        found = {i["name"].removeprefix(f"{target}/"): int(i.get("size") or 0)
+                 for i in listing(self.fs, target, recursive=True)}
+        for name, rec in manifest["files"].items():
+            if found.get(name) != rec["size"]:
+                return f"{name} is missing" if name not in found else \
+                    f"{name} has {found[name]} bytes, its manifest says {rec['size']}"
+        return None
+
     def _parquet_file_damage(self, target: str, size: int) -> str | None:
         """Why the Parquet file at `target` is not whole (magic bytes at both ends, footer parses), or None."""
-        with self.fs.open(target, "rb") as fh:
-            head = fh.read(4)
+        # Its size given, an object store's file opens without asking for it again.
+        with (open(target, "rb") if self.local else self.fs.open(target, "rb", size=size)) as fh:
+            first = fh.read(4)
             fh.seek(max(size - 8, 0))
             tail = fh.read(8)
             n = int.from_bytes(tail[:4], "little") if len(tail) == 8 else size
@@ -116,7 +152,7 @@ class Checks:
             if n + 12 <= size:
                 fh.seek(size - 8 - n)
                 footer = fh.read(n)
-        return parquet_damage(head, tail, footer, size)
+        return parquet_damage(first, tail, footer, size)
 
     def _parquet_page_damage(self, target: str) -> str | None:
         """Why the Parquet file at `target` does not read whole (a page fails its checksum or decoding), or None."""
@@ -127,7 +163,7 @@ class Checks:
                 with open(target, "rb") as fh:
                     read_verified(fh)
             else:  # one GET, not a read-ahead file's range requests
-                read_verified(pa.BufferReader(self.fs.cat_file(target)))
+                read_verified(pa.BufferReader(get(self.fs, target)))
         except FileNotFoundError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure to decode means damage: the footer parsed
@@ -135,29 +171,20 @@ class Checks:
         return None
 
     def _folder_damage(self, target: str, result: bool, deep: bool = False) -> str | None:
-        """Why the folder at `target` is not a whole result (manifest missing, file missing or changed), or None.
+        """Why the folder at `target` of a local store is not a whole result (manifest missing, file missing or
+        changed), or None.
 
         A folder of models/ or adapters/ without a manifest was written before manifests existed (or is half an
         upload): it counts as damaged, so an old store's results are recomputed once. Other folders (runs/<id>)
         have none and are present as they are.
         """
         try:
-            with open(f"{target}/{MANIFEST}", "rb") if self.local else self.fs.open(f"{target}/{MANIFEST}", "rb") as fh:
+            with open(f"{target}/{MANIFEST}", "rb") as fh:
                 files = json.loads(fh.read())["files"]
         except FileNotFoundError:
             return "it has no manifest: written before manifests existed, or cut short" if result else None
         except (ValueError, KeyError, TypeError):
             return "its manifest is damaged"
-        if not self.local and deep and result:  # every byte: this machine's copy, downloaded and hashed
-            return self.fetch(target.removeprefix(self.root + "/"))[1]
-        if not self.local:  # sizes only (what the plan counts): reading every byte would download it
-            found = {p.removeprefix(f"{target}/"): int(i.get("size") or 0)
-                     for p, i in self.fs.find(target, detail=True).items()}
-            for name, rec in files.items():
-                if found.get(name) != rec["size"]:
-                    return f"{name} is missing" if name not in found else \
-                        f"{name} has {found[name]} bytes, its manifest says {rec['size']}"
-            return None
         every_byte = deep and sum(rec["size"] for rec in files.values()) <= DEEP_HASH_BYTES
         seen: dict[str, list[int]] | None = None  # read only when a file's time differs from the manifest's
         for name, rec in files.items():
