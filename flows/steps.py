@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import pandas as pd
 from prefect import get_run_logger
@@ -31,6 +31,8 @@ from tasks.plan.pool import Batch
 from tasks.plan.prepare import Prepared
 from tasks.store.results import adapter_path, outputs_path
 from tasks.store.store import Store
+
+Job = TypeVar("Job", FinetuneJob, GenerateJob)
 
 
 class StageLog:
@@ -100,7 +102,7 @@ def _finetune(run: Run, models: list[str], datasets: dict[str, DatasetInfo], pat
     cfg, st, guard = run.cfg, run.store, run.guard
     keys = {ds: dataset_keys(cfg, prep.models, data, models) for ds, data in datasets.items()}
     ft = {ds: finetune_jobs(cfg, prep.models, data, models, paths, keys[ds]) for ds, data in datasets.items()}
-    every = [j for jobs in ft.values() for j in jobs]
+    every = by_model([j for jobs in ft.values() for j in jobs])
     names = ", ".join(data.spec.name for data in datasets.values())
     guard.gpu(f"fine-tuning on {names}", sum(guard.finetune_s(datasets[ds].train, prep.models[j.model].signature)
                                              for ds, jobs in ft.items() for j in jobs
@@ -114,6 +116,13 @@ def _finetune(run: Run, models: list[str], datasets: dict[str, DatasetInfo], pat
     folders = {job.key: folder for job, (folder, _) in zip(every, batch.results)}
     return {ds: (keys[ds], ft[ds], generate_jobs(cfg, datasets[ds], ft[ds], [folders[j.key] for j in ft[ds]], keys[ds]))
             for ds in datasets}
+
+
+def by_model(jobs: list[Job]) -> list[Job]:
+    """A batch's jobs ordered by base model (an untuned job's too), the datasets' order kept within: a pool's runs take
+    a batch's jobs from their own shares of this list (flows/stages.py), so each run fetches, and for answers loads,
+    about its share of the bases instead of every base."""
+    return sorted(jobs, key=lambda j: j.model.removesuffix(UNTUNED))
 
 
 def train_and_answer(run: Run, models: list[str], data: DatasetInfo, paths: dict[str, str],
@@ -143,7 +152,7 @@ def train_and_answer_together(run: Run, models: list[str], datasets: dict[str, D
     planned = _finetune(run, models, datasets, paths, prep)
     gen = {ds: (jobs, untuned_jobs(cfg, datasets[ds], ft, keys) if floors else [])
            for ds, (keys, ft, jobs) in planned.items()}
-    every = [j for ds in gen for jobs in gen[ds] for j in jobs]
+    every = by_model([j for ds in gen for jobs in gen[ds] for j in jobs])
     base = lambda job: prep.models[job.model.removesuffix(UNTUNED)].signature  # an untuned job's model too
     guard.gpu("generation", sum(guard.generate_s(datasets[j.dataset].test, base(j)) for j in every
                                 if not st.exists(outputs_path(j.key))))
