@@ -67,13 +67,9 @@ class Loop:
         if not todo:
             return
         prep = Prepared(self.models, self.devs)
-        if steps.together(self.dev_cfg):  # every development split's fine-tunes as one batch, then their answers
-            for ds, outs in steps.train_and_answer_together(self.dev_run, todo, self.devs, self.paths, prep,
-                                                            floors=False)[0].items():
-                self.outputs[ds] |= outs
-            return
-        for ds, data in self.devs.items():
-            self.outputs[ds] |= steps.train_and_answer(self.dev_run, todo, data, self.paths, prep)
+        outputs = steps.train_and_answer_together(self.dev_run, todo, self.devs, self.paths, prep, floors=False)[0]
+        for ds, outs in outputs.items():
+            self.outputs[ds] |= outs
 
     def judge_and_rate(self, names: list[str]) -> pd.DataFrame:
         """Judge `names` (and the teacher) pairwise on every development split, then rate every judgment so far."""

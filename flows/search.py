@@ -162,11 +162,7 @@ def execute(run: Run, prep: Prepared) -> dict[str, Any]:
     config, prep = evolve(run, prep, paths)
     run = run.with_config(config)
     models = [n for n, info in prep.models.items() if info.finetuned]
-    if steps.together(run.cfg):  # vLLM (one batch per base) or a pool: every dataset's fine-tunes, then answers, at once
-        all_outputs, floors = steps.train_and_answer_together(run, models, prep.datasets, paths, prep)
-    else:
-        all_outputs = {ds: steps.train_and_answer(run, models, data, paths, prep) for ds, data in prep.datasets.items()}
-        floors = {ds: steps.answer_floors(run, models, data, paths, prep) for ds, data in prep.datasets.items()}
+    all_outputs, floors = steps.train_and_answer_together(run, models, prep.datasets, paths, prep)
     batches = steps.judge_all(run, prep.datasets, all_outputs)
     repeats = repeat_stage(run, prep, all_outputs, batches)
     # every outputs table read once, for the judged outputs' lengths, the verdict, the scores, the formats, the examples

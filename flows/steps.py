@@ -135,34 +135,37 @@ def train_and_answer(run: Run, models: list[str], data: DatasetInfo, paths: dict
     return outputs | _references(run, data, keys)
 
 
-def together(cfg: SearchConfig) -> bool:
-    """Whether a search's datasets go through fine-tuning and answering together (train_and_answer_together), not one
-    after another: with vLLM (an engine start per batch) and in pool mode (a batch's hand-off to the pool and its
-    last job, while the other runs wait, cost seconds each; bench/remote_store.py)."""
-    return cfg.generate.engine == "vllm" or cfg.compute.mode == "pool"
-
-
 def train_and_answer_together(run: Run, models: list[str], datasets: dict[str, DatasetInfo], paths: dict[str, str],
                               prep: Prepared, floors: bool = True,
                               ) -> tuple[dict[str, dict[str, tuple[str, str]]], dict[str, dict]]:
     """Every model fine-tuned on every dataset as one stage, then every dataset's test rows answered by every
-    fine-tune (and with `floors` each base untuned) as one more; with generate.engine: vllm one vLLM batch per base
-    (tasks/generate/vllm_engine.py): (outputs, floors) per dataset, as train_and_answer and answer_floors give them."""
+    fine-tune (and with `floors` each base untuned and the trivial answer, tasks/generate/floors.py) as one more:
+    (outputs, floors), each dataset -> contender -> (outputs path, outputs key).
+
+    One batch, not one a dataset: in pool mode each batch's hand-off and its last job (while the other runs wait)
+    cost seconds (bench/remote_store.py), and with generate.engine: vllm each batch starts an engine per base
+    (tasks/generate/vllm_engine.py). The floors are scored with the dataset's metric, never judged."""
     cfg, st, guard = run.cfg, run.store, run.guard
     planned = _finetune(run, models, datasets, paths, prep)
     gen = {ds: (jobs, untuned_jobs(cfg, datasets[ds], ft, keys) if floors else [])
            for ds, (keys, ft, jobs) in planned.items()}
     every = by_model([j for ds in gen for jobs in gen[ds] for j in jobs])
     base = lambda job: prep.models[job.model.removesuffix(UNTUNED)].signature  # an untuned job's model too
-    guard.gpu("generation", sum(guard.generate_s(datasets[j.dataset].test, base(j)) for j in every
-                                if not st.exists(outputs_path(j.key))))
-    with run.log.stage("generate:by-base" if cfg.generate.engine == "vllm" else
-                       f"generate:{','.join(data.spec.name for data in datasets.values())}") as row:
+    names, untuned = ",".join(data.spec.name for data in datasets.values()), {j.key for ds in gen for j in gen[ds][1]}
+    guard.gpu(f"generation on {names.replace(',', ', ')}", sum(
+        guard.generate_s(datasets[j.dataset].test, base(j)) for j in every if not st.exists(outputs_path(j.key))))
+    with run.log.stage("generate:by-base" if cfg.generate.engine == "vllm" else f"generate:{names}") as row:
         batch = generate_all(every, cfg.compute, run.root)
         _device_time(row, batch)
-        for _, reused in batch.results:
-            count(row, reused)
+        for job, (_, reused) in zip(every, batch.results):
+            if job.key not in untuned:
+                count(row, reused)
     _gpu_spent(run)
+    if floors:  # answered in the batch above (its seconds), counted apart as the plan counts them
+        with run.log.stage(f"floors:{names}") as row:
+            for job, (_, reused) in zip(every, batch.results):
+                if job.key in untuned:
+                    count(row, reused)
     found = {job.key: rel for job, (rel, _) in zip(every, batch.results)}
     outputs, floor = {}, {}
     for ds, data in datasets.items():
@@ -243,17 +246,6 @@ def _judge_row(row: dict[str, Any], llm: Any, guard: Guard) -> None:
     logger.info(f"judge: {llm.requests} requests, ${llm.new_cost_usd:.4f} spent; stopped: {llm.stop_reason}")
     if llm.stop_reason.startswith("dollar budget"):
         logger.warning(f"judge: budget.max_usd reached, judging stopped early: {llm.stop_reason}")
-
-
-def answer_floors(run: Run, models: list[str], data: DatasetInfo, paths: dict[str, str],
-                  prep: Prepared) -> dict[str, tuple[str, str]]:
-    """Each model's untuned base and the trivial answer on the dataset's test rows (tasks/generate/floors.py):
-    contender -> (outputs path, outputs key). Scored with the dataset's metric, never judged: no judge pays for them."""
-    cfg, name = run.cfg, data.spec.name
-    keys = dataset_keys(cfg, prep.models, data, models)
-    jobs = untuned_jobs(cfg, data, finetune_jobs(cfg, prep.models, data, models, paths, keys), keys)
-    return _answers(run, f"the untuned bases on {name}", f"floors:{name}", jobs, data, prep,
-                    (TRIVIAL, keys.floors[TRIVIAL], lambda: trivial_outputs(name, data.train, data.test, data.metric)))
 
 
 def _answers(run: Run, what: str, stage: str, jobs: list[GenerateJob], data: DatasetInfo, prep: Prepared,

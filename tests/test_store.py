@@ -314,3 +314,18 @@ def test_judge_stage_recomputes_a_truncated_batch(tmp_path: Path, caplog: pytest
     caplog.set_level(logging.INFO, "basesearch")
     assert run()[1] == 0 and (tmp_path / batch[0]).read_bytes() == whole
     assert len(damage_lines(caplog)) == 1
+
+
+def test_each_keeps_the_order_and_asks_a_remote_store_at_once(tmp_path):
+    remote, local = Store(f"memory://each-{uuid.uuid4().hex[:8]}"), Store(str(tmp_path / "store"))
+    both_in_flight = threading.Barrier(2, timeout=10)  # broken (an error) unless two calls wait at once
+
+    def ask(i: int) -> int:
+        """One call that waits for another to be in flight beside it."""
+        both_in_flight.wait()
+        return i * i
+
+    assert remote.each(ask, range(6)) == [0, 1, 4, 9, 16, 25]
+    threads: list[str] = []
+    assert local.each(lambda i: threads.append(threading.current_thread().name) or -i, [1, 2, 3]) == [-1, -2, -3]
+    assert threads == [threading.current_thread().name] * 3  # a local store: one at a time, here
