@@ -235,12 +235,12 @@ class Store(Checks, Remote):
     def tree(self, rel: str) -> set[str]:
         """The paths of every file below store folder `rel` (none when it is not there), temps being written not
         among them: one listing of a bucket however deep it goes."""
+        top = self.path(rel)
         if self.local:
-            top = Path(self.path(rel))
-            found = (str(p) for p in top.rglob("*") if p.is_file()) if top.is_dir() else ()
+            found = (str(p) for p in Path(top).rglob("*") if p.is_file()) if os.path.isdir(top) else ()
         else:
-            found = (i["name"] for i in listing(self.fs, self.path(rel), recursive=True))
-        return {p for p in found if not any(part.startswith(TMP) for part in p.split("/"))}
+            found = (i["name"] for i in listing(self.fs, top, recursive=True))
+        return {p for p in found if not any(part.startswith(TMP) for part in p.removeprefix(top).split("/"))}
 
     def _children(self, d: str) -> list[tuple[str, bool, float | None]]:
         """(path, is folder, mtime in s or None) of each entry of folder `d` ([] when it is not there)."""
