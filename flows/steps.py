@@ -161,8 +161,8 @@ def train_and_answer_together(run: Run, models: list[str], datasets: dict[str, D
             if job.key not in untuned:
                 count(row, reused)
     _gpu_spent(run)
-    if floors:  # answered in the batch above (its seconds), counted apart as the plan counts them
-        with run.log.stage(f"floors:{names}") as row:
+    if floors:  # answered in the batch above (its seconds, said in the name), counted apart as the plan counts them
+        with run.log.stage(f"floors:{names} (answered in the generate stage)") as row:
             for job, (_, reused) in zip(every, batch.results):
                 if job.key in untuned:
                     count(row, reused)
