@@ -47,6 +47,36 @@ def stop_temporary_servers():
         sys.modules["flows.cli"].stop_temporary_server()
 
 
+class _TestStderr:
+    """Whatever sys.stderr is when written to: this test's capture, not the one of the test that was running when a
+    handler was made."""
+
+    def __getattr__(self, name: str):
+        """Every attribute of the stream of the moment (write, flush, isatty, encoding...)."""
+        import sys
+
+        return getattr(sys.stderr, name)
+
+
+@pytest.fixture(autouse=True)
+def prefect_console_on_the_current_stderr():
+    """Point Prefect's console handlers at the stderr of the moment. They keep the stream they were made with, and
+    Prefect makes them again when its settings change: under pytest that can be an earlier test's `capsys` capture,
+    closed since, so a later test's output got `--- Logging error --- ValueError: I/O operation on closed file`
+    tracebacks (from the temporary server's start and stop lines) that a user's terminal never shows."""
+    import logging
+    import sys
+
+    if "prefect.logging.handlers" in sys.modules:
+        from prefect.logging.handlers import PrefectConsoleHandler
+
+        loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                          if isinstance(lg, logging.Logger))]
+        for handler in (h for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)):
+            handler.stream = handler.console.file = _TestStderr()
+    yield
+
+
 def make_tiny_model(folder: Path, seed: int, tokenizer=None, **shape) -> Path:
     """Save a randomly initialised tiny Mistral with the zoo's tokenizer (or the one given) in `folder`."""
     import torch
