@@ -302,3 +302,27 @@ def test_merges_go_in_waves_each_after_the_merges_it_names():
     a, b, c = merge("a", "x", "y"), merge("b", "a", "z"), merge("c", "x", "z")
     assert merge_waves([a, b, c]) == [[a, c], [b]]
     assert merge_waves([c]) == [[c]] and merge_waves([]) == []
+
+
+def test_a_queue_closed_while_a_run_looks_is_no_error(tmp_path, monkeypatch):
+    import os
+
+    from tasks.store.store import Store
+
+    st = Store(str(tmp_path / "store"))
+    open_queue(st, "s5", "search")
+    put(st, "s5", 1, "merge", "merge-a", {})
+    scandir, listed, closed = os.scandir, [], []
+
+    def closing_scandir(path=".", *args):
+        """The search closes the queue after the run listed its folder, before it lists `jobs/` in it."""
+        if listed and not closed:
+            closed.append(path)  # once (the removal lists folders too)
+            close_queue(st, "s5")
+        listed.append(path)
+        return scandir(path, *args)
+
+    monkeypatch.setattr(os, "scandir", closing_scandir)
+    assert look(st, "s5") == (True, [])  # what it saw before the close, and no FileNotFoundError; the next look ends
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert look(st, "s5") == (False, [])

@@ -236,8 +236,8 @@ class Store(Checks, Remote):
         """The paths of every file below store folder `rel` (none when it is not there), temps being written not
         among them: one listing of a bucket however deep it goes."""
         top = self.path(rel)
-        if self.local:
-            found = (str(p) for p in Path(top).rglob("*") if p.is_file()) if os.path.isdir(top) else ()
+        if self.local:  # os.walk skips a folder removed while it walks (a queue its search closes meanwhile)
+            found = (os.path.join(d, f) for d, _, files in os.walk(top) for f in files)
         else:
             found = (i["name"] for i in listing(self.fs, top, recursive=True))
         return {p for p in found if not any(part.startswith(TMP) for part in p.removeprefix(top).split("/"))}
