@@ -103,11 +103,11 @@ def _finetune(run: Run, models: list[str], datasets: dict[str, DatasetInfo], pat
     keys = {ds: dataset_keys(cfg, prep.models, data, models) for ds, data in datasets.items()}
     ft = {ds: finetune_jobs(cfg, prep.models, data, models, paths, keys[ds]) for ds, data in datasets.items()}
     every = by_model([j for jobs in ft.values() for j in jobs])
-    names = ", ".join(data.spec.name for data in datasets.values())
-    guard.gpu(f"fine-tuning on {names}", sum(guard.finetune_s(datasets[ds].train, prep.models[j.model].signature)
-                                             for ds, jobs in ft.items() for j in jobs
-                                             if not st.exists(adapter_path(j.key))))
-    with run.log.stage(f"finetune:{','.join(data.spec.name for data in datasets.values())}") as row:
+    names = ",".join(data.spec.name for data in datasets.values())
+    guard.gpu(f"fine-tuning on {names.replace(',', ', ')}", sum(
+        guard.finetune_s(datasets[ds].train, prep.models[j.model].signature)
+        for ds, jobs in ft.items() for j in jobs if not st.exists(adapter_path(j.key))))
+    with run.log.stage(f"finetune:{names}") as row:
         batch = finetune_all(every, cfg.compute, run.root)
         _device_time(row, batch)
         for _, reused in batch.results:
